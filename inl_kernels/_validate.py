@@ -1,0 +1,199 @@
+"""Argument checks shared by every public op, run before any backend is chosen.
+
+They read shapes, dtypes, devices and strides only. Two exceptions, both kept off the hot path:
+- `exc_index` must be sorted, unique and in range; reading it costs one device sync, so the
+  result is remembered on the tensor (keyed on its version counter) and a buffer that is not
+  modified in place is read once, ever. During CUDA graph capture the check is skipped.
+- NaN/Inf checks on every input run only when debugging is on (`set_debug(True)` or
+  `INL_KERNELS_DEBUG=1`).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+_debug = os.environ.get("INL_KERNELS_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+def set_debug(enabled: bool = True) -> None:
+    """Turns value checks (NaN/Inf in every input) on or off. They synchronise the device."""
+    global _debug
+    _debug = bool(enabled)
+
+
+def debug_enabled() -> bool:
+    return _debug
+
+
+def _shape(t):
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def tensor(name, t, shape=None, dtypes=FLOAT_DTYPES, device=None, contiguous=True):
+    """Checks one tensor argument. `shape` entries may be None (any size). `contiguous="last"`
+    asks only for a unit stride in the last dimension (kernels that take strides)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != ts for s, ts in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {_shape(t)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+    if contiguous == "last":
+        if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
+                             f"{tuple(t.stride())}")
+    elif contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first), got strides {tuple(t.stride())}")
+    if _debug and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t
+
+
+def param_dtype(name, t, act_dtype):
+    """Weights may share the activations' dtype, or be fp32 under fp16/bf16 activations
+    (fp32 master weights). fp64 activations need fp64 weights (the reference's gradcheck mode)."""
+    if t.dtype == act_dtype or (t.dtype == torch.float32 and act_dtype in (torch.float16, torch.bfloat16)):
+        return
+    raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, but the activations are "
+                    f"{str(act_dtype).replace('torch.', '')}: weights must match them (or be float32 "
+                    f"under float16/bfloat16 activations)")
+
+
+def real(name, value, *, minimum=None, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def integer(name, value, *, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def sorted_unique_index(name, index, size):
+    """index values must be strictly increasing and in [0, size). Checked once per tensor version."""
+    if index.numel() == 0:
+        return
+    if index.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    key = (index._version, size)
+    if getattr(index, "_inl_checked", None) == key:
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{name} values must lie in [0, {size}), got values in [{lo}, {hi}]")
+    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
+    index._inl_checked = key
+
+
+def iterate_args(h, x, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu,
+                 exc_index, gamma, phi, amplitude, dt, kappa, num_iterations, v, tol,
+                 min_iterations, return_info, return_trajectory):
+    tensor("h", h, shape=(None, None))
+    n, d = h.shape
+    dev, act = h.device, h.dtype
+    acts = (act,)
+    tensor("x", x, shape=(n, d), dtypes=acts, device=dev)
+    if v is not None:
+        tensor("v", v, shape=(n, d), dtypes=acts, device=dev)
+    tensor("w_h", w_h, shape=(None, d), device=dev)
+    H = w_h.shape[0]
+    if H < 1:
+        raise ValueError("w_h must have at least one row (controller hidden size H >= 1)")
+    for name, t, shape in (("b_h", b_h, (H,)), ("w_x", w_x, (H, d)), ("b_x", b_x, (H,)),
+                           ("w_v", w_v, (H, d)), ("b_v", b_v, (H,)), ("w_o", w_o, (4 * d, H)),
+                           ("b_o", b_o, (4 * d,)), ("mod_scale", mod_scale, (4,)),
+                           ("mod_bias", mod_bias, (4,)), ("mu", mu, (d,))):
+        tensor(name, t, shape=shape, device=dev)
+    for name, t in (("w_h", w_h), ("b_h", b_h), ("w_x", w_x), ("b_x", b_x), ("w_v", w_v), ("b_v", b_v),
+                    ("w_o", w_o), ("b_o", b_o), ("mod_scale", mod_scale), ("mod_bias", mod_bias), ("mu", mu)):
+        param_dtype(name, t, act)
+    tensor("exc_index", exc_index, shape=(None,), dtypes=INDEX_DTYPES, device=dev)
+    E = exc_index.shape[0]
+    tensor("gamma", gamma, shape=(E,), device=dev)
+    tensor("phi", phi, shape=(E,), device=dev)
+    param_dtype("gamma", gamma, act)
+    param_dtype("phi", phi, act)
+    real("amplitude", amplitude)
+    real("dt", dt)
+    real("kappa", kappa, allow_none=True)
+    integer("num_iterations", num_iterations, minimum=1)
+    real("tol", tol, minimum=0, allow_none=True)
+    integer("min_iterations", min_iterations, minimum=0)
+    flag("return_info", return_info)
+    flag("return_trajectory", return_trajectory)
+    sorted_unique_index("exc_index", exc_index, d)
+
+
+def rms_norm_args(x, weight, eps, residual):
+    tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {_shape(x)}")
+    tensor("weight", weight, shape=(x.shape[-1],), device=x.device)
+    param_dtype("weight", weight, x.dtype)
+    real("eps", eps, minimum=0)
+    if residual is not None:
+        tensor("residual", residual, shape=tuple(x.shape), dtypes=(x.dtype,), device=x.device)
+
+
+def rope_tables_args(cos, sin, half, min_rows, device):
+    tensor("cos", cos, shape=(None, half), device=device)
+    tensor("sin", sin, shape=tuple(cos.shape), dtypes=(cos.dtype,), device=device)
+    if cos.shape[0] < min_rows:
+        raise ValueError(f"cos/sin hold {cos.shape[0]} positions but positions up to {min_rows - 1} "
+                         f"are needed (build the tables with a larger max_seq_len)")
+
+
+def rope_args(q, k, cos, sin, position_offset):
+    tensor("q", q, shape=(None, None, None, None), contiguous="last")
+    B, Hq, S, D = q.shape
+    tensor("k", k, shape=(B, None, S, D), dtypes=(q.dtype,), device=q.device, contiguous="last")
+    if D % 2:
+        raise ValueError(f"q head dim must be even for rotate-half RoPE, got {D}")
+    integer("position_offset", position_offset, minimum=0)
+    rope_tables_args(cos, sin, D // 2, position_offset + S, q.device)
+
+
+def attention_args(q, k, v, causal, scale, rope):
+    tensor("q", q, shape=(None, None, None, None), contiguous="last")
+    B, Hq, Sq, D = q.shape
+    tensor("k", k, shape=(B, None, None, D), dtypes=(q.dtype,), device=q.device, contiguous="last")
+    Hkv, Skv = k.shape[1], k.shape[2]
+    tensor("v", v, shape=(B, Hkv, Skv, D), dtypes=(q.dtype,), device=q.device, contiguous="last")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) (Hq % Hkv == 0)")
+    if Sq > Skv:
+        raise ValueError(f"q has {Sq} positions but k/v only {Skv}: queries sit at the end of the keys "
+                         f"(Sq <= Skv)")
+    flag("causal", causal)
+    real("scale", scale, allow_none=True)
+    if rope is not None:
+        if not (isinstance(rope, (tuple, list)) and len(rope) == 2):
+            raise TypeError("rope must be a (cos, sin) pair or None")
+        if D % 2:
+            raise ValueError(f"q head dim must be even for rotate-half RoPE, got {D}")
+        rope_tables_args(rope[0], rope[1], D // 2, Skv, q.device)

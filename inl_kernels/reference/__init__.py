@@ -1,0 +1,10 @@
+"""Eager PyTorch implementations of every op: clear, slow, and the oracle for every backend."""
+from .attention import attention
+from .embedding import embedding
+from .iterate import IterateInfo, excitation_table, iterate
+from .rms_norm import rms_norm
+from .rope import rope, rope_tables
+from .swiglu import swiglu
+
+__all__ = ["attention", "excitation_table", "embedding", "iterate", "IterateInfo",
+           "rms_norm", "rope", "rope_tables", "swiglu"]

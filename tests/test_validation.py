@@ -1,0 +1,129 @@
+"""Bad input raises a ValueError/TypeError that names the argument, before any backend runs."""
+import pytest
+import torch
+
+import inl_kernels
+from inl_kernels import gqa_attention, inl_iterate, rms_norm, rope, rope_tables
+from tests.iterate_cases import make_args
+
+
+def iterate_call(**changes):
+    h, x, kw = make_args(n=3, d=8, H=4, E=2, T=2, dtype=torch.float32)
+    args = dict(kw, h=h, x=x)
+    args.update(changes)
+    return inl_iterate(args.pop("h"), args.pop("x"), **args)
+
+
+def base(name):
+    h, x, kw = make_args(n=3, d=8, H=4, E=2, T=2, dtype=torch.float32)
+    return dict(kw, h=h, x=x)[name]
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(h=torch.randn(3, 8, 1)), ValueError, r"h must have shape \[\*, \*\]"),
+    (dict(x=torch.randn(3, 9)), ValueError, r"x must have shape \[3, 8\]"),
+    (dict(v=torch.randn(2, 8)), ValueError, r"v must have shape \[3, 8\]"),
+    (dict(w_x=torch.randn(4, 7)), ValueError, r"w_x must have shape \[4, 8\]"),
+    (dict(w_o=torch.randn(31, 4)), ValueError, r"w_o must have shape \[32, 4\]"),
+    (dict(b_o=torch.randn(33)), ValueError, r"b_o must have shape \[32\]"),
+    (dict(mod_scale=torch.ones(3)), ValueError, r"mod_scale must have shape \[4\]"),
+    (dict(mu=torch.zeros(7)), ValueError, r"mu must have shape \[8\]"),
+    (dict(gamma=torch.ones(3)), ValueError, r"gamma must have shape \[2\]"),
+    (dict(h=torch.randint(0, 3, (3, 8))), TypeError, "h must have dtype"),
+    (dict(x=torch.randn(3, 8, dtype=torch.float64)), TypeError, "x must have dtype"),
+    (dict(w_h=torch.randn(4, 8, dtype=torch.float16)), TypeError, "w_h has dtype float16"),
+    (dict(exc_index=torch.tensor([1.0, 2.0])), TypeError, "exc_index must have dtype"),
+    (dict(exc_index=torch.tensor([3, 1])), ValueError, "exc_index must be sorted and unique"),
+    (dict(exc_index=torch.tensor([2, 2])), ValueError, "exc_index must be sorted and unique"),
+    (dict(exc_index=torch.tensor([1, 8])), ValueError, r"exc_index values must lie in \[0, 8\)"),
+    (dict(exc_index=torch.tensor([-1, 3])), ValueError, r"exc_index values must lie in \[0, 8\)"),
+    (dict(num_iterations=0), ValueError, "num_iterations must be >= 1"),
+    (dict(num_iterations=2.0), TypeError, "num_iterations must be an int"),
+    (dict(min_iterations=-1), ValueError, "min_iterations must be >= 0"),
+    (dict(tol=-1e-3), ValueError, "tol must be >= 0"),
+    (dict(dt=float("nan")), ValueError, "dt must be finite"),
+    (dict(kappa="1"), TypeError, "kappa must be a real number"),
+    (dict(amplitude=torch.tensor(1.0)), TypeError, "amplitude must be a real number"),
+    (dict(h="tensor"), TypeError, "h must be a torch.Tensor"),
+    (dict(return_info=1), TypeError, "return_info must be a bool"),
+])
+def test_iterate_argument_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        iterate_call(**changes)
+
+
+def test_iterate_non_contiguous():
+    for name in ("h", "x", "w_h", "w_o"):
+        t = base(name)
+        bad = t.t().contiguous().t() if t.dim() == 2 else t
+        with pytest.raises(ValueError, match=f"{name} must be contiguous"):
+            iterate_call(**{name: bad})
+
+
+def test_iterate_device_mismatch():
+    meta = base("mu").to("meta")
+    with pytest.raises(ValueError, match="mu must be on cpu"):
+        iterate_call(mu=meta)
+
+
+def test_exc_index_checked_again_after_in_place_change():
+    idx = torch.tensor([1, 4])
+    iterate_call(exc_index=idx)
+    idx[1] = 9  # bumps the version counter: the cached check must not hide this
+    with pytest.raises(ValueError, match="exc_index values"):
+        iterate_call(exc_index=idx)
+
+
+def test_debug_switch_catches_nan():
+    h = base("h").clone()
+    h[0, 0] = float("nan")
+    iterate_call(h=h)  # values are not read on the hot path
+    inl_kernels.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match="h contains NaN"):
+            iterate_call(h=h)
+    finally:
+        inl_kernels.set_debug(False)
+
+
+def test_rms_norm_argument_errors():
+    x, w = torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match=r"weight must have shape \[8\]"):
+        rms_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        rms_norm(x, w, residual=torch.randn(4, 7))
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        rms_norm(x, w, residual=torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        rms_norm(x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        rms_norm(torch.randn(8, 4).t(), w)
+
+
+def test_rope_argument_errors():
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    cos, sin = rope_tables(16, 8)
+    with pytest.raises(ValueError, match="cos/sin hold 16 positions"):
+        rope(q, k, cos, sin, position_offset=12)
+    with pytest.raises(ValueError, match=r"cos must have shape \[\*, 4\]"):
+        rope(q, k, cos[:, :3].contiguous(), sin[:, :3].contiguous())
+    with pytest.raises(ValueError, match="head dim must be even"):
+        rope(torch.randn(1, 4, 5, 7), torch.randn(1, 2, 5, 7), cos, sin)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        rope(torch.randn(1, 4, 8, 5).transpose(-1, -2), k, cos, sin)
+
+
+def test_attention_argument_errors():
+    q, k, v = torch.randn(1, 6, 5, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    with pytest.raises(ValueError, match=r"Hq % Hkv == 0"):
+        gqa_attention(q, k, v)
+    q = torch.randn(1, 4, 6, 8)
+    with pytest.raises(ValueError, match=r"Sq <= Skv"):
+        gqa_attention(q, k, v)
+    with pytest.raises(ValueError, match=r"v must have shape \[1, 4, 5, 8\]"):
+        gqa_attention(q[:, :, :5], k, v[:, :, :4])
+    with pytest.raises(TypeError, match="k must have dtype"):
+        gqa_attention(q[:, :, :5], k.double(), v)
+    cos, sin = rope_tables(4, 8)
+    with pytest.raises(ValueError, match="cos/sin hold 4 positions"):
+        gqa_attention(q[:, :, :5], k, v, rope=(cos, sin))
