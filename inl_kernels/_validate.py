@@ -99,6 +99,8 @@ def sorted_unique_index(name, index, size):
         return
     if index.is_cuda and torch.cuda.is_current_stream_capturing():
         return
+    if index.is_meta:  # no values to read: shape-only runs (models built on the meta device)
+        return
     key = (index._version, size)
     if getattr(index, "_inl_checked", None) == key:
         return

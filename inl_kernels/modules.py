@@ -64,7 +64,9 @@ class IntegratorLayer(nn.Module):
     inference (`tol`, `min_iterations`; never while training).
 
     With `mu_ema_rate`, each training forward also moves mu toward the batch mean of h
-    (mu ← (1−η)·mu + η·mean(h), applied to the global value and the group offsets)."""
+    (mu ← (1−η)·mu + η·mean(h), applied to the global value and the group offsets); a caller
+    that recomputes the forward (gradient checkpointing) passes `update_mu=False` and calls
+    `update_mu_ema(h)` once itself."""
 
     def __init__(self, d: int, controller: Controller, num_iterations: int = 5, dt: float = 0.1,
                  kappa: Optional[float] = 1.0, excitation_sparsity: float = 0.1,
@@ -112,8 +114,11 @@ class IntegratorLayer(nn.Module):
         return self.mu_global + self.mu_local
 
     @torch.no_grad()
-    def _ema_update(self, h: torch.Tensor):
+    def update_mu_ema(self, h: torch.Tensor):
+        """mu ← (1−η)·mu + η·mean(h) with η = mu_ema_rate (a no-op without one)."""
         rate = self.mu_ema_rate
+        if not rate:
+            return
         target = h.reshape(-1, self.d).float().mean(0)
         mu = self.equilibrium().float()
         new_mu = (1 - rate) * mu + rate * target
@@ -128,7 +133,7 @@ class IntegratorLayer(nn.Module):
             self.mu_local.copy_(new_mu - self.mu_global)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, v: Optional[torch.Tensor] = None,
-                return_info: bool = False, num_iterations: Optional[int] = None):
+                return_info: bool = False, num_iterations: Optional[int] = None, update_mu: bool = True):
         """h, x (and v): [..., d]. Returns x_T, or (x_T, IterateInfo) with return_info."""
         shape = x.shape
         # the op wants contiguous rows; a layer accepts any layout (a no-op when already so)
@@ -141,8 +146,8 @@ class IntegratorLayer(nn.Module):
             num_iterations=num_iterations or self.num_iterations, v=v2,
             tol=None if self.training else self.tol, min_iterations=self.min_iterations,
             backend=self.backend, return_info=return_info)
-        if self.training and self.mu_ema_rate:
-            self._ema_update(h)
+        if self.training and self.mu_ema_rate and update_mu:
+            self.update_mu_ema(h)
         if return_info:
             x_out, info = out
             return x_out.view(shape), info
@@ -166,7 +171,11 @@ class GQAttention(nn.Module):
 
     forward(x [B, S, d], past_key_value=None, use_cache=False) -> (out [B, S, d], present),
     where present = (k, v) [B, Hkv, S_past + S, D] holds *unrotated* keys (the op rotates keys
-    at their positions as it reads them) when use_cache, else None."""
+    at their positions as it reads them) when use_cache, else None.
+
+    past_key_value may instead be a static cache: an object whose `update(k, v)` writes the new
+    keys and values into preallocated buffers and returns the filled prefix (views); it is then
+    returned as `present`, so decoding never reallocates."""
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope_base: float = 10000.0, max_seq_len: int = 2048,
@@ -193,12 +202,18 @@ class GQAttention(nn.Module):
         q = self.q_proj(x).view(B, S, self.num_heads, D).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, D).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, D).transpose(1, 2)
-        if past_key_value is not None:
+        present = None
+        if hasattr(past_key_value, "update"):
+            k, v = past_key_value.update(k, v)
+            present = past_key_value
+        elif past_key_value is not None:
             k = torch.cat((past_key_value[0], k), dim=2)
             v = torch.cat((past_key_value[1], v), dim=2)
+        if use_cache and present is None:
+            present = (k, v)
         out = F_inl.gqa_attention(q, k, v, causal=True, rope=(self.cos, self.sin), backend=self.backend)
         out = self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * D))
-        return out, ((k, v) if use_cache else None)
+        return out, (present if use_cache else None)
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,123 @@
+"""Tokens for training: a byte-level tokenizer (no download), loaders for plain text and for
+parquet files with `prompt`/`completion` columns, and the default corpus, which needs neither a
+download nor committed text: the Python standard library's own source files, read at runtime
+from this interpreter's `sysconfig` stdlib path.
+
+Every loader returns one 1-D int64 tensor: the documents' tokens joined, each ending in EOS.
+"""
+from __future__ import annotations
+
+import random
+import sysconfig
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; 256 = BOS, 257 = EOS, 258 = PAD. Lossless on any text."""
+
+    vocab_size = 259
+    bos_id, eos_id, pad_id = 256, 257, 258
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> torch.Tensor:
+        raw = text.encode("utf-8")
+        ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() if raw else torch.zeros(0, dtype=torch.long)
+        parts = ([torch.tensor([self.bos_id])] if bos else []) + [ids] + ([torch.tensor([self.eos_id])] if eos else [])
+        return torch.cat(parts) if len(parts) > 1 else ids
+
+    def decode(self, ids) -> str:
+        """Drops special tokens; a byte sequence that is not valid UTF-8 decodes to U+FFFD."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+def _join(docs, tokenizer: ByteTokenizer) -> torch.Tensor:
+    parts = [tokenizer.encode(doc, eos=True) for doc in docs]
+    if not parts:
+        raise ValueError("the corpus is empty")
+    return torch.cat(parts)
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py sources on this machine, tests and site-packages left out, in a
+    fixed shuffled order (seeded), so any prefix of the list samples the whole library."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+    if not files:
+        raise FileNotFoundError(f"no Python sources under the stdlib path {root}: this interpreter ships "
+                                f"bytecode only; pass a text or parquet file instead")
+    random.Random(0).shuffle(files)
+    return files
+
+
+def load_stdlib(max_bytes: Optional[int] = None, tokenizer: Optional[ByteTokenizer] = None) -> torch.Tensor:
+    """The default corpus: stdlib source files, whole files until `max_bytes` is reached."""
+    docs, total = [], 0
+    for path in stdlib_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        docs.append(text)
+        total += len(text)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return _join(docs, tokenizer or ByteTokenizer())
+
+
+def load_text(path: Union[str, Path], tokenizer: Optional[ByteTokenizer] = None) -> torch.Tensor:
+    """A UTF-8 text file, or every *.txt file of a directory (sorted), each one document."""
+    path = Path(path)
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"no text file at {path}")
+    return _join((f.read_text(encoding="utf-8") for f in files), tokenizer or ByteTokenizer())
+
+
+def load_parquet(path: Union[str, Path], prompt_column: str = "prompt", completion_column: str = "completion",
+                 tokenizer: Optional[ByteTokenizer] = None) -> torch.Tensor:
+    """One document per row: BOS, the prompt, then the completion, EOS."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("reading parquet needs pyarrow: pip install pyarrow (or the [data] extra)") from e
+    schema = pq.read_schema(path)
+    missing = [c for c in (prompt_column, completion_column) if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path} has no column(s) {missing}; its columns are {schema.names}")
+    table = pq.read_table(path, columns=[prompt_column, completion_column])
+    tok = tokenizer or ByteTokenizer()
+    rows = zip(table.column(prompt_column).to_pylist(), table.column(completion_column).to_pylist())
+    parts = [tok.encode((p or "") + (c or ""), bos=True, eos=True) for p, c in rows]
+    if not parts:
+        raise ValueError(f"{path} has no rows")
+    return torch.cat(parts)
+
+
+def load_corpus(source: str = "stdlib", max_bytes: Optional[int] = None) -> torch.Tensor:
+    """"stdlib" (the default corpus), a .parquet file, or a text file / directory of .txt files."""
+    if source == "stdlib":
+        return load_stdlib(max_bytes)
+    tokens = load_parquet(source) if str(source).endswith(".parquet") else load_text(source)
+    return tokens[:max_bytes] if max_bytes is not None else tokens
+
+
+def split(tokens: torch.Tensor, eval_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, eval): the last `eval_fraction` of the stream is held out."""
+    cut = int(len(tokens) * (1 - eval_fraction))
+    return tokens[:cut], tokens[cut:]
+
+
+def random_batch(tokens: torch.Tensor, batch_size: int, seq_len: int,
+                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size windows at random offsets: inputs [B, S] and next-token targets [B, S]."""
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"the corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
+    windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]

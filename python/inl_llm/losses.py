@@ -1,0 +1,112 @@
+"""IntegratorLoss: the task loss plus the seeds' three integrator terms, computed from the
+statistics the iterate returns (x_T, mu, info.energy, info.distance; SPEC §2), never from a
+stored trajectory.
+
+For the J integrators of the model (one per block, one per expert of a mixture), each with
+final states x [n, d], equilibrium mu [d] and per-step statistics energy, distance [n, T]:
+
+    L_task   = cross_entropy(logits, targets)                       (ignore_index -100)
+    L_mean   = λ_mean(epoch) · (1/J) Σ_j Σ_i w_ji · (mean_n x_j[n, i] − mu_j[i])²
+               w_ji = 1 / (1 + Var_n x_j[n, i])   (population variance; a constant weight:
+               no gradient flows through it, so a neuron cannot lower its penalty by
+               growing its variance)
+    L_speed  = λ_speed · (1/J) Σ_j Σ_t exp(−t/τ) · mean_n distance_j[n, t]    (t = 0 is the
+               state after the first step: early steps weigh most)
+    L_energy = λ_energy · (1/J) Σ_j mean_{n,t} energy_j[n, t]
+    L_balance = λ_balance · the router's load-balancing term (mixture of integrators only)
+    total    = L_task + L_mean + L_speed + L_energy + L_balance
+
+The seeds apply the terms to one layer; averaging over every integrator is our extension.
+
+λ_mean(epoch) = level · (r + (1 − r) · max(0, 1 − epoch / annealing_epochs)), r = final / init:
+the annealing scales the level from 1× down to r× (seeds: 1.0 → 0.1 over 100 epochs). The
+level is lambda_mean_init, or exploration_lambda_mean in an exploration phase, or what the cycle
+scheduler's phase sets (seeds' balanced preset: equilibrium 0.5, exploration 0.05). λ_energy is
+lambda_energy, exploration_lambda_energy in exploration (0.01 / 0.001), or the phase's value.
+`epoch` is in the scheduler's unit (epochs or steps), the same unit as annealing_epochs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class IntegratorLoss(nn.Module):
+    def __init__(self, lambda_mean_init: float = 1.0, lambda_mean_final: float = 0.1, annealing_epochs: float = 100,
+                 lambda_speed: float = 0.1, tau: float = 2.0, lambda_energy: float = 0.01,
+                 exploration_lambda_mean: float = 0.05, exploration_lambda_energy: float = 0.001,
+                 lambda_balance: float = 0.01, variance_weighted: bool = True, ignore_index: int = -100):
+        super().__init__()
+        if lambda_mean_init <= 0 and lambda_mean_final != 0:
+            raise ValueError("lambda_mean_init must be > 0 (it is the annealing's starting level)")
+        if annealing_epochs <= 0 or tau <= 0:
+            raise ValueError(f"annealing_epochs and tau must be > 0, got {annealing_epochs} and {tau}")
+        self.lambda_mean_init, self.lambda_mean_final = lambda_mean_init, lambda_mean_final
+        self.annealing_epochs = annealing_epochs
+        self.lambda_speed, self.tau = lambda_speed, tau
+        self.lambda_energy = lambda_energy
+        self.exploration_lambda_mean, self.exploration_lambda_energy = exploration_lambda_mean, exploration_lambda_energy
+        self.lambda_balance = lambda_balance
+        self.variance_weighted = variance_weighted
+        self.ignore_index = ignore_index
+        self.is_exploration = False
+        self._phase_lambda_mean: Optional[float] = None
+        self._phase_lambda_energy: Optional[float] = None
+
+    def set_phase(self, is_exploration: bool, lambda_mean: Optional[float] = None,
+                  lambda_energy: Optional[float] = None):
+        """Switches between equilibrium and exploration; a scheduler's phase may also set the
+        λ_mean level and λ_energy (None keeps the loss's own value for that phase)."""
+        self.is_exploration = bool(is_exploration)
+        self._phase_lambda_mean, self._phase_lambda_energy = lambda_mean, lambda_energy
+
+    def lambda_mean(self, epoch: float) -> float:
+        level = self._phase_lambda_mean
+        if level is None:
+            level = self.exploration_lambda_mean if self.is_exploration else self.lambda_mean_init
+        r = self.lambda_mean_final / self.lambda_mean_init if self.lambda_mean_init else 1.0
+        return level * (r + (1 - r) * max(0.0, 1 - epoch / self.annealing_epochs))
+
+    def current_lambda_energy(self) -> float:
+        if self._phase_lambda_energy is not None:
+            return self._phase_lambda_energy
+        return self.exploration_lambda_energy if self.is_exploration else self.lambda_energy
+
+    def integrator_terms(self, stats: Sequence, epoch: float = 0) -> dict:
+        """L_mean, L_speed, L_energy from a list of IntegratorStats (or anything with x, mu,
+        energy, distance)."""
+        if not stats:
+            raise ValueError("IntegratorLoss needs the integrators' statistics: call the model with return_aux=True")
+        mean_terms, speed_terms, energy_terms = [], [], []
+        for s in stats:
+            x = s.x.float()
+            if self.variance_weighted:
+                w = 1.0 / (1.0 + x.detach().var(dim=0, unbiased=False))
+            else:
+                w = torch.ones_like(x[0])
+            mean_terms.append((w * (x.mean(dim=0) - s.mu.float()) ** 2).sum())
+            distance = s.distance.float()
+            decay = torch.exp(-torch.arange(distance.shape[1], device=distance.device, dtype=torch.float32) / self.tau)
+            speed_terms.append((decay * distance.mean(dim=0)).sum())
+            energy_terms.append(s.energy.float().mean())
+        J = len(stats)
+        return {
+            "L_mean": self.lambda_mean(epoch) * torch.stack(mean_terms).sum() / J,
+            "L_speed": self.lambda_speed * torch.stack(speed_terms).sum() / J,
+            "L_energy": self.current_lambda_energy() * torch.stack(energy_terms).sum() / J,
+        }
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, aux: dict, epoch: float = 0) -> dict:
+        """logits [..., V], targets [...], aux the model's aux dict -> the terms and "total"."""
+        task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=self.ignore_index)
+        terms = {"L_task": task, **self.integrator_terms(aux["integrators"], epoch)}
+        balance = aux.get("router_balance")
+        if balance is not None:
+            terms["L_balance"] = self.lambda_balance * balance
+        terms["total"] = sum(terms.values())
+        return terms
+

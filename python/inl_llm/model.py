@@ -1,0 +1,360 @@
+"""The INL-LLM model (SPEC §4): low-rank token embedding → N blocks → rms_norm → LM head.
+
+Every block, pre-norm and without biases:
+
+    a = attention(rms_norm(x))                 GQA, RoPE inside the op, static KV cache at inference
+    x = x + a
+    s = inl_iterate(h=a, x=rms_norm(x))        the block's integrator: per-layer modulation of one
+    x = x + s                                  shared controller, hierarchical mu, sparse excitation
+    x = x + swiglu(rms_norm(x))
+
+All math runs through the public ops of inl_kernels (via its modules), so whichever backend
+`backend="auto"` finds on the machine (Triton on a GPU, the compiled CPU backend, the eager
+reference) runs the model.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU
+
+from .cache import KVCache
+from .config import INLConfig
+
+
+class IntegratorStats(NamedTuple):
+    """What one integrator (a block's, or one expert's rows of it) reports for the losses: no
+    trajectory, only the iterate's own per-step statistics (SPEC §2)."""
+
+    x: torch.Tensor  # [rows, d] final state x_T
+    mu: torch.Tensor  # [d] the equilibrium it was pulled toward
+    energy: torch.Tensor  # [rows, T] mean_j v² after each step
+    distance: torch.Tensor  # [rows, T] mean_j |x − mu| after each step
+    iterations: torch.Tensor  # [rows] int32 steps run (fewer than T after early exit)
+
+
+def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
+    return IntegratorLayer(
+        cfg.d_model, controller, num_iterations=cfg.num_iterations, dt=cfg.dt,
+        kappa=cfg.alpha_kappa if cfg.dynamic_alpha else None,
+        excitation_sparsity=cfg.excitation_sparsity if cfg.sparse_excitation else 1.0,
+        excitation_amplitude=cfg.excitation_amplitude,
+        mu_group_size=cfg.mu_group_size if cfg.hierarchical_mu else None, mu_init=cfg.mu_init,
+        learnable_mu=cfg.learnable_mu, mu_ema_rate=cfg.mu_ema_rate,
+        tol=cfg.tol if cfg.adaptive_stopping else None, min_iterations=cfg.min_iterations, backend=cfg.backend)
+
+
+class MixtureOfIntegrators(nn.Module):
+    """num_experts integrators; a linear router on the state picks top_k of them per token and
+    the block's output is their weighted sum (weights: the router's softmax, renormalised over
+    the chosen k). Tokens are grouped by expert with one sort, each expert runs once on its rows
+    (a loop over experts, never over tokens). The router's load-balancing term
+    E · Σ_e f_e · P_e (f_e: share of routed slots, P_e: mean router probability) is returned for
+    the loss."""
+
+    def __init__(self, d: int, experts: list, top_k: int):
+        super().__init__()
+        self.router = nn.Linear(d, len(experts), bias=False)
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+
+    def update_mu_ema(self, h: torch.Tensor):
+        for expert in self.experts:
+            expert.update_mu_ema(h)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
+        """h, x [N, d] -> (out [N, d], [IntegratorStats per expert that got rows], balance)."""
+        n, E, k = x.shape[0], len(self.experts), self.top_k
+        probs = torch.softmax(self.router(x).float(), dim=-1)  # [N, E]
+        weights, chosen = probs.topk(k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).flatten()  # [N·k], slot = row·k + j
+        flat = chosen.flatten()
+        share = torch.zeros(E, device=x.device).index_add_(0, flat, torch.ones_like(weights)) / max(n * k, 1)
+        balance = E * (share * probs.mean(0)).sum()
+
+        if x.is_meta:  # no values to route by: every expert sees every row (shape checks only)
+            groups = [(torch.arange(n, device=x.device), probs[:, e]) for e in range(E)]
+        else:
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=E).tolist()  # one host sync per block
+            slots = order.split(counts)
+            groups = [(s // k, weights[s]) for s in slots]
+
+        out = torch.zeros_like(x)
+        stats = []
+        for expert, (rows, w) in zip(self.experts, groups):
+            if rows.numel() == 0:
+                continue
+            y, info = expert(h[rows], x[rows], return_info=True, num_iterations=num_iterations, update_mu=False)
+            out = out.index_add(0, rows, y * w.to(y.dtype)[:, None])
+            stats.append(IntegratorStats(y, expert.equilibrium(), info.energy, info.distance, info.iterations))
+        return out, stats, balance
+
+
+class IterationBudget(nn.Module):
+    """The seeds' adaptive budget allocator: layers that converge fast get fewer steps.
+
+    Layer l keeps a running average a_l of the steps its rows used at inference (early exit),
+    a_l ← m·a_l + (1 − m)·used_l, and runs budget_l = clamp(ceil(a_l) + slack, min_iterations,
+    num_iterations) steps in every later forward, training included. A layer whose rows all
+    stop at step 3 gets 3 + slack; one that runs out of budget at inference gets one step more
+    at each update, back up to num_iterations. Budgets change only in `update()` (the trainer
+    calls it after an evaluation), never inside a forward, so generation is reproducible."""
+
+    def __init__(self, num_layers: int, num_iterations: int, min_iterations: int, slack: int = 1,
+                 momentum: float = 0.5):
+        super().__init__()
+        self.num_iterations, self.min_iterations = num_iterations, max(1, min_iterations)
+        self.slack, self.momentum = slack, momentum
+        self.register_buffer("average", torch.full((num_layers,), float(num_iterations)))
+        self.register_buffer("budgets", torch.full((num_layers,), num_iterations, dtype=torch.int64))
+        self._budgets = [num_iterations] * num_layers  # host copy: a forward reads it without a sync
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync())
+
+    def _sync(self):
+        self._budgets = [int(b) for b in self.budgets.tolist()]
+
+    def __getitem__(self, layer: int) -> int:
+        return self._budgets[layer]
+
+    @torch.no_grad()
+    def update(self, used: torch.Tensor):
+        """used [L]: mean steps per row each layer ran at inference since the last update."""
+        self.average.mul_(self.momentum).add_((1 - self.momentum) * used.to(self.average))
+        budgets = (self.average - 1e-6).ceil() + self.slack  # the epsilon absorbs float drift at integers
+        self.budgets.copy_(budgets.clamp(self.min_iterations, self.num_iterations).long())
+        self._sync()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: INLConfig, controller: Controller):
+        super().__init__()
+        d = cfg.d_model
+        self.attn_norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
+        self.attn = GQAttention(d, cfg.num_heads, cfg.num_kv_heads, rope_base=cfg.rope_base,
+                                max_seq_len=cfg.max_seq_len, backend=cfg.backend)
+        self.integrator_norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
+        if cfg.mixture_of_integrators:
+            self.integrator = MixtureOfIntegrators(
+                d, [_integrator(cfg, controller) for _ in range(cfg.num_experts)], cfg.top_k)
+        else:
+            self.integrator = _integrator(cfg, controller)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
+        self.ffn = SwiGLU(d, cfg.feedforward_dim, cfg.backend)
+
+    def forward(self, x: torch.Tensor, num_iterations: int, cache=None):
+        """x [B, S, d] -> (x, a, [IntegratorStats], router balance or None). `a` comes back so
+        the caller can apply the mu EMA once, outside any recomputation."""
+        B, S, d = x.shape
+        a, _ = self.attn(self.attn_norm(x), past_key_value=cache)
+        state, x = self.integrator_norm(a, residual=x)  # rms_norm(x + a), x + a in one pass
+        h, state = a.reshape(-1, d), state.reshape(-1, d)
+        if isinstance(self.integrator, MixtureOfIntegrators):
+            s, stats, balance = self.integrator(h, state, num_iterations)
+        else:
+            s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations, update_mu=False)
+            stats = [IntegratorStats(s, self.integrator.equilibrium(), info.energy, info.distance, info.iterations)]
+            balance = None
+        ffn_in, x = self.ffn_norm(s.view(B, S, d), residual=x)
+        return x + self.ffn(ffn_in), a, stats, balance
+
+
+class IntegratorLanguageModel(nn.Module):
+    def __init__(self, config: INLConfig):
+        super().__init__()
+        cfg = self.config = config
+        d = cfg.d_model
+        if cfg.low_rank_embeddings:
+            self.embed = LowRankEmbedding(cfg.vocab_size, d, cfg.embedding_rank, backend=cfg.backend)
+        else:
+            self.embed = nn.Embedding(cfg.vocab_size, d)
+        new_controller = lambda: Controller(d, cfg.controller_hidden, cfg.init_alpha, cfg.init_beta,  # noqa: E731
+                                            cfg.init_gate)
+        self.controller = new_controller() if cfg.shared_controller else None
+        self.blocks = nn.ModuleList(Block(cfg, self.controller or new_controller()) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.budget = IterationBudget(cfg.num_layers, cfg.num_iterations, cfg.min_iterations, cfg.budget_slack,
+                                      cfg.budget_momentum)
+        # inference statistics (early exit), accumulated on the device without a sync
+        self.register_buffer("_steps_run", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
+        self.register_buffer("_rows_seen", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """GPT-2 style: N(0, 0.02) for the projections, 0.02/sqrt(2·layers) for the two that write
+        into the residual stream. The controller keeps its own initialisation (it sets where the
+        dynamics start), the embedding too (unit-scale rows)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for block in self.blocks:
+            for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.ffn.gate, block.ffn.up):
+                nn.init.normal_(linear.weight, std=0.02)
+            for linear in (block.attn.o_proj, block.ffn.down):
+                nn.init.normal_(linear.weight, std=residual_std)
+            if isinstance(block.integrator, MixtureOfIntegrators):
+                nn.init.normal_(block.integrator.router.weight, std=0.02)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        if isinstance(self.embed, nn.Embedding):
+            nn.init.normal_(self.embed.weight, std=1.0)
+
+    # ---- pieces other code drives -------------------------------------------------------------
+
+    def integrator_layers(self):
+        """Every IntegratorLayer of the model (each expert of a mixture counts)."""
+        for block in self.blocks:
+            if isinstance(block.integrator, MixtureOfIntegrators):
+                yield from block.integrator.experts
+            else:
+                yield block.integrator
+
+    def set_excitation_amplitude(self, amplitude: float):
+        for layer in self.integrator_layers():
+            layer.excitation_amplitude = float(amplitude)
+
+    def iteration_budgets(self) -> list[int]:
+        """Steps each layer runs now."""
+        if not self.config.iteration_budgets:
+            return [self.config.num_iterations] * self.config.num_layers
+        return [self.budget[i] for i in range(self.config.num_layers)]
+
+    def reset_inference_stats(self):
+        self._steps_run.zero_()
+        self._rows_seen.zero_()
+
+    def get_inference_stats(self) -> dict:
+        """Average steps per row that each layer ran in eval-mode forwards since the last reset
+        (early exit makes them fewer than the layer's budget)."""
+        rows = self._rows_seen.clamp(min=1)
+        avg = (self._steps_run.double() / rows).tolist()
+        seen = self._rows_seen.tolist()
+        return {
+            "avg_iterations_per_layer": [a if s else None for a, s in zip(avg, seen)],
+            "max_iterations_per_layer": self.iteration_budgets(),
+            "avg_iterations": sum(self._steps_run.tolist()) / max(sum(seen), 1) if any(seen) else None,
+            "rows_per_layer": [int(s) for s in seen],
+        }
+
+    def update_iteration_budgets(self):
+        """Moves each layer's budget toward the steps it used in the evaluation just run (see
+        IterationBudget); a no-op when budgets are off or nothing was evaluated."""
+        if self.config.iteration_budgets and bool((self._rows_seen > 0).all()):
+            self.budget.update(self._steps_run.double() / self._rows_seen)
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        cfg = self.config
+        ref = self.blocks[0].attn.k_proj.weight
+        return KVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, max_len or cfg.max_seq_len,
+                       dtype=ref.dtype, device=ref.device)
+
+    def num_params(self) -> int:
+        """Distinct parameters (the shared controller counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = False,
+                return_aux: bool = False):
+        """input_ids [B, S] -> (logits [B, S, V], aux or None, cache or None).
+
+        With use_cache, a KVCache (new one of max_seq_len positions when past_key_values is
+        None) is filled and returned; the tokens sit at positions cache.length … + S − 1.
+        aux: "iterations" [L] mean steps per row per layer, "energy" / "distance" (per layer,
+        [T_l] means over rows after each step), "mu" (per layer, [d]; [E, d] for a mixture),
+        "integrators" (every IntegratorStats, what IntegratorLoss reads) and "router_balance"
+        (mean over mixture layers, None without one)."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache(input_ids.shape[0])
+        start = past_key_values.length if past_key_values is not None else 0
+        if start + input_ids.shape[1] > cfg.max_seq_len:
+            raise ValueError(f"positions up to {start + input_ids.shape[1] - 1} exceed max_seq_len={cfg.max_seq_len}")
+
+        x = self.embed(input_ids)
+        checkpointing = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        budgets = self.iteration_budgets()
+        per_layer, balances = [], []
+        for i, block in enumerate(self.blocks):
+            cache = past_key_values.layers[i] if past_key_values is not None else None
+            if checkpointing:
+                x, a, stats, balance = checkpoint(block, x, budgets[i], cache, use_reentrant=False)
+            else:
+                x, a, stats, balance = block(x, budgets[i], cache)
+            if self.training:
+                block.integrator.update_mu_ema(a)  # once per step, outside any recomputation
+            else:
+                with torch.no_grad():
+                    self._steps_run[i] += sum(s.iterations.sum(dtype=torch.int64) for s in stats)
+                    self._rows_seen[i] += sum(s.iterations.numel() for s in stats)
+            per_layer.append(stats)
+            if balance is not None:
+                balances.append(balance)
+
+        x = self.norm(x)
+        if self.lm_head is not None:
+            logits = self.lm_head(x)
+        elif isinstance(self.embed, LowRankEmbedding):  # tied low-rank: (x · project_up) · embed_lowᵀ
+            logits = (x @ self.embed.project_up) @ self.embed.embed_low.t()
+        else:
+            logits = x @ self.embed.weight.t()
+
+        aux = None
+        if return_aux:
+            def mean_rows(name):
+                return [torch.cat([getattr(s, name) for s in stats]).float().mean(0) for stats in per_layer]
+            aux = {
+                "iterations": torch.stack([torch.cat([s.iterations for s in stats]).float().mean()
+                                           for stats in per_layer]),
+                "energy": mean_rows("energy"),
+                "distance": mean_rows("distance"),
+                "mu": [torch.stack([e.equilibrium() for e in b.integrator.experts])
+                       if isinstance(b.integrator, MixtureOfIntegrators) else b.integrator.equilibrium()
+                       for b in self.blocks],
+                "integrators": [s for stats in per_layer for s in stats],
+                "router_balance": torch.stack(balances).mean() if balances else None,
+            }
+        return logits, aux, (past_key_values if use_cache else None)
+
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, repetition_penalty: float = 1.0, do_sample: bool = True,
+                 eos_token_id: Optional[int] = None, use_cache: bool = True, generator=None):
+        """See inl_llm.generate.generate."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, do_sample=do_sample, eos_token_id=eos_token_id,
+                        use_cache=use_cache, generator=generator)
+
+
+def create_model(size: str = "tiny", vocab_size: Optional[int] = None, device=None, dtype=None,
+                 **overrides) -> IntegratorLanguageModel:
+    """The model of a named size (config.SIZES), any config field overridden by keyword.
+
+    Parameters are a function of `seed` alone: they are drawn on the CPU under that seed (the
+    caller's RNG state is left untouched) and then moved to `device`. device="meta" builds the
+    model without allocating anything (shape checks of the large sizes)."""
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    config = INLConfig.from_name(size, **overrides)
+    return build_model(config, device=device, dtype=dtype)
+
+
+def build_model(config: INLConfig, device=None, dtype=None) -> IntegratorLanguageModel:
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            model = IntegratorLanguageModel(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            with torch.device("cpu"):
+                model = IntegratorLanguageModel(config)
+        if device is not None:
+            model = model.to(device)
+    return model.to(dtype) if dtype is not None else model
