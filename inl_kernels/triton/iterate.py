@@ -1,0 +1,642 @@
+"""Triton kernels of the integrator iterate (SPEC §2): forward, early exit, decode path.
+
+Per row, for t = 0 .. T-1 (all of it inside the kernels):
+
+    c       = relu(h·w_hᵀ + bias + x·w_xᵀ + v·w_vᵀ)            bias = b_h + b_x + b_v
+    a,b,g,u = split(c·w_oᵀ + b_o, 4)
+    alpha   = sigmoid(ms0·a + mb0) · (1 - exp(-kappa·rms(x - mu)))     (second factor if kappa)
+    v'      = alpha·v + (1-alpha)·(ms3·u + mb3) - softplus(ms1·b + mb1)·(x - mu) + table[t]
+    x'      = x + dt · sigmoid(ms2·g + mb2) · v'
+
+The launcher does in torch what autograd should see: the excitation as a [T, d] table
+(`reference.iterate.excitation_table`), the combined bias b_h + b_x + b_v and the 8 modulation
+scalars (mod_scale, mod_bias) as one vector. The kernels never evaluate a sine.
+
+Two forward paths, both one row per row (rows never meet, so results are batch invariant):
+
+* tile path (`_iterate_fwd_tile`, N > DECODE_MAX_ROWS or any training call): one program per
+  BLOCK_M rows. A prologue pass over the d-blocks computes h·w_hᵀ + bias once (kept in
+  registers for every step), the step-0 pre-activation and Σ(x-mu)². Each step is then ONE pass
+  over the d-blocks that computes the four controller outputs with tl.dot, updates x, v,
+  stores them and, in the same pass, accumulates the next step's pre-activation x'·w_xᵀ +
+  v'·w_vᵀ, Σ(x'-mu)² (next rms), Σ(x'-x)² (convergence), Σv'² and Σ|x'-mu| (statistics). So
+  each step reads the state once and writes it once (NOTES-iterate point 1). The state lives
+  in fp32: the outputs themselves for fp32 inputs, an fp32 scratch plus a final cast pass for
+  bf16/fp16. Step 0 reads the inputs directly.
+* decode path (`_decode_prologue` + `_decode_step`, small N): the d columns are split across
+  programs (grid = row tiles × d-slices of BLOCK_D columns), so 64 rows × 2048 columns keep
+  ~128 programs busy instead of 4. The row reductions (pre-activation, Σerr², Σdx², the
+  statistics) cross slices, so every step is its own launch: each program first sums the
+  previous launch's per-slice partials in a fixed slice order (deterministic, no atomics),
+  decides convergence, then updates its slice and writes its partials (double-buffered by
+  step parity). T + 2 launches in all, no host synchronisation, so the whole call can be
+  captured in a CUDA graph (which is what the 50 µs decode target needs: without a graph the
+  Python launch overhead of T + 2 launches dominates).
+
+Early exit: each row is frozen (torch.where) once ‖x' − x‖₂ < tol after at least
+min_iterations steps, exactly as the reference compares it; a tile program leaves its step
+loop when all of its rows are frozen, a decode program skips its launch. Statistics and
+trajectory entries a stopped tile did not write are filled on the host by a gather over
+clamp(t, max=iterations) (a frozen row repeats its frozen state).
+
+Precision: x, v, every accumulation and reduction in fp32 (fp64 when given fp64, which only
+the interpreter runs: the fp64 gradcheck). Matmul operands go to the tensor cores in the
+activation dtype (DOT constexpr: bf16/fp16 on a GPU; the interpreter multiplies bf16 dots
+wrongly, so there it uses fp32); fp32 dots on a GPU use tf32x3 (about fp32 accuracy on
+tensor cores) rather than plain tf32, which would miss fp32 tolerances.
+
+Batch invariance is bit for bit within a path; a row may change by fp32 rounding when the
+batch size crosses DECODE_MAX_ROWS (the two paths reduce in different orders). Determinism:
+same inputs, same bits, for a given kernel configuration (on a GPU the autotuner fixes it per
+process for each (d, H, dtype)).
+
+Speed: not yet measured on a GPU (written without one; the block sizes, autotune configs and
+DECODE_MAX_ROWS are first guesses to be tuned by benchmarks/bench_iterate.py).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from ..reference.iterate import IterateInfo, excitation_table
+from ..reference.iterate import iterate as reference_iterate
+
+SUPPORTED_HIDDEN = (16, 32, 64, 128)
+# Batches up to this many rows take the decode path (d split across programs).
+DECODE_MAX_ROWS = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces of the step
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _softplus(z):
+    # max(z, 0) + log1p(exp(-|z|)), with log1p(y) = log(1+y)·y/((1+y)-1), exact also where
+    # 1+y rounds to 1 (tl has no log1p that the interpreter and triton 3.6 both know)
+    y = tl.exp(-tl.abs(z))
+    u = 1.0 + y
+    lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(z, 0.0) + lp
+
+
+@triton.jit
+def _load_mod(mod_ptr, ACC: tl.constexpr):
+    return (tl.load(mod_ptr + 0).to(ACC), tl.load(mod_ptr + 1).to(ACC), tl.load(mod_ptr + 2).to(ACC),
+            tl.load(mod_ptr + 3).to(ACC), tl.load(mod_ptr + 4).to(ACC), tl.load(mod_ptr + 5).to(ACC),
+            tl.load(mod_ptr + 6).to(ACC), tl.load(mod_ptr + 7).to(ACC))
+
+
+@triton.jit
+def _controller_out(c, w_o_ptr, b_o_ptr, cols, col_mask, hk, D,
+                    H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """(a, b, g, u)[:, cols] = c·w_o[q·D + cols, :]ᵀ + b_o[q·D + cols] for q = 0..3; c [BM, H]."""
+    cd = c.to(DOT)
+    wmask = col_mask[None, :]
+    w_ptrs = w_o_ptr + cols[None, :].to(tl.int64) * H + hk[:, None]  # [H, BD] view of w_o rows
+    quarter = D * H
+    a = tl.dot(cd, tl.load(w_ptrs, mask=wmask, other=0.0).to(DOT), input_precision=PREC, out_dtype=ACC)
+    b = tl.dot(cd, tl.load(w_ptrs + quarter, mask=wmask, other=0.0).to(DOT), input_precision=PREC,
+               out_dtype=ACC)
+    g = tl.dot(cd, tl.load(w_ptrs + 2 * quarter, mask=wmask, other=0.0).to(DOT), input_precision=PREC,
+               out_dtype=ACC)
+    u = tl.dot(cd, tl.load(w_ptrs + 3 * quarter, mask=wmask, other=0.0).to(DOT), input_precision=PREC,
+               out_dtype=ACC)
+    a += tl.load(b_o_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    b += tl.load(b_o_ptr + D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    g += tl.load(b_o_ptr + 2 * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    u += tl.load(b_o_ptr + 3 * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    return a, b, g, u
+
+
+@triton.jit
+def _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3):
+    """alpha0 = sigmoid(ms0·a + mb0), zb = ms1·b + mb1, beta = softplus(zb),
+    gate = sigmoid(ms2·g + mb2), v_cand = ms3·u + mb3."""
+    alpha0 = _sigmoid(ms0 * a + mb0)
+    zb = ms1 * b + mb1
+    beta = _softplus(zb)
+    gate = _sigmoid(ms2 * g + mb2)
+    v_cand = ms3 * u + mb3
+    return alpha0, zb, beta, gate, v_cand
+
+
+@triton.jit
+def _load_block(ptr, offs, mask, ACC: tl.constexpr):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward, tile path
+
+
+@triton.jit
+def _iterate_fwd_tile(
+    h_ptr, x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr,
+    w_h_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, bias_ptr, mod_ptr, mu_ptr, exc_ptr,
+    energy_ptr, dist_ptr, iters_ptr, c_save_ptr, r_save_ptr, trajx_ptr, trajv_ptr,
+    N, D, T, dt, kappa, tol, min_iterations,
+    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    SAVE: tl.constexpr, TRAJ: tl.constexpr, CAST_OUT: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """T steps of SPEC §2 for BM rows (formula in the module docstring). x_T, v_T go to
+    (xs, vs) in ACC dtype and, with CAST_OUT, to (xo, vo) in the output dtype; energy[n, t] =
+    Σv'²/D, distance[n, t] = Σ|x'-mu|/D, iterations[n]. With SAVE, c_t [T, N, H] and
+    rms_t [T, N] for the backward."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    hk = tl.arange(0, H)
+    ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
+
+    # prologue: the context term once, step 0's pre-activation and Σ(x - mu)²
+    ctx = tl.zeros([BM, H], dtype=ACC)
+    pre = tl.zeros([BM, H], dtype=ACC)
+    sq = tl.zeros([BM], dtype=ACC)
+    for j0 in range(0, D, BD):
+        cols = j0 + tl.arange(0, BD)
+        col_mask = cols < D
+        m = row_mask[:, None] & col_mask[None, :]
+        offs = rows64[:, None] * D + cols[None, :]
+        w_offs = hk[None, :].to(tl.int64) * D + cols[:, None]  # [BD, H] view of w_* [H, D]
+        wm = col_mask[:, None]
+        hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
+        ctx = tl.dot(hb, tl.load(w_h_ptr + w_offs, mask=wm, other=0.0).to(DOT), ctx, input_precision=PREC,
+                     out_dtype=ACC)
+        xb = _load_block(x0_ptr, offs, m, ACC)
+        pre = tl.dot(xb.to(DOT), tl.load(w_x_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                     input_precision=PREC, out_dtype=ACC)
+        if HAS_V:
+            vb = _load_block(v0_ptr, offs, m, ACC)
+            pre = tl.dot(vb.to(DOT), tl.load(w_v_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                         input_precision=PREC, out_dtype=ACC)
+        else:
+            vb = tl.zeros([BM, BD], dtype=ACC)
+        mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+        err = tl.where(m, xb - mu[None, :], 0.0)
+        sq += tl.sum(err * err, axis=1)
+        if TRAJ:
+            t_offs = rows64[:, None] * (T + 1) * D + cols[None, :]
+            tl.store(trajx_ptr + t_offs, xb.to(trajx_ptr.dtype.element_ty), mask=m)
+            tl.store(trajv_ptr + t_offs, vb.to(trajv_ptr.dtype.element_ty), mask=m)
+    ctx += tl.load(bias_ptr + hk).to(ACC)[None, :]
+
+    active = row_mask
+    iters = tl.zeros([BM], dtype=tl.int32) + T
+    t = 0
+    n_active = tl.sum(active.to(tl.int32), axis=0)
+    while (t < T) & (n_active > 0):
+        c = tl.maximum(ctx + pre, 0.0)
+        rms = tl.sqrt(sq / D)
+        if SAVE:
+            tl.store(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], c, mask=row_mask[:, None])
+            tl.store(r_save_ptr + t * N + rows64, rms, mask=row_mask)
+        if USE_KAPPA:
+            alpha_scale = 1.0 - tl.exp(-kappa * rms)
+        else:
+            alpha_scale = tl.full([BM], 1.0, dtype=ACC)
+        pre = tl.zeros([BM, H], dtype=ACC)
+        sq = tl.zeros([BM], dtype=ACC)
+        dx2 = tl.zeros([BM], dtype=ACC)
+        e_sum = tl.zeros([BM], dtype=ACC)
+        d_sum = tl.zeros([BM], dtype=ACC)
+        for j0 in range(0, D, BD):
+            cols = j0 + tl.arange(0, BD)
+            col_mask = cols < D
+            m = row_mask[:, None] & col_mask[None, :]
+            offs = rows64[:, None] * D + cols[None, :]
+            a, b, g, u = _controller_out(c, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+            alpha0, zb, beta, gate, v_cand = _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3)
+            alpha = alpha0 * alpha_scale[:, None]
+            if t == 0:
+                x = _load_block(x0_ptr, offs, m, ACC)
+                if HAS_V:
+                    v = _load_block(v0_ptr, offs, m, ACC)
+                else:
+                    v = tl.zeros([BM, BD], dtype=ACC)
+            else:
+                x = _load_block(xs_ptr, offs, m, ACC)
+                v = _load_block(vs_ptr, offs, m, ACC)
+            mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            err = x - mu[None, :]
+            v_new = alpha * v + (1 - alpha) * v_cand - beta * err
+            if HAS_EXC:
+                v_new += tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            x_new = x + dt * gate * v_new
+            if EARLY_EXIT:
+                x_new = tl.where(active[:, None], x_new, x)
+                v_new = tl.where(active[:, None], v_new, v)
+                store_mask = m & active[:, None]
+            else:
+                store_mask = m
+            # masked columns hold bias-driven values: zero them before any row reduction
+            x_new = tl.where(m, x_new, 0.0)
+            v_new = tl.where(m, v_new, 0.0)
+            tl.store(xs_ptr + offs, x_new, mask=store_mask)
+            tl.store(vs_ptr + offs, v_new, mask=store_mask)
+            if TRAJ:
+                t_offs = rows64[:, None] * (T + 1) * D + (t + 1) * D + cols[None, :]
+                tl.store(trajx_ptr + t_offs, x_new.to(trajx_ptr.dtype.element_ty), mask=m)
+                tl.store(trajv_ptr + t_offs, v_new.to(trajv_ptr.dtype.element_ty), mask=m)
+            if t + 1 < T:
+                w_offs = hk[None, :].to(tl.int64) * D + cols[:, None]
+                wm = col_mask[:, None]
+                pre = tl.dot(x_new.to(DOT), tl.load(w_x_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                             input_precision=PREC, out_dtype=ACC)
+                pre = tl.dot(v_new.to(DOT), tl.load(w_v_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                             input_precision=PREC, out_dtype=ACC)
+            err_new = tl.where(m, x_new - mu[None, :], 0.0)
+            sq += tl.sum(err_new * err_new, axis=1)
+            step = x_new - x
+            dx2 += tl.sum(step * step, axis=1)
+            e_sum += tl.sum(v_new * v_new, axis=1)
+            d_sum += tl.sum(tl.abs(err_new), axis=1)
+        tl.store(energy_ptr + rows64 * T + t, e_sum / D, mask=row_mask)
+        tl.store(dist_ptr + rows64 * T + t, d_sum / D, mask=row_mask)
+        if EARLY_EXIT:
+            converged = active & (tl.sqrt(dx2) < tol) & (t + 1 >= min_iterations)
+            iters = tl.where(converged, t + 1, iters)
+            active = active & (converged == 0)
+        n_active = tl.sum(active.to(tl.int32), axis=0)
+        t += 1
+        # the next step reads state this program's other threads wrote
+        tl.debug_barrier()
+    tl.store(iters_ptr + rows, iters, mask=row_mask)
+
+    if CAST_OUT:
+        for j0 in range(0, D, BD):
+            cols = j0 + tl.arange(0, BD)
+            m = row_mask[:, None] & (cols < D)[None, :]
+            offs = rows64[:, None] * D + cols[None, :]
+            tl.store(xo_ptr + offs, tl.load(xs_ptr + offs, mask=m).to(xo_ptr.dtype.element_ty), mask=m)
+            tl.store(vo_ptr + offs, tl.load(vs_ptr + offs, mask=m).to(vo_ptr.dtype.element_ty), mask=m)
+
+
+def _tile_configs():
+    configs = []
+    for bm, bd, warps in ((16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8),
+                          (32, 128, 4), (64, 128, 8), (128, 32, 8)):
+        for stages in (1, 2):
+            configs.append(triton.Config({"BM": bm, "BD": bd}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+_iterate_fwd_tile_tuned = triton.autotune(
+    configs=_tile_configs(), key=["D", "H", "HAS_V", "EARLY_EXIT", "SAVE", "TRAJ", "USE_KAPPA"],
+)(_iterate_fwd_tile)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward, decode path (d split across programs, one launch per step)
+
+
+@triton.jit
+def _decode_prologue(
+    h_ptr, x0_ptr, v0_ptr, w_h_ptr, w_x_ptr, w_v_ptr, mu_ptr,
+    ctx_part_ptr, pre_part_ptr, stat_part_ptr, trajx_ptr, trajv_ptr,
+    N, D, T, S,
+    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr, TRAJ: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per-slice partials of h·w_hᵀ (ctx_part[s]), of step 0's x·w_xᵀ + v·w_vᵀ (pre_part[0, s])
+    and of Σ(x - mu)² (stat_part[0, s, 0]) for slice s = columns [s·BD, (s+1)·BD)."""
+    pid_m = tl.program_id(0)
+    sid = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    hk = tl.arange(0, H)
+    cols = sid * BD + tl.arange(0, BD)
+    col_mask = cols < D
+    m = row_mask[:, None] & col_mask[None, :]
+    offs = rows64[:, None] * D + cols[None, :]
+    w_offs = hk[None, :].to(tl.int64) * D + cols[:, None]
+    wm = col_mask[:, None]
+    hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
+    ctx = tl.dot(hb, tl.load(w_h_ptr + w_offs, mask=wm, other=0.0).to(DOT), input_precision=PREC, out_dtype=ACC)
+    xb = _load_block(x0_ptr, offs, m, ACC)
+    pre = tl.dot(xb.to(DOT), tl.load(w_x_ptr + w_offs, mask=wm, other=0.0).to(DOT), input_precision=PREC,
+                 out_dtype=ACC)
+    if HAS_V:
+        vb = _load_block(v0_ptr, offs, m, ACC)
+        pre = tl.dot(vb.to(DOT), tl.load(w_v_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                     input_precision=PREC, out_dtype=ACC)
+    else:
+        vb = tl.zeros([BM, BD], dtype=ACC)
+    mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    err = tl.where(m, xb - mu[None, :], 0.0)
+    part_offs = (sid * N + rows64)[:, None] * H + hk[None, :]
+    tl.store(ctx_part_ptr + part_offs, ctx, mask=row_mask[:, None])
+    tl.store(pre_part_ptr + part_offs, pre, mask=row_mask[:, None])  # parity 0
+    tl.store(stat_part_ptr + (sid * 4) * N + rows64, tl.sum(err * err, axis=1), mask=row_mask)
+    if TRAJ:
+        t_offs = rows64[:, None] * (T + 1) * D + cols[None, :]
+        tl.store(trajx_ptr + t_offs, xb.to(trajx_ptr.dtype.element_ty), mask=m)
+        tl.store(trajv_ptr + t_offs, vb.to(trajv_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _decode_step(
+    x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr,
+    w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, bias_ptr, mod_ptr, mu_ptr, exc_ptr,
+    ctx_part_ptr, ctx_ptr, pre_part_ptr, stat_part_ptr,
+    energy_ptr, dist_ptr, iters_ptr, trajx_ptr, trajv_ptr,
+    t, N, D, T, S, dt, kappa, tol, min_iterations,
+    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    TRAJ: tl.constexpr, CAST_OUT: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Launch t (0 <= t <= T) for one (row tile, column slice): sums the per-slice partials
+    of step t-1 in slice order, writes its statistics (slice 0) and decides convergence, then
+    (t < T) runs step t on the slice and writes its partials for launch t+1: pre_part[q] =
+    x'·w_xᵀ + v'·w_vᵀ and stat_part[q] = (Σ(x'-mu)², Σ(x'-x)², Σv'², Σ|x'-mu|), q = (t+1)%2.
+    Launch T only finishes: the last statistics and the cast of the state to the output."""
+    pid_m = tl.program_id(0)
+    sid = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    hk = tl.arange(0, H)
+    cols = sid * BD + tl.arange(0, BD)
+    col_mask = cols < D
+    m = row_mask[:, None] & col_mask[None, :]
+    offs = rows64[:, None] * D + cols[None, :]
+    p = t % 2
+    q = 1 - p
+    SN = S * N
+
+    active = row_mask
+    if t > 0:
+        dx2 = tl.zeros([BM], dtype=ACC)
+        e_sum = tl.zeros([BM], dtype=ACC)
+        d_sum = tl.zeros([BM], dtype=ACC)
+        for s in range(S):
+            base = stat_part_ptr + (p * S + s) * 4 * N + rows64
+            dx2 += tl.load(base + N, mask=row_mask, other=0.0)
+            e_sum += tl.load(base + 2 * N, mask=row_mask, other=0.0)
+            d_sum += tl.load(base + 3 * N, mask=row_mask, other=0.0)
+        if EARLY_EXIT:
+            # iters > t-1 <=> the row still ran step t-1; slice 0 may set iters = t in this
+            # very launch, which keeps that test true, so reading it is race free
+            was_active = row_mask & (tl.load(iters_ptr + rows, mask=row_mask, other=0) > t - 1)
+            converged = was_active & (tl.sqrt(dx2) < tol) & (tl.zeros([BM], dtype=tl.int32) + t >= min_iterations)
+            active = was_active & (converged == 0)
+            if sid == 0:
+                tl.store(iters_ptr + rows, tl.zeros([BM], dtype=tl.int32) + t, mask=converged)
+        if sid == 0:
+            tl.store(energy_ptr + rows64 * T + t - 1, e_sum / D, mask=row_mask)
+            tl.store(dist_ptr + rows64 * T + t - 1, d_sum / D, mask=row_mask)
+
+    if t == T:
+        if CAST_OUT:
+            tl.store(xo_ptr + offs, tl.load(xs_ptr + offs, mask=m).to(xo_ptr.dtype.element_ty), mask=m)
+            tl.store(vo_ptr + offs, tl.load(vs_ptr + offs, mask=m).to(vo_ptr.dtype.element_ty), mask=m)
+    else:
+        n_active = tl.sum(active.to(tl.int32), axis=0)
+        if n_active > 0:
+            ctx = tl.zeros([BM, H], dtype=ACC)
+            if t == 0:
+                for s in range(S):
+                    ctx += tl.load(ctx_part_ptr + (s * N + rows64)[:, None] * H + hk[None, :],
+                                   mask=row_mask[:, None], other=0.0)
+                ctx += tl.load(bias_ptr + hk).to(ACC)[None, :]
+                if sid == 0:
+                    tl.store(ctx_ptr + rows64[:, None] * H + hk[None, :], ctx, mask=row_mask[:, None])
+            else:
+                ctx = tl.load(ctx_ptr + rows64[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+            pre = tl.zeros([BM, H], dtype=ACC)
+            sq = tl.zeros([BM], dtype=ACC)
+            for s in range(S):
+                pre += tl.load(pre_part_ptr + (p * SN + s * N + rows64)[:, None] * H + hk[None, :],
+                               mask=row_mask[:, None], other=0.0)
+                sq += tl.load(stat_part_ptr + (p * S + s) * 4 * N + rows64, mask=row_mask, other=0.0)
+            c = tl.maximum(ctx + pre, 0.0)
+            ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
+            a, b, g, u = _controller_out(c, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+            alpha0, zb, beta, gate, v_cand = _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3)
+            if USE_KAPPA:
+                alpha = alpha0 * (1.0 - tl.exp(-kappa * tl.sqrt(sq / D)))[:, None]
+            else:
+                alpha = alpha0
+            if t == 0:
+                x = _load_block(x0_ptr, offs, m, ACC)
+                if HAS_V:
+                    v = _load_block(v0_ptr, offs, m, ACC)
+                else:
+                    v = tl.zeros([BM, BD], dtype=ACC)
+            else:
+                x = _load_block(xs_ptr, offs, m, ACC)
+                v = _load_block(vs_ptr, offs, m, ACC)
+            mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            err = x - mu[None, :]
+            v_new = alpha * v + (1 - alpha) * v_cand - beta * err
+            if HAS_EXC:
+                v_new += tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            x_new = x + dt * gate * v_new
+            if EARLY_EXIT:
+                x_new = tl.where(active[:, None], x_new, x)
+                v_new = tl.where(active[:, None], v_new, v)
+                store_mask = m & active[:, None]
+            else:
+                store_mask = m
+            x_new = tl.where(m, x_new, 0.0)
+            v_new = tl.where(m, v_new, 0.0)
+            tl.store(xs_ptr + offs, x_new, mask=store_mask)
+            tl.store(vs_ptr + offs, v_new, mask=store_mask)
+            if TRAJ:
+                t_offs = rows64[:, None] * (T + 1) * D + (t + 1) * D + cols[None, :]
+                tl.store(trajx_ptr + t_offs, x_new.to(trajx_ptr.dtype.element_ty), mask=m)
+                tl.store(trajv_ptr + t_offs, v_new.to(trajv_ptr.dtype.element_ty), mask=m)
+            if t + 1 < T:
+                w_offs = hk[None, :].to(tl.int64) * D + cols[:, None]
+                wm = col_mask[:, None]
+                pre = tl.dot(x_new.to(DOT), tl.load(w_x_ptr + w_offs, mask=wm, other=0.0).to(DOT),
+                             input_precision=PREC, out_dtype=ACC)
+                pre = tl.dot(v_new.to(DOT), tl.load(w_v_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                             input_precision=PREC, out_dtype=ACC)
+                tl.store(pre_part_ptr + (q * SN + sid * N + rows64)[:, None] * H + hk[None, :], pre,
+                         mask=row_mask[:, None])
+            err_new = tl.where(m, x_new - mu[None, :], 0.0)
+            step = x_new - x
+            base = stat_part_ptr + (q * S + sid) * 4 * N + rows64
+            tl.store(base, tl.sum(err_new * err_new, axis=1), mask=row_mask)
+            tl.store(base + N, tl.sum(step * step, axis=1), mask=row_mask)
+            tl.store(base + 2 * N, tl.sum(v_new * v_new, axis=1), mask=row_mask)
+            tl.store(base + 3 * N, tl.sum(tl.abs(err_new), axis=1), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dot_types(dtype):
+    """(DOT, PREC, ACC) for an activation dtype; see the module docstring."""
+    if dtype == torch.float64:
+        return tl.float64, "ieee", tl.float64
+    if dtype == torch.float16:
+        return tl.float16, "ieee", tl.float32
+    if dtype == torch.bfloat16 and not interpreting():
+        return tl.bfloat16, "ieee", tl.float32
+    return tl.float32, ("ieee" if interpreting() else "tf32x3"), tl.float32
+
+
+def _decode_block(d):
+    return min(64, max(16, triton.next_power_of_2(d)))
+
+
+def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, tol, min_iterations,
+             save=False, trajectory=False, path=None, config=None):
+    """Launches the forward. Returns x_T, v_T, energy, distance, iterations, trajectory (x, v)
+    or (None, None), and with `save` the per-step controller hidden c [T, N, H] and rms [T, N]."""
+    n, d = x.shape
+    H = w_h.shape[0]
+    dev, out_dtype = x.device, x.dtype
+    acc = _acc_dtype(out_dtype)
+    DOT, PREC, ACC = _dot_types(out_dtype)
+    cast_out = out_dtype != acc
+    early_exit = tol is not None
+    if path is None:
+        path = "decode" if (n <= DECODE_MAX_ROWS and not save) else "tile"
+    if path not in ("tile", "decode"):
+        raise ValueError(f"path must be 'tile' or 'decode', got {path!r}")
+    if save and path != "tile":
+        raise ValueError("the decode path does not save the backward's tensors; use path='tile'")
+
+    x_out = torch.empty_like(x)
+    v_out = torch.empty_like(x)
+    xs, vs = (torch.empty(n, d, device=dev, dtype=acc), torch.empty(n, d, device=dev, dtype=acc)) \
+        if cast_out else (x_out, v_out)
+    energy = torch.empty(n, T, device=dev, dtype=acc)
+    distance = torch.empty(n, T, device=dev, dtype=acc)
+    iterations = torch.full((n,), T, device=dev, dtype=torch.int32)
+    c_save = torch.empty(T, n, H, device=dev, dtype=acc) if save else energy
+    r_save = torch.empty(T, n, device=dev, dtype=acc) if save else energy
+    traj_x = torch.empty(n, T + 1, d, device=dev, dtype=out_dtype) if trajectory else x_out
+    traj_v = torch.empty(n, T + 1, d, device=dev, dtype=out_dtype) if trajectory else x_out
+    v_in = v if v is not None else x
+    exc = table if table is not None else bias
+    scalars = dict(dt=float(dt), kappa=float(kappa) if kappa is not None else 0.0,
+                   tol=float(tol) if tol is not None else 0.0, min_iterations=int(min_iterations))
+    flags = dict(HAS_V=v is not None, HAS_EXC=table is not None, USE_KAPPA=kappa is not None,
+                 EARLY_EXIT=early_exit, TRAJ=trajectory, CAST_OUT=cast_out, DOT=DOT, PREC=PREC, ACC=ACC)
+
+    if path == "tile":
+        args = (h, x, v_in, xs, vs, x_out, v_out, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, exc,
+                energy, distance, iterations, c_save, r_save, traj_x, traj_v, n, d, T)
+        if config is None and interpreting():
+            config = dict(BM=16, BD=32)
+        if config is None:
+            grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
+            _iterate_fwd_tile_tuned[grid](*args, **scalars, H=H, SAVE=save, **flags)
+        else:
+            config = dict(config)
+            launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+            grid = (triton.cdiv(n, config["BM"]),)
+            _iterate_fwd_tile[grid](*args, **scalars, H=H, SAVE=save, **flags, **config, **launch)
+    else:
+        cfg = dict(BM=16, BD=_decode_block(d))
+        if config:
+            cfg.update(config)
+        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+        BM, BD = cfg["BM"], cfg["BD"]
+        S = triton.cdiv(d, BD)
+        grid = (triton.cdiv(n, BM), S)
+        ctx_part = torch.empty(S, n, H, device=dev, dtype=acc)
+        ctx_full = torch.empty(n, H, device=dev, dtype=acc)
+        pre_part = torch.empty(2, S, n, H, device=dev, dtype=acc)
+        stat_part = torch.empty(2, S, 4, n, device=dev, dtype=acc)
+        common = dict(H=H, BM=BM, BD=BD, DOT=DOT, PREC=PREC, ACC=ACC, **launch)
+        _decode_prologue[grid](h, x, v_in, w_h, w_x, w_v, mu, ctx_part, pre_part, stat_part, traj_x, traj_v,
+                               n, d, T, S, HAS_V=flags["HAS_V"], TRAJ=trajectory, **common)
+        step_flags = {k: flags[k] for k in ("HAS_V", "HAS_EXC", "USE_KAPPA", "EARLY_EXIT", "TRAJ", "CAST_OUT")}
+        for t in range(T + 1):
+            _decode_step[grid](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, bias, mod, mu, exc,
+                               ctx_part, ctx_full, pre_part, stat_part, energy, distance, iterations,
+                               traj_x, traj_v, t, n, d, T, S, **scalars, **step_flags, **common)
+
+    if early_exit:
+        # a tile that stopped early left the later statistics (and trajectory) unwritten:
+        # a frozen row repeats its state from its last step on
+        steps = torch.arange(T, device=dev)
+        last = torch.minimum(steps[None, :], iterations[:, None].long() - 1)
+        energy = energy.gather(1, last)
+        distance = distance.gather(1, last)
+        if trajectory:
+            states = torch.minimum(torch.arange(T + 1, device=dev)[None, :], iterations[:, None].long())
+            index = states[:, :, None].expand(n, T + 1, d)
+            traj_x, traj_v = traj_x.gather(1, index), traj_v.gather(1, index)
+    trajectories = (traj_x, traj_v) if trajectory else (None, None)
+    saved = (c_save, r_save) if save else (None, None)
+    return x_out, v_out, energy, distance, iterations, trajectories, saved
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend entry points
+
+_GRAD_INPUTS = ("w_h", "b_h", "w_x", "b_x", "w_v", "b_v", "w_o", "b_o", "mod_scale", "mod_bias", "mu",
+                "gamma", "phi")
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def supports(h, x, *, w_h, **kwargs):
+    """None when the triton kernels run these arguments, else why not."""
+    H = w_h.shape[0]
+    if H not in SUPPORTED_HIDDEN:
+        return f"controller hidden size H={H} is not one of {SUPPORTED_HIDDEN} (tl.dot tiles)"
+    if x.dtype == torch.float64 and not interpreting():
+        return "float64 runs only under the Triton interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
+def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma,
+            phi, amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3,
+            return_trajectory=False, _path=None, _config=None):
+    """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
+    `_path` ("tile" | "decode") and `_config` (block sizes) are for tests and benchmarks."""
+    tensors = (h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, gamma, phi)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    kwargs = dict(w_h=w_h, b_h=b_h, w_x=w_x, b_x=b_x, w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o, mod_scale=mod_scale,
+                  mod_bias=mod_bias, mu=mu, exc_index=exc_index, gamma=gamma, phi=phi, amplitude=amplitude,
+                  dt=dt, kappa=kappa, num_iterations=num_iterations, v=v, tol=tol,
+                  min_iterations=min_iterations, return_trajectory=return_trajectory)
+    if needs_grad:
+        _warn_once("grad", "the triton iterate has no backward yet: inputs that require grad run on the "
+                           "reference backend")
+        return reference_iterate(h, x, **kwargs)
+
+    T = num_iterations
+    n, d = x.shape
+    acc = _acc_dtype(x.dtype)
+    with torch.no_grad():
+        table = (excitation_table(exc_index, gamma, phi, amplitude, T, d, dtype=acc)
+                 if exc_index.numel() > 0 else None)
+        bias = b_h.to(acc) + b_x.to(acc) + b_v.to(acc)
+        mod = torch.cat((mod_scale.to(acc), mod_bias.to(acc)))
+        x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _ = _forward(
+            h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, tol, min_iterations,
+            trajectory=return_trajectory, path=_path, config=_config)
+    return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance,
+                              trajectory_x=traj_x, trajectory_v=traj_v)

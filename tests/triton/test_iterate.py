@@ -1,0 +1,209 @@
+"""The Triton iterate (forward) held to the eager reference run in fp64, under the interpreter
+on a CPU (small shapes) and natively on a GPU (bf16, marked cuda). Both forward paths are
+exercised on small shapes by forcing them (`_path`), with blocks smaller than d so the masked
+tail of the last d-block is always in play."""
+import pytest
+import torch
+
+import inl_kernels
+from inl_kernels import inl_iterate
+from inl_kernels.reference.iterate import iterate as reference_iterate
+from tests.iterate_cases import CONVERGE_TOL, converging_args, make_args
+
+triton_iterate = pytest.importorskip("inl_kernels.triton.iterate")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PATHS = ("tile", "decode")
+SMALL = dict(BM=16, BD=16)  # blocks smaller than d: several d-blocks and a masked tail
+
+
+def rel_err(out, ref):
+    """max |out - ref| / max |ref|: the error relative to the size of the result."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def cast(kw, dtype, device=DEVICE):
+    return {k: (t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+
+
+def run_triton(h, x, kw, dtype, path, config=SMALL, **extra):
+    c = cast(kw, dtype)
+    return triton_iterate.iterate(h.to(DEVICE, dtype), x.to(DEVICE, dtype), **c, **extra, _path=path,
+                                  _config=config)
+
+
+def assert_matches_fp64(h, x, kw, dtype, path, tol, config=SMALL, **extra):
+    ref_x, ref = reference_iterate(h, x, **kw, **extra)
+    out_x, out = run_triton(h, x, kw, dtype, path, config, **extra)
+    assert out_x.dtype == dtype and out.v.dtype == dtype
+    assert out.energy.dtype == out.distance.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.iterations.dtype == torch.int32
+    for name, got, want in (("x", out_x, ref_x), ("v", out.v, ref.v), ("energy", out.energy, ref.energy),
+                            ("distance", out.distance, ref.distance)):
+        err = rel_err(got, want)
+        assert err <= tol, f"{name}: max rel err {err:.3g} > {tol:g}"
+    assert out.iterations.tolist() == ref.iterations.tolist()
+    return out_x, out
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", [
+    dict(),                                  # everything on, v given
+    dict(kappa=None),                        # dynamic alpha off
+    dict(with_v=False),                      # v = zeros
+    dict(E=0),                               # no excitation
+    dict(E=1),
+    dict(amplitude=0.0),
+    dict(T=1),
+    dict(n=1),
+    dict(n=19, d=37),                        # rows across tiles, d = 2·16 + 5
+    dict(n=3, d=5, E=5),                     # d smaller than one block, every dim excited
+    dict(H=32, d=24),
+])
+def test_fp32_matches_fp64_reference(case, path):
+    args = dict(n=6, d=20, H=16, E=3, T=4)
+    args.update(case)
+    h, x, kw = make_args(**args)
+    assert_matches_fp64(h, x, kw, torch.float32, path, tol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_default_blocks(path):
+    """The launcher's own block choice (no _config), d = 150: not a multiple of any block."""
+    h, x, kw = make_args(n=5, d=150, H=16, E=4, T=3)
+    assert_matches_fp64(h, x, kw, torch.float32, path, tol=1e-5, config=None)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fp64(path):
+    h, x, kw = make_args(n=4, d=20, H=16, E=2, T=3)
+    assert_matches_fp64(h, x, kw, torch.float64, path, tol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype, path):
+    """fp16 dots run in the interpreter; bf16 dots cannot (the interpreter multiplies bits), so
+    there bf16 runs fp32 dots on bf16-rounded inputs: either way the state stays fp32."""
+    h, x, kw = make_args(n=6, d=20, H=16, E=3, T=4)
+    ref_x, _ = reference_iterate(h, x, **kw)
+    out_x, _ = run_triton(h, x, kw, dtype, path)
+    tol = {torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    assert rel_err(out_x, ref_x) <= tol
+
+
+def test_fp32_weights_under_half_activations():
+    h, x, kw = make_args(n=6, d=20, H=16, E=3, T=3)
+    ref_x, _ = reference_iterate(h, x, **kw)
+    kw16 = cast(kw, torch.float32)
+    kw16["v"] = kw["v"].to(DEVICE, torch.float16)
+    out_x = inl_iterate(h.to(DEVICE, torch.float16), x.to(DEVICE, torch.float16), **kw16, backend="triton")
+    assert out_x.dtype == torch.float16
+    assert rel_err(out_x, ref_x) <= 5e-3
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("min_iterations", [0, 3])
+def test_early_exit_counts_and_frozen_rows(path, min_iterations):
+    h, x, kw = converging_args()  # rows stop at steps 4 .. never
+    extra = dict(tol=CONVERGE_TOL, min_iterations=min_iterations, return_trajectory=True)
+    ref_x, ref = reference_iterate(h, x, **kw, **extra)
+    assert len(set(ref.iterations.tolist())) >= 3
+    out_x, out = run_triton(h, x, kw, torch.float32, path, **extra)
+    assert out.iterations.tolist() == ref.iterations.tolist()
+    for name, got, want in (("x", out_x, ref_x), ("v", out.v, ref.v), ("energy", out.energy, ref.energy),
+                            ("distance", out.distance, ref.distance),
+                            ("trajectory_x", out.trajectory_x, ref.trajectory_x),
+                            ("trajectory_v", out.trajectory_v, ref.trajectory_v)):
+        assert rel_err(got, want) <= 1e-5, name
+    for n, count in enumerate(out.iterations.tolist()):  # a frozen row repeats itself, bit for bit
+        for t in range(count, kw["num_iterations"]):
+            assert torch.equal(out.trajectory_x[n, t + 1], out.trajectory_x[n, count])
+            assert out.energy[n, t] == out.energy[n, count - 1]
+            assert out.distance[n, t] == out.distance[n, count - 1]
+    torch.testing.assert_close(out.trajectory_x[:, -1], out_x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_trajectory(path):
+    h, x, kw = make_args(n=5, d=20, H=16, E=2, T=3)
+    _, ref = reference_iterate(h, x, **kw, return_trajectory=True)
+    out_x, out = run_triton(h, x, kw, torch.float32, path, return_trajectory=True)
+    assert out.trajectory_x.shape == (5, 4, 20)
+    assert rel_err(out.trajectory_x, ref.trajectory_x) <= 1e-5
+    assert rel_err(out.trajectory_v, ref.trajectory_v) <= 1e-5
+    torch.testing.assert_close(out.trajectory_x[:, -1], out_x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_invariance_and_determinism(path):
+    """A row's bits and count do not depend on the rest of the batch or on the run."""
+    h, x, kw = converging_args(n=20)
+    kw = cast(kw, torch.float32)
+    h, x = h.to(DEVICE, torch.float32), x.to(DEVICE, torch.float32)
+
+    def run(rows):
+        return triton_iterate.iterate(h[rows], x[rows], **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path,
+                                      _config=SMALL)
+
+    full_x, full = run(slice(None))
+    again_x, again = run(slice(None))
+    for a, b in ((full_x, again_x), (full.v, again.v), (full.energy, again.energy),
+                 (full.distance, again.distance), (full.iterations, again.iterations)):
+        assert torch.equal(a, b)
+    for rows in ([0], [19], [3, 17], list(range(1, 20, 3)), list(range(19, -1, -1))):
+        sub_x, sub = run(rows)
+        assert torch.equal(sub_x, full_x[rows])
+        assert torch.equal(sub.v, full.v[rows])
+        assert torch.equal(sub.energy, full.energy[rows])
+        assert torch.equal(sub.iterations, full.iterations[rows])
+
+
+def test_public_dispatch():
+    h, x, kw = make_args(n=4, d=20, H=16, E=2, T=2, dtype=torch.float32, device=DEVICE)
+    out = inl_iterate(h, x, **kw, backend="triton")
+    torch.testing.assert_close(out, inl_iterate(h, x, **kw, backend="reference"), rtol=1e-5, atol=1e-6)
+    h, x, kw = make_args(n=4, d=20, H=8, E=2, T=2, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match="H=8"):
+        inl_iterate(h, x, **kw, backend="triton")
+    if not torch.cuda.is_available():
+        h, x, kw = make_args(n=2, d=20, H=16, E=2, T=2, dtype=torch.float64)
+        inl_iterate(h, x, **kw, backend="triton")  # fp64 runs under the interpreter
+    if DEVICE == "cuda":
+        # auto picks triton for CUDA tensors, and the reference where triton cannot run
+        assert inl_kernels.inl_iterate(h, x, **kw).shape == x.shape
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", [dict(), dict(kappa=None, with_v=False), dict(n=1, T=1, E=1),
+                                  dict(n=300, d=200, H=64, E=20, T=5), dict(n=40, d=300, H=128, T=3)])
+def test_bf16_on_gpu(case, path):
+    args = dict(n=6, d=20, H=16, E=3, T=4)
+    args.update(case)
+    h, x, kw = make_args(**args)
+    ref_x, ref = reference_iterate(h, x, **kw)
+    out_x, out = run_triton(h, x, kw, torch.bfloat16, path, config=None)
+    assert rel_err(out_x, ref_x) <= 2e-2 and rel_err(out.v, ref.v) <= 2e-2
+    assert rel_err(out.energy, ref.energy) <= 2e-2 and rel_err(out.distance, ref.distance) <= 2e-2
+
+
+@pytest.mark.cuda
+def test_auto_picks_triton_on_gpu():
+    h, x, kw = make_args(n=8, d=64, H=16, E=3, T=3, dtype=torch.bfloat16, device="cuda")
+    out = inl_iterate(h, x, **kw, backend="auto")
+    torch.testing.assert_close(out, inl_iterate(h, x, **kw, backend="triton"), rtol=0, atol=0)
+
+
+def test_grad_falls_back_to_reference_with_one_warning():
+    h, x, kw = make_args(n=3, d=20, H=16, E=2, T=2, dtype=torch.float32, device=DEVICE)
+    h.requires_grad_(True)
+    triton_iterate._warned.discard("grad")
+    with pytest.warns(UserWarning, match="reference"):
+        out = inl_iterate(h, x, **kw, backend="triton")
+    out.sum().backward()
+    ref_h = h.detach().clone().requires_grad_(True)
+    inl_iterate(ref_h, x, **kw, backend="reference").sum().backward()
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=0, atol=0)
