@@ -1,0 +1,200 @@
+"""Triton GQA attention against the reference, forward and backward.
+
+Without a GPU the kernels run through the Triton interpreter with 16×16 tiles, so the shapes
+below cross tile borders (S = 21, 33, 37, 40), cover GQA ratios 1, 4 and MQA, decode with
+Sq < Skv (queries at the end of the keys) and the split-KV decode path. The interpreter's
+bf16 dot is wrong, so bf16 is checked on a GPU only (`cuda` marker).
+"""
+import math
+
+import pytest
+import torch
+
+from inl_kernels import gqa_attention, rope, rope_tables
+from inl_kernels.triton import attention as tri_attention
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+interpreter_only = pytest.mark.skipif(GPU, reason="float64 runs through the interpreter only")
+
+
+def make_inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.float32, seed=0, layout="bshd", device=DEVICE):
+    """q, k, v with requires_grad. layout="bshd" gives the transposed views of [B, S, H, D]
+    projections that the model passes (unit stride in the last dim only)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(H, S):
+        if layout == "bshd":
+            t = torch.randn(B, S, H, D, generator=g, dtype=torch.float64).to(dtype).to(device).transpose(1, 2)
+        else:
+            t = torch.randn(B, H, S, D, generator=g, dtype=torch.float64).to(dtype).to(device)
+        return t.requires_grad_()
+
+    return make(Hq, Sq), make(Hkv, Skv), make(Hkv, Skv)
+
+
+def run(backend, q, k, v, do, **kw):
+    """(out, dq, dk, dv) of one backend, gradients of <out, do>."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = gqa_attention(q, k, v, backend=backend, **kw)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_all_close(got, want, tol):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+CASES = [  # B, Hq, Hkv, Sq, Skv, D
+    (2, 4, 4, 37, 37, 16),  # GQA ratio 1, S not a multiple of the tile
+    (2, 4, 1, 37, 37, 16),  # MQA
+    (1, 8, 2, 21, 21, 32),  # GQA ratio 4
+    (2, 4, 1, 5, 40, 16),  # a few queries against a longer cache (offset 35)
+    (1, 4, 4, 1, 40, 32),  # decode, one query
+    (1, 8, 2, 1, 33, 16),  # decode, GQA 4
+    (1, 2, 1, 17, 17, 64),  # head dim 64
+    (1, 2, 2, 1, 1, 16),  # a single position
+]
+
+
+@pytest.mark.parametrize("use_rope", [False, True], ids=["norope", "rope"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_Hq{}_Hkv{}_Sq{}_Skv{}_D{}".format(*c))
+def test_matches_reference_fp32(case, causal, use_rope):
+    B, Hq, Hkv, Sq, Skv, D = case
+    q, k, v = make_inputs(*case)
+    do = torch.randn(B, Hq, Sq, D, device=DEVICE)
+    kw = dict(causal=causal, rope=rope_tables(Skv + 3, D, device=DEVICE) if use_rope else None)
+    assert_all_close(run("triton", q, k, v, do, **kw), run("reference", q, k, v, do, **kw), 2e-5)
+
+
+@pytest.mark.parametrize("D,use_rope", [(15, False), (2, True), (40, True)])
+def test_head_dims_that_are_not_powers_of_two(D, use_rope):
+    q, k, v = make_inputs(1, 4, 2, 19, 19, D, layout="bhsd")
+    do = torch.randn(1, 4, 19, D, device=DEVICE)
+    kw = dict(causal=True, rope=rope_tables(19, D, device=DEVICE) if use_rope else None, scale=0.37)
+    assert_all_close(run("triton", q, k, v, do, **kw), run("reference", q, k, v, do, **kw), 2e-5)
+
+
+@pytest.mark.parametrize("Sq", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 50])
+def test_split_kv_decode(Sq, num_splits):
+    """The split-KV path (partials per key range, combined by a second kernel) against the
+    reference, with splits that leave some rows no visible key (causal, Sq = 4)."""
+    B, Hq, Hkv, Skv, D = 2, 8, 2, 45, 32
+    q, k, v = make_inputs(B, Hq, Hkv, Sq, Skv, D, seed=Sq)
+    cos, sin = rope_tables(Skv, D, device=DEVICE)
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    out = tri_attention._Attention.apply(q2, k2, v2, True, None, cos, sin, num_splits)
+    do = torch.randn_like(out)
+    out.backward(do)
+    want = run("reference", q, k, v, do, causal=True, rope=(cos, sin))
+    assert_all_close((out.detach(), q2.grad, k2.grad, v2.grad), want, 2e-5)
+
+
+def test_decode_equals_the_last_rows_of_the_full_sequence():
+    """Queries at the end of the keys: attending the last Sq queries against the whole cache
+    gives the last Sq rows of the full causal attention (rope positions included)."""
+    q, k, v = make_inputs(1, 8, 2, 29, 29, 16, seed=3)
+    cos, sin = rope_tables(32, 16, device=DEVICE)
+    with torch.no_grad():
+        full = gqa_attention(q, k, v, rope=(cos, sin), backend="triton")
+        for Sq in (1, 3, 17):
+            dec = gqa_attention(q[:, :, -Sq:], k, v, rope=(cos, sin), backend="triton")
+            torch.testing.assert_close(dec, full[:, :, -Sq:], rtol=2e-6, atol=2e-6)
+
+
+def test_rope_fused_equals_rope_applied_outside():
+    """rope=(cos, sin) inside the op equals the RoPE op followed by attention without rope,
+    forward and backward (the backward rotates dq, dk back to the unrotated inputs)."""
+    q, k, v = make_inputs(2, 4, 2, 13, 30, 32, seed=4)
+    cos, sin = rope_tables(40, 32, device=DEVICE)
+    do = torch.randn(2, 4, 13, 32, device=DEVICE)
+    fused = run("triton", q, k, v, do, rope=(cos, sin))
+
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    # the keys sit at 0..Skv-1 and the queries at Skv-Sq..Skv-1
+    _, rk = rope(k2, k2, cos, sin, 0, backend="triton")
+    rq, _ = rope(q2, q2[:, :2, :, :], cos, sin, 30 - 13, backend="triton")
+    out = gqa_attention(rq, rk, v2, backend="triton")
+    out.backward(do)
+    assert_all_close(fused, (out.detach(), q2.grad, k2.grad, v2.grad), 2e-5)
+
+
+def test_deterministic():
+    """No atomics anywhere: the same inputs give the same bits, forward and backward."""
+    q, k, v = make_inputs(1, 8, 2, 23, 23, 16, seed=5)
+    do = torch.randn(1, 8, 23, 16, device=DEVICE)
+    kw = dict(rope=rope_tables(23, 16, device=DEVICE))
+    first, second = run("triton", q, k, v, do, **kw), run("triton", q, k, v, do, **kw)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_fp16_error_within_the_references_own():
+    """fp16 inputs: the kernel's error against an fp64 computation is at most twice the
+    reference's own fp16 error (plus a rounding unit), forward and backward."""
+    q, k, v = make_inputs(1, 4, 1, 27, 27, 32, dtype=torch.float16, seed=6)
+    cos, sin = rope_tables(27, 32, device=DEVICE)
+    do = torch.randn(1, 4, 27, 32, device=DEVICE).half()
+    got = run("triton", q, k, v, do, rope=(cos, sin))
+    ref = run("reference", q, k, v, do, rope=(cos, sin))
+    truth = run("reference", q.double(), k.double(), v.double(), do.double(),
+                rope=(cos.double(), sin.double()))
+    for name, a, r, t in zip(("out", "dq", "dk", "dv"), got, ref, truth):
+        assert a.dtype == torch.float16
+        err, ref_err = (a.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3, f"{name}: {err} vs reference {ref_err}"
+
+
+@interpreter_only
+@pytest.mark.parametrize("case,causal", [((1, 4, 2, 7, 19, 8), True), ((2, 3, 1, 18, 18, 31), False),
+                                         ((1, 6, 3, 1, 37, 16), True)])
+def test_fp64_tight(case, causal):
+    B, Hq, Hkv, Sq, Skv, D = case
+    q, k, v = make_inputs(*case, dtype=torch.float64, layout="bhsd", seed=7)
+    do = torch.randn(B, Hq, Sq, D, dtype=torch.float64)
+    kw = dict(causal=causal, rope=rope_tables(Skv, D, dtype=torch.float64) if D % 2 == 0 else None)
+    assert_all_close(run("triton", q, k, v, do, **kw), run("reference", q, k, v, do, **kw), 1e-11)
+
+
+@interpreter_only
+def test_gradcheck():
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_tables(8, 4, dtype=torch.float64)
+    fn = lambda a, b, c: gqa_attention(a, b, c, rope=(cos, sin), backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_what_the_kernel_cannot_run_is_refused_with_a_reason():
+    q = torch.randn(1, 1, 2, 258, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims above 256"):
+        gqa_attention(q, q, q, backend="triton")
+    q = torch.randn(1, 1, 2, 8, device=DEVICE)
+    cos, sin = rope_tables(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="rope tables"):
+        gqa_attention(q, q, q, rope=(cos.requires_grad_(), sin), backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [(2, 8, 2, 300, 300, 64), (1, 8, 1, 257, 257, 128), (2, 8, 2, 1, 1000, 128),
+                                  (1, 4, 4, 7, 515, 64)])
+def test_gpu_low_precision(case, dtype):
+    """bf16/fp16 on a GPU (dots in the input dtype): error against fp64 within a small multiple
+    of the reference's own low-precision error."""
+    B, Hq, Hkv, Sq, Skv, D = case
+    q, k, v = make_inputs(*case, dtype=dtype, seed=9)
+    cos, sin = rope_tables(Skv, D, device="cuda")
+    do = torch.randn(B, Hq, Sq, D, device="cuda").to(dtype)
+    got = run("triton", q, k, v, do, rope=(cos, sin))
+    ref = run("reference", q, k, v, do, rope=(cos, sin))
+    truth = run("reference", q.double(), k.double(), v.double(), do.double(), rope=(cos.double(), sin.double()))
+    for name, a, r, t in zip(("out", "dq", "dk", "dv"), got, ref, truth):
+        err, ref_err = (a.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
+        assert err <= 3 * ref_err + 1e-2 * math.sqrt(D / 64), f"{name}: {err} vs reference {ref_err}"
