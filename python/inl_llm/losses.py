@@ -34,6 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for fp16/bf16/fp32 statistics, fp64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class IntegratorLoss(nn.Module):
     def __init__(self, lambda_mean_init: float = 1.0, lambda_mean_final: float = 0.1, annealing_epochs: float = 100,
                  lambda_speed: float = 0.1, tau: float = 2.0, lambda_energy: float = 0.01,
@@ -82,16 +87,16 @@ class IntegratorLoss(nn.Module):
             raise ValueError("IntegratorLoss needs the integrators' statistics: call the model with return_aux=True")
         mean_terms, speed_terms, energy_terms = [], [], []
         for s in stats:
-            x = s.x.float()
+            x = _wide(s.x)
             if self.variance_weighted:
                 w = 1.0 / (1.0 + x.detach().var(dim=0, unbiased=False))
             else:
                 w = torch.ones_like(x[0])
-            mean_terms.append((w * (x.mean(dim=0) - s.mu.float()) ** 2).sum())
-            distance = s.distance.float()
-            decay = torch.exp(-torch.arange(distance.shape[1], device=distance.device, dtype=torch.float32) / self.tau)
+            mean_terms.append((w * (x.mean(dim=0) - _wide(s.mu)) ** 2).sum())
+            distance = _wide(s.distance)
+            decay = torch.exp(-torch.arange(distance.shape[1], device=distance.device, dtype=distance.dtype) / self.tau)
             speed_terms.append((decay * distance.mean(dim=0)).sum())
-            energy_terms.append(s.energy.float().mean())
+            energy_terms.append(_wide(s.energy).mean())
         J = len(stats)
         return {
             "L_mean": self.lambda_mean(epoch) * torch.stack(mean_terms).sum() / J,

@@ -70,11 +70,13 @@ class MixtureOfIntegrators(nn.Module):
     def forward(self, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
         """h, x [N, d] -> (out [N, d], [IntegratorStats per expert that got rows], balance)."""
         n, E, k = x.shape[0], len(self.experts), self.top_k
-        probs = torch.softmax(self.router(x).float(), dim=-1)  # [N, E]
+        logits = self.router(x)
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [N, E]
         weights, chosen = probs.topk(k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).flatten()  # [N·k], slot = row·k + j
         flat = chosen.flatten()
-        share = torch.zeros(E, device=x.device).index_add_(0, flat, torch.ones_like(weights)) / max(n * k, 1)
+        share = torch.zeros(E, device=x.device, dtype=probs.dtype).index_add_(0, flat, torch.ones_like(weights))
+        share = share / max(n * k, 1)
         balance = E * (share * probs.mean(0)).sum()
 
         if x.is_meta:  # no values to route by: every expert sees every row (shape checks only)
@@ -100,10 +102,10 @@ class IterationBudget(nn.Module):
     """The seeds' adaptive budget allocator: layers that converge fast get fewer steps.
 
     Layer l keeps a running average a_l of the steps its rows used at inference (early exit),
-    a_l ← m·a_l + (1 − m)·used_l, and runs budget_l = clamp(ceil(a_l) + slack, min_iterations,
+    a_l ← m·a_l + (1 − m)·used_l, and runs budget_l = clamp(round(a_l) + slack, min_iterations,
     num_iterations) steps in every later forward, training included. A layer whose rows all
-    stop at step 3 gets 3 + slack; one that runs out of budget at inference gets one step more
-    at each update, back up to num_iterations. Budgets change only in `update()` (the trainer
+    stop at step 3 settles at 3 + slack; one that runs out of budget at inference gets one step
+    more at each update, back up to num_iterations. Budgets change only in `update()` (the trainer
     calls it after an evaluation), never inside a forward, so generation is reproducible."""
 
     def __init__(self, num_layers: int, num_iterations: int, min_iterations: int, slack: int = 1,
@@ -126,7 +128,7 @@ class IterationBudget(nn.Module):
     def update(self, used: torch.Tensor):
         """used [L]: mean steps per row each layer ran at inference since the last update."""
         self.average.mul_(self.momentum).add_((1 - self.momentum) * used.to(self.average))
-        budgets = (self.average - 1e-6).ceil() + self.slack  # the epsilon absorbs float drift at integers
+        budgets = self.average.round() + self.slack
         self.budgets.copy_(budgets.clamp(self.min_iterations, self.num_iterations).long())
         self._sync()
 

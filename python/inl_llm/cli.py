@@ -1,0 +1,211 @@
+"""`python -m inl_llm train | generate | demo`.
+
+demo (the main job): trains `tiny` on the Python standard library's own source for about two
+minutes, evaluating as it goes, saves a checkpoint, reloads it, generates a sample and prints
+the iterations each layer used (early exit) while generating.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import inl_kernels
+
+from . import data
+from .checkpoint import load_checkpoint, read_config
+from .config import SIZES
+from .data import ByteTokenizer
+from .model import create_model
+from .train import TrainConfig, train
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _overrides(pairs) -> dict:
+    """--set key=value pairs; values are read as JSON when they parse (numbers, true, null)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _environment() -> str:
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"backends: {', '.join(inl_kernels.backends())}")
+
+
+def _describe(model) -> str:
+    c = model.config
+    return (f"{model.num_params():,} parameters: d_model {c.d_model}, {c.num_layers} layers, {c.num_heads} heads "
+            f"({c.num_kv_heads} K/V), up to {c.num_iterations} integrator steps per layer, early exit at "
+            f"tol {c.tol if c.adaptive_stopping else 'off'}")
+
+
+def _print_iterations(model):
+    stats = model.get_inference_stats()
+    for i, (avg, budget) in enumerate(zip(stats["avg_iterations_per_layer"], stats["max_iterations_per_layer"])):
+        shown = f"{avg:.2f}" if avg is not None else "-"
+        print(f"  layer {i}: {shown} of {budget} steps on average")
+
+
+def cmd_train(args) -> dict:
+    device = _device(args.device)
+    overrides = _overrides(args.set)
+    if args.resume:
+        model = load_checkpoint(args.resume, device=device)
+    else:
+        model = create_model(args.size, device=device, **overrides)
+    tokens = data.load_corpus(args.data, max_bytes=args.max_bytes)
+    train_tokens, eval_tokens = data.split(tokens, args.eval_fraction)
+    print(f"{_environment()}\nmodel: {_describe(model)}\ndata: {args.data}, {len(train_tokens):,} train and "
+          f"{len(eval_tokens):,} eval tokens")
+    tc = TrainConfig(steps=args.steps, time_budget=args.time_budget, batch_size=args.batch_size, seq_len=args.seq_len,
+                     lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup, eval_every=args.eval_every,
+                     eval_interval_s=args.eval_interval_s, eval_batches=args.eval_batches,
+                     preset=None if args.preset == "none" else args.preset, cycle_unit=args.cycle_unit,
+                     cycle_scale=args.cycle_scale, checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
+                     seed=args.seed, progress=not args.no_progress)
+    result = train(model, train_tokens, eval_tokens, tc)
+    first, last = result["history"][0], result["history"][-1]
+    print(f"eval loss {first['loss']:.3f} -> {last['loss']:.3f} after {result['steps']} steps "
+          f"in {result['elapsed']:.0f} s" + (f"; checkpoint: {args.out}" if args.out else ""))
+    return {"model": model, **result}
+
+
+def cmd_generate(args, model=None):
+    device = _device(args.device)
+    if model is None:
+        model = load_checkpoint(args.checkpoint, device=device)
+    tok = ByteTokenizer()
+    ids = tok.encode(args.prompt, bos=True)[None].to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    model.reset_inference_stats()
+    start = time.perf_counter()
+    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty, do_sample=not args.greedy,
+                         eos_token_id=tok.eos_id, use_cache=not args.no_cache, generator=generator)
+    elapsed = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    print("-" * 72)
+    print(args.prompt + tok.decode(out[0, ids.shape[1]:]))
+    print("-" * 72)
+    print(f"{new} tokens in {elapsed:.2f} s ({new / max(elapsed, 1e-9):.1f} tokens/s); iterations per layer "
+          f"while generating (early exit):")
+    _print_iterations(model)
+    return out
+
+
+def cmd_demo(args):
+    torch.manual_seed(args.seed)
+    print(f"INL-LLM demo: train `tiny` for about {args.seconds:.0f} s on the Python standard library's own source "
+          f"files (no download)\n{_environment()}")
+    start = time.perf_counter()
+    tokens = data.load_stdlib(max_bytes=args.max_bytes)
+    train_tokens, eval_tokens = data.split(tokens, 0.05)
+    print(f"data: {len(data.stdlib_files())} stdlib files available, {len(tokens) / 1e6:.1f} M byte tokens read "
+          f"({len(train_tokens):,} train / {len(eval_tokens):,} eval)")
+    model = create_model("tiny")
+    print(f"model: {_describe(model)}")
+    tc = TrainConfig(steps=10 ** 9, time_budget=args.seconds, batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-4,
+                     warmup_steps=20, eval_interval_s=max(args.seconds / 6, 1.0), eval_batches=8,
+                     preset="balanced", cycle_unit="steps", cycle_scale=2.0, checkpoint_dir=args.out,
+                     seed=args.seed, progress=not args.no_progress)
+    result = train(model, train_tokens, eval_tokens, tc)
+    first, last = result["history"][0], result["history"][-1]
+    print(f"\neval loss fell from {first['loss']:.3f} to {last['loss']:.3f} nats/byte in {result['steps']} steps "
+          f"({result['elapsed']:.0f} s)")
+
+    reloaded = load_checkpoint(args.out)
+    probe = eval_tokens[:65][None]
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        same = torch.equal(model(probe)[0], reloaded(probe)[0])
+    files = ", ".join(sorted(os.listdir(args.out)))
+    print(f"checkpoint: {args.out} ({files}); reloaded model gives {'identical' if same else 'DIFFERENT'} logits")
+    if read_config(args.out)[0] != reloaded.config:
+        print("warning: the reloaded config differs from the saved one")
+
+    gen_args = argparse.Namespace(prompt=args.prompt, max_new_tokens=args.tokens, temperature=0.7, top_k=None,
+                                  top_p=0.95, repetition_penalty=1.0, greedy=False, seed=args.seed, no_cache=False,
+                                  device="cpu")
+    print(f"\nsample from the reloaded model (temperature 0.7, top-p 0.95), prompt {args.prompt!r}:")
+    cmd_generate(gen_args, model=reloaded)
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
+    return {"model": model, "reloaded": reloaded, "identical": same, **result}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m inl_llm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train tiny for ~2 minutes, save, reload, generate (the main job)")
+    demo.add_argument("--seconds", type=float, default=120.0, help="training time budget")
+    demo.add_argument("--out", default="checkpoints/demo", help="checkpoint directory")
+    demo.add_argument("--max-bytes", type=int, default=4_000_000, help="how much stdlib source to read")
+    demo.add_argument("--prompt", default="def ")
+    demo.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+    tr = sub.add_parser("train", help="train a model (cycle scheduler + IntegratorLoss)")
+    tr.add_argument("--size", default="tiny", choices=list(SIZES))
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    tr.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint's weights")
+    tr.add_argument("--data", default="stdlib", help='"stdlib", a .txt file or directory, or a .parquet file')
+    tr.add_argument("--max-bytes", type=int, default=None)
+    tr.add_argument("--eval-fraction", type=float, default=0.05)
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--time-budget", type=float, default=None, help="seconds")
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--seq-len", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--warmup", type=int, default=20)
+    tr.add_argument("--eval-every", type=int, default=100)
+    tr.add_argument("--eval-interval-s", type=float, default=None, help="evaluate by wall clock instead")
+    tr.add_argument("--eval-batches", type=int, default=8)
+    tr.add_argument("--preset", default="balanced", choices=["conservative", "balanced", "aggressive", "none"])
+    tr.add_argument("--cycle-unit", default="steps", choices=["steps", "epochs"])
+    tr.add_argument("--cycle-scale", type=float, default=1.0)
+    tr.add_argument("--out", default=None, help="checkpoint directory")
+    tr.add_argument("--checkpoint-every", type=int, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--no-progress", action="store_true")
+
+    gen = sub.add_parser("generate", help="sample from a checkpoint")
+    gen.add_argument("--checkpoint", required=True)
+    gen.add_argument("--prompt", default="def ")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--greedy", action="store_true")
+    gen.add_argument("--no-cache", action="store_true")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
