@@ -97,25 +97,18 @@ def _load_mod(mod_ptr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _controller_out(c, w_o_ptr, b_o_ptr, cols, col_mask, hk, D,
-                    H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """(a, b, g, u)[:, cols] = c·w_o[q·D + cols, :]ᵀ + b_o[q·D + cols] for q = 0..3; c [BM, H]."""
-    cd = c.to(DOT)
-    wmask = col_mask[None, :]
-    w_ptrs = w_o_ptr + cols[None, :].to(tl.int64) * H + hk[:, None]  # [H, BD] view of w_o rows
-    quarter = D * H
-    a = tl.dot(cd, tl.load(w_ptrs, mask=wmask, other=0.0).to(DOT), input_precision=PREC, out_dtype=ACC)
-    b = tl.dot(cd, tl.load(w_ptrs + quarter, mask=wmask, other=0.0).to(DOT), input_precision=PREC,
-               out_dtype=ACC)
-    g = tl.dot(cd, tl.load(w_ptrs + 2 * quarter, mask=wmask, other=0.0).to(DOT), input_precision=PREC,
-               out_dtype=ACC)
-    u = tl.dot(cd, tl.load(w_ptrs + 3 * quarter, mask=wmask, other=0.0).to(DOT), input_precision=PREC,
-               out_dtype=ACC)
-    a += tl.load(b_o_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-    b += tl.load(b_o_ptr + D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-    g += tl.load(b_o_ptr + 2 * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-    u += tl.load(b_o_ptr + 3 * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-    return a, b, g, u
+def _load_w_in(w_ptr, cols, col_mask, hk, D, DOT: tl.constexpr):
+    """Columns `cols` of an input-layer weight w_* [H, D] as the [BD, H] operand of x·w_*ᵀ
+    (loaded along its contiguous rows, transposed in registers)."""
+    w = tl.load(w_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0)
+    return tl.trans(w.to(DOT))
+
+
+@triton.jit
+def _load_w_out(w_o_ptr, q, cols, col_mask, hk, D, H: tl.constexpr, DOT: tl.constexpr):
+    """Rows q·D + cols of w_o [4D, H] as the [H, BD] operand of c·w_oᵀ."""
+    w = tl.load(w_o_ptr + (q * D + cols[:, None]) * H + hk[None, :], mask=col_mask[:, None], other=0.0)
+    return tl.trans(w.to(DOT))
 
 
 @triton.jit
@@ -128,6 +121,34 @@ def _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3):
     gate = _sigmoid(ms2 * g + mb2)
     v_cand = ms3 * u + mb3
     return alpha0, zb, beta, gate, v_cand
+
+
+@triton.jit
+def _controller_quarter(cd, w_o_ptr, b_o_ptr, q, cols, col_mask, hk, D,
+                        H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """Quarter q of the controller output on columns `cols`: cd·w_o[q·D + cols, :]ᵀ + b_o[q·D + cols]."""
+    out = tl.dot(cd, _load_w_out(w_o_ptr, q, cols, col_mask, hk, D, H, DOT), input_precision=PREC, out_dtype=ACC)
+    return out + tl.load(b_o_ptr + q * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+
+
+@triton.jit
+def _step_block(c, x, v, err, alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
+                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
+                H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """One step on a [BM, BD] block: v' = alpha·v + (1-alpha)·v_cand - beta·err + exc,
+    x' = x + dt·gate·v'. Each controller quarter is used up before the next dot, so only
+    one [BM, BD] dot result is live at a time (register pressure)."""
+    cd = c.to(DOT)
+    alpha = _sigmoid(ms0 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 0, cols, col_mask, hk, D, H, DOT, PREC,
+                                               ACC) + mb0) * alpha_scale[:, None]
+    v_cand = ms3 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 3, cols, col_mask, hk, D, H, DOT, PREC, ACC) + mb3
+    v_new = alpha * v + (1 - alpha) * v_cand
+    beta = _softplus(ms1 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 1, cols, col_mask, hk, D, H, DOT, PREC,
+                                               ACC) + mb1)
+    v_new = v_new - beta * err + exc[None, :]
+    gate = _sigmoid(ms2 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC,
+                                              ACC) + mb2)
+    return x + dt * gate * v_new, v_new
 
 
 @triton.jit
@@ -170,17 +191,15 @@ def _iterate_fwd_tile(
         col_mask = cols < D
         m = row_mask[:, None] & col_mask[None, :]
         offs = rows64[:, None] * D + cols[None, :]
-        w_offs = hk[None, :].to(tl.int64) * D + cols[:, None]  # [BD, H] view of w_* [H, D]
-        wm = col_mask[:, None]
         hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
-        ctx = tl.dot(hb, tl.load(w_h_ptr + w_offs, mask=wm, other=0.0).to(DOT), ctx, input_precision=PREC,
+        ctx = tl.dot(hb, _load_w_in(w_h_ptr, cols, col_mask, hk, D, DOT), ctx, input_precision=PREC,
                      out_dtype=ACC)
         xb = _load_block(x0_ptr, offs, m, ACC)
-        pre = tl.dot(xb.to(DOT), tl.load(w_x_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+        pre = tl.dot(xb.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), pre,
                      input_precision=PREC, out_dtype=ACC)
         if HAS_V:
             vb = _load_block(v0_ptr, offs, m, ACC)
-            pre = tl.dot(vb.to(DOT), tl.load(w_v_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+            pre = tl.dot(vb.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre,
                          input_precision=PREC, out_dtype=ACC)
         else:
             vb = tl.zeros([BM, BD], dtype=ACC)
@@ -217,9 +236,6 @@ def _iterate_fwd_tile(
             col_mask = cols < D
             m = row_mask[:, None] & col_mask[None, :]
             offs = rows64[:, None] * D + cols[None, :]
-            a, b, g, u = _controller_out(c, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-            alpha0, zb, beta, gate, v_cand = _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3)
-            alpha = alpha0 * alpha_scale[:, None]
             if t == 0:
                 x = _load_block(x0_ptr, offs, m, ACC)
                 if HAS_V:
@@ -230,11 +246,12 @@ def _iterate_fwd_tile(
                 x = _load_block(xs_ptr, offs, m, ACC)
                 v = _load_block(vs_ptr, offs, m, ACC)
             mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-            err = x - mu[None, :]
-            v_new = alpha * v + (1 - alpha) * v_cand - beta * err
             if HAS_EXC:
-                v_new += tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-            x_new = x + dt * gate * v_new
+                exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                exc = tl.zeros([BD], dtype=ACC)
+            x_new, v_new = _step_block(c, x, v, x - mu[None, :], alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask,
+                                       hk, D, dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
             if EARLY_EXIT:
                 x_new = tl.where(active[:, None], x_new, x)
                 v_new = tl.where(active[:, None], v_new, v)
@@ -251,11 +268,9 @@ def _iterate_fwd_tile(
                 tl.store(trajx_ptr + t_offs, x_new.to(trajx_ptr.dtype.element_ty), mask=m)
                 tl.store(trajv_ptr + t_offs, v_new.to(trajv_ptr.dtype.element_ty), mask=m)
             if t + 1 < T:
-                w_offs = hk[None, :].to(tl.int64) * D + cols[:, None]
-                wm = col_mask[:, None]
-                pre = tl.dot(x_new.to(DOT), tl.load(w_x_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                pre = tl.dot(x_new.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), pre,
                              input_precision=PREC, out_dtype=ACC)
-                pre = tl.dot(v_new.to(DOT), tl.load(w_v_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                pre = tl.dot(v_new.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre,
                              input_precision=PREC, out_dtype=ACC)
             err_new = tl.where(m, x_new - mu[None, :], 0.0)
             sq += tl.sum(err_new * err_new, axis=1)
@@ -285,12 +300,12 @@ def _iterate_fwd_tile(
 
 
 def _tile_configs():
-    configs = []
-    for bm, bd, warps in ((16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8),
-                          (32, 128, 4), (64, 128, 8), (128, 32, 8)):
-        for stages in (1, 2):
-            configs.append(triton.Config({"BM": bm, "BD": bd}, num_warps=warps, num_stages=stages))
-    return configs
+    # Compiled for sm_90 without a GPU (H = 64, bf16), ptxas puts every one of these at the
+    # 255-register cap, spilling 32 bytes (16×32, 4 warps) to ~1 KB (128×64): the [BD, H]
+    # weight tiles dominate, hence the BD = 32 and 8-warp entries. To be tuned on a GPU.
+    return [triton.Config({"BM": bm, "BD": bd}, num_warps=warps, num_stages=1)
+            for bm, bd, warps in ((16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8),
+                                  (64, 64, 8), (128, 32, 8), (128, 64, 8))]
 
 
 _iterate_fwd_tile_tuned = triton.autotune(
@@ -322,16 +337,14 @@ def _decode_prologue(
     col_mask = cols < D
     m = row_mask[:, None] & col_mask[None, :]
     offs = rows64[:, None] * D + cols[None, :]
-    w_offs = hk[None, :].to(tl.int64) * D + cols[:, None]
-    wm = col_mask[:, None]
     hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
-    ctx = tl.dot(hb, tl.load(w_h_ptr + w_offs, mask=wm, other=0.0).to(DOT), input_precision=PREC, out_dtype=ACC)
+    ctx = tl.dot(hb, _load_w_in(w_h_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC, out_dtype=ACC)
     xb = _load_block(x0_ptr, offs, m, ACC)
-    pre = tl.dot(xb.to(DOT), tl.load(w_x_ptr + w_offs, mask=wm, other=0.0).to(DOT), input_precision=PREC,
+    pre = tl.dot(xb.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC,
                  out_dtype=ACC)
     if HAS_V:
         vb = _load_block(v0_ptr, offs, m, ACC)
-        pre = tl.dot(vb.to(DOT), tl.load(w_v_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+        pre = tl.dot(vb.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre,
                      input_precision=PREC, out_dtype=ACC)
     else:
         vb = tl.zeros([BM, BD], dtype=ACC)
@@ -425,12 +438,10 @@ def _decode_step(
                 sq += tl.load(stat_part_ptr + (p * S + s) * 4 * N + rows64, mask=row_mask, other=0.0)
             c = tl.maximum(ctx + pre, 0.0)
             ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
-            a, b, g, u = _controller_out(c, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-            alpha0, zb, beta, gate, v_cand = _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3)
             if USE_KAPPA:
-                alpha = alpha0 * (1.0 - tl.exp(-kappa * tl.sqrt(sq / D)))[:, None]
+                alpha_scale = 1.0 - tl.exp(-kappa * tl.sqrt(sq / D))
             else:
-                alpha = alpha0
+                alpha_scale = tl.full([BM], 1.0, dtype=ACC)
             if t == 0:
                 x = _load_block(x0_ptr, offs, m, ACC)
                 if HAS_V:
@@ -441,11 +452,12 @@ def _decode_step(
                 x = _load_block(xs_ptr, offs, m, ACC)
                 v = _load_block(vs_ptr, offs, m, ACC)
             mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-            err = x - mu[None, :]
-            v_new = alpha * v + (1 - alpha) * v_cand - beta * err
             if HAS_EXC:
-                v_new += tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-            x_new = x + dt * gate * v_new
+                exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                exc = tl.zeros([BD], dtype=ACC)
+            x_new, v_new = _step_block(c, x, v, x - mu[None, :], alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask,
+                                       hk, D, dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
             if EARLY_EXIT:
                 x_new = tl.where(active[:, None], x_new, x)
                 v_new = tl.where(active[:, None], v_new, v)
@@ -461,11 +473,9 @@ def _decode_step(
                 tl.store(trajx_ptr + t_offs, x_new.to(trajx_ptr.dtype.element_ty), mask=m)
                 tl.store(trajv_ptr + t_offs, v_new.to(trajv_ptr.dtype.element_ty), mask=m)
             if t + 1 < T:
-                w_offs = hk[None, :].to(tl.int64) * D + cols[:, None]
-                wm = col_mask[:, None]
-                pre = tl.dot(x_new.to(DOT), tl.load(w_x_ptr + w_offs, mask=wm, other=0.0).to(DOT),
+                pre = tl.dot(x_new.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT),
                              input_precision=PREC, out_dtype=ACC)
-                pre = tl.dot(v_new.to(DOT), tl.load(w_v_ptr + w_offs, mask=wm, other=0.0).to(DOT), pre,
+                pre = tl.dot(v_new.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre,
                              input_precision=PREC, out_dtype=ACC)
                 tl.store(pre_part_ptr + (q * SN + sid * N + rows64)[:, None] * H + hk[None, :], pre,
                          mask=row_mask[:, None])
