@@ -91,11 +91,13 @@ def _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_
             ok = ok & (offs_n[None, :] <= qpos[:, None])
         s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_sub = m_new
     if MASK:
-        # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead (no inf − inf)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+        # a row that has seen no visible key yet keeps m = -inf (so the next real max replaces
+        # it); subtract 0 instead of -inf meanwhile (no inf − inf)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(V_head + offs_n[:, None] * sv_s + cols_d[None, :], mask=n_ok[:, None] & (cols_d < D)[None, :],
                 other=0.0)
@@ -203,9 +205,9 @@ def _attn_combine(O_PART, M_PART, L_PART, O, LSE, so_b, so_h, so_s, Hkv, G, Sq, 
         acc_s = tl.load(O_PART + (part + rows)[:, None] * BLOCK_D + cols_d[None, :], mask=row_ok[:, None],
                         other=0.0)
         m_new = tl.maximum(m, m_s)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a_old = tl.exp2(m - m_new)
-        a_s = tl.exp2(m_s - m_new)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_old = tl.exp2(m - m_sub)
+        a_s = tl.exp2(m_s - m_sub)
         l = l * a_old + l_s * a_s
         acc = acc * a_old[:, None] + acc_s * a_s[:, None]
         m = m_new
@@ -240,10 +242,11 @@ def _attn_delta(O, DO, DELTA, so_b, so_h, so_s, sdo_b, sdo_h, sdo_s, Hkv, G, Sq,
 @triton.jit
 def _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, Skv, qk_scale,
               cols_h, cols_d, COS, SIN, stride_table,
-              D: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
-              MASK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
+              D: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              ROPE: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
     """One key tile of dq: P = 2^(s − lse), dP = do·vᵀ, dS = P·(dP − delta), dq += dS·k (per half).
-    Key-bound masking is unnecessary: padded keys load as zeros and add dS·0 to dq."""
+    MASK applies the key bound and the causal mask: a padded key scores 0, and 2^(0 − lse)
+    overflows when every real score is far below zero (inf·0 would then reach dq)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Skv
     k1, k2 = _load_rotated(K_head, offs_n * sk_s, n_ok, offs_n, cols_h, COS, SIN, stride_table, D, HALF, ROPE, ACC)
@@ -253,7 +256,10 @@ def _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_
     s = tl.dot(q2, tl.trans(k2), s, input_precision="ieee", out_dtype=ACC)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASK:
-        p = tl.where(offs_n[None, :] <= qpos[:, None], p, 0.0)
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= qpos[:, None])
+        p = tl.where(ok, p, 0.0)
     v = tl.load(V_head + offs_n[:, None] * sv_s + cols_d[None, :], mask=n_ok[:, None] & (cols_d < D)[None, :],
                 other=0.0).to(DOT)
     dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC)
@@ -304,15 +310,15 @@ def _attn_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
         full_end = (qpos_min + 1) // BLOCK_N * BLOCK_N
         hi = tl.minimum(qpos_max + 1, Skv)
     else:
-        full_end = tl.cdiv(Skv, BLOCK_N) * BLOCK_N
-        hi = full_end
+        full_end = Skv // BLOCK_N * BLOCK_N
+        hi = Skv
     for start in range(0, full_end, BLOCK_N):
         dq1, dq2 = _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, Skv,
-                             qk_scale, cols_h, cols_d, COS, SIN, stride_table, D, HALF, BLOCK_N, ROPE, False,
+                             qk_scale, cols_h, cols_d, COS, SIN, stride_table, D, HALF, BLOCK_N, CAUSAL, ROPE, False,
                              DOT, ACC)
     for start in range(full_end, hi, BLOCK_N):
         dq1, dq2 = _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, Skv,
-                             qk_scale, cols_h, cols_d, COS, SIN, stride_table, D, HALF, BLOCK_N, ROPE, True,
+                             qk_scale, cols_h, cols_d, COS, SIN, stride_table, D, HALF, BLOCK_N, CAUSAL, ROPE, True,
                              DOT, ACC)
     _store_unrotated(DQ + b * sdq_b + kv * G * sdq_h, g * sdq_h + i * sdq_s, row_ok, qpos, cols_h,
                      dq1 * scale, dq2 * scale, COS, SIN, stride_table, D, HALF, ROPE, ACC)

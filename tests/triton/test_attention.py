@@ -18,6 +18,11 @@ DEVICE = "cuda" if GPU else "cpu"
 interpreter_only = pytest.mark.skipif(GPU, reason="float64 runs through the interpreter only")
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # the output gradients drawn in the tests
+
+
 def make_inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.float32, seed=0, layout="bshd", device=DEVICE):
     """q, k, v with requires_grad. layout="bshd" gives the transposed views of [B, S, H, D]
     projections that the model passes (unit stride in the last dim only)."""
@@ -92,6 +97,25 @@ def test_split_kv_decode(Sq, num_splits):
     out.backward(do)
     want = run("reference", q, k, v, do, causal=True, rope=(cos, sin))
     assert_all_close((out.detach(), q2.grad, k2.grad, v2.grad), want, 2e-5)
+
+
+@pytest.mark.parametrize("causal,num_splits", [(True, None), (True, 3), (False, None)])
+def test_scores_far_below_zero(causal, num_splits):
+    """Softmax is shift invariant: scores around -360 (2^-520: zero in fp32 unless every
+    exponent is taken against the true running max, and a padded key scoring 0 would overflow)
+    give the reference's answer, also when a key range holds no visible key for some rows
+    (split-KV, Sq = 20) and when the last key tile is partly padding (Skv = 45)."""
+    q, k, v = make_inputs(1, 4, 2, 20, 45, 32, seed=10)
+    with torch.no_grad():
+        q += 8
+        k -= 8
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    out = tri_attention._Attention.apply(q2, k2, v2, causal, None, None, None, num_splits)
+    do = torch.randn_like(out)
+    out.backward(do)
+    want = run("reference", q, k, v, do, causal=causal)
+    # scores of magnitude 360 carry fp32 rounding of ~4e-5 into the exponentials
+    assert_all_close((out.detach(), q2.grad, k2.grad, v2.grad), want, 1e-3)
 
 
 def test_decode_equals_the_last_rows_of_the_full_sequence():
