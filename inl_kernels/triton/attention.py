@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -432,9 +434,15 @@ def _config(D, device, backward=False):
     return (128, 64, 4, 3) if D <= 64 else (128, 64, 8, 3) if D <= 128 else (64, 32, 8, 2)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _target_programs(device):
+    """Programs that fill the machine: two per SM on a GPU, a few under the interpreter."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
