@@ -105,10 +105,16 @@ def _load_w_in(w_ptr, cols, col_mask, hk, D, DOT: tl.constexpr):
 
 
 @triton.jit
+def _load_w_out_rows(w_o_ptr, q, cols, col_mask, hk, D, H: tl.constexpr, DOT: tl.constexpr):
+    """Rows q·D + cols of w_o [4D, H]: [BD, H]."""
+    w = tl.load(w_o_ptr + (q * D + cols[:, None]) * H + hk[None, :], mask=col_mask[:, None], other=0.0)
+    return w.to(DOT)
+
+
+@triton.jit
 def _load_w_out(w_o_ptr, q, cols, col_mask, hk, D, H: tl.constexpr, DOT: tl.constexpr):
     """Rows q·D + cols of w_o [4D, H] as the [H, BD] operand of c·w_oᵀ."""
-    w = tl.load(w_o_ptr + (q * D + cols[:, None]) * H + hk[None, :], mask=col_mask[:, None], other=0.0)
-    return tl.trans(w.to(DOT))
+    return tl.trans(_load_w_out_rows(w_o_ptr, q, cols, col_mask, hk, D, H, DOT))
 
 
 @triton.jit
@@ -489,6 +495,355 @@ def _decode_step(
 
 
 # ----------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t,
+            c_save_ptr, r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa,
+            ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
+            H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr, HAS_EXC: tl.constexpr,
+            USE_KAPPA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """x_t, v_t on one [BM, BD] block, rerun from x_0, v_0 with the saved c_s and rms_s: given
+    those, the recurrence is column-local (no row reduction), so any block replays alone."""
+    x = _load_block(x0_ptr, offs, m, ACC)
+    if HAS_V:
+        v = _load_block(v0_ptr, offs, m, ACC)
+    else:
+        v = tl.zeros([BM, BD], dtype=ACC)
+    for s in range(t):
+        c = tl.load(c_save_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+        if USE_KAPPA:
+            alpha_scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
+        else:
+            alpha_scale = tl.full([BM], 1.0, dtype=ACC)
+        if HAS_EXC:
+            exc = tl.load(exc_ptr + s * D + cols, mask=col_mask, other=0.0).to(ACC)
+        else:
+            exc = tl.zeros([BD], dtype=ACC)
+        x, v = _step_block(c, x, v, x - mu[None, :], alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask, hk, D,
+                           dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
+    return x, v
+
+
+@triton.jit
+def _step_full(c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
+               ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
+               H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """`_step_block` keeping every intermediate the gradient needs."""
+    cd = c.to(DOT)
+    a = _controller_quarter(cd, w_o_ptr, b_o_ptr, 0, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+    b = _controller_quarter(cd, w_o_ptr, b_o_ptr, 1, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+    g = _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+    u = _controller_quarter(cd, w_o_ptr, b_o_ptr, 3, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+    alpha0, zb, beta, gate, v_cand = _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3)
+    alpha = alpha0 * alpha_scale[:, None]
+    err = x - mu[None, :]
+    v_new = alpha * v + (1 - alpha) * v_cand - beta * err + exc[None, :]
+    x_new = x + dt * gate * v_new
+    return a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new
+
+
+@triton.jit
+def _step_grads(gx_new, gv_new, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt):
+    """Pulls (gx', gv') = (dL/dx', dL/dv') back through one step, elementwise:
+
+        gv~ = gv' + gx'·dt·gate                                  (x' = x + dt·gate·v')
+        g_alpha = gv~·(v - v_cand),  g_za = g_alpha·f·alpha0·(1 - alpha0)   (f = 1 - exp(-kappa·rms))
+        g_zb = -gv~·err·sigmoid(zb),  g_zg = gx'·dt·v'·gate·(1 - gate),  g_vc = gv~·(1 - alpha)
+        gx (direct) = gx' - gv~·beta,  gv (direct) = gv~·alpha
+
+    and g_alpha·alpha0, whose row sum is dL/df. Entries outside `m` get zero gradients."""
+    gx_new = tl.where(m, gx_new, 0.0)
+    gv_new = tl.where(m, gv_new, 0.0)
+    gvt = gv_new + gx_new * dt * gate
+    g_alpha = gvt * (v - v_cand)
+    g_za = g_alpha * alpha_scale[:, None] * alpha0 * (1 - alpha0)
+    g_zb = -gvt * err * _sigmoid(zb)
+    g_zg = gx_new * dt * v_new * gate * (1 - gate)
+    g_vc = gvt * (1 - alpha)
+    return gvt, g_za, g_zb, g_zg, g_vc, gx_new - gvt * beta, gvt * alpha, g_alpha * alpha0
+
+
+@triton.jit
+def _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu, offs, m,
+              rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
+              HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
+              DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """(dL/dx_{t+1}, dL/dv_{t+1}) on a block: the loss's gradient of x_T, v_T at the last step,
+    else the direct part carried back from step t+1 (gx, gv) plus step t+1's terms that need its
+    row reductions, added here where x_{t+1} = x' is at hand: gpre_{t+1}·w_x, gpre_{t+1}·w_v and
+    rc_{t+1}·(x' - mu) (rms). Plus this step's statistics: energy (2v'/D), distance (sign/D)."""
+    if t == T - 1:
+        if HAS_GX:
+            gx = _load_block(gxT_ptr, offs, m, ACC)
+        else:
+            gx = tl.zeros_like(x_new)
+        if HAS_GV:
+            gv = _load_block(gvT_ptr, offs, m, ACC)
+        else:
+            gv = tl.zeros_like(v_new)
+    else:
+        gpre_d = gpre_next.to(DOT)
+        w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+        w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+        gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * (x_new - mu[None, :])
+        gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
+    if HAS_GE:
+        gv += (tl.load(gE_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) * 2.0 / D)[:, None] * v_new
+    if HAS_GD:
+        e = x_new - mu[None, :]
+        sign = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
+        gx += (tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D)[:, None] * sign
+    return gx, gv
+
+
+@triton.jit
+def _iterate_bwd_rows(
+    x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_save_ptr, r_save_ptr,
+    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx_ptr, gv_ptr, gpre_ptr, rc_ptr,
+    N, D, T, dt, kappa,
+    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
+    HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Backward phase 1, one program per BM rows, t = T-1 .. 0: the parts of the reverse
+    recurrence that reduce over a row. Per step, one pass over the d-blocks replays the block's
+    state (`_replay`), pulls the upstream gradient through the step (`_step_grads`) and
+    accumulates dL/dc_t = Σ_q g_q·w_o[q] (tl.dot) and dL/df_t = Σ_j g_alpha·alpha0. Then
+
+        gpre_t = dL/dc_t · [c_t > 0]                      -> gpre [T, N, H]
+        rc_t   = dL/df_t · kappa·exp(-kappa·rms_t) / (D·rms_t)   (d rms/d err = err/(D·rms))  -> rc [T, N]
+
+    The direct gradients (gx, gv) of x_t, v_t go to an fp32 scratch [N, D] for step t-1, which
+    adds step t's row-coupled terms (`_upstream`)."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    hk = tl.arange(0, H)
+    ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
+    gpre_next = tl.zeros([BM, H], dtype=ACC)
+    rc_next = tl.zeros([BM], dtype=ACC)
+    for tt in range(T):
+        t = T - 1 - tt
+        c = tl.load(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+        rms = tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0)
+        if USE_KAPPA:
+            alpha_scale = 1.0 - tl.exp(-kappa * rms)
+        else:
+            alpha_scale = tl.full([BM], 1.0, dtype=ACC)
+        gc = tl.zeros([BM, H], dtype=ACC)
+        gf = tl.zeros([BM], dtype=ACC)
+        for j0 in range(0, D, BD):
+            cols = j0 + tl.arange(0, BD)
+            col_mask = cols < D
+            m = row_mask[:, None] & col_mask[None, :]
+            offs = rows64[:, None] * D + cols[None, :]
+            mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            if HAS_EXC:
+                exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                exc = tl.zeros([BD], dtype=ACC)
+            x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                           r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
+                           mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
+                c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
+                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
+            if t == T - 1:
+                gx = tl.zeros([BM, BD], dtype=ACC)
+                gv = tl.zeros([BM, BD], dtype=ACC)
+            else:
+                gx = _load_block(gx_ptr, offs, m, ACC)
+                gv = _load_block(gv_ptr, offs, m, ACC)
+            gx, gv = _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
+                               offs, m, rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
+                               HAS_GX, HAS_GV, HAS_GE, HAS_GD, DOT, PREC, ACC)
+            gvt, g_za, g_zb, g_zg, g_vc, gx_direct, gv_direct, f_term = _step_grads(
+                gx, gv, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt)
+            gf += tl.sum(f_term, axis=1)
+            gc = tl.dot((g_za * ms0).to(DOT), _load_w_out_rows(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT), gc,
+                        input_precision=PREC, out_dtype=ACC)
+            gc = tl.dot((g_zb * ms1).to(DOT), _load_w_out_rows(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT), gc,
+                        input_precision=PREC, out_dtype=ACC)
+            gc = tl.dot((g_zg * ms2).to(DOT), _load_w_out_rows(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT), gc,
+                        input_precision=PREC, out_dtype=ACC)
+            gc = tl.dot((g_vc * ms3).to(DOT), _load_w_out_rows(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT), gc,
+                        input_precision=PREC, out_dtype=ACC)
+            if t > 0:
+                tl.store(gx_ptr + offs, gx_direct, mask=m)
+                tl.store(gv_ptr + offs, gv_direct, mask=m)
+        gpre = tl.where(c > 0, gc, 0.0)
+        tl.store(gpre_ptr + (t * N + rows64)[:, None] * H + hk[None, :], gpre, mask=row_mask[:, None])
+        if USE_KAPPA:
+            g_rms = gf * kappa * tl.exp(-kappa * rms)
+            rc = tl.where(rms > 0, g_rms / (D * tl.where(rms > 0, rms, 1.0)), 0.0)
+        else:
+            rc = tl.zeros([BM], dtype=ACC)
+        tl.store(rc_ptr + t * N + rows64, rc, mask=row_mask)
+        gpre_next = gpre
+        rc_next = rc
+        # step t-1 reads the scratch that this program's other threads wrote
+        tl.debug_barrier()
+
+
+@triton.jit
+def _iterate_bwd_cols(
+    x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_save_ptr, r_save_ptr,
+    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr, dx_ptr, dv_ptr,
+    dwo_ptr, dbo_ptr, dwx_ptr, dwv_ptr, dmu_ptr, dtab_ptr, dmod_ptr,
+    N, D, T, dt, kappa, SPLITS,
+    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
+    HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Backward phase 2, one program per (BD columns, row split): with gpre_t and rc_t known,
+    the whole reverse recurrence is column-local, so each program reruns it for its columns
+    over the row tiles of its split (tiles split, split + SPLITS, ...), carrying (gx, gv) in
+    registers, and writes dL/dx_0, dL/dv_0 and its split's partial weight gradients:
+
+        dw_o[q·D + j] += Σ_t g_q,tᵀ·c_t      db_o[q·D + j] += Σ g_q,t       (g_q = g_zq·ms_q)
+        dw_x[:, j]    += Σ_t gpre_tᵀ·x_t     dw_v[:, j]    += Σ_t gpre_tᵀ·v_t
+        dmu[j]        -= Σ (every gradient that reached err = x - mu)
+        dtable[t, j]  += Σ_rows gv~_t        dmod          += (Σ g_zq·q, Σ g_zq) for q = a, b, g, u
+
+    Partials are summed over splits by torch in a fixed order: no atomics, same bits every run."""
+    jb = tl.program_id(0)
+    sp = tl.program_id(1)
+    cols = jb * BD + tl.arange(0, BD)
+    col_mask = cols < D
+    hk = tl.arange(0, H)
+    tk = tl.arange(0, TP)
+    ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
+    mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+    w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+    dwo_a = tl.zeros([BD, H], dtype=ACC)
+    dwo_b = tl.zeros([BD, H], dtype=ACC)
+    dwo_g = tl.zeros([BD, H], dtype=ACC)
+    dwo_u = tl.zeros([BD, H], dtype=ACC)
+    dwx = tl.zeros([H, BD], dtype=ACC)
+    dwv = tl.zeros([H, BD], dtype=ACC)
+    dz_a = tl.zeros([BD], dtype=ACC)  # Σ_rows g_zq: db_o = ms_q·dz_q, d mod_bias_q = Σ_j dz_q
+    dz_b = tl.zeros([BD], dtype=ACC)
+    dz_g = tl.zeros([BD], dtype=ACC)
+    dz_u = tl.zeros([BD], dtype=ACC)
+    dms_a = tl.zeros([BD], dtype=ACC)
+    dms_b = tl.zeros([BD], dtype=ACC)
+    dms_g = tl.zeros([BD], dtype=ACC)
+    dms_u = tl.zeros([BD], dtype=ACC)
+    dmu = tl.zeros([BD], dtype=ACC)
+    dtab = tl.zeros([TP, BD], dtype=ACC)
+    for tile in range(sp, tl.cdiv(N, BM), SPLITS):
+        rows = tile * BM + tl.arange(0, BM)
+        row_mask = rows < N
+        rows64 = rows.to(tl.int64)
+        m = row_mask[:, None] & col_mask[None, :]
+        offs = rows64[:, None] * D + cols[None, :]
+        gx = tl.zeros([BM, BD], dtype=ACC)
+        gv = tl.zeros([BM, BD], dtype=ACC)
+        gpre_next = tl.zeros([BM, H], dtype=ACC)
+        rc_next = tl.zeros([BM], dtype=ACC)
+        for tt in range(T):
+            t = T - 1 - tt
+            c = tl.load(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
+                        other=0.0)
+            if USE_KAPPA:
+                alpha_scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0))
+            else:
+                alpha_scale = tl.full([BM], 1.0, dtype=ACC)
+            if HAS_EXC:
+                exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                exc = tl.zeros([BD], dtype=ACC)
+            x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                           r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
+                           mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
+                c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
+                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
+            gx, gv = _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
+                               offs, m, rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
+                               HAS_GX, HAS_GV, HAS_GE, HAS_GD, DOT, PREC, ACC)
+            # what reached x' - mu through step t+1's rms and this step's distance
+            e_new = tl.where(m, x_new - mu[None, :], 0.0)
+            dmu -= tl.sum(rc_next[:, None] * e_new, axis=0)
+            if HAS_GD:
+                sign = tl.where(e_new > 0, 1.0, tl.where(e_new < 0, -1.0, 0.0))
+                dmu -= tl.sum((tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D)[:, None]
+                              * sign, axis=0)
+            gvt, g_za, g_zb, g_zg, g_vc, gx, gv, f_term = _step_grads(
+                gx, gv, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt)
+            cd = c.to(DOT)
+            ga = g_za * ms0
+            gb = g_zb * ms1
+            gg = g_zg * ms2
+            gu = g_vc * ms3
+            dwo_a = tl.dot(ga.to(DOT).trans(), cd, dwo_a, input_precision=PREC, out_dtype=ACC)
+            dwo_b = tl.dot(gb.to(DOT).trans(), cd, dwo_b, input_precision=PREC, out_dtype=ACC)
+            dwo_g = tl.dot(gg.to(DOT).trans(), cd, dwo_g, input_precision=PREC, out_dtype=ACC)
+            dwo_u = tl.dot(gu.to(DOT).trans(), cd, dwo_u, input_precision=PREC, out_dtype=ACC)
+            dz_a += tl.sum(g_za, axis=0)
+            dz_b += tl.sum(g_zb, axis=0)
+            dz_g += tl.sum(g_zg, axis=0)
+            dz_u += tl.sum(g_vc, axis=0)
+            dms_a += tl.sum(g_za * a, axis=0)
+            dms_b += tl.sum(g_zb * b, axis=0)
+            dms_g += tl.sum(g_zg * g, axis=0)
+            dms_u += tl.sum(g_vc * u, axis=0)
+            dmu += tl.sum(gvt * beta, axis=0)
+            dtab = tl.where(tk[:, None] == t, dtab + tl.sum(gvt, axis=0)[None, :], dtab)
+            gpre = tl.load(gpre_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
+                           other=0.0)
+            gpre_t = gpre.to(DOT).trans()
+            dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
+            dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
+            gpre_next = gpre
+            rc_next = tl.load(rc_ptr + t * N + rows64, mask=row_mask, other=0.0)
+        # step 0's own row-coupled terms: they land on x_0, v_0
+        x0 = _load_block(x0_ptr, offs, m, ACC)
+        e0 = tl.where(m, x0 - mu[None, :], 0.0)
+        gpre_d = gpre_next.to(DOT)
+        gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e0
+        dmu -= tl.sum(rc_next[:, None] * e0, axis=0)
+        tl.store(dx_ptr + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
+        if HAS_V:
+            gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
+            tl.store(dv_ptr + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
+
+    wo_offs = (sp * 4 * D + cols[:, None]).to(tl.int64) * H + hk[None, :]
+    wo_mask = col_mask[:, None]
+    tl.store(dwo_ptr + wo_offs, dwo_a, mask=wo_mask)
+    tl.store(dwo_ptr + wo_offs + D * H, dwo_b, mask=wo_mask)
+    tl.store(dwo_ptr + wo_offs + 2 * D * H, dwo_g, mask=wo_mask)
+    tl.store(dwo_ptr + wo_offs + 3 * D * H, dwo_u, mask=wo_mask)
+    bo = dbo_ptr + sp * 4 * D + cols
+    tl.store(bo, ms0 * dz_a, mask=col_mask)
+    tl.store(bo + D, ms1 * dz_b, mask=col_mask)
+    tl.store(bo + 2 * D, ms2 * dz_g, mask=col_mask)
+    tl.store(bo + 3 * D, ms3 * dz_u, mask=col_mask)
+    wx_offs = (sp * H + hk[:, None]).to(tl.int64) * D + cols[None, :]
+    tl.store(dwx_ptr + wx_offs, dwx, mask=col_mask[None, :])
+    tl.store(dwv_ptr + wx_offs, dwv, mask=col_mask[None, :])
+    tl.store(dmu_ptr + sp * D + cols, dmu, mask=col_mask)
+    tl.store(dtab_ptr + (sp * T + tk[:, None]).to(tl.int64) * D + cols[None, :], dtab,
+             mask=(tk[:, None] < T) & col_mask[None, :])
+    # the modulation's 8 scalars: (Σ g_za·a, Σ g_zb·b, Σ g_zg·g, Σ g_vc·u, Σ g_za, Σ g_zb, Σ g_zg, Σ g_vc)
+    mod_base = dmod_ptr + (sp * tl.num_programs(0) + jb) * 8
+    tl.store(mod_base + 0, tl.sum(tl.where(col_mask, dms_a, 0.0), axis=0))
+    tl.store(mod_base + 1, tl.sum(tl.where(col_mask, dms_b, 0.0), axis=0))
+    tl.store(mod_base + 2, tl.sum(tl.where(col_mask, dms_g, 0.0), axis=0))
+    tl.store(mod_base + 3, tl.sum(tl.where(col_mask, dms_u, 0.0), axis=0))
+    tl.store(mod_base + 4, tl.sum(tl.where(col_mask, dz_a, 0.0), axis=0))
+    tl.store(mod_base + 5, tl.sum(tl.where(col_mask, dz_b, 0.0), axis=0))
+    tl.store(mod_base + 6, tl.sum(tl.where(col_mask, dz_g, 0.0), axis=0))
+    tl.store(mod_base + 7, tl.sum(tl.where(col_mask, dz_u, 0.0), axis=0))
+
+
+# ----------------------------------------------------------------------------------------------
 # launcher
 
 
@@ -547,6 +902,7 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     flags = dict(HAS_V=v is not None, HAS_EXC=table is not None, USE_KAPPA=kappa is not None,
                  EARLY_EXIT=early_exit, TRAJ=trajectory, CAST_OUT=cast_out, DOT=DOT, PREC=PREC, ACC=ACC)
 
+    config = {k: val for k, val in (config or {}).items() if k in ("BM", "BD", "num_warps", "num_stages")} or None
     if path == "tile":
         args = (h, x, v_in, xs, vs, x_out, v_out, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, exc,
                 energy, distance, iterations, c_save, r_save, traj_x, traj_v, n, d, T)
@@ -597,6 +953,114 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     return x_out, v_out, energy, distance, iterations, trajectories, saved
 
 
+def _backward_config(n, d, H, config):
+    """Block sizes of the two backward kernels and the row splits of phase 2."""
+    if config is not None:
+        cfg = dict(config)
+    elif interpreting():
+        cfg = dict(BM=16, BD=32)
+    else:
+        # phase 2 holds six [BD, H] fp32 accumulators (dw_o ×4, dw_x, dw_v): keep BD·H <= 2048
+        cfg = dict(BM=32, BD=max(16, min(64, 2048 // H)), num_warps=8)
+    if "SPLITS" not in cfg:
+        tiles = triton.cdiv(n, cfg["BM"])
+        programs = 4 * (torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1)
+        cfg["SPLITS"] = max(1, min(tiles, programs // triton.cdiv(d, cfg["BD"])))
+    return cfg
+
+
+def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
+    """Launches the two backward kernels; returns the gradients of (h, x, v, w_h, w_x, w_v, w_o,
+    b_o, bias, mod, mu, table), before the casts to the inputs' dtypes."""
+    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save = saved
+    gx_T, gv_T, g_energy, g_distance = (None if g is None else g.contiguous() for g in grads)
+    n, d = x.shape
+    H = w_h.shape[0]
+    dev, acc = x.device, c_save.dtype
+    DOT, PREC, ACC = _dot_types(x.dtype)
+    cfg = _backward_config(n, d, H, config)
+    splits = cfg.pop("SPLITS")
+    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    BM, BD = cfg["BM"], cfg["BD"]
+    dx = torch.empty_like(x)
+    dv = torch.empty_like(x) if v is not None else None
+    # phase 1's carried gradients: fp32 scratch, or the fp32 outputs themselves (phase 2 only
+    # writes them after phase 1 is done and never reads them)
+    gx_s = dx if x.dtype == acc else torch.empty(n, d, device=dev, dtype=acc)
+    gv_s = dv if (dv is not None and x.dtype == acc) else torch.empty(n, d, device=dev, dtype=acc)
+    gpre = torch.empty(T, n, H, device=dev, dtype=acc)
+    rc = torch.empty(T, n, device=dev, dtype=acc)
+    v_in = v if v is not None else x
+    exc = table if table is not None else mod
+    dummy = c_save
+    flags = dict(HAS_V=v is not None, HAS_EXC=table is not None, USE_KAPPA=kappa is not None,
+                 HAS_GX=gx_T is not None, HAS_GV=gv_T is not None, HAS_GE=g_energy is not None,
+                 HAS_GD=g_distance is not None, DOT=DOT, PREC=PREC, ACC=ACC)
+    upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
+    kappa_f = float(kappa) if kappa is not None else 0.0
+    _iterate_bwd_rows[(triton.cdiv(n, BM),)](
+        x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gx_s, gv_s, gpre, rc,
+        n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, **flags, **launch)
+
+    gpre_sum = gpre.sum(0)
+    mm_dtype = h.dtype if h.dtype in (torch.float16, torch.bfloat16) else acc
+    dh = gpre_sum.to(mm_dtype) @ w_h.to(mm_dtype)
+    dw_h = gpre_sum.t().to(mm_dtype) @ h.to(mm_dtype)
+    dbias = gpre_sum.sum(0)
+    if not needs_phase2:
+        return dh, None, None, dw_h, None, None, None, None, dbias, None, None, None
+
+    nj = triton.cdiv(d, BD)
+    dwo = torch.empty(splits, 4 * d, H, device=dev, dtype=acc)
+    dbo = torch.empty(splits, 4 * d, device=dev, dtype=acc)
+    dwx = torch.empty(splits, H, d, device=dev, dtype=acc)
+    dwv = torch.empty(splits, H, d, device=dev, dtype=acc)
+    dmu = torch.empty(splits, d, device=dev, dtype=acc)
+    dtab = torch.empty(splits, T, d, device=dev, dtype=acc)
+    dmod = torch.empty(splits, nj, 8, device=dev, dtype=acc)
+    _iterate_bwd_cols[(nj, splits)](
+        x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
+        dx, dv if dv is not None else dx, dwo, dbo, dwx, dwv, dmu, dtab, dmod,
+        n, d, T, float(dt), kappa_f, splits, H=H, BM=BM, BD=BD, TP=triton.next_power_of_2(T), **flags, **launch)
+    # the splits' partials, summed in a fixed order: the same bits on every run
+    return (dh, dx, dv, dw_h, dwx.sum(0), dwv.sum(0), dwo.sum(0), dbo.sum(0), dbias, dmod.sum((0, 1)),
+            dmu.sum(0), dtab.sum(0) if table is not None else None)
+
+
+class _IterateFunction(torch.autograd.Function):
+    """The iterate with a Triton backward. Saved for the backward: the inputs and, per step,
+    the controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (fp32): 21 MB at
+    16384 × 2048, T = 5, H = 64, no trajectory. With them the state of any d-block at any step
+    replays column-locally from x_0, v_0 (O(T²) cheap steps, no extra memory), so the backward
+    needs only an fp32 [N, d] scratch pair for phase 1 (none for fp32 inputs), gpre [T, N, H],
+    rc [T, N] and the weight-gradient partials of phase 2's row splits."""
+
+    @staticmethod
+    def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, config):
+        x_out, v_out, energy, distance, iterations, _, (c_save, r_save) = _forward(
+            h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, None, 0, save=True,
+            path="tile", config=config)
+        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save)
+        ctx.constants = (dt, kappa, T, config)
+        ctx.mark_non_differentiable(iterations)
+        ctx.set_materialize_grads(False)
+        return x_out, v_out, energy, distance, iterations
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gx_T, gv_T, g_energy, g_distance, _):
+        dt, kappa, T, config = ctx.constants
+        saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = _backward(saved, (gx_T, gv_T, g_energy, g_distance), dt, kappa, T, config,
+                          needs_phase2=any(need[i] for i in (1, 2, 4, 5, 6, 7, 9, 10, 11)))
+        h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table = saved[:11]
+        like = (h, x, v, w_h, w_x, w_v, w_o, b_o, None, mod, mu, table)  # bias is built in acc dtype
+        out = [None if (g is None or not need[i]) else (g if t is None else g.to(t.dtype))
+               for i, (g, t) in enumerate(zip(grads, like))]
+        return (*out, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # the backend entry points
 
@@ -632,14 +1096,22 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
                   mod_bias=mod_bias, mu=mu, exc_index=exc_index, gamma=gamma, phi=phi, amplitude=amplitude,
                   dt=dt, kappa=kappa, num_iterations=num_iterations, v=v, tol=tol,
                   min_iterations=min_iterations, return_trajectory=return_trajectory)
-    if needs_grad:
-        _warn_once("grad", "the triton iterate has no backward yet: inputs that require grad run on the "
-                           "reference backend")
+    if needs_grad and return_trajectory:
+        _warn_once("trajectory", "the triton iterate does not differentiate a returned trajectory: "
+                                 "return_trajectory=True with inputs that require grad runs on the reference")
         return reference_iterate(h, x, **kwargs)
 
     T = num_iterations
     n, d = x.shape
     acc = _acc_dtype(x.dtype)
+    if needs_grad:  # every step runs (tol is ignored), autograd sees table, bias and mod
+        table = (excitation_table(exc_index, gamma, phi, amplitude, T, d, dtype=acc)
+                 if exc_index.numel() > 0 else None)
+        bias = b_h.to(acc) + b_x.to(acc) + b_v.to(acc)
+        mod = torch.cat((mod_scale.to(acc), mod_bias.to(acc)))
+        x_out, v_out, energy, distance, iterations = _IterateFunction.apply(
+            h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, _config)
+        return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance)
     with torch.no_grad():
         table = (excitation_table(exc_index, gamma, phi, amplitude, T, d, dtype=acc)
                  if exc_index.numel() > 0 else None)
