@@ -1,0 +1,291 @@
+// Vector helpers shared by the CPU kernels: a fixed-width float vector (GCC/Clang vector
+// extensions, so one source compiles to AVX-512, AVX2, SSE or NEON; x86 intrinsics only where
+// they save instructions), the few transcendental functions the kernels need, and a
+// register-blocked matrix-multiply micro-kernel.
+//
+// Every result depends only on its own row's data and the weights, through one fixed sequence
+// of operations: no reduction is split by thread count or batch size. That is what makes the
+// kernels deterministic and batch invariant bit for bit.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace inl {
+
+#if defined(__AVX512F__)
+constexpr int kVec = 16;       // floats per vector
+constexpr int kRowBlock = 12;  // micro-kernel rows: 24 accumulators of 32 registers
+#elif defined(__AVX__)
+constexpr int kVec = 8;
+constexpr int kRowBlock = 6;   // 12 accumulators of 16 registers
+#else
+constexpr int kVec = 4;
+constexpr int kRowBlock = 6;
+#endif
+constexpr int kColBlock = 2 * kVec;  // micro-kernel columns
+
+typedef float Vec __attribute__((vector_size(kVec * 4)));
+typedef float VecU __attribute__((vector_size(kVec * 4), aligned(4)));  // unaligned access
+typedef int32_t VecI __attribute__((vector_size(kVec * 4)));
+
+inline Vec load(const float* p) { return *reinterpret_cast<const VecU*>(p); }
+inline void store(float* p, Vec v) { *reinterpret_cast<VecU*>(p) = v; }
+inline Vec splat(float a) {
+  Vec v;
+  for (int i = 0; i < kVec; ++i) v[i] = a;
+  return v;
+}
+inline Vec select(VecI mask, Vec a, Vec b) { return mask ? a : b; }
+inline Vec vmax(Vec a, Vec b) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  return (Vec)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+inline Vec vmin(Vec a, Vec b) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_min_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  return (Vec)_mm256_min_ps((__m256)a, (__m256)b);
+#else
+  return a < b ? a : b;
+#endif
+}
+inline Vec vabs(Vec a) { return (Vec)((VecI)a & 0x7fffffff); }
+inline Vec neg_abs(Vec a) { return (Vec)((VecI)a | (int32_t)0x80000000); }
+inline bool any(VecI m) {
+  for (int i = 0; i < kVec; ++i)
+    if (m[i]) return true;
+  return false;
+}
+// lanes summed in a fixed order, in double
+inline double hsum(Vec v) {
+  double s = 0.0;
+  for (int i = 0; i < kVec; ++i) s += v[i];
+  return s;
+}
+inline VecI lane_index() {
+  VecI iota;
+  for (int i = 0; i < kVec; ++i) iota[i] = i;
+  return iota;
+}
+
+// 1/x to ~1 ulp: the hardware estimate refined by one Newton step where there is one.
+inline Vec vrcp(Vec x) {
+#if defined(__AVX512F__)
+  Vec r = (Vec)_mm512_rcp14_ps((__m512)x);
+#elif defined(__AVX__)
+  Vec r = (Vec)_mm256_rcp_ps((__m256)x);
+#else
+  return 1.f / x;
+#endif
+#if defined(__AVX512F__) || defined(__AVX__)
+  return r * (2.f - x * r);
+#endif
+}
+
+// e^x within ~2 ulp: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to r⁶ (truncation
+// < 1.3e-7 relative), times 2^n. Inputs below -104 give 0.
+inline Vec vexp(Vec x) {
+  x = vmax(x, splat(-104.f));
+#if defined(__AVX512F__)
+  Vec n = (Vec)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  x = vmin(x, splat(88.f));
+  const Vec round_magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
+  Vec t = x * 1.44269504088896341f + round_magic;
+  Vec n = t - round_magic;
+#endif
+  Vec r = x - n * 0.693359375f;  // ln2 in two parts so that n·ln2_hi is exact
+  r = r - n * -2.12194440e-4f;
+  Vec p = splat(1.f / 720.f);
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+#if defined(__AVX512F__)
+  return (Vec)_mm512_scalef_ps((__m512)p, (__m512)n);  // p·2^n, gradual underflow included
+#else
+  // 2^n in two factors so that n down to -150 stays representable
+  VecI ni = __builtin_convertvector(n, VecI);
+  VecI half = ni >> 1;
+  return p * (Vec)((half + 127) << 23) * (Vec)((ni - half + 127) << 23);
+#endif
+}
+
+// log(1 + e) for e in [0, 1]: 2·atanh(s) with s = e / (2 + e) ≤ 1/3, series to s¹³ (relative
+// error < 2e-8). Exact for tiny e, unlike log(1 + e) after rounding 1 + e.
+inline Vec vlog1p_unit(Vec e) {
+  Vec s = e * vrcp(e + 2.f);
+  Vec s2 = s * s;
+  Vec p = splat(1.f / 13.f);
+  p = p * s2 + 1.f / 11.f;
+  p = p * s2 + 1.f / 9.f;
+  p = p * s2 + 1.f / 7.f;
+  p = p * s2 + 1.f / 5.f;
+  p = p * s2 + 1.f / 3.f;
+  p = p * s2 + 1.f;
+  return (s + s) * p;
+}
+
+// sigmoid(z) = 1/(1 + e^-z): no cancellation for either sign; e^-z is capped at e^80 so that
+// the reciprocal stays a normal number (sigmoid(z < -80) returns sigmoid(-80) ≈ 2e-35).
+inline Vec vsigmoid(Vec z) { return vrcp(1.f + vexp(vmin(-z, splat(80.f)))); }
+
+// softplus(z) = max(z, 0) + log(1 + e^-|z|); with SLOPE also its derivative sigmoid(z).
+template <bool SLOPE>
+inline Vec vsoftplus(Vec z, Vec* slope) {
+  Vec e = vexp(neg_abs(z));
+  if (SLOPE) {
+    Vec r = vrcp(1.f + e);
+    *slope = select(z >= 0.f, r, e * r);
+  }
+  return vmax(z, splat(0.f)) + vlog1p_unit(e);
+}
+
+// 64-byte aligned float scratch.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t n) { resize(n); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+  ~Buffer() { std::free(p_); }
+  void resize(size_t n) {
+    std::free(p_);
+    n_ = n;
+    p_ = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64 + 64));
+    if (!p_) throw std::bad_alloc();
+  }
+  void zero() { std::memset(p_, 0, n_ * sizeof(float)); }
+  float* data() { return p_; }
+  const float* data() const { return p_; }
+  float& operator[](size_t i) { return p_[i]; }
+  float operator[](size_t i) const { return p_[i]; }
+  size_t size() const { return n_; }
+
+ private:
+  float* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+// C[R × kColBlock] = Cin + Σ_seg Σ_k A(i, k) · B(k, :) with, in segment s,
+//   A(i, k) = A[s·aseg + i·AI + k·lda]   and   B(k, n) = B[s·bseg + k·ldb + n].
+// AI = 1 reads A as a packed panel (Panels below); AI = kColBlock reads the rows of a
+// [M][kColBlock] block. Segments let one product skip padding between the parts of
+// K. Cin is optional (LOAD); ldcin = 0 repeats one row. The k loop runs in order, one FMA per
+// element per k, for every R: a result does not depend on how many rows come with it.
+template <int R, bool LOAD, int AI>
+inline void micro_kernel(int nseg, int K, const float* __restrict A, long lda, long aseg, const float* __restrict B,
+                         long ldb, long bseg, const float* Cin, long ldcin, float* C, long ldc) {
+  Vec acc0[R], acc1[R];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    if (LOAD) {
+      acc0[i] = load(Cin + i * ldcin);
+      acc1[i] = load(Cin + i * ldcin + kVec);
+    } else {
+      acc0[i] = Vec{};
+      acc1[i] = Vec{};
+    }
+  }
+  for (int s = 0; s < nseg; ++s) {
+    const float* a = A + s * aseg;
+    const float* b = B + s * bseg;
+    for (int k = 0; k < K; ++k) {
+      Vec b0 = load(b), b1 = load(b + kVec);
+      b += ldb;
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) {
+        float ai = a[i * AI];
+        acc0[i] += ai * b0;
+        acc1[i] += ai * b1;
+      }
+      a += lda;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    store(C + i * ldc, acc0[i]);
+    store(C + i * ldc + kVec, acc1[i]);
+  }
+}
+
+using MicroFn = void (*)(int, int, const float*, long, long, const float*, long, long, const float*, long, float*, long);
+
+template <bool LOAD, int AI, int... Rs>
+inline MicroFn micro_table(int rows, std::integer_sequence<int, Rs...>) {
+  static const MicroFn table[] = {&micro_kernel<Rs + 1, LOAD, AI>...};
+  return table[rows - 1];
+}
+template <bool LOAD, int AI>
+inline MicroFn micro_for_rows(int rows) {
+  return micro_table<LOAD, AI>(rows, std::make_integer_sequence<int, kRowBlock>{});
+}
+
+// A matrix A(i, k) stored for the micro-kernel as panels of kRowBlock rows, each [K][kRowBlock]
+// (padding rows zero): every k step reads one contiguous run, whatever A's original layout.
+struct Panels {
+  Buffer data;
+  int M = 0, K = 0;
+  template <typename F>
+  void pack(int M_, int K_, F&& a) {
+    M = M_, K = K_;
+    const int panels = (M + kRowBlock - 1) / kRowBlock;
+    data.resize(size_t(panels) * K * kRowBlock);
+    data.zero();
+    for (int p = 0; p < panels; ++p)
+      for (int k = 0; k < K; ++k)
+        for (int i = 0; i < kRowBlock && p * kRowBlock + i < M; ++i)
+          data[(size_t(p) * K + k) * kRowBlock + i] = a(p * kRowBlock + i, k);
+  }
+  int rows(int p) const { return M - p * kRowBlock < kRowBlock ? M - p * kRowBlock : kRowBlock; }
+  const float* panel(int p) const { return data.data() + size_t(p) * K * kRowBlock; }
+};
+
+// C[M × N] = Cin + A·B with A in panels; K is split into nseg runs of kseg (B's runs bseg apart).
+// N must be a multiple of kColBlock.
+template <bool LOAD>
+inline void gemm_panels(const Panels& A, int N, int nseg, int kseg, const float* B, long ldb, long bseg,
+                        const float* Cin, long ldcin, float* C, long ldc) {
+  const int panels = (A.M + kRowBlock - 1) / kRowBlock;
+  for (int n0 = 0; n0 < N; n0 += kColBlock)
+    for (int p = 0; p < panels; ++p) {
+      const long m0 = long(p) * kRowBlock;
+      micro_for_rows<LOAD, 1>(A.rows(p))(nseg, kseg, A.panel(p), kRowBlock, long(kseg) * kRowBlock, B + n0, ldb, bseg,
+                                         LOAD ? Cin + m0 * ldcin + n0 : nullptr, ldcin, C + m0 * ldc + n0, ldc);
+    }
+}
+
+// C[M × N] = Cin + A·B with A(i, k) = A[s·aseg + i·kColBlock + k]: the rows of a [M][kColBlock]
+// block of transposed state, k running over the block's rows.
+template <bool LOAD>
+inline void gemm_rows(int M, int N, int nseg, const float* A, long aseg, const float* B, long ldb, long bseg,
+                      const float* Cin, long ldcin, float* C, long ldc) {
+  for (int n0 = 0; n0 < N; n0 += kColBlock)
+    for (int m0 = 0; m0 < M; m0 += kRowBlock) {
+      const int rows = M - m0 < kRowBlock ? M - m0 : kRowBlock;
+      micro_for_rows<LOAD, kColBlock>(rows)(nseg, kColBlock, A + long(m0) * kColBlock, 1, aseg, B + n0, ldb, bseg,
+                                            LOAD ? Cin + long(m0) * ldcin + n0 : nullptr, ldcin,
+                                            C + long(m0) * ldc + n0, ldc);
+    }
+}
+
+}  // namespace inl

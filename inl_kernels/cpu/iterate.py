@@ -1,0 +1,68 @@
+"""The iterate (SPEC §2) on the compiled CPU backend, csrc/cpu/iterate.cpp.
+
+The kernel takes the controller in fp32 with the three input biases already summed, the
+modulation as 8 scalars (mod_scale, mod_bias) and the sparse excitation as a [T, d] table, all
+built here in torch so that autograd carries their gradients back to b_h, b_x, b_v, gamma,
+phi and to weights kept in another dtype. It computes in fp32 for fp32, bf16 and fp16 inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference.iterate import IterateInfo, excitation_table
+from . import _C
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DIFFERENTIABLE = ("w_h", "b_h", "w_x", "b_x", "w_v", "b_v", "w_o", "b_o", "mod_scale", "mod_bias", "mu",
+                   "gamma", "phi")
+
+
+def _needs_grad(h, x, v, kw) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (h, x, v, *(kw[k] for k in _DIFFERENTIABLE)))
+
+
+def supports(h, x, *, v=None, return_trajectory=False, **kw):
+    if h.dtype not in _DTYPES:
+        return f"the cpu iterate runs float32, bfloat16 and float16 inputs, got {str(h.dtype).replace('torch.', '')}"
+    if return_trajectory and _needs_grad(h, x, v, kw):
+        return "return_trajectory=True with gradients runs on the reference"
+    return None
+
+
+class _Iterate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations):
+        x_T, v_T, iterations, energy, distance, _, _ = _C.iterate_forward(
+            h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, None, 0, False)
+        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table)
+        ctx.constants = (dt, kappa, num_iterations)
+        ctx.mark_non_differentiable(iterations)
+        return x_T, v_T, iterations, energy, distance
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x, grad_v, _, grad_energy, grad_distance):
+        h, x, v, *weights = ctx.saved_tensors
+        gh, gx, gv, *grads = _C.iterate_backward(
+            h, x, v, *weights, *ctx.constants, grad_x.contiguous(), grad_v.contiguous(),
+            grad_energy.float().contiguous(), grad_distance.float().contiguous())
+        gv = gv.to(v.dtype) if v is not None else None
+        return (gh.to(h.dtype), gx.to(x.dtype), gv, *grads, None, None, None)
+
+
+def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma, phi,
+            amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3, return_trajectory=False):
+    """Runs SPEC §2 on CPU tensors; returns (x_T, IterateInfo) with the reference's dtypes."""
+    needs_grad = _needs_grad(h, x, v, dict(w_h=w_h, b_h=b_h, w_x=w_x, b_x=b_x, w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o,
+                                           mod_scale=mod_scale, mod_bias=mod_bias, mu=mu, gamma=gamma, phi=phi))
+    table = excitation_table(exc_index, gamma, phi, amplitude, num_iterations, x.shape[1], dtype=torch.float32)
+    bias = b_h.float() + b_x.float() + b_v.float()
+    mod = torch.cat([mod_scale, mod_bias]).float()
+    weights = (w_h.float(), w_x.float(), w_v.float(), w_o.float(), bias, b_o.float(), mod, mu.float(), table)
+    if not needs_grad:
+        x_T, v_T, iterations, energy, distance, traj_x, traj_v = _C.iterate_forward(
+            h, x, v, *weights, dt, kappa, num_iterations, tol, min_iterations, return_trajectory)
+        return x_T, IterateInfo(v_T, iterations, energy, distance, traj_x, traj_v)
+    x_T, v_T, iterations, energy, distance = _Iterate.apply(h, x, v, *weights, dt, kappa, num_iterations)
+    return x_T, IterateInfo(v_T, iterations, energy, distance)
