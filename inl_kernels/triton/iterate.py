@@ -1,4 +1,4 @@
-"""Triton kernels of the integrator iterate (SPEC §2): forward, early exit, decode path.
+"""Triton kernels of the integrator iterate (SPEC §2): forward (tile and decode paths) and backward.
 
 Per row, for t = 0 .. T-1 (all of it inside the kernels):
 
@@ -12,7 +12,7 @@ The launcher does in torch what autograd should see: the excitation as a [T, d] 
 (`reference.iterate.excitation_table`), the combined bias b_h + b_x + b_v and the 8 modulation
 scalars (mod_scale, mod_bias) as one vector. The kernels never evaluate a sine.
 
-Two forward paths, both one row per row (rows never meet, so results are batch invariant):
+Two forward paths; rows never meet in either, so results are batch invariant:
 
 * tile path (`_iterate_fwd_tile`, N > DECODE_MAX_ROWS or any training call): one program per
   BLOCK_M rows. A prologue pass over the d-blocks computes h·w_hᵀ + bias once (kept in
@@ -33,11 +33,36 @@ Two forward paths, both one row per row (rows never meet, so results are batch i
   captured in a CUDA graph (which is what the 50 µs decode target needs: without a graph the
   Python launch overhead of T + 2 launches dominates).
 
-Early exit: each row is frozen (torch.where) once ‖x' − x‖₂ < tol after at least
+Early exit: each row is frozen (tl.where) once ‖x' − x‖₂ < tol after at least
 min_iterations steps, exactly as the reference compares it; a tile program leaves its step
 loop when all of its rows are frozen, a decode program skips its launch. Statistics and
 trajectory entries a stopped tile did not write are filled on the host by a gather over
 clamp(t, max=iterations) (a frozen row repeats its frozen state).
+
+Backward (`_IterateFunction`): the forward saves the inputs and, per step, only the
+controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (21 MB at 16384 × 2048,
+T = 5, H = 64; no trajectory). Given those, the state recurrence is column-local: any d-block's
+x_t, v_t replays from x_0, v_0 with 4 small dots per step and no row reduction (O(T²) replayed
+steps per block, no memory; a per-program trajectory scratch would trade memory for that and
+is the thing to measure on a GPU). The reverse-time recurrence then runs in two launches:
+* phase 1 (`_iterate_bwd_rows`, row tiles): per step t, one pass over the d-blocks replays the
+  block, pulls the gradient through the step and accumulates the row-coupled pieces: dL/dc_t
+  (tl.dot with w_o) -> gpre_t = dL/dpre_t [T, N, H], and dL/drms_t -> rc_t [T, N]. The direct
+  gradient of x_t, v_t waits in an fp32 [N, d] scratch pair for step t-1 (the grad outputs
+  themselves for fp32 inputs), which adds gpre_t·w_x, gpre_t·w_v and rc_t·(x_t - mu).
+* torch: dh = (Σ_t gpre_t)·w_h, dw_h = (Σ_t gpre_t)ᵀ·h, d bias = Σ gpre.
+* phase 2 (`_iterate_bwd_cols`, column blocks × row splits): with gpre and rc known the whole
+  reverse recurrence is column-local, so each program reruns it for its columns with (gx, gv)
+  in registers and writes dx_0, dv_0 and its split's partials of dw_o, db_o, dw_x, dw_v, dmu,
+  d table and d mod; torch sums the splits in a fixed order. No atomics: same bits every run.
+Autograd chains d table to gamma and phi, d bias to b_h, b_x, b_v, d mod to mod_scale and
+mod_bias. Gradients flow through info.energy and info.distance as well, so the integrator
+losses train without a stored trajectory. return_trajectory=True under grad runs on the
+reference (one-time warning). Extra training memory beyond inputs, outputs and gradients:
+c and rms (saved), the phase-1 scratch (2·N·d·4 bytes for bf16/fp16 inputs: 268 MB at
+16384 × 2048), gpre [T, N, H] and the split partials (about SPLITS·(6·d·H + (T+6)·d) floats).
+Compiled for sm_90 without a GPU, both backward kernels sit at 255 registers and spill
+(1-5 KB): the first thing to tune once a GPU measures them.
 
 Precision: x, v, every accumulation and reduction in fp32 (fp64 when given fp64, which only
 the interpreter runs: the fp64 gradcheck). Matmul operands go to the tensor cores in the
@@ -719,8 +744,6 @@ def _iterate_bwd_cols(
     tk = tl.arange(0, TP)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
     mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
-    w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
     dwo_a = tl.zeros([BD, H], dtype=ACC)
     dwo_b = tl.zeros([BD, H], dtype=ACC)
     dwo_g = tl.zeros([BD, H], dtype=ACC)
@@ -807,10 +830,12 @@ def _iterate_bwd_cols(
         x0 = _load_block(x0_ptr, offs, m, ACC)
         e0 = tl.where(m, x0 - mu[None, :], 0.0)
         gpre_d = gpre_next.to(DOT)
+        w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
         gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e0
         dmu -= tl.sum(rc_next[:, None] * e0, axis=0)
         tl.store(dx_ptr + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_V:
+            w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
             gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
             tl.store(dv_ptr + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
 
@@ -1064,8 +1089,6 @@ class _IterateFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # the backend entry points
 
-_GRAD_INPUTS = ("w_h", "b_h", "w_x", "b_x", "w_v", "b_v", "w_o", "b_o", "mod_scale", "mod_bias", "mu",
-                "gamma", "phi")
 _warned = set()
 
 
