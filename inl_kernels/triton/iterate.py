@@ -978,7 +978,7 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     return x_out, v_out, energy, distance, iterations, trajectories, saved
 
 
-def _backward_config(n, d, H, config):
+def _backward_config(n, d, H, device, config):
     """Block sizes of the two backward kernels and the row splits of phase 2."""
     if config is not None:
         cfg = dict(config)
@@ -989,7 +989,8 @@ def _backward_config(n, d, H, config):
         cfg = dict(BM=32, BD=max(16, min(64, 2048 // H)), num_warps=8)
     if "SPLITS" not in cfg:
         tiles = triton.cdiv(n, cfg["BM"])
-        programs = 4 * (torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        programs = 4 * sms
         cfg["SPLITS"] = max(1, min(tiles, programs // triton.cdiv(d, cfg["BD"])))
     return cfg
 
@@ -1003,7 +1004,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     H = w_h.shape[0]
     dev, acc = x.device, c_save.dtype
     DOT, PREC, ACC = _dot_types(x.dtype)
-    cfg = _backward_config(n, d, H, config)
+    cfg = _backward_config(n, d, H, dev, config)
     splits = cfg.pop("SPLITS")
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     BM, BD = cfg["BM"], cfg["BD"]
