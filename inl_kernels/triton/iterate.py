@@ -1113,7 +1113,8 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
             phi, amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3,
             return_trajectory=False, _path=None, _config=None):
     """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
-    `_path` ("tile" | "decode") and `_config` (block sizes) are for tests and benchmarks."""
+    `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS for the
+    backward) are for tests and benchmarks."""
     tensors = (h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, gamma, phi)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     kwargs = dict(w_h=w_h, b_h=b_h, w_x=w_x, b_x=b_x, w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o, mod_scale=mod_scale,
@@ -1126,21 +1127,22 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
         return reference_iterate(h, x, **kwargs)
 
     T = num_iterations
-    n, d = x.shape
     acc = _acc_dtype(x.dtype)
-    if needs_grad:  # every step runs (tol is ignored), autograd sees table, bias and mod
-        table = (excitation_table(exc_index, gamma, phi, amplitude, T, d, dtype=acc)
+
+    def folded():
+        """The [T, d] excitation table (None without excited dims), b_h + b_x + b_v and the
+        8 modulation scalars, built in torch so that autograd differentiates them."""
+        table = (excitation_table(exc_index, gamma, phi, amplitude, T, x.shape[1], dtype=acc)
                  if exc_index.numel() > 0 else None)
-        bias = b_h.to(acc) + b_x.to(acc) + b_v.to(acc)
-        mod = torch.cat((mod_scale.to(acc), mod_bias.to(acc)))
+        return table, b_h.to(acc) + b_x.to(acc) + b_v.to(acc), torch.cat((mod_scale.to(acc), mod_bias.to(acc)))
+
+    if needs_grad:  # every step runs (tol is ignored) on the tile path
+        table, bias, mod = folded()
         x_out, v_out, energy, distance, iterations = _IterateFunction.apply(
             h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, _config)
         return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance)
     with torch.no_grad():
-        table = (excitation_table(exc_index, gamma, phi, amplitude, T, d, dtype=acc)
-                 if exc_index.numel() > 0 else None)
-        bias = b_h.to(acc) + b_x.to(acc) + b_v.to(acc)
-        mod = torch.cat((mod_scale.to(acc), mod_bias.to(acc)))
+        table, bias, mod = folded()
         x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _ = _forward(
             h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, tol, min_iterations,
             trajectory=return_trajectory, path=_path, config=_config)
