@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint, read_config
 from .config import SIZES
 from .data import ByteTokenizer
 from .model import create_model
-from .train import TrainConfig, train
+from .train import TrainConfig, evaluate, train
 
 
 def _device(name: str) -> torch.device:
@@ -109,6 +109,21 @@ def cmd_generate(args, model=None):
     return out
 
 
+def _early_exit_probe(model, eval_tokens, tol: float, batches: int):
+    """Eval loss and steps per layer with every integrator's early exit at `tol` (min 1 step),
+    against the configured setting: what early exit buys and costs on this model."""
+    saved = [(layer.tol, layer.min_iterations) for layer in model.integrator_layers()]
+    base = evaluate(model, eval_tokens, 16, 128, batches, update_budgets=False)
+    for layer in model.integrator_layers():
+        layer.tol, layer.min_iterations = tol, 1
+    loose = evaluate(model, eval_tokens, 16, 128, batches, update_budgets=False)
+    for layer, (t, m) in zip(model.integrator_layers(), saved):
+        layer.tol, layer.min_iterations = t, m
+    fmt = lambda r: " ".join(f"{i:.2f}" for i in r["iterations"])  # noqa: E731
+    print(f"early exit at tol={model.config.tol}: eval loss {base['loss']:.3f}, steps per layer [{fmt(base)}]")
+    print(f"early exit at tol={tol}:  eval loss {loose['loss']:.3f}, steps per layer [{fmt(loose)}]")
+
+
 def cmd_demo(args):
     torch.manual_seed(args.seed)
     print(f"INL-LLM demo: train `tiny` for about {args.seconds:.0f} s on the Python standard library's own source "
@@ -121,7 +136,7 @@ def cmd_demo(args):
     model = create_model("tiny")
     print(f"model: {_describe(model)}")
     tc = TrainConfig(steps=10 ** 9, time_budget=args.seconds, batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-4,
-                     warmup_steps=20, eval_interval_s=max(args.seconds / 6, 1.0), eval_batches=8,
+                     warmup_steps=20, eval_interval_s=max(args.seconds / 6, 1.0), eval_batches=args.eval_batches,
                      preset="balanced", cycle_unit="steps", cycle_scale=2.0, checkpoint_dir=args.out,
                      seed=args.seed, progress=not args.no_progress)
     result = train(model, train_tokens, eval_tokens, tc)
@@ -145,6 +160,11 @@ def cmd_demo(args):
                                   device="cpu")
     print(f"\nsample from the reloaded model (temperature 0.7, top-p 0.95), prompt {args.prompt!r}:")
     cmd_generate(gen_args, model=reloaded)
+    stats = reloaded.get_inference_stats()
+    if all(a == b for a, b in zip(stats["avg_iterations_per_layer"], stats["max_iterations_per_layer"])):
+        print(f"  (no row's step ‖x' − x‖ fell below tol={reloaded.config.tol} within its budget: these "
+              f"integrators have not settled yet)")
+    _early_exit_probe(reloaded, eval_tokens, args.loose_tol, args.eval_batches)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
     return {"model": model, "reloaded": reloaded, "identical": same, **result}
 
@@ -160,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="def ")
     demo.add_argument("--tokens", type=int, default=200, help="bytes to generate")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--loose-tol", type=float, default=0.5, help="a looser early-exit tolerance to compare")
+    demo.add_argument("--eval-batches", type=int, default=8, help="batches of 16 × 128 bytes per evaluation")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
     tr = sub.add_parser("train", help="train a model (cycle scheduler + IntegratorLoss)")

@@ -7,6 +7,7 @@ Every loader returns one 1-D int64 tensor: the documents' tokens joined, each en
 """
 from __future__ import annotations
 
+import os
 import random
 import sysconfig
 from pathlib import Path
@@ -45,7 +46,11 @@ def stdlib_files() -> list[Path]:
     fixed shuffled order (seeded), so any prefix of the list samples the whole library."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [s for s in subfolders if s not in skip]  # never descend into installed packages
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    files.sort()
     if not files:
         raise FileNotFoundError(f"no Python sources under the stdlib path {root}: this interpreter ships "
                                 f"bytecode only; pass a text or parquet file instead")

@@ -68,10 +68,11 @@ def optimizer_for(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def evaluate(model: IntegratorLanguageModel, tokens: torch.Tensor, batch_size: int, seq_len: int,
-             batches: int) -> dict:
+             batches: int, update_budgets: bool = True) -> dict:
     """Mean cross-entropy over `batches` fixed windows spread evenly over `tokens` (the same
     windows every call, so evaluations compare), in eval mode; also the mean steps each layer
-    ran (early exit). Updates the iteration budgets and restores the model's mode."""
+    ran (early exit). Then moves the iteration budgets toward those steps (unless
+    update_budgets is False) and restores the model's mode."""
     was_training = model.training
     model.eval()
     model.reset_inference_stats()
@@ -87,7 +88,8 @@ def evaluate(model: IntegratorLanguageModel, tokens: torch.Tensor, batch_size: i
         logits, _, _ = model(windows[:, :-1])
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten()).item()
     stats = model.get_inference_stats()
-    model.update_iteration_budgets()
+    if update_budgets:
+        model.update_iteration_budgets()
     model.train(was_training)
     return {"loss": total / batches, "iterations": stats["avg_iterations_per_layer"],
             "budgets": model.iteration_budgets()}
@@ -105,6 +107,9 @@ def train(model: IntegratorLanguageModel, train_tokens: torch.Tensor, eval_token
     history = []
 
     def record(step, elapsed, train_loss):
+        # evaluate as inference runs: at the configured excitation, not the current phase's
+        # (the scheduler sets it again before the next step; after the last one it stays)
+        model.set_excitation_amplitude(model.config.excitation_amplitude)
         result = evaluate(model, eval_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
         history.append({"step": step, "elapsed": elapsed, "train_loss": train_loss, **result})
         iters = " ".join(f"{i:.2f}" if i is not None else "-" for i in result["iterations"])
@@ -162,4 +167,4 @@ def train(model: IntegratorLanguageModel, train_tokens: torch.Tensor, eval_token
     if tc.checkpoint_dir:
         save_checkpoint(model, tc.checkpoint_dir, extra={"step": step, "eval_loss": history[-1]["loss"]})
     return {"history": history, "steps": step, "elapsed": elapsed,
-            "last_terms": {k: float(v) for k, v in terms.items()}}
+            "last_terms": {k: v.item() for k, v in terms.items()}}
