@@ -192,9 +192,18 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(d, num_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(d, num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(num_heads * D, d, bias=False)
+        self.rope_base, self.max_seq_len = rope_base, max_seq_len
         cos, sin = rope_tables(max_seq_len, D, rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # the RoPE tables stay fp32 when the module is cast to fp16/bf16: in 8 mantissa bits
+        # cos/sin of large positions are wrong in the second digit. fp64 casts are kept (gradcheck).
+        if self.cos.dtype in (torch.float16, torch.bfloat16):
+            self.cos, self.sin = rope_tables(self.max_seq_len, self.head_dim, self.rope_base, device=self.cos.device)
+        return self
 
     def forward(self, x, past_key_value=None, use_cache=False):
         B, S, _ = x.shape

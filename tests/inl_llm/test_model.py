@@ -266,3 +266,18 @@ def test_excitation_amplitude_reaches_every_integrator():
     model = micro(mixture_of_integrators=True, num_experts=3, top_k=1)
     model.set_excitation_amplitude(0.07)
     assert {layer.excitation_amplitude for layer in model.integrator_layers()} == {0.07}
+
+
+def test_bf16_model_keeps_fp32_rope_tables_and_tracks_fp32():
+    model = micro()
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected, _, _ = model(ids)
+        half = model.to(torch.bfloat16)
+        attn = half.blocks[0].attn
+        assert attn.q_proj.weight.dtype == torch.bfloat16 and attn.cos.dtype == torch.float32
+        cos, _ = ref.rope_tables(32, 8)
+        assert torch.equal(attn.cos, cos)
+        logits, _, _ = half(ids)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected, atol=0.05, rtol=0.05)
