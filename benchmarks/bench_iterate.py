@@ -20,8 +20,9 @@ forward (the h layer once, x and v layers and the 4d output layer per step; 3× 
 forward+backward) and bytes = read h, x and write x_T, v_T (forward; forward+backward adds
 the upstream gradients read and dh, dx written). Peak defaults to the bf16 GEMM rate of
 ANCHORS.md (792 TFLOP/s); the bandwidth is a copy measured in the same run. "floor_frac" is
-floor / time (1.0 = at the floor). "vs_eager", "vs_compile": eager (compile) time over this
-row's time (> 1: faster). On a CPU no floor is computed.
+floor / time (1.0 = at the floor); on a CPU no floor is computed. "vs_eager", "vs_compile":
+eager (compile) time over this row's time (> 1: faster). "max_err": max |out − ref| / max |ref|
+against the fp64 reference, of x_T (fwd) or of the worst input gradient (fwd+bwd).
 """
 from __future__ import annotations
 
@@ -153,6 +154,7 @@ def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmu
         note = None
         if early_exit:
             note = f"tol {kw['tol']:.3g}, mean steps {want.iterations.float().mean().item():.2f} of {T}"
+        want_grads = None
         for mode in modes:
             if mode == "fwd+bwd" and early_exit:
                 continue  # training runs every step: early exit does not apply
@@ -178,12 +180,19 @@ def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmu
                         de = torch.randn(n, T, generator=g, device=device)
                         dd = torch.randn(n, T, generator=g, device=device)
 
-                        def call(fn=fn):
+                        def call(fn=fn, hg=hg, xg=xg, inputs=inputs, args=args):
                             out, info = fn(hg, xg, **args)
                             return torch.autograd.grad((out, info.energy, info.distance), inputs,
-                                                       (dy, de.to(info.energy.dtype), dd.to(info.distance.dtype)),
-                                                       allow_unused=True)
-                        call()
+                                                       (dy.to(out.dtype), de.to(info.energy.dtype),
+                                                        dd.to(info.distance.dtype)), allow_unused=True)
+                        got = call()
+                        if want_grads is None:  # the fp64 reference's gradients of the same loss
+                            hd, xd = h.double().requires_grad_(True), x.double().requires_grad_(True)
+                            pd = {k: t.double().requires_grad_(True) for k, t in params.items()}
+                            want_grads = call(impls["eager"], hd, xd, (hd, xd, *pd.values()), dict(kw, **pd))
+                        row["max_err"] = max(((g.double() - w).abs().max() / w.abs().max()).item()
+                                             for g, w in zip(got, want_grads) if g is not None and w is not None
+                                             and w.abs().max() > 0)
                     ms = time_fn(call, device=device, warmup=warmup, repeat=repeat)
                     row["ms"] = ms
                     row["peak_mib"] = peak_memory_mib(call, device)

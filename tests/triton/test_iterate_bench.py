@@ -27,8 +27,8 @@ def test_quick_cli_runs_and_agrees_with_the_reference(tmp_path):
     assert {"eager", "triton"} <= impls
     for r in rows:
         assert r["ms"] > 0
-        if r["mode"] == "fwd":  # every backend's x_T against the fp64 reference
-            assert r["max_err"] <= 1e-5, r
+        # every backend's x_T (fwd) and input gradients (fwd+bwd) against the fp64 reference
+        assert r["max_err"] <= (1e-5 if r["mode"] == "fwd" else 1e-4), r
     # both paths (tile: 260 rows, decode: 5 rows), early exit on and off, fwd and fwd+bwd
     assert {(r["shape"], r["mode"], r["early_exit"]) for r in rows if r["impl"] == "triton"} == {
         (s, m, e) for s in ("260x24x3", "5x40x3") for m, e in (("fwd", False), ("fwd", True), ("fwd+bwd", False))}
