@@ -151,7 +151,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, num_iterations: int, cache=None):
         """x [B, S, d] -> (x, a, [IntegratorStats], router balance or None). `a` comes back so
-        the caller can apply the mu EMA once, outside any recomputation."""
+        the model can apply the mu EMA itself, outside any recomputation."""
         B, S, d = x.shape
         a, _ = self.attn(self.attn_norm(x), past_key_value=cache)
         state, x = self.integrator_norm(a, residual=x)  # rms_norm(x + a), x + a in one pass
@@ -186,6 +186,7 @@ class IntegratorLanguageModel(nn.Module):
         # inference statistics (early exit), accumulated on the device without a sync
         self.register_buffer("_steps_run", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
         self.register_buffer("_rows_seen", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
+        self._pending_mu = [None] * cfg.num_layers  # batch means of h awaiting the mu EMA
         self._init_weights()
 
     @torch.no_grad()
@@ -249,6 +250,15 @@ class IntegratorLanguageModel(nn.Module):
         if self.config.iteration_budgets and bool((self._rows_seen > 0).all()):
             self.budget.update(self._steps_run.double() / self._rows_seen)
 
+    def apply_mu_ema(self):
+        """Applies the mu EMA toward the attention outputs of the last training forward. The
+        update is deferred to here (the next forward calls it) so that a forward, its backward and
+        the recomputation of gradient checkpointing all see the same mu."""
+        for block, h in zip(self.blocks, self._pending_mu):
+            if h is not None:
+                block.integrator.update_mu_ema(h)
+        self._pending_mu = [None] * len(self.blocks)
+
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         cfg = self.config
         ref = self.blocks[0].attn.k_proj.weight
@@ -280,6 +290,7 @@ class IntegratorLanguageModel(nn.Module):
         if start + input_ids.shape[1] > cfg.max_seq_len:
             raise ValueError(f"positions up to {start + input_ids.shape[1] - 1} exceed max_seq_len={cfg.max_seq_len}")
 
+        self.apply_mu_ema()
         x = self.embed(input_ids)
         checkpointing = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         budgets = self.iteration_budgets()
@@ -290,9 +301,9 @@ class IntegratorLanguageModel(nn.Module):
                 x, a, stats, balance = checkpoint(block, x, budgets[i], cache, use_reentrant=False)
             else:
                 x, a, stats, balance = block(x, budgets[i], cache)
-            if self.training:
-                block.integrator.update_mu_ema(a)  # once per step, outside any recomputation
-            else:
+            if self.training and cfg.mu_ema_rate:
+                self._pending_mu[i] = a.detach().reshape(-1, cfg.d_model).float().mean(0, keepdim=True)
+            if not self.training:
                 with torch.no_grad():
                     self._steps_run[i] += sum(s.iterations.sum(dtype=torch.int64) for s in stats)
                     self._rows_seen[i] += sum(s.iterations.numel() for s in stats)

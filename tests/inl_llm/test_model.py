@@ -166,16 +166,23 @@ def test_every_switch_runs_forward_and_backward(switch, on):
 
 def test_gradient_checkpointing_changes_nothing_but_memory():
     grads, mus = [], []
-    for ckpt in (False, True):
-        model = micro(gradient_checkpointing=ckpt, mu_ema_rate=0.5).double()
+    for ckpt, ema in ((False, None), (False, 1.0), (True, 1.0)):
+        model = micro(gradient_checkpointing=ckpt, mu_ema_rate=ema).double()
+        with torch.no_grad():  # attention outputs far from mu, so the EMA moves mu a lot
+            for block in model.blocks:
+                block.attn.o_proj.weight.mul_(50)
         ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
-        logits, _, _ = model(ids)
-        logits.square().mean().backward()
+        for _ in range(2):  # the second step starts by applying the first step's EMA
+            model.zero_grad()
+            logits, _, _ = model(ids)
+            logits.square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
         mus.append(torch.stack([layer.equilibrium() for layer in model.integrator_layers()]).detach())
+    assert (mus[1] - mus[0]).abs().max() > 0.05
+    torch.testing.assert_close(mus[1], mus[2])  # the EMA ran once per forward either way
     for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
-    torch.testing.assert_close(mus[0], mus[1])  # the mu EMA ran once per forward either way
+        # the recomputation saw the mu its forward saw, so the gradients are the same
+        torch.testing.assert_close(grads[1][name], grads[2][name], msg=name, rtol=1e-9, atol=1e-12)
 
 
 def test_mu_ema_moves_mu_toward_the_attention_output():
@@ -185,8 +192,11 @@ def test_mu_ema_moves_mu_toward_the_attention_output():
     hook = model.blocks[0].attn.register_forward_hook(lambda m, i, out: seen.append(out[0].detach()))
     model(ids)
     hook.remove()
+    before = model.blocks[0].integrator.equilibrium().detach().clone()
+    model.apply_mu_ema()  # deferred to the next forward, or applied now
     # rate 1: mu becomes the batch mean of h, the attention output
     torch.testing.assert_close(model.blocks[0].integrator.equilibrium().detach(), seen[0].reshape(-1, 32).mean(0))
+    assert not torch.equal(before, model.blocks[0].integrator.equilibrium())
 
 
 def test_kv_cache_decoding_equals_the_full_forward():
