@@ -8,7 +8,7 @@ Query i sits at position Skv − Sq + i and, when causal, sees keys j ≤ Skv �
 (rotate-half) q at its positions and key j at j, or is the identity without rope.
 
 Layout of the work: every program belongs to one K/V head and handles "rows", the G query heads
-of that group interleaved by position (row r = query i·G + g of head kv·G + g). A K/V tile is
+of that group interleaved by position (row r = i·G + g is query i of head kv·G + g). A K/V tile is
 loaded (and rotated) once for all G heads: K/V are never repeated, and dk/dv sum over the
 group inside one program without atomics. The head dim is handled as two halves
 (lo = [0, ⌈D/2⌉), hi = the rest) so that the rotate-half rotation, and its inverse for the
@@ -19,9 +19,8 @@ saves the per-row log-sum-exp so the backward recomputes P tile by tile.
 """
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 
 import torch
 import triton
