@@ -3,7 +3,8 @@ parquet files with `prompt`/`completion` columns, and the default corpus, which 
 download nor committed text: the Python standard library's own source files, read at runtime
 from this interpreter's `sysconfig` stdlib path.
 
-Every loader returns one 1-D int64 tensor: the documents' tokens joined, each ending in EOS.
+Every loader returns one 1-D int64 tensor: the documents' tokens joined, each one BOS, its
+bytes, EOS (so a prompt that starts with BOS starts the way every training document did).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class ByteTokenizer:
 
 
 def _join(docs, tokenizer: ByteTokenizer) -> torch.Tensor:
-    parts = [tokenizer.encode(doc, eos=True) for doc in docs]
+    parts = [tokenizer.encode(doc, bos=True, eos=True) for doc in docs]
     if not parts:
         raise ValueError("the corpus is empty")
     return torch.cat(parts)

@@ -26,10 +26,11 @@ def test_text_loader(tmp_path):
     (tmp_path / "b.txt").write_text("world")
     (tmp_path / "a.txt").write_text("hello ")
     tok = ByteTokenizer()
+    bos, eos = tok.bos_id, tok.eos_id
     single = load_text(tmp_path / "a.txt")
-    assert single.tolist() == list(b"hello ") + [tok.eos_id]
+    assert single.tolist() == [bos] + list(b"hello ") + [eos]
     both = load_text(tmp_path)  # sorted: a.txt, then b.txt
-    assert both.tolist() == list(b"hello ") + [tok.eos_id] + list(b"world") + [tok.eos_id]
+    assert both.tolist() == [bos] + list(b"hello ") + [eos, bos] + list(b"world") + [eos]
     assert torch.equal(load_corpus(str(tmp_path / "a.txt")), single)
     with pytest.raises(FileNotFoundError):
         load_text(tmp_path / "missing.txt")
@@ -61,7 +62,7 @@ def test_stdlib_corpus_is_read_from_this_machine():
     text = ByteTokenizer().decode(tokens)
     assert text.count("def ") > 10 and text.count("import ") > 3
     first = files[0].read_text(encoding="utf-8")
-    assert torch.equal(tokens[:len(first.encode())], ByteTokenizer().encode(first))
+    assert torch.equal(tokens[:len(first.encode()) + 2], ByteTokenizer().encode(first, bos=True, eos=True))
 
 
 def test_batches_and_split():
