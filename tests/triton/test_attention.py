@@ -6,6 +6,9 @@ Sq < Skv (queries at the end of the keys) and the split-KV decode path. The inte
 bf16 dot is wrong, so bf16 is checked on a GPU only (`cuda` marker).
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -233,3 +236,62 @@ def test_gpu_low_precision(case, dtype):
     for name, a, r, t in zip(("out", "dq", "dk", "dv"), got, ref, truth):
         err, ref_err = (a.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
         assert err <= 3 * ref_err + 1e-2 * math.sqrt(D / 64), f"{name}: {err} vs reference {ref_err}"
+
+
+def compile_cases():
+    """Child process: compiles every attention kernel for sm_90 (H100) with the launcher's own
+    bf16 tile configs, for both sides of each constexpr branch, and prints one line per kernel."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    gpu = type("Device", (), {"type": "cuda"})()
+    fp32_ptrs = ("LSE", "DELTA", "COS", "SIN", "O_PART", "M_PART", "L_PART")
+    bf16_ptrs = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+    for D, causal, use_rope in ((128, True, True), (64, False, False)):
+        half, bh, bd = D // 2, max(16, D // 2), D
+        flags = dict(D=D, HALF=half, BLOCK_H=bh, BLOCK_D=bd, CAUSAL=causal, ROPE=use_rope, DOT=tl.bfloat16,
+                     ACC=tl.float32)
+        bm, bn, warps, stages = tri_attention._config(D, gpu, torch.bfloat16)
+        bbm, bbn, bwarps, bstages = tri_attention._config(D, gpu, torch.bfloat16, backward=True)
+        cases = [
+            (tri_attention._attn_forward, dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT=False, **flags), warps, stages),
+            (tri_attention._attn_forward, dict(BLOCK_M=16, BLOCK_N=bn, SPLIT=True, **flags), warps, stages),
+            (tri_attention._attn_combine, dict(D=D, BLOCK_M=16, BLOCK_D=bd, ACC=tl.float32), 4, 1),
+            (tri_attention._attn_delta, dict(D=D, BLOCK_M=bbm, BLOCK_D=bd, ACC=tl.float32), 4, 1),
+            (tri_attention._attn_backward_dq, dict(BLOCK_M=bbm, BLOCK_N=bbn, **flags), bwarps, bstages),
+            (tri_attention._attn_backward_dkdv, dict(BLOCK_M=bbm, BLOCK_N=bbn, **flags), bwarps, bstages),
+        ]
+        for fn, constexprs, num_warps, num_stages in cases:
+            sig = {}
+            for name in fn.arg_names:
+                if name in constexprs:
+                    sig[name] = "constexpr"
+                elif name in fp32_ptrs:
+                    sig[name] = "*fp32"
+                elif name in bf16_ptrs:
+                    sig[name] = "*bf16"
+                else:
+                    sig[name] = "fp32" if "scale" in name else "i32"
+            compiled = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+            assert compiled.asm["cubin"], fn.__name__
+            print("compiled", fn.__name__, D, flush=True)
+
+
+@pytest.mark.skipif(GPU, reason="a GPU compiles the kernels when it runs them")
+def test_kernels_compile_for_sm90():
+    """The interpreter runs kernels as Python and accepts code the compiler rejects; compiling
+    ahead of time with the installed Triton and its bundled ptxas catches that without a GPU.
+    In a child process: here TRITON_INTERPRET=1 has already made every kernel Python."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", "from tests.triton.test_attention import compile_cases; "
+                           "compile_cases()"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "compiled" not in proc.stdout:
+        pytest.skip("no usable ptxas in this Triton install: " + proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 12

@@ -1,5 +1,9 @@
 """Triton RMSNorm against the reference, forward and backward, with and without the fused
 residual; the weight gradient's determinism; odd widths and single rows."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -137,3 +141,46 @@ def test_gpu_bf16(shape, residual):
         assert a.dtype == b.dtype
         tol = 2e-2 if a.dtype == torch.bfloat16 else 1e-3 * max(1.0, shape[0] ** 0.5 / 8)
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def compile_cases():
+    """Child process: compiles both RMSNorm kernels for sm_90 (H100), bf16 activations with fp32
+    weights, with the launcher's tiles, every flag on and every flag off."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from inl_kernels.triton import rms_norm as tri_rms_norm
+
+    fp32 = ("W", "RSTD", "DW_PART", "eps")
+    for width, on in ((2048, True), (8192, False)):
+        block_m, block_n, num_warps = tri_rms_norm._tiles(width)
+        cases = [(tri_rms_norm._rms_norm_forward, dict(HAS_RESIDUAL=on)),
+                 (tri_rms_norm._rms_norm_backward, dict(HAS_DS=on, HAS_DX=True, HAS_DR=on, HAS_DW=on))]
+        for fn, flags in cases:
+            constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, ACC=tl.float32, **flags)
+            sig = {name: "constexpr" if name in constexprs else
+                   ("*fp32" if name != "eps" else "fp32") if name in fp32 else
+                   "*bf16" if name in ("X", "R", "Y", "S", "DY", "DS", "DX", "DR") else "i32" for name in fn.arg_names}
+            compiled = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=num_warps, num_stages=1))
+            assert compiled.asm["cubin"], fn.__name__
+            print("compiled", fn.__name__, width, flush=True)
+
+
+@pytest.mark.skipif(GPU, reason="a GPU compiles the kernels when it runs them")
+def test_kernels_compile_for_sm90():
+    """The interpreter runs kernels as Python and accepts code the compiler rejects; compiling
+    ahead of time with the installed Triton and its bundled ptxas catches that without a GPU.
+    In a child process: here TRITON_INTERPRET=1 has already made every kernel Python."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", "from tests.triton.test_rms_norm import compile_cases; "
+                           "compile_cases()"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "compiled" not in proc.stdout:
+        pytest.skip("no usable ptxas in this Triton install: " + proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 4
