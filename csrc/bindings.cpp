@@ -1,6 +1,7 @@
 // inl_kernels._C: the compiled backends. Only inl_kernels/cpu/*.py and inl_kernels/cuda/*.py
 // call these; they wrap them in autograd Functions and check arguments first.
-#include <torch/extension.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor casters, lighter to compile than torch/extension.h
 
 #include "cpu/simd.h"
 

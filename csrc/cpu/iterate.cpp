@@ -33,6 +33,9 @@
 
 #include <algorithm>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "simd.h"
 
@@ -121,6 +124,33 @@ inline void transpose_block(const float* src, int rows, int cols, float* dst) {
     for (int k = 0; k < rows; ++k) dst[n * cols + k] = src[k * NB + n];
 }
 
+// Walks the cache lines of a few memory ranges, some at a time, so that the next block's inputs
+// and this block's outputs reach L2 while the block computes rather than stalling its first
+// touch of each line (the hardware prefetcher cannot follow 32 row streams at once).
+class Prefetcher {
+ public:
+  void reset() { n_ = region_ = 0, offset_ = 0, lines_ = 0; }
+  void add(const void* p, size_t bytes) {
+    if (!p || !bytes || n_ == 4) return;
+    base_[n_] = static_cast<const char*>(p), bytes_[n_] = bytes, ++n_;
+    lines_ += (bytes + 63) / 64;
+  }
+  size_t lines() const { return lines_; }
+  template <bool WRITE>
+  void issue(size_t count) {
+    for (; count > 0 && region_ < n_; --count) {
+      __builtin_prefetch(base_[region_] + offset_, WRITE ? 1 : 0, 2);
+      offset_ += 64;
+      if (offset_ >= bytes_[region_]) ++region_, offset_ = 0;
+    }
+  }
+
+ private:
+  const char* base_[4];
+  size_t bytes_[4], offset_ = 0, lines_ = 0;
+  int n_ = 0, region_ = 0;
+};
+
 // What the backward pass keeps of one block's forward.
 constexpr int kActivations = 5;
 struct Stash {
@@ -148,6 +178,7 @@ struct Stash {
 // Per-thread working memory of the forward.
 struct Scratch {
   Buffer state, h, ctx, c, out;
+  Prefetcher reads, writes;  // set by the caller of forward_block
   void init(const Params& P) {
     state.resize(size_t(2) * P.dp * NB);  // [x | v] as [2dp][NB]
     h.resize(size_t(P.dp) * NB);
@@ -256,6 +287,9 @@ void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_
   };
   traj(0);
 
+  const int panels = (d + MR - 1) / MR;
+  const size_t reads_per_panel = (S.reads.lines() + size_t(T) * panels - 1) / (size_t(T) * panels);
+  const size_t writes_per_panel = (S.writes.lines() + size_t(T) * panels - 1) / (size_t(T) * panels);
   int t = 0;
   for (; t < T; ++t) {
     if (early_exit && !any(active[0]) && !any(active[1])) break;
@@ -286,6 +320,8 @@ void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_
       MicroFn micro = micro_for_rows<false, 1>(cols);
       for (int s = 0; s < 4; ++s)
         micro(1, H, P.w_out[s].panel(p), MR, 0, S.c.data(), NB, 0, nullptr, 0, S.out.data() + s * MR * NB, NB);
+      S.reads.issue<false>(reads_per_panel);
+      S.writes.issue<true>(writes_per_panel);
       for (int jj = 0; jj < cols; ++jj) {
         const int j = j0 + jj;
         update_column<STASH>(P, t, j, S.out.data() + jj * NB, state + j * NB, state + (dp + j) * NB, s_row, active,
@@ -364,6 +400,14 @@ void init_params(Params& P, const at::Tensor& h, const at::Tensor& w_h, const at
   P.has_v = v.has_value();
 }
 
+int omp_threads() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 int threads_for(int64_t tasks) { return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks))); }
 
 template <typename F>
@@ -414,10 +458,24 @@ std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x
     {
       Scratch S;
       S.init(P);
-#pragma omp for schedule(dynamic, 1)
+      // blocks dealt round robin, so that each thread knows its next block and prefetches it
+      const int64_t stride = omp_threads();
+#pragma omp for schedule(static, 1)
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t n0 = b * NB;
         const int R = int(std::min<int64_t>(NB, N - n0));
+        S.reads.reset();
+        S.writes.reset();
+        if (b + stride < blocks) {
+          const int64_t m0 = (b + stride) * NB;
+          const size_t bytes = size_t(std::min<int64_t>(NB, N - m0)) * P.d * sizeof(scalar_t);
+          S.reads.add(hp + m0 * P.d, bytes);
+          S.reads.add(xp + m0 * P.d, bytes);
+          if (vp) S.reads.add(vp + m0 * P.d, bytes);
+        }
+        const size_t bytes = size_t(R) * P.d * sizeof(scalar_t);
+        S.writes.add(static_cast<scalar_t*>(out.x) + n0 * P.d, bytes);
+        S.writes.add(static_cast<scalar_t*>(out.v) + n0 * P.d, bytes);
         forward_block<scalar_t, false>(P, S, n0, R, hp, xp, vp, early_exit, tol_f, int(min_iterations), &out,
                                        nullptr);
       }
@@ -687,9 +745,25 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
       for (int64_t tile = 0; tile < tiles; ++tile) {
         parts[tile].init(P);
         B.start_tile();
-        for (int64_t b = tile * tile_blocks; b < std::min(blocks, (tile + 1) * tile_blocks); ++b) {
+        const int64_t tile_end = std::min(blocks, (tile + 1) * tile_blocks);
+        for (int64_t b = tile * tile_blocks; b < tile_end; ++b) {
           const int64_t n0 = b * NB;
           const int R = int(std::min<int64_t>(NB, N - n0));
+          const size_t bytes = size_t(R) * d * sizeof(scalar_t);
+          S.reads.reset();
+          S.writes.reset();
+          S.reads.add(static_cast<const scalar_t*>(io.gx_T) + n0 * d, bytes);
+          S.reads.add(static_cast<const scalar_t*>(io.gv_T) + n0 * d, bytes);
+          if (b + 1 < tile_end) {
+            const int64_t m0 = n0 + NB;
+            const size_t next = size_t(std::min<int64_t>(NB, N - m0)) * d * sizeof(scalar_t);
+            S.reads.add(hp + m0 * d, next);
+            S.reads.add(xp + m0 * d, next);
+            if (vp) S.reads.add(vp + m0 * d, next);
+          }
+          S.writes.add(io.gh + n0 * d, size_t(R) * d * sizeof(float));
+          S.writes.add(io.gx + n0 * d, size_t(R) * d * sizeof(float));
+          S.writes.add(io.gv + n0 * d, size_t(R) * d * sizeof(float));
           forward_block<scalar_t, true>(P, S, n0, R, hp, xp, vp, false, 0.f, 0, nullptr, &st);
           backward_block<scalar_t>(P, S, st, B, parts[tile], n0, R, io);
         }

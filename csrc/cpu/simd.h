@@ -97,17 +97,11 @@ inline Vec vrcp(Vec x) {
 }
 
 // e^x within ~2 ulp: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to r⁶ (truncation
-// < 1.3e-7 relative), times 2^n. Inputs below -104 give 0.
+// < 1.3e-7 relative), times 2^n. Inputs below -104 give 0, above 88 give e^88.
 inline Vec vexp(Vec x) {
-  x = vmax(x, splat(-104.f));
-#if defined(__AVX512F__)
-  Vec n = (Vec)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-  x = vmin(x, splat(88.f));
-  const Vec round_magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
-  Vec t = x * 1.44269504088896341f + round_magic;
-  Vec n = t - round_magic;
-#endif
+  x = vmin(vmax(x, splat(-104.f)), splat(88.f));
+  const Vec round_magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to the nearest integer
+  Vec n = (x * 1.44269504088896341f + round_magic) - round_magic;
   Vec r = x - n * 0.693359375f;  // ln2 in two parts so that n·ln2_hi is exact
   r = r - n * -2.12194440e-4f;
   Vec p = splat(1.f / 720.f);
