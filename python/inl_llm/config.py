@@ -176,5 +176,6 @@ SIZES = {
 
 # fields that change how a model runs but not its parameters: a checkpoint loads under any value
 RUNTIME_FIELDS = frozenset({"tol", "min_iterations", "adaptive_stopping", "gradient_checkpointing", "backend",
-                            "seed", "iteration_budgets", "budget_slack", "budget_momentum", "mu_ema_rate", "excitation_amplitude"})
+                            "seed", "iteration_budgets", "budget_slack", "budget_momentum", "mu_ema_rate",
+                            "excitation_amplitude"})
 

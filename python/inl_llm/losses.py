@@ -53,7 +53,8 @@ class IntegratorLoss(nn.Module):
         self.annealing_epochs = annealing_epochs
         self.lambda_speed, self.tau = lambda_speed, tau
         self.lambda_energy = lambda_energy
-        self.exploration_lambda_mean, self.exploration_lambda_energy = exploration_lambda_mean, exploration_lambda_energy
+        self.exploration_lambda_mean = exploration_lambda_mean
+        self.exploration_lambda_energy = exploration_lambda_energy
         self.lambda_balance = lambda_balance
         self.variance_weighted = variance_weighted
         self.ignore_index = ignore_index

@@ -105,8 +105,9 @@ class IterationBudget(nn.Module):
     a_l ← m·a_l + (1 − m)·used_l, and runs budget_l = clamp(round(a_l) + slack, min_iterations,
     num_iterations) steps (round: half to even) in every later forward, training included. A
     layer whose rows all stop at step 3 settles at 3 + slack; one that runs out of budget at
-    inference gets one step more at each update, back up to num_iterations. Budgets change only in `update()` (the trainer
-    calls it after an evaluation), never inside a forward, so generation is reproducible."""
+    inference gets one step more at each update, back up to num_iterations. Budgets change only
+    in `update()` (the trainer calls it after an evaluation), never inside a forward, so
+    generation is reproducible."""
 
     def __init__(self, num_layers: int, num_iterations: int, min_iterations: int, slack: int = 1,
                  momentum: float = 0.5):

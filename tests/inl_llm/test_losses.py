@@ -10,7 +10,8 @@ from inl_llm import IntegratorLoss, IntegratorStats
 def _stats(x, mu, energy, distance):
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     x = t(x)
-    return IntegratorStats(x, t(mu), t(energy), t(distance), torch.full((x.shape[0],), len(energy[0]), dtype=torch.int32))
+    steps = torch.full((x.shape[0],), len(energy[0]), dtype=torch.int32)
+    return IntegratorStats(x, t(mu), t(energy), t(distance), steps)
 
 
 def _by_hand(x, mu, energy, distance, tau):
