@@ -155,10 +155,11 @@ def cmd_demo(args):
     if read_config(args.out)[0] != reloaded.config:
         print("warning: the reloaded config differs from the saved one")
 
-    gen_args = argparse.Namespace(prompt=args.prompt, max_new_tokens=args.tokens, temperature=0.7, top_k=None,
+    # plain sampling with a nucleus: at these losses a lower temperature falls into runs of indentation
+    gen_args = argparse.Namespace(prompt=args.prompt, max_new_tokens=args.tokens, temperature=1.0, top_k=None,
                                   top_p=0.95, repetition_penalty=1.0, greedy=False, seed=args.seed, no_cache=False,
                                   device="cpu")
-    print(f"\nsample from the reloaded model (temperature 0.7, top-p 0.95), prompt {args.prompt!r}:")
+    print(f"\nsample from the reloaded model (temperature 1.0, top-p 0.95), prompt {args.prompt!r}:")
     cmd_generate(gen_args, model=reloaded)
     stats = reloaded.get_inference_stats()
     if all(a == b for a, b in zip(stats["avg_iterations_per_layer"], stats["max_iterations_per_layer"])):
