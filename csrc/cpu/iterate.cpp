@@ -456,7 +456,7 @@ std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x
     const scalar_t* vp = v ? static_cast<const scalar_t*>(v->data_ptr()) : nullptr;
 #pragma omp parallel num_threads(threads_for(blocks))
     {
-      Scratch S;
+      static thread_local Scratch S;  // kept across calls: no allocation or page faults per call
       S.init(P);
       // blocks dealt round robin, so that each thread knows its next block and prefetches it
       const int64_t stride = omp_threads();
@@ -722,9 +722,12 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
   at::Tensor gh = at::empty({N, d}, f32), gx = at::empty({N, d}, f32), gv = at::empty({N, d}, f32);
   BackwardIO io{grad_x.data_ptr(), grad_v.data_ptr(), grad_energy.data_ptr<float>(), grad_distance.data_ptr<float>(),
                 gh.data_ptr<float>(), gx.data_ptr<float>(), gv.data_ptr<float>()};
-  // fixed tiles of blocks, at most 32 of them, whatever the thread count
+  // fixed tiles of blocks, whatever the thread count: at most 16, and fewer when their partial
+  // sums (~7·d·H floats each) would pass 128 MiB
   const int64_t blocks = (N + NB - 1) / NB;
-  const int64_t tile_blocks = std::max<int64_t>(1, (blocks + 31) / 32);
+  const int64_t tile_bytes = int64_t(7) * dp * Hp * sizeof(float);
+  const int64_t max_tiles = std::clamp<int64_t>((int64_t(128) << 20) / tile_bytes, 1, 16);
+  const int64_t tile_blocks = std::max<int64_t>(1, (blocks + max_tiles - 1) / max_tiles);
   const int64_t tiles = (blocks + tile_blocks - 1) / tile_blocks;
   std::vector<Partial> parts(tiles);
 
@@ -735,11 +738,11 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
     const scalar_t* vp = v ? static_cast<const scalar_t*>(v->data_ptr()) : nullptr;
 #pragma omp parallel num_threads(threads_for(tiles))
     {
-      Scratch S;
+      static thread_local Scratch S;
+      static thread_local Stash st;
+      static thread_local BackwardScratch B;
       S.init(P);
-      Stash st;
       st.init(T, dp, Hp);
-      BackwardScratch B;
       B.init(P);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t tile = 0; tile < tiles; ++tile) {

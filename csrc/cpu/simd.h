@@ -151,18 +151,20 @@ inline Vec vsoftplus(Vec z, Vec* slope) {
   return vmax(z, splat(0.f)) + vlog1p_unit(e);
 }
 
-// 64-byte aligned float scratch.
+// 64-byte aligned float scratch; resizing within the capacity reuses the memory.
 class Buffer {
  public:
   Buffer() = default;
   explicit Buffer(size_t n) { resize(n); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
-  Buffer(Buffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+  Buffer(Buffer&& o) noexcept : p_(o.p_), n_(o.n_), capacity_(o.capacity_) { o.p_ = nullptr, o.n_ = o.capacity_ = 0; }
   ~Buffer() { std::free(p_); }
   void resize(size_t n) {
-    std::free(p_);
     n_ = n;
+    if (n <= capacity_) return;
+    std::free(p_);
+    capacity_ = n;
     p_ = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64 + 64));
     if (!p_) throw std::bad_alloc();
   }
@@ -175,63 +177,62 @@ class Buffer {
 
  private:
   float* p_ = nullptr;
-  size_t n_ = 0;
+  size_t n_ = 0, capacity_ = 0;
 };
 
 inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
-// C[R × kColBlock] = Cin + Σ_seg Σ_k A(i, k) · B(k, :) with, in segment s,
+// C[R × NV·kVec] = Cin + Σ_seg Σ_k A(i, k) · B(k, :) with, in segment s,
 //   A(i, k) = A[s·aseg + i·AI + k·lda]   and   B(k, n) = B[s·bseg + k·ldb + n].
 // AI = 1 reads A as a packed panel (Panels below); AI = kColBlock reads the rows of a
-// [M][kColBlock] block. Segments let one product skip padding between the parts of
-// K. Cin is optional (LOAD); ldcin = 0 repeats one row. The k loop runs in order, one FMA per
-// element per k, for every R: a result does not depend on how many rows come with it.
-template <int R, bool LOAD, int AI>
+// [M][kColBlock] block. Segments let one product skip padding between the parts of K. Cin is
+// optional (LOAD); ldcin = 0 repeats one row. The k loop runs in order, one FMA per element
+// per k, for every R: a result does not depend on how many rows come with it.
+template <int R, bool LOAD, int AI, int NV>
 inline void micro_kernel(int nseg, int K, const float* __restrict A, long lda, long aseg, const float* __restrict B,
                          long ldb, long bseg, const float* Cin, long ldcin, float* C, long ldc) {
-  Vec acc0[R], acc1[R];
+  Vec acc[R][NV];
 #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
-    if (LOAD) {
-      acc0[i] = load(Cin + i * ldcin);
-      acc1[i] = load(Cin + i * ldcin + kVec);
-    } else {
-      acc0[i] = Vec{};
-      acc1[i] = Vec{};
-    }
-  }
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = LOAD ? load(Cin + i * ldcin + v * kVec) : Vec{};
   for (int s = 0; s < nseg; ++s) {
     const float* a = A + s * aseg;
     const float* b = B + s * bseg;
     for (int k = 0; k < K; ++k) {
-      Vec b0 = load(b), b1 = load(b + kVec);
+      Vec bk[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bk[v] = load(b + v * kVec);
       b += ldb;
 #pragma GCC unroll 16
       for (int i = 0; i < R; ++i) {
-        float ai = a[i * AI];
-        acc0[i] += ai * b0;
-        acc1[i] += ai * b1;
+        const float ai = a[i * AI];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] += ai * bk[v];
       }
       a += lda;
     }
   }
 #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
-    store(C + i * ldc, acc0[i]);
-    store(C + i * ldc + kVec, acc1[i]);
-  }
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(C + i * ldc + v * kVec, acc[i][v]);
 }
 
 using MicroFn = void (*)(int, int, const float*, long, long, const float*, long, long, const float*, long, float*, long);
 
-template <bool LOAD, int AI, int... Rs>
+// rows of one micro-kernel call: 2·kRowBlock/NV rows keep 2·kRowBlock accumulators in registers
+template <int NV>
+constexpr int kRowsFor = 2 * kRowBlock / NV;
+
+template <bool LOAD, int AI, int NV, int... Rs>
 inline MicroFn micro_table(int rows, std::integer_sequence<int, Rs...>) {
-  static const MicroFn table[] = {&micro_kernel<Rs + 1, LOAD, AI>...};
+  static const MicroFn table[] = {&micro_kernel<Rs + 1, LOAD, AI, NV>...};
   return table[rows - 1];
 }
-template <bool LOAD, int AI>
+template <bool LOAD, int AI, int NV = 2>
 inline MicroFn micro_for_rows(int rows) {
-  return micro_table<LOAD, AI>(rows, std::make_integer_sequence<int, kRowBlock>{});
+  return micro_table<LOAD, AI, NV>(rows, std::make_integer_sequence<int, kRowsFor<NV>>{});
 }
 
 // A matrix A(i, k) stored for the micro-kernel as panels of kRowBlock rows, each [K][kRowBlock]
@@ -269,17 +270,27 @@ inline void gemm_panels(const Panels& A, int N, int nseg, int kseg, const float*
 }
 
 // C[M × N] = Cin + A·B with A(i, k) = A[s·aseg + i·kColBlock + k]: the rows of a [M][kColBlock]
-// block of transposed state, k running over the block's rows.
+// block of transposed state, k running over the block's rows. Four vectors of columns at a
+// time when N allows, so that A, the larger operand here, is read once.
+template <bool LOAD, int NV>
+inline void gemm_rows_nv(int M, int N, int nseg, const float* A, long aseg, const float* B, long ldb, long bseg,
+                         const float* Cin, long ldcin, float* C, long ldc) {
+  constexpr int rows_max = kRowsFor<NV>;
+  for (int n0 = 0; n0 < N; n0 += NV * kVec)
+    for (int m0 = 0; m0 < M; m0 += rows_max) {
+      const int rows = M - m0 < rows_max ? M - m0 : rows_max;
+      micro_for_rows<LOAD, kColBlock, NV>(rows)(nseg, kColBlock, A + long(m0) * kColBlock, 1, aseg, B + n0, ldb,
+                                                bseg, LOAD ? Cin + long(m0) * ldcin + n0 : nullptr, ldcin,
+                                                C + long(m0) * ldc + n0, ldc);
+    }
+}
 template <bool LOAD>
 inline void gemm_rows(int M, int N, int nseg, const float* A, long aseg, const float* B, long ldb, long bseg,
                       const float* Cin, long ldcin, float* C, long ldc) {
-  for (int n0 = 0; n0 < N; n0 += kColBlock)
-    for (int m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int rows = M - m0 < kRowBlock ? M - m0 : kRowBlock;
-      micro_for_rows<LOAD, kColBlock>(rows)(nseg, kColBlock, A + long(m0) * kColBlock, 1, aseg, B + n0, ldb, bseg,
-                                            LOAD ? Cin + long(m0) * ldcin + n0 : nullptr, ldcin,
-                                            C + long(m0) * ldc + n0, ldc);
-    }
+  if (N % (4 * kVec) == 0)
+    gemm_rows_nv<LOAD, 4>(M, N, nseg, A, aseg, B, ldb, bseg, Cin, ldcin, C, ldc);
+  else
+    gemm_rows_nv<LOAD, 2>(M, N, nseg, A, aseg, B, ldb, bseg, Cin, ldcin, C, ldc);
 }
 
 }  // namespace inl
