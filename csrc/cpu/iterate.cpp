@@ -32,6 +32,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -96,10 +97,27 @@ void pack_params(Params& P, const at::Tensor& w_h, const at::Tensor& w_x, const 
 }
 
 // rows [n0, n0 + R) of a row-major [N][d] tensor into columns [j][lane] of a block (and back),
-// 16 columns at a time so that both sides stay in cache lines
+// 16 columns at a time so that both sides stay in cache lines; fp32 with AVX-512 goes through
+// 16×16 register transposes.
 constexpr int kTransposeCols = 16;
 template <typename scalar_t>
 inline void load_block(const scalar_t* src, int64_t n0, int R, int d, float* dst) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && NB % 16 == 0) {
+    for (int j0 = 0; j0 < d; j0 += 16) {
+      const int cols = std::min(16, d - j0);
+      const __mmask16 mask = __mmask16((1u << cols) - 1);
+      for (int r0 = 0; r0 < NB; r0 += 16) {
+        __m512 v[16];
+        for (int i = 0; i < 16; ++i)
+          v[i] = r0 + i < R ? _mm512_maskz_loadu_ps(mask, src + (n0 + r0 + i) * d + j0) : _mm512_setzero_ps();
+        transpose16(v);
+        for (int jj = 0; jj < cols; ++jj) _mm512_storeu_ps(dst + (j0 + jj) * NB + r0, v[jj]);
+      }
+    }
+    return;
+  }
+#endif
   for (int j0 = 0; j0 < d; j0 += kTransposeCols) {
     const int cols = std::min(kTransposeCols, d - j0);
     for (int r = 0; r < R; ++r) {
@@ -110,6 +128,22 @@ inline void load_block(const scalar_t* src, int64_t n0, int R, int d, float* dst
 }
 template <typename scalar_t>
 inline void store_block(const float* src, int64_t n0, int R, int d, scalar_t* dst, int64_t row_stride) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && NB % 16 == 0) {
+    for (int j0 = 0; j0 < d; j0 += 16) {
+      const int cols = std::min(16, d - j0);
+      const __mmask16 mask = __mmask16((1u << cols) - 1);
+      for (int r0 = 0; r0 < NB && r0 < R; r0 += 16) {
+        __m512 v[16];
+        for (int jj = 0; jj < 16; ++jj)
+          v[jj] = jj < cols ? _mm512_loadu_ps(src + (j0 + jj) * NB + r0) : _mm512_setzero_ps();
+        transpose16(v);
+        for (int i = 0; i < 16 && r0 + i < R; ++i) _mm512_mask_storeu_ps(dst + (n0 + r0 + i) * row_stride + j0, mask, v[i]);
+      }
+    }
+    return;
+  }
+#endif
   for (int j0 = 0; j0 < d; j0 += kTransposeCols) {
     const int cols = std::min(kTransposeCols, d - j0);
     for (int r = 0; r < R; ++r) {
@@ -201,10 +235,10 @@ struct RowSums {  // per-row sums over the columns of one step, two vectors of r
 };
 
 // Column j of one step for the block's rows (two vectors), updating the state in place.
-template <bool STASH>
+template <bool STASH, bool EARLY, bool KAPPA>
 __attribute__((always_inline)) inline void update_column(const Params& P, int t, int j, const float* o, float* xcol,
-                                                         float* vcol, const Vec* s_row, const VecI* active,
-                                                         bool early_exit, RowSums& sums, Stash* stash) {
+                                                         float* vcol, const Vec* ms, const Vec* s_row,
+                                                         const VecI* active, RowSums& sums, Stash* stash) {
   const int dp = P.dp;
   const float za_off = P.z_off[j], zb_off = P.z_off[dp + j], zg_off = P.z_off[2 * dp + j];
   const float vc_off = P.z_off[3 * dp + j];
@@ -212,18 +246,18 @@ __attribute__((always_inline)) inline void update_column(const Params& P, int t,
 #pragma GCC unroll 2
   for (int q = 0; q < 2; ++q) {
     const float* oq = o + q * kVec;
-    Vec alpha0 = vsigmoid(P.ms[0] * load(oq) + za_off);
+    Vec alpha0 = vsigmoid(ms[0] * load(oq) + za_off);
     Vec beta_slope;
-    Vec beta = vsoftplus<STASH>(P.ms[1] * load(oq + MR * NB) + zb_off, &beta_slope);
-    Vec gate = vsigmoid(P.ms[2] * load(oq + 2 * MR * NB) + zg_off);
-    Vec v_cand = P.ms[3] * load(oq + 3 * MR * NB) + vc_off;
-    Vec alpha = alpha0 * s_row[q];
+    Vec beta = vsoftplus<STASH>(ms[1] * load(oq + MR * NB) + zb_off, &beta_slope);
+    Vec gate = vsigmoid(ms[2] * load(oq + 2 * MR * NB) + zg_off);
+    Vec v_cand = ms[3] * load(oq + 3 * MR * NB) + vc_off;
+    Vec alpha = KAPPA ? alpha0 * s_row[q] : alpha0;
     Vec xo = load(xcol + q * kVec), vo = load(vcol + q * kVec);
     Vec err = xo - mu;
     // alpha·v + (1 - alpha)·v_cand, written as v_cand + alpha·(v - v_cand)
     Vec vn = v_cand + alpha * (vo - v_cand) - beta * err + exc;
     Vec xn = xo + (dt * gate) * vn;
-    if (early_exit) {  // a converged row keeps its state
+    if (EARLY) {  // a converged row keeps its state
       vn = select(active[q], vn, vo);
       xn = select(active[q], xn, xo);
       Vec dx = xn - xo;
@@ -234,7 +268,7 @@ __attribute__((always_inline)) inline void update_column(const Params& P, int t,
     Vec en = xn - mu;
     sums.energy[q] += vn * vn;
     sums.dist[q] += vabs(en);
-    if (P.has_kappa) sums.err2[q] += en * en;
+    if (KAPPA) sums.err2[q] += en * en;
     if (STASH) {
       const size_t at = size_t(j) * NB + q * kVec;
       store(stash->a(t, 0) + at, alpha0);
@@ -246,12 +280,36 @@ __attribute__((always_inline)) inline void update_column(const Params& P, int t,
   }
 }
 
+// Columns [j0, j0 + cols) of one step, from the controller outputs of those columns in `o`.
+template <bool STASH, bool EARLY, bool KAPPA>
+void update_panel(const Params& P, int t, int j0, int cols, const float* o, float* state, const Vec* s_row,
+                  const VecI* active, RowSums& sums_io, Stash* stash) {
+  const Vec ms[4] = {splat(P.ms[0]), splat(P.ms[1]), splat(P.ms[2]), splat(P.ms[3])};
+  RowSums sums = sums_io;  // a local copy stays in registers
+  for (int jj = 0; jj < cols; ++jj) {
+    const int j = j0 + jj;
+    update_column<STASH, EARLY, KAPPA>(P, t, j, o + jj * NB, state + j * NB, state + (P.dp + j) * NB, ms, s_row,
+                                       active, sums, stash);
+  }
+  sums_io = sums;
+}
+
+using PanelFn = void (*)(const Params&, int, int, int, const float*, float*, const Vec*, const VecI*, RowSums&, Stash*);
+template <bool STASH>
+PanelFn panel_for(bool early_exit, bool kappa) {
+  static const PanelFn table[2][2] = {{&update_panel<STASH, false, false>, &update_panel<STASH, false, true>},
+                                      {&update_panel<STASH, true, false>, &update_panel<STASH, true, true>}};
+  return table[early_exit][kappa];
+}
+
 // Runs rows [n0, n0 + R) through all T steps. STASH keeps what the backward needs (and never
-// exits early); otherwise the outputs are written.
+// exits early); otherwise the outputs are written. `hidden` ([T][Hp][NB], or null) receives the
+// controller's hidden activations c of each step, or, with `reuse_hidden`, supplies them: the
+// backward's recompute then skips the controller's input layer.
 template <typename scalar_t, bool STASH>
 void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_t* h, const scalar_t* x,
                    const scalar_t* v, bool early_exit, float tol, int min_iterations, const ForwardOut* out,
-                   Stash* stash) {
+                   Stash* stash, float* hidden, bool reuse_hidden) {
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
   float* state = S.state.data();
   S.state.zero();
@@ -260,7 +318,8 @@ void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_
   load_block(x, n0, R, d, state);
   if (v) load_block(v, n0, R, d, state + dp * NB);
   // the context term h·w_hᵀ + bias is the same every step
-  gemm_panels<true>(P.w_ctx, NB, 1, d, S.h.data(), NB, 0, P.bias.data(), NB, S.ctx.data(), NB);
+  if (!reuse_hidden)
+    gemm_panels<true>(P.w_ctx, NB, 1, d, S.h.data(), NB, 0, P.bias.data(), NB, S.ctx.data(), NB);
 
   const VecI lane = lane_index();
   VecI active[2] = {lane < R, (lane + kVec) < R};
@@ -295,9 +354,14 @@ void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_
     if (early_exit && !any(active[0]) && !any(active[1])) break;
     if (STASH) std::copy_n(state, size_t(2) * dp * NB, stash->x(t));
     // controller input layer: c = relu(ctx + [x | v]·[w_x | w_v]ᵀ); the v half is zero at t = 0 without v
-    const int segments = (t == 0 && !P.has_v) ? 1 : 2;
-    gemm_panels<true>(P.w_in, NB, segments, d, state, NB, long(dp) * NB, S.ctx.data(), NB, S.c.data(), NB);
-    for (int i = 0; i < H * NB; i += kVec) store(S.c.data() + i, vmax(load(S.c.data() + i), splat(0.f)));
+    if (reuse_hidden) {
+      std::copy_n(hidden + size_t(t) * Hp * NB, size_t(Hp) * NB, S.c.data());
+    } else {
+      const int segments = (t == 0 && !P.has_v) ? 1 : 2;
+      gemm_panels<true>(P.w_in, NB, segments, d, state, NB, long(dp) * NB, S.ctx.data(), NB, S.c.data(), NB);
+      for (int i = 0; i < H * NB; i += kVec) store(S.c.data() + i, vmax(load(S.c.data() + i), splat(0.f)));
+      if (hidden) std::copy_n(S.c.data(), size_t(Hp) * NB, hidden + size_t(t) * Hp * NB);
+    }
     if (STASH) std::copy_n(S.c.data(), size_t(Hp) * NB, stash->c(t));
     Vec s_row[2] = {splat(1.f), splat(1.f)};
     if (P.has_kappa)
@@ -314,6 +378,7 @@ void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_
     if (STASH)
       for (int q = 0; q < 2; ++q) store(stash->srow.data() + t * NB + q * kVec, s_row[q]);
     RowSums sums{};
+    const PanelFn update = panel_for<STASH>(early_exit, P.has_kappa);
     // controller output layer, MR columns of each section at a time, then the update of those columns
     for (int p = 0, j0 = 0; j0 < d; ++p, j0 += MR) {
       const int cols = P.w_out[0].rows(p);
@@ -322,11 +387,7 @@ void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_
         micro(1, H, P.w_out[s].panel(p), MR, 0, S.c.data(), NB, 0, nullptr, 0, S.out.data() + s * MR * NB, NB);
       S.reads.issue<false>(reads_per_panel);
       S.writes.issue<true>(writes_per_panel);
-      for (int jj = 0; jj < cols; ++jj) {
-        const int j = j0 + jj;
-        update_column<STASH>(P, t, j, S.out.data() + jj * NB, state + j * NB, state + (dp + j) * NB, s_row, active,
-                             early_exit, sums, stash);
-      }
+      update(P, t, j0, cols, S.out.data(), state, s_row, active, sums, stash);
     }
     for (int q = 0; q < 2; ++q) {
       err2[q] = sums.err2[q];
@@ -426,7 +487,8 @@ std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x
                                         const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
                                         const at::Tensor& mod, const at::Tensor& mu, const at::Tensor& table,
                                         double dt, c10::optional<double> kappa, int64_t num_iterations,
-                                        c10::optional<double> tol, int64_t min_iterations, bool trajectory) {
+                                        c10::optional<double> tol, int64_t min_iterations, bool trajectory,
+                                        bool save_hidden) {
   check_inputs(h, x, v, {{"w_h", &w_h}, {"w_x", &w_x}, {"w_v", &w_v}, {"w_o", &w_o}, {"bias", &bias},
                          {"b_o", &b_o}, {"mod", &mod}, {"mu", &mu}, {"table", &table}});
   Params P;
@@ -449,6 +511,9 @@ std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x
   const bool early_exit = tol.has_value();
   const float tol_f = early_exit ? float(*tol) : 0.f;
   const int64_t blocks = (N + NB - 1) / NB;
+  // c of every step for the backward, in the kernel's own block layout [blocks][T][Hp][NB]
+  at::Tensor hidden;
+  if (save_hidden) hidden = at::empty({blocks, P.T, P.Hp, NB}, opts.dtype(at::kFloat));
   dispatch(h.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* hp = static_cast<const scalar_t*>(h.data_ptr());
@@ -476,12 +541,13 @@ std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x
         const size_t bytes = size_t(R) * P.d * sizeof(scalar_t);
         S.writes.add(static_cast<scalar_t*>(out.x) + n0 * P.d, bytes);
         S.writes.add(static_cast<scalar_t*>(out.v) + n0 * P.d, bytes);
+        float* hid = save_hidden ? hidden.data_ptr<float>() + size_t(b) * P.T * P.Hp * NB : nullptr;
         forward_block<scalar_t, false>(P, S, n0, R, hp, xp, vp, early_exit, tol_f, int(min_iterations), &out,
-                                       nullptr);
+                                       nullptr, hid, false);
       }
     }
   });
-  return {x_out, v_out, iterations, energy, distance, traj_x, traj_v};
+  return {x_out, v_out, iterations, energy, distance, traj_x, traj_v, hidden};
 }
 
 namespace {
@@ -702,7 +768,8 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
                                          const at::Tensor& mod, const at::Tensor& mu, const at::Tensor& table,
                                          double dt, c10::optional<double> kappa, int64_t num_iterations,
                                          const at::Tensor& grad_x, const at::Tensor& grad_v,
-                                         const at::Tensor& grad_energy, const at::Tensor& grad_distance) {
+                                         const at::Tensor& grad_energy, const at::Tensor& grad_distance,
+                                         const c10::optional<at::Tensor>& hidden) {
   check_inputs(h, x, v, {{"w_h", &w_h}, {"w_x", &w_x}, {"w_v", &w_v}, {"w_o", &w_o}, {"bias", &bias},
                          {"b_o", &b_o}, {"mod", &mod}, {"mu", &mu}, {"table", &table},
                          {"grad_energy", &grad_energy}, {"grad_distance", &grad_distance}});
@@ -717,6 +784,10 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
               "iterate_backward: grad_energy and grad_distance must be [N, T]");
   pack_params(P, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, true);
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
+  if (hidden)
+    TORCH_CHECK(hidden->scalar_type() == at::kFloat && hidden->is_contiguous() &&
+                    hidden->numel() == ((N + NB - 1) / NB) * T * Hp * NB,
+                "iterate_backward: hidden must be what iterate_forward(save_hidden=True) returned for these inputs");
 
   auto f32 = h.options().dtype(at::kFloat);
   at::Tensor gh = at::empty({N, d}, f32), gx = at::empty({N, d}, f32), gv = at::empty({N, d}, f32);
@@ -767,7 +838,8 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
           S.writes.add(io.gh + n0 * d, size_t(R) * d * sizeof(float));
           S.writes.add(io.gx + n0 * d, size_t(R) * d * sizeof(float));
           S.writes.add(io.gv + n0 * d, size_t(R) * d * sizeof(float));
-          forward_block<scalar_t, true>(P, S, n0, R, hp, xp, vp, false, 0.f, 0, nullptr, &st);
+          float* hid = hidden ? hidden->data_ptr<float>() + size_t(b) * T * Hp * NB : nullptr;
+          forward_block<scalar_t, true>(P, S, n0, R, hp, xp, vp, false, 0.f, 0, nullptr, &st, hid, hid != nullptr);
           backward_block<scalar_t>(P, S, st, B, parts[tile], n0, R, io);
         }
         B.end_tile(parts[tile]);

@@ -23,7 +23,7 @@ namespace inl {
 
 #if defined(__AVX512F__)
 constexpr int kVec = 16;       // floats per vector
-constexpr int kRowBlock = 12;  // micro-kernel rows: 24 accumulators of 32 registers
+constexpr int kRowBlock = 14;  // micro-kernel rows: 28 accumulators of 32 registers
 #elif defined(__AVX__)
 constexpr int kVec = 8;
 constexpr int kRowBlock = 6;   // 12 accumulators of 16 registers
@@ -70,6 +70,35 @@ inline bool any(VecI m) {
     if (m[i]) return true;
   return false;
 }
+#if defined(__AVX512F__)
+// r[i] holds row i of a 16×16 block; afterwards r[j] holds its column j.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+#endif
+
 // lanes summed in a fixed order, in double
 inline double hsum(Vec v) {
   double s = 0.0;
@@ -99,7 +128,11 @@ inline Vec vrcp(Vec x) {
 // e^x within ~2 ulp: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to r⁶ (truncation
 // < 1.3e-7 relative), times 2^n. Inputs below -104 give 0, above 88 give e^88.
 inline Vec vexp(Vec x) {
+#if defined(__AVX512F__)
+  x = vmax(x, splat(-104.f));  // scalef below saturates large n to inf by itself
+#else
   x = vmin(vmax(x, splat(-104.f)), splat(88.f));
+#endif
   const Vec round_magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to the nearest integer
   Vec n = (x * 1.44269504088896341f + round_magic) - round_magic;
   Vec r = x - n * 0.693359375f;  // ln2 in two parts so that n·ln2_hi is exact

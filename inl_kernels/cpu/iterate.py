@@ -33,9 +33,11 @@ def supports(h, x, *, v=None, return_trajectory=False, **kw):
 class _Iterate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations):
-        x_T, v_T, iterations, energy, distance, _, _ = _C.iterate_forward(
-            h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, None, 0, False)
-        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table)
+        # hidden: the controller's hidden activations of every step (T·H floats a row), so that
+        # the backward's recompute of the forward skips the controller's input layer
+        x_T, v_T, iterations, energy, distance, _, _, hidden = _C.iterate_forward(
+            h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, None, 0, False, True)
+        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, hidden)
         ctx.constants = (dt, kappa, num_iterations)
         ctx.mark_non_differentiable(iterations)
         return x_T, v_T, iterations, energy, distance
@@ -43,10 +45,10 @@ class _Iterate(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_x, grad_v, _, grad_energy, grad_distance):
-        h, x, v, *weights = ctx.saved_tensors
+        h, x, v, *weights, hidden = ctx.saved_tensors
         gh, gx, gv, *grads = _C.iterate_backward(
             h, x, v, *weights, *ctx.constants, grad_x.contiguous(), grad_v.contiguous(),
-            grad_energy.float().contiguous(), grad_distance.float().contiguous())
+            grad_energy.float().contiguous(), grad_distance.float().contiguous(), hidden)
         gv = gv.to(v.dtype) if v is not None else None
         return (gh.to(h.dtype), gx.to(x.dtype), gv, *grads, None, None, None)
 
@@ -61,7 +63,7 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
     mod = torch.cat([mod_scale, mod_bias]).float()
     weights = (w_h.float(), w_x.float(), w_v.float(), w_o.float(), bias, b_o.float(), mod, mu.float(), table)
     if not needs_grad:
-        x_T, v_T, iterations, energy, distance, traj_x, traj_v = _C.iterate_forward(
+        x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = _C.iterate_forward(
             h, x, v, *weights, dt, kappa, num_iterations, tol, min_iterations, return_trajectory)
         return x_T, IterateInfo(v_T, iterations, energy, distance, traj_x, traj_v)
     x_T, v_T, iterations, energy, distance = _Iterate.apply(h, x, v, *weights, dt, kappa, num_iterations)
