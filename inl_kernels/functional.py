@@ -2,7 +2,6 @@
 through `_dispatch.resolve`, and calls it. Math: SPEC §2–3 and each reference module."""
 from __future__ import annotations
 
-import torch
 
 from . import _validate as check
 from ._dispatch import resolve

@@ -6,15 +6,13 @@ Sq < Skv (queries at the end of the keys) and the split-KV decode path. The inte
 bf16 dot is wrong, so bf16 is checked on a GPU only (`cuda` marker).
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from inl_kernels import gqa_attention, rope, rope_tables
 from inl_kernels.triton import attention as tri_attention
+from tests.triton.sm90 import compile_for_sm90, compile_in_child
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -241,10 +239,7 @@ def test_gpu_low_precision(case, dtype):
 def compile_cases():
     """Child process: compiles every attention kernel for sm_90 (H100) with the launcher's own
     bf16 tile configs, for both sides of each constexpr branch, and prints one line per kernel."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     gpu = type("Device", (), {"type": "cuda"})()
     fp32_ptrs = ("LSE", "DELTA", "COS", "SIN", "O_PART", "M_PART", "L_PART")
@@ -274,24 +269,10 @@ def compile_cases():
                     sig[name] = "*bf16"
                 else:
                     sig[name] = "fp32" if "scale" in name else "i32"
-            compiled = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=num_warps, num_stages=num_stages))
-            assert compiled.asm["cubin"], fn.__name__
-            print("compiled", fn.__name__, D, flush=True)
+            compile_for_sm90(fn, sig, constexprs, num_warps, num_stages, label=D)
 
 
 @pytest.mark.skipif(GPU, reason="a GPU compiles the kernels when it runs them")
 def test_kernels_compile_for_sm90():
-    """The interpreter runs kernels as Python and accepts code the compiler rejects; compiling
-    ahead of time with the installed Triton and its bundled ptxas catches that without a GPU.
-    In a child process: here TRITON_INTERPRET=1 has already made every kernel Python."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", "from tests.triton.test_attention import compile_cases; "
-                           "compile_cases()"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "compiled" not in proc.stdout:
-        pytest.skip("no usable ptxas in this Triton install: " + proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 12
+    """See tests/triton/sm90.py."""
+    compile_in_child("tests.triton.test_attention:compile_cases", 12)

@@ -4,14 +4,10 @@ The interpreter runs kernels as Python, so it accepts code the compiler rejects 
 differ between the branches of an `if`, operands a tl.dot cannot take, ...). Compiling ahead of
 time with the installed Triton and its bundled ptxas catches those here. The compile runs in a
 child process: in this one TRITON_INTERPRET=1 has already turned every kernel into Python."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.triton.sm90 import compile_for_sm90, compile_in_child
 
 BF16_POINTERS = ("h_ptr", "x0_ptr", "v0_ptr", "xo_ptr", "vo_ptr", "w_h_ptr", "w_x_ptr", "w_v_ptr", "w_o_ptr",
                  "b_o_ptr", "mu_ptr", "trajx_ptr", "trajv_ptr", "gxT_ptr", "gvT_ptr", "dx_ptr", "dv_ptr")
@@ -49,29 +45,14 @@ def signature(fn, constexprs):
 
 def compile_all():
     """Child process: compiles each kernel for sm_90 and prints one line per kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from inl_kernels.triton import iterate
 
     for name, constexprs in cases().items():
         fn = getattr(iterate, name)
-        compiled = triton.compile(ASTSource(fn, signature(fn, constexprs), constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
-        assert compiled.asm["cubin"], name
-        print("compiled", name, flush=True)
+        compile_for_sm90(fn, signature(fn, constexprs), constexprs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU compiles the kernels when it runs them")
 def test_every_kernel_compiles_for_sm90():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", "from tests.triton.test_iterate_compile import compile_all; "
-                           "compile_all()"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "compiled" not in proc.stdout:
-        pytest.skip("no usable ptxas in this Triton install: " + proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == len(cases())
+    compile_in_child("tests.triton.test_iterate_compile:compile_all", len(cases()))

@@ -1,14 +1,12 @@
 """Triton RMSNorm against the reference, forward and backward, with and without the fused
 residual; the weight gradient's determinism; odd widths and single rows."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from inl_kernels import rms_norm
 from inl_kernels.triton.rms_norm import MAX_WIDTH
+from tests.triton.sm90 import compile_for_sm90, compile_in_child
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -146,10 +144,7 @@ def test_gpu_bf16(shape, residual):
 def compile_cases():
     """Child process: compiles both RMSNorm kernels for sm_90 (H100), bf16 activations with fp32
     weights, with the launcher's tiles, every flag on and every flag off."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from inl_kernels.triton import rms_norm as tri_rms_norm
 
@@ -163,24 +158,10 @@ def compile_cases():
             sig = {name: "constexpr" if name in constexprs else
                    ("*fp32" if name != "eps" else "fp32") if name in fp32 else
                    "*bf16" if name in ("X", "R", "Y", "S", "DY", "DS", "DX", "DR") else "i32" for name in fn.arg_names}
-            compiled = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=num_warps, num_stages=1))
-            assert compiled.asm["cubin"], fn.__name__
-            print("compiled", fn.__name__, width, flush=True)
+            compile_for_sm90(fn, sig, constexprs, num_warps, label=width)
 
 
 @pytest.mark.skipif(GPU, reason="a GPU compiles the kernels when it runs them")
 def test_kernels_compile_for_sm90():
-    """The interpreter runs kernels as Python and accepts code the compiler rejects; compiling
-    ahead of time with the installed Triton and its bundled ptxas catches that without a GPU.
-    In a child process: here TRITON_INTERPRET=1 has already made every kernel Python."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", "from tests.triton.test_rms_norm import compile_cases; "
-                           "compile_cases()"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "compiled" not in proc.stdout:
-        pytest.skip("no usable ptxas in this Triton install: " + proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 4
+    """See tests/triton/sm90.py."""
+    compile_in_child("tests.triton.test_rms_norm:compile_cases", 4)

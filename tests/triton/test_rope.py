@@ -1,14 +1,12 @@
 """Triton RoPE (q and k in one launch) against the reference, forward and backward, at position
 offsets (KV-cache decode), with strided inputs, odd sequence lengths and head dims whose half
 is not a power of two."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from inl_kernels import rope, rope_tables
+from tests.triton.sm90 import compile_for_sm90, compile_in_child
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -120,10 +118,7 @@ def test_gpu_bf16(shape):
 def compile_cases():
     """Child process: compiles the RoPE kernel for sm_90 (H100), bf16 q/k and fp32 tables,
     forward and inverse, at head dims 64 and 128."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from inl_kernels.triton import rope as tri_rope
 
@@ -132,24 +127,10 @@ def compile_cases():
         constexprs = dict(HALF=D // 2, BLOCK_S=64, BLOCK_H=D // 2, INVERSE=inverse, ACC=tl.float32)
         sig = {name: "constexpr" if name in constexprs else "*fp32" if name in ("COS", "SIN") else
                "*bf16" if name in ("Q", "K", "QO", "KO") else "i32" for name in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=4, num_stages=1))
-        assert compiled.asm["cubin"]
-        print("compiled", fn.__name__, D, flush=True)
+        compile_for_sm90(fn, sig, constexprs, label=D)
 
 
 @pytest.mark.skipif(GPU, reason="a GPU compiles the kernels when it runs them")
 def test_kernels_compile_for_sm90():
-    """The interpreter runs kernels as Python and accepts code the compiler rejects; compiling
-    ahead of time with the installed Triton and its bundled ptxas catches that without a GPU.
-    In a child process: here TRITON_INTERPRET=1 has already made every kernel Python."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", "from tests.triton.test_rope import compile_cases; "
-                           "compile_cases()"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "compiled" not in proc.stdout:
-        pytest.skip("no usable ptxas in this Triton install: " + proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 2
+    """See tests/triton/sm90.py."""
+    compile_in_child("tests.triton.test_rope:compile_cases", 2)
