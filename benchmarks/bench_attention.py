@@ -17,7 +17,6 @@ faster); on the sdpa rows it is the ratio the targets name (forward ≥ 0.9, for
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -29,8 +28,8 @@ if __package__ in (None, ""):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ours runs on the CPU
 
-from benchmarks.bench_rms_norm import copy_bandwidth  # noqa: E402
-from benchmarks.common import peak_memory_mib, print_table, time_fn, write_json  # noqa: E402
+from benchmarks.common import (add_speedups, copy_bandwidth, op_parser, op_settings, peak_memory_mib,  # noqa: E402
+                               print_table, time_fn, write_json)
 from inl_kernels import gqa_attention, rope_tables  # noqa: E402
 from inl_kernels.reference import attention as eager_attention  # noqa: E402
 
@@ -113,26 +112,14 @@ def bench_case(label, B, Hq, Hkv, Sq, Skv, D, causal, modes, dtype, device, use_
                 row["note"] = "K/V repeated to Hq heads outside the timed call"
             timed[name] = row
             rows.append(row)
-        if "ours" in timed:
-            for row in timed.values():
-                row["ours_speedup"] = row["ms"] / timed["ours"]["ms"]
+        add_speedups(timed)
     return rows
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: a smoke run")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    p.add_argument("--repeat", type=int, default=10)
+    p = op_parser(__doc__)
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.quick:
-        p.error("no GPU: only --quick runs here (ours runs through the Triton interpreter, not a speed measure)")
-    dtype = torch.float32 if device == "cpu" else getattr(torch, args.dtype)
-    use_compile = not args.no_compile and not (args.quick and device == "cpu")
-    warmup, repeat = (1, 2) if args.quick else (5, args.repeat)
+    device, dtype, use_compile, warmup, repeat = op_settings(p, args)
     if args.quick:
         cases = [("prefill B1 Hq4 Hkv2 S40 D16", 1, 4, 2, 40, 40, 16, True, ("fwd", "fwd+bwd")),
                  ("decode B1 Hq4 Hkv2 1x40 D16", 1, 4, 2, 1, 40, 16, True, ("fwd",))]

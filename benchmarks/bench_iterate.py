@@ -100,17 +100,6 @@ def floor_ms(n, d, T, hidden, dtype, mode, bandwidth_gbs, peak_tflops):
     return max(flops / (peak_tflops * 1e12), moved / (bandwidth_gbs * 1e9)) * 1e3
 
 
-def copy_bandwidth(device, mib=512, repeat=10):
-    """Device-to-device copy bandwidth in GB/s (read + write), measured now."""
-    from benchmarks.common import time_fn
-
-    n = mib * 2**20 // 4
-    src = torch.empty(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device=device, warmup=2, repeat=repeat)
-    return 2 * n * 4 / ms / 1e6
-
-
 def implementations(device, use_compile):
     """name -> iterate(h, x, **kw) returning (x_T, info)."""
     import inl_kernels
@@ -244,7 +233,7 @@ def main(argv=None):
     if device == "cpu" and args.quick:
         # the smoke run also drives the Triton kernels, through the interpreter (not a speed)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from benchmarks.common import print_table, write_json
+    from benchmarks.common import copy_bandwidth, print_table, write_json
 
     shapes = [parse_shape(s) for s in (args.shapes or (QUICK_SHAPES if args.quick else
                                                         CUDA_SHAPES if device == "cuda" else CPU_SHAPES))]

@@ -11,7 +11,6 @@ over floor; "ours_speedup" is this row's time over ours (> 1: ours is faster).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,20 +21,12 @@ if __package__ in (None, ""):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ours runs on the CPU
 
-from benchmarks.common import peak_memory_mib, print_table, time_fn, write_json  # noqa: E402
+from benchmarks.common import (add_speedups, copy_bandwidth, op_parser, op_settings, peak_memory_mib,  # noqa: E402
+                               print_table, time_fn, write_json)
 from inl_kernels import rms_norm  # noqa: E402
 from inl_kernels.reference import rms_norm as eager_rms_norm  # noqa: E402
 
 COLUMNS = ["shape", "dtype", "mode", "impl", "ms", "GB/s", "x_floor", "ours_speedup", "max_err", "peak_mib", "note"]
-
-
-def copy_bandwidth(device, mib: int = 512, repeat: int = 10) -> float:
-    """Device-to-device copy bandwidth in GB/s (read + write), measured now."""
-    n = mib * 2**20 // 4
-    src = torch.empty(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device=device, warmup=2, repeat=repeat)
-    return 2 * n * 4 / ms / 1e6
 
 
 def liger_rms_norm():
@@ -107,31 +98,17 @@ def bench(M, N, dtype, device, use_compile, warmup, repeat, bandwidth):
                        peak_mib=peak_memory_mib(call, device) if mode == "fwd+bwd" else None)
             timed[name] = row
             rows.append(row)
-        if "ours" in timed:
-            for row in timed.values():
-                row["ours_speedup"] = row["ms"] / timed["ours"]["ms"]
+        add_speedups(timed)
     for name, why in notes.items():
         rows.append(dict(shape=f"{M}x{N}", dtype=str(dtype).replace("torch.", ""), mode="-", impl=name, note=why))
     return rows
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: a smoke run")
-    p.add_argument("--shape", default="16384x2048", help="M x N (default: ANCHORS.md)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    p.add_argument("--repeat", type=int, default=10)
+    p = op_parser(__doc__, shape_default="16384x2048", shape_help="M x N (default: ANCHORS.md)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.quick:
-        p.error("no GPU: only --quick runs here (ours runs through the Triton interpreter, not a speed measure)")
+    device, dtype, use_compile, warmup, repeat = op_settings(p, args)
     M, N = (64, 200) if args.quick else map(int, args.shape.lower().split("x"))
-    dtype = torch.float32 if device == "cpu" else getattr(torch, args.dtype)
-    # inductor on a CPU compiles C++ for minutes; the smoke run skips it there
-    use_compile = not args.no_compile and not (args.quick and device == "cpu")
-    warmup, repeat = (1, 2) if args.quick else (5, args.repeat)
     bandwidth = copy_bandwidth(device, mib=8 if args.quick else 512, repeat=2 if args.quick else 10)
     print(f"copy bandwidth (read + write): {bandwidth:.0f} GB/s on {device}")
     rows = bench(M, N, dtype, device, use_compile, warmup, repeat, bandwidth)

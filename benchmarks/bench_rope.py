@@ -13,7 +13,6 @@ bench_attention.py.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,8 +23,8 @@ if __package__ in (None, ""):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ours runs on the CPU
 
-from benchmarks.bench_rms_norm import copy_bandwidth  # noqa: E402
-from benchmarks.common import print_table, time_fn, write_json  # noqa: E402
+from benchmarks.common import (add_speedups, copy_bandwidth, op_parser, op_settings, print_table,  # noqa: E402
+                               time_fn, write_json)
 from inl_kernels import rope, rope_tables  # noqa: E402
 from inl_kernels.reference import rope as eager_rope  # noqa: E402
 
@@ -92,9 +91,7 @@ def bench(B, Hq, Hkv, S, D, dtype, device, use_compile, warmup, repeat, bandwidt
                        max_err=err)
             timed[name] = row
             rows.append(row)
-        if "ours" in timed:
-            for row in timed.values():
-                row["ours_speedup"] = row["ms"] / timed["ours"]["ms"]
+        add_speedups(timed)
     for name, why in notes.items():
         if name not in impls:
             rows.append(dict(shape=shape, dtype=str(dtype).replace("torch.", ""), mode="-", impl=name, note=why))
@@ -102,21 +99,10 @@ def bench(B, Hq, Hkv, S, D, dtype, device, use_compile, warmup, repeat, bandwidt
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: a smoke run")
-    p.add_argument("--shape", default="4,32,8,4096,64", help="B,Hq,Hkv,S,D (default: ANCHORS.md)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    p.add_argument("--repeat", type=int, default=10)
+    p = op_parser(__doc__, shape_default="4,32,8,4096,64", shape_help="B,Hq,Hkv,S,D (default: ANCHORS.md)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.quick:
-        p.error("no GPU: only --quick runs here (ours runs through the Triton interpreter, not a speed measure)")
+    device, dtype, use_compile, warmup, repeat = op_settings(p, args)
     B, Hq, Hkv, S, D = (1, 4, 2, 24, 16) if args.quick else map(int, args.shape.split(","))
-    dtype = torch.float32 if device == "cpu" else getattr(torch, args.dtype)
-    use_compile = not args.no_compile and not (args.quick and device == "cpu")
-    warmup, repeat = (1, 2) if args.quick else (5, args.repeat)
     bandwidth = copy_bandwidth(device, mib=8 if args.quick else 512, repeat=2 if args.quick else 10)
     print(f"copy bandwidth (read + write): {bandwidth:.0f} GB/s on {device}")
     rows = bench(B, Hq, Hkv, S, D, dtype, device, use_compile, warmup, repeat, bandwidth)

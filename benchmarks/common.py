@@ -3,6 +3,7 @@ output. Timings are medians of repeated calls after warm-up (CUDA events on a GP
 perf_counter on a CPU), all taken in one process so ratios compare like with like."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -59,6 +60,50 @@ def time_fn(fn: Callable[[], object], device="cuda", warmup: int = 3, repeat: in
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def copy_bandwidth(device, mib: int = 512, repeat: int = 10) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write), measured now: the bandwidth
+    floor the memory-bound ops are judged against."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device=device, warmup=2, repeat=repeat)
+    return 2 * n * 4 / ms / 1e6
+
+
+def op_parser(description: str, shape_default=None, shape_help=None) -> argparse.ArgumentParser:
+    """The flags every GPU op benchmark takes (`--json`, `--quick`, `--dtype`, `--no-compile`,
+    `--repeat`, and `--shape` when the op has one)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: a smoke run")
+    if shape_default is not None:
+        p.add_argument("--shape", default=shape_default, help=shape_help)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--repeat", type=int, default=10)
+    return p
+
+
+def op_settings(p: argparse.ArgumentParser, args) -> tuple:
+    """(device, dtype, use_compile, warmup, repeat) for an op benchmark. Without a GPU only
+    --quick runs: ours then runs through the Triton interpreter, which measures nothing."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.quick:
+        p.error("no GPU: only --quick runs here (ours runs through the Triton interpreter, not a speed measure)")
+    dtype = torch.float32 if device == "cpu" else getattr(torch, args.dtype)
+    # inductor on a CPU compiles C++ for minutes; the smoke run skips it there
+    use_compile = not args.no_compile and not (args.quick and device == "cpu")
+    warmup, repeat = (1, 2) if args.quick else (5, args.repeat)
+    return device, dtype, use_compile, warmup, repeat
+
+
+def add_speedups(timed: dict, baseline: str = "ours", column: str = "ours_speedup") -> None:
+    """Adds row[column] = row.ms / timed[baseline].ms to every timed row (when the baseline ran)."""
+    if baseline in timed:
+        for row in timed.values():
+            row[column] = row["ms"] / timed[baseline]["ms"]
 
 
 def peak_memory_mib(fn: Callable[[], object], device="cuda") -> Optional[float]:
