@@ -187,6 +187,52 @@ def _load_block(ptr, offs, mask, ACC: tl.constexpr):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
 
 
+@triton.jit
+def _advance_block(t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, hk, D, T, dt,
+                   x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
+                   ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
+                   H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr,
+                   HAS_EXC: tl.constexpr, EARLY_EXIT: tl.constexpr, TRAJ: tl.constexpr,
+                   DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """Step t on one [BM, BD] block of the state, shared by the tile and the decode path: reads
+    x, v (the inputs at t = 0, the fp32 state after), runs `_step_block` with row t of the
+    excitation table, keeps frozen rows as they are (early exit), stores x', v' to the state
+    (and entry t+1 of the trajectory). Returns (x, x', v', mu) with masked columns of x', v'
+    zeroed, ready for the caller's row sums."""
+    if t == 0:
+        x = _load_block(x0_ptr, offs, m, ACC)
+        if HAS_V:
+            v = _load_block(v0_ptr, offs, m, ACC)
+        else:
+            v = tl.zeros([BM, BD], dtype=ACC)
+    else:
+        x = _load_block(xs_ptr, offs, m, ACC)
+        v = _load_block(vs_ptr, offs, m, ACC)
+    mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    if HAS_EXC:
+        exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
+    else:
+        exc = tl.zeros([BD], dtype=ACC)
+    x_new, v_new = _step_block(c, x, v, x - mu[None, :], alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask,
+                               hk, D, dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
+    if EARLY_EXIT:
+        x_new = tl.where(active[:, None], x_new, x)
+        v_new = tl.where(active[:, None], v_new, v)
+        store_mask = m & active[:, None]
+    else:
+        store_mask = m
+    # masked columns hold bias-driven values: zero them before any row reduction
+    x_new = tl.where(m, x_new, 0.0)
+    v_new = tl.where(m, v_new, 0.0)
+    tl.store(xs_ptr + offs, x_new, mask=store_mask)
+    tl.store(vs_ptr + offs, v_new, mask=store_mask)
+    if TRAJ:
+        t_offs = rows64[:, None] * (T + 1) * D + (t + 1) * D + cols[None, :]
+        tl.store(trajx_ptr + t_offs, x_new.to(trajx_ptr.dtype.element_ty), mask=m)
+        tl.store(trajv_ptr + t_offs, v_new.to(trajv_ptr.dtype.element_ty), mask=m)
+    return x, x_new, v_new, mu
+
+
 # ----------------------------------------------------------------------------------------------
 # forward, tile path
 
@@ -267,37 +313,10 @@ def _iterate_fwd_tile(
             col_mask = cols < D
             m = row_mask[:, None] & col_mask[None, :]
             offs = rows64[:, None] * D + cols[None, :]
-            if t == 0:
-                x = _load_block(x0_ptr, offs, m, ACC)
-                if HAS_V:
-                    v = _load_block(v0_ptr, offs, m, ACC)
-                else:
-                    v = tl.zeros([BM, BD], dtype=ACC)
-            else:
-                x = _load_block(xs_ptr, offs, m, ACC)
-                v = _load_block(vs_ptr, offs, m, ACC)
-            mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-            if HAS_EXC:
-                exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
-            else:
-                exc = tl.zeros([BD], dtype=ACC)
-            x_new, v_new = _step_block(c, x, v, x - mu[None, :], alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask,
-                                       hk, D, dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
-            if EARLY_EXIT:
-                x_new = tl.where(active[:, None], x_new, x)
-                v_new = tl.where(active[:, None], v_new, v)
-                store_mask = m & active[:, None]
-            else:
-                store_mask = m
-            # masked columns hold bias-driven values: zero them before any row reduction
-            x_new = tl.where(m, x_new, 0.0)
-            v_new = tl.where(m, v_new, 0.0)
-            tl.store(xs_ptr + offs, x_new, mask=store_mask)
-            tl.store(vs_ptr + offs, v_new, mask=store_mask)
-            if TRAJ:
-                t_offs = rows64[:, None] * (T + 1) * D + (t + 1) * D + cols[None, :]
-                tl.store(trajx_ptr + t_offs, x_new.to(trajx_ptr.dtype.element_ty), mask=m)
-                tl.store(trajv_ptr + t_offs, v_new.to(trajv_ptr.dtype.element_ty), mask=m)
+            x, x_new, v_new, mu = _advance_block(
+                t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, hk, D, T, dt,
+                x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
+                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, EARLY_EXIT, TRAJ, DOT, PREC, ACC)
             if t + 1 < T:
                 pre = tl.dot(x_new.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), pre,
                              input_precision=PREC, out_dtype=ACC)
@@ -473,36 +492,10 @@ def _decode_step(
                 alpha_scale = 1.0 - tl.exp(-kappa * tl.sqrt(sq / D))
             else:
                 alpha_scale = tl.full([BM], 1.0, dtype=ACC)
-            if t == 0:
-                x = _load_block(x0_ptr, offs, m, ACC)
-                if HAS_V:
-                    v = _load_block(v0_ptr, offs, m, ACC)
-                else:
-                    v = tl.zeros([BM, BD], dtype=ACC)
-            else:
-                x = _load_block(xs_ptr, offs, m, ACC)
-                v = _load_block(vs_ptr, offs, m, ACC)
-            mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-            if HAS_EXC:
-                exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
-            else:
-                exc = tl.zeros([BD], dtype=ACC)
-            x_new, v_new = _step_block(c, x, v, x - mu[None, :], alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask,
-                                       hk, D, dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
-            if EARLY_EXIT:
-                x_new = tl.where(active[:, None], x_new, x)
-                v_new = tl.where(active[:, None], v_new, v)
-                store_mask = m & active[:, None]
-            else:
-                store_mask = m
-            x_new = tl.where(m, x_new, 0.0)
-            v_new = tl.where(m, v_new, 0.0)
-            tl.store(xs_ptr + offs, x_new, mask=store_mask)
-            tl.store(vs_ptr + offs, v_new, mask=store_mask)
-            if TRAJ:
-                t_offs = rows64[:, None] * (T + 1) * D + (t + 1) * D + cols[None, :]
-                tl.store(trajx_ptr + t_offs, x_new.to(trajx_ptr.dtype.element_ty), mask=m)
-                tl.store(trajv_ptr + t_offs, v_new.to(trajv_ptr.dtype.element_ty), mask=m)
+            x, x_new, v_new, mu = _advance_block(
+                t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, hk, D, T, dt,
+                x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
+                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, EARLY_EXIT, TRAJ, DOT, PREC, ACC)
             if t + 1 < T:
                 pre = tl.dot(x_new.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT),
                              input_precision=PREC, out_dtype=ACC)
