@@ -37,6 +37,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def needs_grad(*values) -> bool:
+    """True when autograd will want gradients of any of these values (a tensor that requires
+    grad, with grad mode on). It is the test that switches early exit off, in every backend."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in values)
+
+
+def fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude, num_iterations, d,
+                    dtype):
+    """What the fused kernels take instead of the small raw parameters, built in torch so that
+    autograd carries their gradients back: the [T, d] excitation table (None without excited
+    dims), the combined bias b_h + b_x + b_v [H] and the 8 modulation scalars
+    (mod_scale, mod_bias), all in `dtype`."""
+    table = (excitation_table(exc_index, gamma, phi, amplitude, num_iterations, d, dtype=dtype)
+             if exc_index.numel() > 0 else None)
+    bias = b_h.to(dtype) + b_x.to(dtype) + b_v.to(dtype)
+    return table, bias, torch.cat((mod_scale.to(dtype), mod_bias.to(dtype)))
+
+
 def excitation_table(exc_index, gamma, phi, amplitude, num_iterations, d, dtype=None):
     """[T, d] table of the sparse excitation: row t holds amplitude·sin(gamma_k·t + phi_k) at
     column exc_index[k] and zeros elsewhere. Differentiable in gamma and phi; fused kernels add
@@ -66,10 +84,8 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
     # h enters every step through the same term: compute it once.
     context = f(h) @ f(w_h).t() + f(b_h) + f(b_x) + f(b_v)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, gamma, phi))
-    early_exit = tol is not None and not needs_grad
+    early_exit = tol is not None and not needs_grad(h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o,
+                                                    mod_scale, mod_bias, mu, gamma, phi)
     active = torch.ones(n, dtype=torch.bool, device=x.device)
     iterations = torch.full((n,), T, dtype=torch.int32, device=x.device)
     energy, distance = [], []

@@ -70,13 +70,16 @@ activation dtype (DOT constexpr: bf16/fp16 on a GPU; the interpreter multiplies 
 wrongly, so there it uses fp32); fp32 dots on a GPU use tf32x3 (about fp32 accuracy on
 tensor cores) rather than plain tf32, which would miss fp32 tolerances.
 
-Batch invariance is bit for bit within a path; a row may change by fp32 rounding when the
-batch size crosses DECODE_MAX_ROWS (the two paths reduce in different orders). Determinism:
-same inputs, same bits, for a given kernel configuration (on a GPU the autotuner fixes it per
-process for each (d, H, dtype)).
+Batch invariance is bit for bit: rows never meet, and both paths add the same per-block
+shares of every row reduction in the same column order, so a row gives the same bits on
+either side of DECODE_MAX_ROWS (tested under the interpreter; on a GPU it also needs the
+compiler to reduce inside a block alike for both tile shapes, which the cuda-marked test
+checks). Determinism: same
+inputs, same bits, in every process: block sizes are a fixed function of (d, H) (`_tile_config`),
+never picked by timing.
 
-Speed: not yet measured on a GPU (written without one; the block sizes, autotune configs and
-DECODE_MAX_ROWS are first guesses to be tuned by benchmarks/bench_iterate.py).
+Speed: not yet measured on a GPU (written without one; the block sizes and DECODE_MAX_ROWS
+are first guesses to be tuned by benchmarks/bench_iterate.py).
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from ..reference.iterate import IterateInfo, excitation_table
+from ..reference.iterate import IterateInfo, fold_parameters, needs_grad
 from ..reference.iterate import iterate as reference_iterate
 
 SUPPORTED_HIDDEN = (16, 32, 64, 128)
@@ -188,6 +191,19 @@ def _load_block(ptr, offs, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _block_preact(x, v, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, HAS_V: tl.constexpr, DOT: tl.constexpr,
+                  PREC: tl.constexpr, ACC: tl.constexpr):
+    """One d-block's share of the next pre-activation, x·w_xᵀ + v·w_vᵀ over the block's columns,
+    started from zero. Both paths add these shares block by block in column order (the tile
+    path in its loop, the decode path across slices), so they reduce over d in the same order."""
+    pre = tl.dot(x.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC, out_dtype=ACC)
+    if HAS_V:
+        pre = tl.dot(v.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre, input_precision=PREC,
+                     out_dtype=ACC)
+    return pre
+
+
+@triton.jit
 def _advance_block(t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, hk, D, T, dt,
                    x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
                    ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
@@ -269,17 +285,13 @@ def _iterate_fwd_tile(
         m = row_mask[:, None] & col_mask[None, :]
         offs = rows64[:, None] * D + cols[None, :]
         hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
-        ctx = tl.dot(hb, _load_w_in(w_h_ptr, cols, col_mask, hk, D, DOT), ctx, input_precision=PREC,
-                     out_dtype=ACC)
+        ctx += tl.dot(hb, _load_w_in(w_h_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC, out_dtype=ACC)
         xb = _load_block(x0_ptr, offs, m, ACC)
-        pre = tl.dot(xb.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), pre,
-                     input_precision=PREC, out_dtype=ACC)
         if HAS_V:
             vb = _load_block(v0_ptr, offs, m, ACC)
-            pre = tl.dot(vb.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre,
-                         input_precision=PREC, out_dtype=ACC)
         else:
             vb = tl.zeros([BM, BD], dtype=ACC)
+        pre += _block_preact(xb, vb, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, HAS_V, DOT, PREC, ACC)
         mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         err = tl.where(m, xb - mu[None, :], 0.0)
         sq += tl.sum(err * err, axis=1)
@@ -294,7 +306,7 @@ def _iterate_fwd_tile(
     t = 0
     n_active = tl.sum(active.to(tl.int32), axis=0)
     while (t < T) & (n_active > 0):
-        c = tl.maximum(ctx + pre, 0.0)
+        c = tl.maximum(ctx + pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as in torch
         rms = tl.sqrt(sq / D)
         if SAVE:
             tl.store(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], c, mask=row_mask[:, None])
@@ -318,10 +330,7 @@ def _iterate_fwd_tile(
                 x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, EARLY_EXIT, TRAJ, DOT, PREC, ACC)
             if t + 1 < T:
-                pre = tl.dot(x_new.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), pre,
-                             input_precision=PREC, out_dtype=ACC)
-                pre = tl.dot(v_new.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre,
-                             input_precision=PREC, out_dtype=ACC)
+                pre += _block_preact(x_new, v_new, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, True, DOT, PREC, ACC)
             err_new = tl.where(m, x_new - mu[None, :], 0.0)
             sq += tl.sum(err_new * err_new, axis=1)
             step = x_new - x
@@ -349,18 +358,18 @@ def _iterate_fwd_tile(
             tl.store(vo_ptr + offs, tl.load(vs_ptr + offs, mask=m).to(vo_ptr.dtype.element_ty), mask=m)
 
 
-def _tile_configs():
-    # Compiled for sm_90 without a GPU (H = 64, bf16), ptxas puts every one of these at the
-    # 255-register cap, spilling 32 bytes (16×32, 4 warps) to ~1 KB (128×64): the [BD, H]
-    # weight tiles dominate, hence the BD = 32 and 8-warp entries. To be tuned on a GPU.
-    return [triton.Config({"BM": bm, "BD": bd}, num_warps=warps, num_stages=1)
-            for bm, bd, warps in ((16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8),
-                                  (64, 64, 8), (128, 32, 8), (128, 64, 8))]
-
-
-_iterate_fwd_tile_tuned = triton.autotune(
-    configs=_tile_configs(), key=["D", "H", "HAS_V", "EARLY_EXIT", "SAVE", "TRAJ", "USE_KAPPA"],
-)(_iterate_fwd_tile)
+def _tile_config(d, H):
+    """Block sizes of the tile path, a fixed function of (d, H): no autotuning, because the
+    column block sets the order of the row reductions over d, and a config picked by timing
+    could differ between processes and break 'same input, same bits'. BD is the decode path's
+    column slice, so both paths reduce over d block by block in the same order. Compiled for
+    sm_90 without a GPU (H = 64, bf16) these sit at the 255-register cap and spill 32 B (16×32)
+    to ~1 KB (128×64); the [BD, H] weight tiles dominate. First guesses, to be tuned on a GPU
+    with benchmarks/bench_iterate.py."""
+    if interpreting():
+        return dict(BM=16, BD=_decode_block(d), num_warps=4, num_stages=1)
+    bm = 64 if H <= 64 else 32
+    return dict(BM=bm, BD=_decode_block(d), num_warps=8 if bm >= 64 else 4, num_stages=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,14 +399,11 @@ def _decode_prologue(
     hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
     ctx = tl.dot(hb, _load_w_in(w_h_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC, out_dtype=ACC)
     xb = _load_block(x0_ptr, offs, m, ACC)
-    pre = tl.dot(xb.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC,
-                 out_dtype=ACC)
     if HAS_V:
         vb = _load_block(v0_ptr, offs, m, ACC)
-        pre = tl.dot(vb.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre,
-                     input_precision=PREC, out_dtype=ACC)
     else:
         vb = tl.zeros([BM, BD], dtype=ACC)
+    pre = _block_preact(xb, vb, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, HAS_V, DOT, PREC, ACC)
     mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     err = tl.where(m, xb - mu[None, :], 0.0)
     part_offs = (sid * N + rows64)[:, None] * H + hk[None, :]
@@ -486,7 +492,7 @@ def _decode_step(
                 pre += tl.load(pre_part_ptr + (p * SN + s * N + rows64)[:, None] * H + hk[None, :],
                                mask=row_mask[:, None], other=0.0)
                 sq += tl.load(stat_part_ptr + (p * S + s) * 4 * N + rows64, mask=row_mask, other=0.0)
-            c = tl.maximum(ctx + pre, 0.0)
+            c = tl.maximum(ctx + pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as in torch
             ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
             if USE_KAPPA:
                 alpha_scale = 1.0 - tl.exp(-kappa * tl.sqrt(sq / D))
@@ -497,10 +503,7 @@ def _decode_step(
                 x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, EARLY_EXIT, TRAJ, DOT, PREC, ACC)
             if t + 1 < T:
-                pre = tl.dot(x_new.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT),
-                             input_precision=PREC, out_dtype=ACC)
-                pre = tl.dot(v_new.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre,
-                             input_precision=PREC, out_dtype=ACC)
+                pre = _block_preact(x_new, v_new, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, True, DOT, PREC, ACC)
                 tl.store(pre_part_ptr + (q * SN + sid * N + rows64)[:, None] * H + hk[None, :], pre,
                          mask=row_mask[:, None])
             err_new = tl.where(m, x_new - mu[None, :], 0.0)
@@ -924,16 +927,11 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     if path == "tile":
         args = (h, x, v_in, xs, vs, x_out, v_out, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, exc,
                 energy, distance, iterations, c_save, r_save, traj_x, traj_v, n, d, T)
-        if config is None and interpreting():
-            config = dict(BM=16, BD=32)
-        if config is None:
-            grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
-            _iterate_fwd_tile_tuned[grid](*args, **scalars, H=H, SAVE=save, **flags)
-        else:
-            config = dict(config)
-            launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
-            grid = (triton.cdiv(n, config["BM"]),)
-            _iterate_fwd_tile[grid](*args, **scalars, H=H, SAVE=save, **flags, **config, **launch)
+        cfg = _tile_config(d, H)
+        cfg.update(config or {})
+        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+        grid = (triton.cdiv(n, cfg["BM"]),)
+        _iterate_fwd_tile[grid](*args, **scalars, H=H, SAVE=save, **flags, **cfg, **launch)
     else:
         cfg = dict(BM=16, BD=_decode_block(d))
         if config:
@@ -1108,13 +1106,12 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
     """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
     `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS for the
     backward) are for tests and benchmarks."""
-    tensors = (h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, gamma, phi)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     kwargs = dict(w_h=w_h, b_h=b_h, w_x=w_x, b_x=b_x, w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o, mod_scale=mod_scale,
                   mod_bias=mod_bias, mu=mu, exc_index=exc_index, gamma=gamma, phi=phi, amplitude=amplitude,
                   dt=dt, kappa=kappa, num_iterations=num_iterations, v=v, tol=tol,
                   min_iterations=min_iterations, return_trajectory=return_trajectory)
-    if needs_grad and return_trajectory:
+    grad = needs_grad(h, x, *kwargs.values())
+    if grad and return_trajectory:
         _warn_once("trajectory", "the triton iterate does not differentiate a returned trajectory: "
                                  "return_trajectory=True with inputs that require grad runs on the reference")
         return reference_iterate(h, x, **kwargs)
@@ -1123,13 +1120,10 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
     acc = _acc_dtype(x.dtype)
 
     def folded():
-        """The [T, d] excitation table (None without excited dims), b_h + b_x + b_v and the
-        8 modulation scalars, built in torch so that autograd differentiates them."""
-        table = (excitation_table(exc_index, gamma, phi, amplitude, T, x.shape[1], dtype=acc)
-                 if exc_index.numel() > 0 else None)
-        return table, b_h.to(acc) + b_x.to(acc) + b_v.to(acc), torch.cat((mod_scale.to(acc), mod_bias.to(acc)))
+        return fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude, T,
+                               x.shape[1], acc)
 
-    if needs_grad:  # every step runs (tol is ignored) on the tile path
+    if grad:  # every step runs (tol is ignored) on the tile path
         table, bias, mod = folded()
         x_out, v_out, energy, distance, iterations = _IterateFunction.apply(
             h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, _config)

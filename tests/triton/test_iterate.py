@@ -162,6 +162,44 @@ def test_batch_invariance_and_determinism(path):
         assert torch.equal(sub.iterations, full.iterations[rows])
 
 
+def test_both_paths_give_the_same_bits():
+    """Both paths add every row reduction's per-block shares in the same column order, so a row
+    has the same bits whichever path its batch size picks (SPEC: batch invariance, bit for bit),
+    with the default block sizes and with tile blocks of another height."""
+    h, x, kw = converging_args(n=40, d=70)
+    kw = cast(kw, torch.float32)
+    h, x = h.to(DEVICE, torch.float32), x.to(DEVICE, torch.float32)
+    runs = [triton_iterate.iterate(h, x, **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path, _config=config)
+            for path, config in (("tile", None), ("decode", None), ("tile", dict(BM=32)))]
+    (ref_x, ref), others = runs[0], runs[1:]
+    for out_x, out in others:
+        for a, b in ((out_x, ref_x), (out.v, ref.v), (out.energy, ref.energy), (out.distance, ref.distance),
+                     (out.iterations, ref.iterations)):
+            assert torch.equal(a, b)
+    # and through the public op, on either side of the path switch
+    small = inl_iterate(h[:5], x[:5], **kw, tol=CONVERGE_TOL, min_iterations=0, backend="triton")
+    big_h = torch.cat([h] * (triton_iterate.DECODE_MAX_ROWS // 40 + 1))
+    big_x = torch.cat([x] * (triton_iterate.DECODE_MAX_ROWS // 40 + 1))
+    big = inl_iterate(big_h, big_x, **kw, tol=CONVERGE_TOL, min_iterations=0, backend="triton")
+    assert big_h.shape[0] > triton_iterate.DECODE_MAX_ROWS
+    assert torch.equal(small, big[:5])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("where", ["h", "x", "w_o"])
+def test_nan_propagates_like_the_reference(path, where):
+    """A NaN input gives NaN exactly where the reference gives it (relu(NaN) is NaN): a fused
+    kernel must not turn a diverged input into finite numbers."""
+    h, x, kw = make_args(n=4, d=20, H=16, E=3, T=3, dtype=torch.float32)
+    target = {"h": h, "x": x, "w_o": kw["w_o"]}[where]
+    target.view(-1)[7] = float("nan")
+    ref_x, ref = reference_iterate(h, x, **kw)
+    out_x, out = run_triton(h, x, kw, torch.float32, path)
+    assert torch.isnan(ref_x).any()
+    for got, want in ((out_x, ref_x), (out.v, ref.v), (out.energy, ref.energy), (out.distance, ref.distance)):
+        assert torch.equal(torch.isnan(got.cpu()), torch.isnan(want))
+
+
 def test_public_dispatch():
     h, x, kw = make_args(n=4, d=20, H=16, E=2, T=2, dtype=torch.float32, device=DEVICE)
     out = inl_iterate(h, x, **kw, backend="triton")
@@ -173,8 +211,11 @@ def test_public_dispatch():
         h, x, kw = make_args(n=2, d=20, H=16, E=2, T=2, dtype=torch.float64)
         inl_iterate(h, x, **kw, backend="triton")  # fp64 runs under the interpreter
     if DEVICE == "cuda":
-        # auto picks triton for CUDA tensors, and the reference where triton cannot run
-        assert inl_kernels.inl_iterate(h, x, **kw).shape == x.shape
+        # auto picks triton for CUDA tensors (same bits as naming it), the reference where it cannot run
+        h, x, kw = make_args(n=4, d=20, H=16, E=2, T=2, dtype=torch.float32, device=DEVICE)
+        assert torch.equal(inl_kernels.inl_iterate(h, x, **kw), inl_iterate(h, x, **kw, backend="triton"))
+        h, x, kw = make_args(n=4, d=20, H=8, E=2, T=2, dtype=torch.float32, device=DEVICE)
+        assert torch.equal(inl_kernels.inl_iterate(h, x, **kw), inl_iterate(h, x, **kw, backend="reference"))
 
 
 @pytest.mark.cuda
