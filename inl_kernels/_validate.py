@@ -27,10 +27,6 @@ def set_debug(enabled: bool = True) -> None:
     _debug = bool(enabled)
 
 
-def debug_enabled() -> bool:
-    return _debug
-
-
 def _shape(t):
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
@@ -101,15 +97,17 @@ def sorted_unique_index(name, index, size):
         return
     if index.is_meta:  # no values to read: shape-only runs (models built on the meta device)
         return
-    key = (index._version, size)
-    if getattr(index, "_inl_checked", None) == key:
+    # an inference tensor has no version counter: it is checked on every call
+    key = None if index.is_inference() else (index._version, size)
+    if key is not None and getattr(index, "_inl_checked", None) == key:
         return
     lo, hi = int(index.min()), int(index.max())
     if lo < 0 or hi >= size:
         raise ValueError(f"{name} values must lie in [0, {size}), got values in [{lo}, {hi}]")
     if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
         raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
-    index._inl_checked = key
+    if key is not None:
+        index._inl_checked = key
 
 
 def iterate_args(h, x, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu,
@@ -117,6 +115,8 @@ def iterate_args(h, x, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bi
                  min_iterations, return_info, return_trajectory):
     tensor("h", h, shape=(None, None))
     n, d = h.shape
+    if d < 1:
+        raise ValueError(f"h must have at least one column (d >= 1), got shape {_shape(h)}")
     dev, act = h.device, h.dtype
     acts = (act,)
     tensor("x", x, shape=(n, d), dtypes=acts, device=dev)
@@ -151,6 +151,19 @@ def iterate_args(h, x, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bi
     sorted_unique_index("exc_index", exc_index, d)
 
 
+def token_ids(name, ids, vocab_size):
+    """Token ids must lie in [0, vocab_size): an id outside would fault the device in the
+    embedding gather. Checked always for CPU tensors (no sync) and, for device tensors, only
+    when debugging (it synchronises)."""
+    if ids.numel() == 0 or ids.is_meta or (ids.device.type != "cpu" and not _debug):
+        return
+    if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} values must lie in [0, {vocab_size}) (the vocabulary), got values in [{lo}, {hi}]")
+
+
 def rms_norm_args(x, weight, eps, residual):
     tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -174,8 +187,8 @@ def rope_args(q, k, cos, sin, position_offset):
     tensor("q", q, shape=(None, None, None, None), contiguous="last")
     B, Hq, S, D = q.shape
     tensor("k", k, shape=(B, None, S, D), dtypes=(q.dtype,), device=q.device, contiguous="last")
-    if D % 2:
-        raise ValueError(f"q head dim must be even for rotate-half RoPE, got {D}")
+    if D < 2 or D % 2:
+        raise ValueError(f"q head dim must be even and >= 2 for rotate-half RoPE, got {D}")
     integer("position_offset", position_offset, minimum=0)
     rope_tables_args(cos, sin, D // 2, position_offset + S, q.device)
 
@@ -186,6 +199,8 @@ def attention_args(q, k, v, causal, scale, rope):
     tensor("k", k, shape=(B, None, None, D), dtypes=(q.dtype,), device=q.device, contiguous="last")
     Hkv, Skv = k.shape[1], k.shape[2]
     tensor("v", v, shape=(B, Hkv, Skv, D), dtypes=(q.dtype,), device=q.device, contiguous="last")
+    if D < 1:
+        raise ValueError(f"q must have a head dim D >= 1, got shape {_shape(q)}")
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) (Hq % Hkv == 0)")
     if Sq > Skv:

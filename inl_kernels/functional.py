@@ -69,23 +69,28 @@ def gqa_attention(q, k, v, causal=True, scale=None, rope=None, backend="auto"):
 
 
 def swiglu(x, w_gate, w_up, w_down, backend="auto"):
-    """(silu(x·w_gateᵀ) · (x·w_upᵀ))·w_downᵀ with w_gate, w_up [F, d] and w_down [d, F]."""
+    """(silu(x·w_gateᵀ) · (x·w_upᵀ))·w_downᵀ with w_gate, w_up [F, d] and w_down [d, F];
+    weights in x's dtype or fp32 (under autocast or with fp32 master weights)."""
     check.tensor("x", x, contiguous=False)
     d = x.shape[-1]
-    check.tensor("w_gate", w_gate, shape=(None, d), dtypes=(x.dtype,), device=x.device, contiguous=False)
+    check.tensor("w_gate", w_gate, shape=(None, d), device=x.device, contiguous=False)
     f = w_gate.shape[0]
-    check.tensor("w_up", w_up, shape=(f, d), dtypes=(x.dtype,), device=x.device, contiguous=False)
-    check.tensor("w_down", w_down, shape=(d, f), dtypes=(x.dtype,), device=x.device, contiguous=False)
+    check.tensor("w_up", w_up, shape=(f, d), device=x.device, contiguous=False)
+    check.tensor("w_down", w_down, shape=(d, f), device=x.device, contiguous=False)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        check.param_dtype(name, w, x.dtype)
     return resolve("swiglu", backend, x.device.type, x, w_gate, w_up, w_down)(x, w_gate, w_up, w_down)
 
 
 def low_rank_embedding(ids, embed_low, project_up, backend="auto"):
-    """embed_low[ids] · project_upᵀ with embed_low [V, r] and project_up [d, r]."""
+    """embed_low[ids] · project_upᵀ with embed_low [V, r] and project_up [d, r]; the result is
+    in project_up's dtype (or the autocast dtype)."""
     check.tensor("ids", ids, dtypes=check.INDEX_DTYPES, contiguous=False)
     check.tensor("embed_low", embed_low, shape=(None, None), device=ids.device, contiguous=False)
     r = embed_low.shape[1]
-    check.tensor("project_up", project_up, shape=(None, r), dtypes=(embed_low.dtype,), device=ids.device,
-                 contiguous=False)
+    check.tensor("project_up", project_up, shape=(None, r), device=ids.device, contiguous=False)
+    check.param_dtype("embed_low", embed_low, project_up.dtype)
+    check.token_ids("ids", ids, embed_low.shape[0])
     fn = resolve("embedding", backend, ids.device.type, ids, embed_low, project_up)
     return fn(ids, embed_low, project_up)
 

@@ -182,18 +182,27 @@ def test_low_precision_inputs_follow_fp64(dtype):
 
 
 def test_fp32_weights_under_bf16_activations():
+    """fp32 master weights with bf16 activations: the weights are used at fp32, so the result
+    equals the fp64 computation on the bf16-rounded activations up to fp32 and output rounding."""
     h, x, kw = make_args(n=4, d=16, H=8, E=2, T=2)
     kw32 = {k: (t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for k, t in kw.items()}
     kw32["v"] = kw["v"].bfloat16()
-    out = inl_iterate(h.bfloat16(), x.bfloat16(), **kw32)
-    assert out.dtype == torch.bfloat16
+    out, info = inl_iterate(h.bfloat16(), x.bfloat16(), **kw32, return_info=True)
+    assert out.dtype == info.v.dtype == torch.bfloat16
+    kw64 = {k: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for k, t in kw32.items()}
+    ref, ref_info = inl_iterate(h.bfloat16().double(), x.bfloat16().double(), **kw64, return_info=True)
+    torch.testing.assert_close(out.double(), ref, rtol=8e-3, atol=8e-3)  # bf16 output rounding
+    torch.testing.assert_close(info.energy.double(), ref_info.energy, rtol=1e-5, atol=1e-7)  # fp32 statistics
 
 
 def test_empty_excitation_and_empty_batch():
+    """No excited dims is the same dynamics as excited dims at zero amplitude."""
     h, x, kw = make_args(n=3, d=8, H=4, E=0, T=2)
     out = inl_iterate(h, x, **kw)
-    ref = inl_iterate(h, x, **dict(make_args(n=3, d=8, H=4, E=0, T=2)[2], amplitude=0.0))
-    torch.testing.assert_close(out, ref)
+    _, _, kw2 = make_args(n=3, d=8, H=4, E=2, T=2)
+    silent = dict(kw, exc_index=kw2["exc_index"], gamma=kw2["gamma"], phi=kw2["phi"], amplitude=0.0)
+    assert torch.equal(out, inl_iterate(h, x, **silent))
+    assert not torch.equal(out, inl_iterate(h, x, **dict(silent, amplitude=0.5)))
     h0, x0, kw0 = make_args(n=0, d=8, H=4, E=2, T=2)
     out, info = inl_iterate(h0, x0, **kw0, tol=CONVERGE_TOL, return_info=True)
     assert out.shape == (0, 8) and info.energy.shape == (0, 2) and info.iterations.shape == (0,)
@@ -207,4 +216,13 @@ def test_dispatch():
     if not torch.cuda.is_available():
         with pytest.raises(inl_kernels.BackendUnavailableError, match="cuda"):
             inl_iterate(h, x, **kw, backend="cuda")
+    # auto on CPU tensors: the compiled cpu backend where it is built and runs the call, else the reference
+    h, x, kw = make_args(n=2, d=8, H=4, E=1, T=1, dtype=torch.float32)
+    best = "cpu" if "cpu" in inl_kernels.backends() else "reference"
+    assert torch.equal(inl_iterate(h, x, **kw, backend="auto"), inl_iterate(h, x, **kw, backend=best))
+    # fp64 is the reference's alone: auto falls back to it, naming the cpu backend says why not
+    h, x, kw = make_args(n=2, d=8, H=4, E=1, T=1, dtype=torch.float64)
     assert torch.equal(inl_iterate(h, x, **kw, backend="auto"), inl_iterate(h, x, **kw, backend="reference"))
+    if best == "cpu":
+        with pytest.raises(ValueError, match="backend 'cpu' cannot run this iterate"):
+            inl_iterate(h, x, **kw, backend="cpu")

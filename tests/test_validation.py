@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import inl_kernels
-from inl_kernels import gqa_attention, inl_iterate, rms_norm, rope, rope_tables
+from inl_kernels import gqa_attention, inl_iterate, low_rank_embedding, rms_norm, rope, rope_tables, swiglu
 from tests.iterate_cases import make_args
 
 
@@ -50,6 +50,21 @@ def base(name):
 def test_iterate_argument_errors(changes, error, match):
     with pytest.raises(error, match=match):
         iterate_call(**changes)
+
+
+def test_iterate_needs_columns():
+    with pytest.raises(ValueError, match=r"h must have at least one column \(d >= 1\)"):
+        iterate_call(h=torch.randn(3, 0), x=torch.randn(3, 0))
+
+
+def test_exc_index_made_in_inference_mode():
+    """Inference tensors have no version counter: they are checked on every call instead."""
+    with torch.inference_mode():
+        idx = torch.tensor([1, 4])
+        iterate_call(exc_index=idx)
+        iterate_call(exc_index=idx)
+        with pytest.raises(ValueError, match="exc_index values"):
+            iterate_call(exc_index=torch.tensor([1, 8]))
 
 
 def test_iterate_non_contiguous():
@@ -111,6 +126,32 @@ def test_rope_argument_errors():
         rope(torch.randn(1, 4, 5, 7), torch.randn(1, 2, 5, 7), cos, sin)
     with pytest.raises(ValueError, match="contiguous last dimension"):
         rope(torch.randn(1, 4, 8, 5).transpose(-1, -2), k, cos, sin)
+
+
+def test_zero_head_dim():
+    with pytest.raises(ValueError, match="D >= 1"):
+        gqa_attention(torch.randn(1, 2, 3, 0), torch.randn(1, 2, 3, 0), torch.randn(1, 2, 3, 0))
+    cos, sin = rope_tables(8, 2)
+    with pytest.raises(ValueError, match="even and >= 2"):
+        rope(torch.randn(1, 2, 3, 0), torch.randn(1, 2, 3, 0), cos[:, :0].contiguous(), sin[:, :0].contiguous())
+
+
+def test_swiglu_and_embedding_arguments():
+    x = torch.randn(3, 8).bfloat16()
+    w, wd = torch.randn(16, 8), torch.randn(8, 16)
+    ref = swiglu(x.double(), w.bfloat16().double(), w.bfloat16().double(), wd.bfloat16().double())
+    torch.testing.assert_close(swiglu(x, w, w, wd).double(), ref, rtol=3e-2, atol=3e-2)  # fp32 weights, bf16 math
+    with pytest.raises(TypeError, match="w_up has dtype float16"):
+        swiglu(x, w, w.half(), wd)
+    with pytest.raises(ValueError, match=r"w_down must have shape \[8, 16\]"):
+        swiglu(x, w, w, wd.t())
+    low, up = torch.randn(10, 4), torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"ids values must lie in \[0, 10\)"):
+        low_rank_embedding(torch.tensor([[0, 10]]), low, up)
+    with pytest.raises(ValueError, match=r"ids values must lie in \[0, 10\)"):
+        low_rank_embedding(torch.tensor([-1]), low, up)
+    with pytest.raises(TypeError, match="ids must have dtype"):
+        low_rank_embedding(torch.tensor([1.0]), low, up)
 
 
 def test_attention_argument_errors():

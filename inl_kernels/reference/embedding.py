@@ -8,4 +8,4 @@ import torch.nn.functional as F
 
 
 def embedding(ids, embed_low, project_up):
-    return F.embedding(ids, embed_low) @ project_up.t()
+    return F.embedding(ids, embed_low).to(project_up.dtype) @ project_up.t()
