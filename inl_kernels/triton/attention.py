@@ -19,14 +19,13 @@ saves the per-row log-sum-exp so the backward recomputes P tile by tile.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreting, multiprocessors, unit_last
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -436,20 +435,11 @@ def _config(D, device, dtype, backward=False):
     return (128, 64, 4, 3) if D <= 64 else (128, 64, 8, 3) if D <= 128 else (64, 32, 8, 2)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(device):
     """Programs that fill the machine: two per SM on a GPU, a few under the interpreter."""
     if device.type == "cuda":
-        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        return 2 * multiprocessors(device)
     return 4
-
-
-def _unit_last(t):
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _forward(q, k, v, causal, scale, cos, sin, num_splits=None):
@@ -551,7 +541,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cos, sin = ctx.saved_tensors
-        dq, dk, dv = _backward(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.scale, cos, sin)
+        dq, dk, dv = _backward(unit_last(do), q, k, v, o, lse, ctx.causal, ctx.scale, cos, sin)
         return dq, dk, dv, None, None, None, None, None
 
 

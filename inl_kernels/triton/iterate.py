@@ -89,8 +89,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-from ..reference.iterate import IterateInfo, fold_parameters, needs_grad
+from . import interpreting, multiprocessors
+from ..reference.iterate import IterateInfo, compute_dtype, fold_parameters, needs_grad
 from ..reference.iterate import iterate as reference_iterate
 
 SUPPORTED_HIDDEN = (16, 32, 64, 128)
@@ -868,10 +868,6 @@ def _iterate_bwd_cols(
 # launcher
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _dot_types(dtype):
     """(DOT, PREC, ACC) for an activation dtype; see the module docstring."""
     if dtype == torch.float64:
@@ -894,7 +890,7 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     n, d = x.shape
     H = w_h.shape[0]
     dev, out_dtype = x.device, x.dtype
-    acc = _acc_dtype(out_dtype)
+    acc = compute_dtype(out_dtype)
     DOT, PREC, ACC = _dot_types(out_dtype)
     cast_out = out_dtype != acc
     early_exit = tol is not None
@@ -980,7 +976,7 @@ def _backward_config(n, d, H, device, config):
         cfg = dict(BM=32, BD=max(16, min(64, 2048 // H)), num_warps=8)
     if "SPLITS" not in cfg:
         tiles = triton.cdiv(n, cfg["BM"])
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        sms = multiprocessors(device) if device.type == "cuda" else 1
         programs = 4 * sms
         cfg["SPLITS"] = max(1, min(tiles, programs // triton.cdiv(d, cfg["BD"])))
     return cfg
@@ -1117,7 +1113,7 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
         return reference_iterate(h, x, **kwargs)
 
     T = num_iterations
-    acc = _acc_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
 
     def folded():
         return fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude, T,

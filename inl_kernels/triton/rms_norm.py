@@ -7,13 +7,12 @@ Statistics in fp32 (fp64 for fp64 input, which only the interpreter runs).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreting, multiprocessors
 
 MAX_WIDTH = 65536  # one row lives in one program's registers
 
@@ -96,14 +95,9 @@ def _tiles(n):
     return block_m, block_n, num_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _backward_programs(device, num_tiles):
     if device.type == "cuda":
-        target = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * multiprocessors(device)
     else:
         target = 4  # the interpreter: few programs, each walking several tiles
     return max(1, min(num_tiles, target))

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreting, unit_last
 
 
 @triton.jit
@@ -55,10 +55,6 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, S, Hq, Hkv, offset,
                      HALF, ACC)
 
 
-def _unit_last(t):
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch(q, k, cos, sin, offset, inverse):
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
@@ -88,7 +84,7 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq, dk = _unit_last(dq), _unit_last(dk)
+        dq, dk = unit_last(dq), unit_last(dk)
         dq, dk = _launch(dq, dk, cos, sin, ctx.offset, inverse=True)
         return dq, dk, None, None, None
 
