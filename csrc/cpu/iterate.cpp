@@ -359,7 +359,7 @@ void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_
     } else {
       const int segments = (t == 0 && !P.has_v) ? 1 : 2;
       gemm_panels<true>(P.w_in, NB, segments, d, state, NB, long(dp) * NB, S.ctx.data(), NB, S.c.data(), NB);
-      for (int i = 0; i < H * NB; i += kVec) store(S.c.data() + i, vmax(load(S.c.data() + i), splat(0.f)));
+      for (int i = 0; i < H * NB; i += kVec) store(S.c.data() + i, vmax(splat(0.f), load(S.c.data() + i)));
       if (hidden) std::copy_n(S.c.data(), size_t(Hp) * NB, hidden + size_t(t) * Hp * NB);
     }
     if (STASH) std::copy_n(S.c.data(), size_t(Hp) * NB, stash->c(t));

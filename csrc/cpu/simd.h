@@ -45,6 +45,9 @@ inline Vec splat(float a) {
   return v;
 }
 inline Vec select(VecI mask, Vec a, Vec b) { return mask ? a : b; }
+// vmax, vmin: where either operand is NaN they return b, on every path (the x86 max/min
+// instructions do; the generic compare-and-select does too). So the operand whose NaN must come
+// through goes second: vmax(splat(0.f), c) is a relu that keeps NaN, as torch.relu does.
 inline Vec vmax(Vec a, Vec b) {
 #if defined(__AVX512F__)
   return (Vec)_mm512_max_ps((__m512)a, (__m512)b);
@@ -127,12 +130,12 @@ inline Vec vrcp(Vec x) {
 
 // e^x within ~2 ulp: x = n·ln2 + r with |r| ≤ ln2/2, e^r by a degree-5 polynomial fitted to
 // relative error on that interval (7.5e-8, below half an fp32 ulp, before rounding), times 2^n.
-// Inputs below -104 give 0.
+// Inputs below -104 give 0; NaN gives NaN (the clamps keep it, see vmax).
 inline Vec vexp(Vec x) {
 #if defined(__AVX512F__)
-  x = vmax(x, splat(-104.f));  // scalef below saturates large n to inf by itself
+  x = vmax(splat(-104.f), x);  // scalef below saturates large n to inf by itself
 #else
-  x = vmin(vmax(x, splat(-104.f)), splat(88.f));
+  x = vmin(splat(88.f), vmax(splat(-104.f), x));
 #endif
   const Vec round_magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to the nearest integer
   Vec n = (x * 1.44269504088896341f + round_magic) - round_magic;
@@ -169,8 +172,8 @@ inline Vec vlog1p_unit(Vec e) {
 }
 
 // sigmoid(z) = 1/(1 + e^-z): no cancellation for either sign; e^-z is capped at e^80 so that
-// the reciprocal stays a normal number (sigmoid(z < -80) returns sigmoid(-80) ≈ 2e-35).
-inline Vec vsigmoid(Vec z) { return vrcp(1.f + vexp(vmin(-z, splat(80.f)))); }
+// the reciprocal stays a normal number (sigmoid(z < -80) returns sigmoid(-80) ≈ 2e-35); NaN stays NaN.
+inline Vec vsigmoid(Vec z) { return vrcp(1.f + vexp(vmin(splat(80.f), -z))); }
 
 // softplus(z) = max(z, 0) + log(1 + e^-|z|); with SLOPE also its derivative sigmoid(z).
 template <bool SLOPE>
@@ -180,7 +183,7 @@ inline Vec vsoftplus(Vec z, Vec* slope) {
     Vec r = vrcp(1.f + e);
     *slope = select(z >= 0.f, r, e * r);
   }
-  return vmax(z, splat(0.f)) + vlog1p_unit(e);
+  return vmax(splat(0.f), z) + vlog1p_unit(e);
 }
 
 // 64-byte aligned float scratch; resizing within the capacity reuses the memory.

@@ -9,13 +9,10 @@ import torch
 from inl_kernels import inl_iterate
 from inl_kernels._dispatch import resolve
 from inl_kernels.cpu import unavailable_reason
+from tests.cpu.cases import NAN_CASES, assert_nan_where_reference, cast, nan_case
 from tests.iterate_cases import CONVERGE_TOL, GRAD_NAMES, converging_args, make_args
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
-
-
-def cast(kw, dtype):
-    return {k: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for k, t in kw.items()}
 
 
 def case(dtype=torch.float32, **shape):
@@ -78,6 +75,27 @@ def test_gradients_match_reference(n, d, H, E, T, kappa, with_v):
         assert got[k].dtype == kw.get(k, h).dtype, k
         scale = max(1.0, want[k].abs().max().item())
         torch.testing.assert_close(got[k].double(), want[k], rtol=1e-4, atol=1e-4 * scale, msg=k)
+
+
+@pytest.mark.parametrize("name,index,T,kappa", NAN_CASES)
+def test_nan_propagates_like_reference(name, index, T, kappa):
+    """A NaN input gives NaN outputs and statistics exactly where the reference gives them: no
+    clamp, max or relu inside the kernel may turn it into a number."""
+    assert_nan_where_reference("cpu", *nan_case(name, index, T, kappa))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nan_propagates_in_low_precision(dtype):
+    assert_nan_where_reference("cpu", *nan_case("h", (4, 0), 2, 0.7, dtype=dtype), precision=3e-2)
+
+
+def test_nan_row_never_converges():
+    """A NaN row's step norm compares false with tol, in the kernel as in the reference: it runs
+    all T steps while the other rows still stop early."""
+    h, x, kw = converging_args(dtype=torch.float32)
+    h[5, 2] = float("nan")
+    _, rinfo = assert_nan_where_reference("cpu", h, x, kw, tol=CONVERGE_TOL, min_iterations=0)
+    assert rinfo.iterations[5] == kw["num_iterations"] and len(set(rinfo.iterations.tolist())) >= 3
 
 
 def test_early_exit_counts_and_frozen_rows():
