@@ -1,7 +1,7 @@
 """Causal GQA attention side by side: eager PyTorch (the reference), torch.compile of it,
 F.scaled_dot_product_attention (with enable_gqa, and with K/V repeated to Hq heads outside the
 timed call, its best case) and ours (Triton), without and with RoPE fused into the op, at the
-shapes of ANCHORS.md:
+baseline shapes of benchmarks/README.md:
 
     prefill  B4 Hq32 Hkv8 S4096 D128, bf16, causal: forward and forward+backward
     decode   B4 Hq32 Hkv8, 1 query against 4096 cached keys, bf16: forward

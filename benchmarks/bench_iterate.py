@@ -19,7 +19,7 @@ Floor (CUDA): max(FLOPs / peak, bytes / bandwidth) with FLOPs = 2·N·H·(d + 6d
 forward (the h layer once, x and v layers and the 4d output layer per step; 3× that for
 forward+backward) and bytes = read h, x and write x_T, v_T (forward; forward+backward adds
 the upstream gradients read and dh, dx written). Peak defaults to the bf16 GEMM rate of
-ANCHORS.md (792 TFLOP/s); the bandwidth is a copy measured in the same run. "floor_frac" is
+benchmarks/README.md (792 TFLOP/s); the bandwidth is a copy measured in the same run. "floor_frac" is
 floor / time (1.0 = at the floor); on a CPU no floor is computed. "vs_eager", "vs_compile":
 eager (compile) time over this row's time (> 1: faster). "max_err": max |out − ref| / max |ref|
 against the fp64 reference, of x_T (fwd) or of the worst input gradient (fwd+bwd).
@@ -41,7 +41,7 @@ CUDA_SHAPES = ("16384x2048x5", "8192x768x7", "64x2048x5")
 CPU_SHAPES = ("2048x512x5",)
 QUICK_SHAPES = ("260x24x3", "5x40x3")  # the tile and the decode path
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PEAK_TFLOPS = 792.0  # ANCHORS.md: bf16 GEMM 8192³ on the H100
+PEAK_TFLOPS = 792.0  # bf16 GEMM 8192³ measured on the H100 (benchmarks/README.md)
 
 
 def parse_shape(text):
@@ -216,7 +216,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: bf16 fp32 on cuda, fp32 on cpu")
-    p.add_argument("--shapes", nargs="+", help="N x d x T, e.g. 16384x2048x5 (default: ANCHORS.md's on cuda)")
+    p.add_argument("--shapes", nargs="+", help="N x d x T, e.g. 16384x2048x5 (default: the baseline shapes of benchmarks/README.md on cuda)")
     p.add_argument("--hidden", type=int, default=64, help="controller hidden size H")
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     p.add_argument("--early-exit", choices=["off", "on", "both"], default="both")
@@ -261,7 +261,7 @@ def main(argv=None):
 
 # ---------------------------------------------------------------------------------------------
 # pytest-benchmark: `pytest benchmarks/bench_iterate.py --benchmark-enable` (forward, bf16 on a
-# GPU at ANCHORS.md's shapes; a small fp32 shape on a CPU)
+# GPU at the baseline shapes of benchmarks/README.md; a small fp32 shape on a CPU)
 
 def _bench_cases():
     if torch.cuda.is_available():

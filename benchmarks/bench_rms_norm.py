@@ -1,6 +1,6 @@
 """RMSNorm side by side: eager PyTorch (the reference), torch.compile of it, Liger-Kernel's
 RMSNorm (when `liger_kernel` imports) and ours (Triton), forward and forward+backward, at the
-shape of ANCHORS.md (16384 × 2048, bf16), with the fraction of the bandwidth floor.
+baseline shape of benchmarks/README.md (16384 × 2048, bf16), with the fraction of the bandwidth floor.
 
     python -m benchmarks.bench_rms_norm [--json benchmarks/results/rms_norm.json]
     python -m benchmarks.bench_rms_norm --quick     # seconds-long smoke run (CPU: interpreter)
@@ -105,7 +105,7 @@ def bench(M, N, dtype, device, use_compile, warmup, repeat, bandwidth):
 
 
 def main(argv=None):
-    p = op_parser(__doc__, shape_default="16384x2048", shape_help="M x N (default: ANCHORS.md)")
+    p = op_parser(__doc__, shape_default="16384x2048", shape_help="M x N (default: benchmarks/README.md)")
     args = p.parse_args(argv)
     device, dtype, use_compile, warmup, repeat = op_settings(p, args)
     M, N = (64, 200) if args.quick else map(int, args.shape.lower().split("x"))

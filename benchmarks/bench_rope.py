@@ -1,6 +1,6 @@
 """RoPE (q and k together) side by side: eager PyTorch (the reference), torch.compile of it,
 Liger-Kernel's RoPE (when `liger_kernel` imports) and ours (Triton), forward and
-forward+backward, at the shape of ANCHORS.md (B4 Hq32 Hkv8 S4096 D64, bf16), with the
+forward+backward, at the baseline shape of benchmarks/README.md (B4 Hq32 Hkv8 S4096 D64, bf16), with the
 fraction of the bandwidth floor.
 
     python -m benchmarks.bench_rope [--json benchmarks/results/rope.json]
@@ -99,7 +99,7 @@ def bench(B, Hq, Hkv, S, D, dtype, device, use_compile, warmup, repeat, bandwidt
 
 
 def main(argv=None):
-    p = op_parser(__doc__, shape_default="4,32,8,4096,64", shape_help="B,Hq,Hkv,S,D (default: ANCHORS.md)")
+    p = op_parser(__doc__, shape_default="4,32,8,4096,64", shape_help="B,Hq,Hkv,S,D (default: benchmarks/README.md)")
     args = p.parse_args(argv)
     device, dtype, use_compile, warmup, repeat = op_settings(p, args)
     B, Hq, Hkv, S, D = (1, 4, 2, 24, 16) if args.quick else map(int, args.shape.split(","))
