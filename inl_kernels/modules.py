@@ -63,10 +63,12 @@ class IntegratorLayer(nn.Module):
     fraction of dims, dynamic alpha (`kappa`; None switches it off), and early exit at
     inference (`tol`, `min_iterations`; never while training).
 
-    With `mu_ema_rate`, each training forward also moves mu toward the batch mean of h
-    (mu ← (1−η)·mu + η·mean(h), applied to the global value and the group offsets); a caller
-    that recomputes the forward (gradient checkpointing) passes `update_mu=False` and calls
-    `update_mu_ema(h)` once itself."""
+    With `mu_ema_rate`, mu also follows the batch mean of h: mu ← (1−η)·mu + η·mean(h), written
+    into the global value and the group offsets. The update is deferred: a training forward
+    records mean(h), and the layer applies it at the start of its next forward (or when
+    `apply_mu_ema()` is called, e.g. before a checkpoint is saved), so a forward, its backward
+    and a gradient-checkpointing recomputation of it all see the same mu. A recomputation (a
+    forward run during a backward pass) neither applies nor records an update."""
 
     def __init__(self, d: int, controller: Controller, num_iterations: int = 5, dt: float = 0.1,
                  kappa: Optional[float] = 1.0, excitation_sparsity: float = 0.1,
@@ -105,6 +107,7 @@ class IntegratorLayer(nn.Module):
         k = torch.arange(count, dtype=torch.float32)
         self.gamma = nn.Parameter(0.5 + k / max(count, 1))  # frequencies in [0.5, 1.5)
         self.phi = nn.Parameter(2 * math.pi * k / max(count, 1))  # phases spread over the circle
+        self._mu_target: Optional[torch.Tensor] = None  # mean(h) of the last training forward, pending
 
     def equilibrium(self) -> torch.Tensor:
         """mu expanded to [d]."""
@@ -114,16 +117,18 @@ class IntegratorLayer(nn.Module):
         return self.mu_global + self.mu_local
 
     @torch.no_grad()
-    def update_mu_ema(self, h: torch.Tensor):
-        """mu ← (1−η)·mu + η·mean(h) with η = mu_ema_rate (a no-op without one)."""
-        rate = self.mu_ema_rate
-        if not rate:
+    def apply_mu_ema(self):
+        """mu ← (1−η)·mu + η·target with η = mu_ema_rate, toward the target the last training
+        forward recorded; a no-op when none is pending."""
+        target, self._mu_target = self._mu_target, None
+        if target is None or not self.mu_ema_rate:
             return
-        target = h.reshape(-1, self.d).float().mean(0)
-        mu = self.equilibrium().float()
-        new_mu = (1 - rate) * mu + rate * target
+        rate = self.mu_ema_rate
+        new_mu = (1 - rate) * self.equilibrium().float() + rate * target
         if self.mu_group_size:
-            group = torch.arange(self.d, device=h.device) // self.mu_group_size
+            # the closest hierarchical mu (least squares) takes each group's mean; the global
+            # value holds the mean of the group means, the offsets the rest
+            group = torch.arange(self.d, device=target.device) // self.mu_group_size
             sums = torch.zeros_like(self.mu_local, dtype=torch.float32).index_add_(0, group, new_mu)
             group_mean = sums / torch.bincount(group, minlength=sums.numel())
             new_global = group_mean.mean()
@@ -133,8 +138,13 @@ class IntegratorLayer(nn.Module):
             self.mu_local.copy_(new_mu - self.mu_global)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, v: Optional[torch.Tensor] = None,
-                return_info: bool = False, num_iterations: Optional[int] = None, update_mu: bool = True):
+                return_info: bool = False, num_iterations: Optional[int] = None):
         """h, x (and v): [..., d]. Returns x_T, or (x_T, IterateInfo) with return_info."""
+        # a forward inside a backward pass is a checkpoint recomputation: it must see the mu the
+        # original forward saw (the test used by torch's own module tracker)
+        recomputing = torch._C._current_graph_task_id() != -1
+        if not recomputing:
+            self.apply_mu_ema()
         shape = x.shape
         # the op wants contiguous rows; a layer accepts any layout (a no-op when already so)
         h2, x2 = h.reshape(-1, self.d).contiguous(), x.reshape(-1, self.d).contiguous()
@@ -146,8 +156,8 @@ class IntegratorLayer(nn.Module):
             num_iterations=num_iterations or self.num_iterations, v=v2,
             tol=None if self.training else self.tol, min_iterations=self.min_iterations,
             backend=self.backend, return_info=return_info)
-        if self.training and self.mu_ema_rate and update_mu:
-            self.update_mu_ema(h)
+        if self.training and self.mu_ema_rate and not recomputing and h2.shape[0] > 0:
+            self._mu_target = h2.detach().float().mean(0)
         if return_info:
             x_out, info = out
             return x_out.view(shape), info

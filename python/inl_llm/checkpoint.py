@@ -24,6 +24,9 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def save_checkpoint(model: IntegratorLanguageModel, directory: Union[str, Path], extra: Optional[dict] = None) -> Path:
+    """Writes the model to `directory`. Pending mu EMA updates are applied first (the model's
+    next forward would apply them anyway), so the checkpoint holds the up-to-date mu."""
+    model.apply_mu_ema()
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

@@ -55,17 +55,13 @@ class MixtureOfIntegrators(nn.Module):
     the chosen k). Tokens are grouped by expert with one sort, each expert runs once on its rows
     (a loop over experts, never over tokens). The router's load-balancing term
     E · Σ_e f_e · P_e (f_e: share of routed slots, P_e: mean router probability) is returned for
-    the loss."""
+    the loss. With the mu EMA on, each expert's mu follows the mean of the rows routed to it."""
 
     def __init__(self, d: int, experts: list, top_k: int):
         super().__init__()
         self.router = nn.Linear(d, len(experts), bias=False)
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
-
-    def update_mu_ema(self, h: torch.Tensor):
-        for expert in self.experts:
-            expert.update_mu_ema(h)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
         """h, x [N, d] -> (out [N, d], [IntegratorStats per expert that got rows], balance)."""
@@ -92,7 +88,7 @@ class MixtureOfIntegrators(nn.Module):
         for expert, (rows, w) in zip(self.experts, groups):
             if rows.numel() == 0:
                 continue
-            y, info = expert(h[rows], x[rows], return_info=True, num_iterations=num_iterations, update_mu=False)
+            y, info = expert(h[rows], x[rows], return_info=True, num_iterations=num_iterations)
             out = out.index_add(0, rows, y * w.to(y.dtype)[:, None])
             stats.append(IntegratorStats(y, expert.equilibrium(), info.energy, info.distance, info.iterations))
         return out, stats, balance
@@ -118,6 +114,15 @@ class IterationBudget(nn.Module):
         self.register_buffer("budgets", torch.full((num_layers,), num_iterations, dtype=torch.int64))
         self._budgets = [num_iterations] * num_layers  # host copy: a forward reads it without a sync
         self.register_load_state_dict_post_hook(lambda module, _: module._sync())
+
+    def _apply(self, fn, recurse=True):
+        average = self.average
+        super()._apply(fn, recurse)
+        # the running average stays fp32 whatever the model is cast to: in bf16 an average of 3.495
+        # is 3.5, which rounds to a budget of 4 + slack instead of 3 + slack (and is saved so)
+        if self.average.dtype != torch.float32:
+            self.average = average.to(device=self.average.device, dtype=torch.float32)
+        return self
 
     def _sync(self):
         self._budgets = [int(b) for b in self.budgets.tolist()]
@@ -151,8 +156,7 @@ class Block(nn.Module):
         self.ffn = SwiGLU(d, cfg.feedforward_dim, cfg.backend)
 
     def forward(self, x: torch.Tensor, num_iterations: int, cache=None):
-        """x [B, S, d] -> (x, a, [IntegratorStats], router balance or None). `a` comes back so
-        the model can apply the mu EMA itself, outside any recomputation."""
+        """x [B, S, d] -> (x, [IntegratorStats], router balance or None)."""
         B, S, d = x.shape
         a, _ = self.attn(self.attn_norm(x), past_key_value=cache)
         state, x = self.integrator_norm(a, residual=x)  # rms_norm(x + a), x + a in one pass
@@ -160,11 +164,11 @@ class Block(nn.Module):
         if isinstance(self.integrator, MixtureOfIntegrators):
             s, stats, balance = self.integrator(h, state, num_iterations)
         else:
-            s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations, update_mu=False)
+            s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations)
             stats = [IntegratorStats(s, self.integrator.equilibrium(), info.energy, info.distance, info.iterations)]
             balance = None
         ffn_in, x = self.ffn_norm(s.view(B, S, d), residual=x)
-        return x + self.ffn(ffn_in), a, stats, balance
+        return x + self.ffn(ffn_in), stats, balance
 
 
 class IntegratorLanguageModel(nn.Module):
@@ -187,7 +191,6 @@ class IntegratorLanguageModel(nn.Module):
         # inference statistics (early exit), accumulated on the device without a sync
         self.register_buffer("_steps_run", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
         self.register_buffer("_rows_seen", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
-        self._pending_mu = [None] * cfg.num_layers  # batch means of h awaiting the mu EMA
         self._init_weights()
 
     @torch.no_grad()
@@ -252,19 +255,27 @@ class IntegratorLanguageModel(nn.Module):
             self.budget.update(self._steps_run.double() / self._rows_seen)
 
     def apply_mu_ema(self):
-        """Applies the mu EMA toward the attention outputs of the last training forward. The
-        update is deferred to here (the next forward calls it) so that a forward, its backward and
-        the recomputation of gradient checkpointing all see the same mu."""
-        for block, h in zip(self.blocks, self._pending_mu):
-            if h is not None:
-                block.integrator.update_mu_ema(h)
-        self._pending_mu = [None] * len(self.blocks)
+        """Applies every integrator's pending mu EMA update now (each layer otherwise applies it
+        at the start of its next forward; see IntegratorLayer): call it before saving, so the
+        checkpoint holds the up-to-date mu."""
+        for layer in self.integrator_layers():
+            layer.apply_mu_ema()
+
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype the blocks compute in: autocast's when it is on for the parameters' device
+        (it leaves fp64 alone, and so does the model), else the parameters' own."""
+        weight = self.norm.weight
+        device_type = weight.device.type
+        if weight.dtype != torch.float64 and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return weight.dtype
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        """A KV cache in the dtype keys and values will have now (activation_dtype: make it
+        under the autocast the forward runs under)."""
         cfg = self.config
-        ref = self.blocks[0].attn.k_proj.weight
         return KVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, max_len or cfg.max_seq_len,
-                       dtype=ref.dtype, device=ref.device)
+                       dtype=self.activation_dtype(), device=self.norm.weight.device)
 
     def num_params(self) -> int:
         """Distinct parameters (the shared controller counted once)."""
@@ -291,19 +302,18 @@ class IntegratorLanguageModel(nn.Module):
         if start + input_ids.shape[1] > cfg.max_seq_len:
             raise ValueError(f"positions up to {start + input_ids.shape[1] - 1} exceed max_seq_len={cfg.max_seq_len}")
 
-        self.apply_mu_ema()
-        x = self.embed(input_ids)
+        # under autocast the blocks compute in its dtype from the embedding on (fp32 weights,
+        # low-precision activations); otherwise in the parameters' dtype
+        x = self.embed(input_ids).to(self.activation_dtype())
         checkpointing = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         budgets = self.iteration_budgets()
         per_layer, balances = [], []
         for i, block in enumerate(self.blocks):
             cache = past_key_values.layers[i] if past_key_values is not None else None
             if checkpointing:
-                x, a, stats, balance = checkpoint(block, x, budgets[i], cache, use_reentrant=False)
+                x, stats, balance = checkpoint(block, x, budgets[i], cache, use_reentrant=False)
             else:
-                x, a, stats, balance = block(x, budgets[i], cache)
-            if self.training and cfg.mu_ema_rate:
-                self._pending_mu[i] = a.detach().reshape(-1, cfg.d_model).float().mean(0, keepdim=True)
+                x, stats, balance = block(x, budgets[i], cache)
             if not self.training:
                 with torch.no_grad():
                     self._steps_run[i] += sum(s.iterations.sum(dtype=torch.int64) for s in stats)

@@ -161,7 +161,6 @@ def train(model: IntegratorLanguageModel, train_tokens: torch.Tensor, eval_token
         if tc.checkpoint_dir and tc.checkpoint_every and step % tc.checkpoint_every == 0:
             save_checkpoint(model, tc.checkpoint_dir, extra={"step": step})
     bar.close()
-    model.apply_mu_ema()  # the last step's update, before the final evaluation and checkpoint
     elapsed = time.perf_counter() - start
     if not history or history[-1]["step"] != step:
         record(step, elapsed, train_loss)

@@ -87,3 +87,33 @@ def test_a_failed_save_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
         save_checkpoint(first, tmp_path / "ck")
     assert os.listdir(tmp_path) == ["ck"]  # no temporary directory left behind
     assert torch.equal(load_checkpoint(tmp_path / "ck").lm_head.weight, second.lm_head.weight)
+
+
+def test_a_bf16_model_saves_an_fp32_budget_average(tmp_path):
+    model = micro(num_iterations=5).to(torch.bfloat16)
+    model.budget.update(torch.tensor([1.99, 5.0]))  # average 3.495: not a bf16 number
+    save_checkpoint(model, tmp_path / "ck")
+    with safe_open(str(tmp_path / "ck" / ckpt.WEIGHTS), "pt") as f:
+        saved = f.get_tensor("budget.average")
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    assert saved.dtype == torch.float32
+    torch.testing.assert_close(saved, torch.tensor([3.495, 5.0]))
+    for target in (micro(num_iterations=5), micro(num_iterations=5).to(torch.bfloat16)):
+        load_weights(target, tmp_path / "ck")
+        assert target.budget.average.dtype == torch.float32
+        assert torch.equal(target.budget.average, saved)
+        assert target.iteration_budgets() == [4, 5]
+
+
+def test_a_checkpoint_holds_the_pending_mu_ema_update(tmp_path):
+    model = micro(mu_ema_rate=1.0, hierarchical_mu=False)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+    seen = []
+    hook = model.blocks[0].attn.register_forward_hook(lambda m, i, out: seen.append(out[0].detach()))
+    model(ids)  # records the target; the update waits for the next forward
+    hook.remove()
+    save_checkpoint(model, tmp_path / "ck")
+    # rate 1: mu is the batch mean of h, the attention output of that forward
+    expected = seen[0].reshape(-1, 32).mean(0)
+    torch.testing.assert_close(load_checkpoint(tmp_path / "ck").blocks[0].integrator.equilibrium().detach(), expected)
+    torch.testing.assert_close(model.blocks[0].integrator.equilibrium().detach(), expected)

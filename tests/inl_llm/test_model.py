@@ -291,3 +291,16 @@ def test_bf16_model_keeps_fp32_rope_tables_and_tracks_fp32():
         logits, _, _ = half(ids)
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), expected, atol=0.05, rtol=0.05)
+
+
+def test_iteration_budget_average_stays_fp32_when_the_model_is_cast():
+    model = micro(num_iterations=5).to(torch.bfloat16)
+    assert model.budget.average.dtype == torch.float32 and model.budget.budgets.dtype == torch.int64
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    # 0.5·5 + 0.5·1.99 = 3.495 rounds to 3 (+ slack 1); a bf16 average would hold 3.5 and give 4 + 1
+    model.budget.update(torch.tensor([1.99, 5.0]))
+    assert model.budget.average.dtype == torch.float32
+    assert model.iteration_budgets() == [4, 5]
+    model.double()
+    assert model.budget.average.dtype == torch.float32
+    torch.testing.assert_close(model.budget.average, torch.tensor([3.495, 5.0]))

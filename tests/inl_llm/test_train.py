@@ -1,4 +1,5 @@
 """Training on the embedded corpus, the scheduler's wiring, and the CLI."""
+import importlib
 import subprocess
 import sys
 
@@ -40,6 +41,33 @@ def test_training_on_the_stdlib_lowers_eval_loss(corpus, tmp_path):
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(ids)[0], loaded(ids)[0])
+
+
+def test_every_checkpoint_holds_the_mu_of_the_steps_before_it(corpus, tmp_path, monkeypatch):
+    """With the EMA at rate 1 (flat mu), the mu a checkpoint holds is exactly the batch mean of
+    block 0's attention output in the last training forward before the save."""
+    from inl_llm.checkpoint import save_checkpoint
+    train_module = importlib.import_module("inl_llm.train")  # the name inl_llm.train is the function
+
+    model = small(mu_ema_rate=1.0, hierarchical_mu=False)
+    targets = []
+    hook = model.blocks[0].attn.register_forward_hook(
+        lambda m, i, out: targets.append(out[0].detach().reshape(-1, 64).mean(0)) if m.training else None)
+    saved = []
+
+    def save_and_read(model, directory, extra=None):
+        path = save_checkpoint(model, tmp_path / f"step{extra['step']}", extra)
+        saved.append((extra["step"], load_checkpoint(path).blocks[0].integrator.equilibrium().detach()))
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_read)
+    tc = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1, eval_every=100, eval_batches=1,
+                     checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=2, progress=False)
+    train(model, *corpus, tc, log=lambda _: None)
+    hook.remove()
+    assert [step for step, _ in saved] == [2, 3]  # every 2 steps, then the final save
+    torch.testing.assert_close(saved[0][1], targets[1])  # the second step's forward
+    torch.testing.assert_close(saved[1][1], targets[2])
 
 
 class RecordingLoss(IntegratorLoss):
