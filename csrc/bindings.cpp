@@ -4,36 +4,8 @@
 #include <torch/csrc/utils/pybind.h>  // at::Tensor casters, lighter to compile than torch/extension.h
 
 #include "cpu/simd.h"
-
-namespace inl {
-std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
-                                        const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
-                                        const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
-                                        const at::Tensor& mod, const at::Tensor& mu, const at::Tensor& table,
-                                        double dt, c10::optional<double> kappa, int64_t num_iterations,
-                                        c10::optional<double> tol, int64_t min_iterations, bool trajectory,
-                                        bool save_hidden);
-std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
-                                         const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
-                                         const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
-                                         const at::Tensor& mod, const at::Tensor& mu, const at::Tensor& table,
-                                         double dt, c10::optional<double> kappa, int64_t num_iterations,
-                                         const at::Tensor& grad_x, const at::Tensor& grad_v,
-                                         const at::Tensor& grad_energy, const at::Tensor& grad_distance,
-                                         const c10::optional<at::Tensor>& hidden);
-std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps,
-                                         const c10::optional<at::Tensor>& residual);
-std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_s,
-                                          const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd);
-#ifdef INL_WITH_CUDA
-std::vector<at::Tensor> iterate_forward_cuda(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
-                                             const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
-                                             const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
-                                             const at::Tensor& mod, const at::Tensor& mu, const at::Tensor& table,
-                                             double dt, c10::optional<double> kappa, int64_t num_iterations,
-                                             c10::optional<double> tol, int64_t min_iterations);
-#endif
-}  // namespace inl
+#include "cuda/iterate_layout.h"
+#include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace pybind11::literals;
@@ -51,10 +23,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef INL_WITH_CUDA
   m.def("iterate_forward_cuda", &inl::iterate_forward_cuda, "The iterate's forward on CUDA tensors (decode shapes)",
         "h"_a, "x"_a, "v"_a, "w_h"_a, "w_x"_a, "w_v"_a, "w_o"_a, "bias"_a, "b_o"_a, "mod"_a, "mu"_a, "table"_a, "dt"_a,
-        "kappa"_a, "num_iterations"_a, "tol"_a, "min_iterations"_a);
+        "kappa"_a, "num_iterations"_a, "tol"_a, "min_iterations"_a, "blocks"_a, "cols"_a, "shared_bytes"_a);
+  m.def("iterate_decode_limits", &inl::iterate_decode_limits,
+        "(multiprocessors, opt-in shared memory per block) of a CUDA device", "device"_a);
+  m.def("iterate_decode_resident", &inl::iterate_decode_resident,
+        "Blocks of the decode kernel resident per multiprocessor with this much shared memory", "dtype"_a,
+        "shared_bytes"_a, "device"_a);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
 #endif
+  // the decode kernel's shared memory, in every build: the planner in inl_kernels/cuda/iterate.py
+  // mirrors this formula and is tested against it without a GPU
+  m.def("iterate_decode_shared_bytes", &inl::cuda::iterate_decode_shared_bytes,
+        "Shared memory of one block of the CUDA decode iterate", "N"_a, "H"_a, "cols"_a);
+  m.attr("iterate_decode_min_cols") = inl::cuda::kMinCols;
   m.attr("cpu_vector_width") = inl::kVec;
 }

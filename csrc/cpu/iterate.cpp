@@ -27,17 +27,13 @@
 // per-tile partial sums (a tile is a fixed run of blocks, whatever the thread count) added in
 // tile order, so every result is the same bits for any number of threads.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
+#include "../ops.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace inl {
@@ -57,7 +53,7 @@ struct Params {
   Buffer bias;        // [Hp][NB]  the summed input bias, repeated across the lanes
   Buffer z_off;       // [4][dp]   ms_s·b_o + mb_s: each section's affine offset per column
   Buffer mu;          // [dp]
-  Buffer table;       // [T][dp]
+  Buffer table;       // [T][dp]     zeros without excited dims
   float ms[4], mb[4];
   float dt, kappa;
   bool has_kappa, has_v;
@@ -65,7 +61,7 @@ struct Params {
 
 void pack_params(Params& P, const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
                  const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o, const at::Tensor& mod,
-                 const at::Tensor& mu, const at::Tensor& table, bool backward) {
+                 const at::Tensor& mu, const at::Tensor* table, bool backward) {
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
   const float *wh = w_h.data_ptr<float>(), *wx = w_x.data_ptr<float>(), *wv = w_v.data_ptr<float>();
   const float *wo = w_o.data_ptr<float>(), *bo = b_o.data_ptr<float>();
@@ -88,7 +84,9 @@ void pack_params(Params& P, const at::Tensor& w_h, const at::Tensor& w_x, const 
   std::copy_n(mu.data_ptr<float>(), d, P.mu.data());
   P.table.resize(size_t(T) * dp);
   P.table.zero();
-  for (int t = 0; t < T; ++t) std::copy_n(table.data_ptr<float>() + size_t(t) * d, d, P.table.data() + size_t(t) * dp);
+  if (table)
+    for (int t = 0; t < T; ++t)
+      std::copy_n(table->data_ptr<float>() + size_t(t) * d, d, P.table.data() + size_t(t) * dp);
   if (!backward) return;
   P.w_out_t.pack(H, 4 * d, [&](int k, int sj) { return P.ms[sj / d] * wo[size_t(sj) * H + k]; });
   P.w_x_t.pack(d, H, [&](int j, int k) { return wx[size_t(k) * d + j]; });
@@ -439,21 +437,25 @@ void check_inputs(const at::Tensor& h, const at::Tensor& x, const c10::optional<
     TORCH_CHECK(v->sizes() == h.sizes() && v->scalar_type() == h.scalar_type() && v->is_contiguous() &&
                     v->device().is_cpu(),
                 "v must match h");
-  for (auto& [name, t] : fp32)
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(), name,
+  for (auto& [name, t] : fp32)  // null: an absent optional input
+    TORCH_CHECK(!t || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu()), name,
                 " must be a contiguous float32 CPU tensor");
 }
 
-void init_params(Params& P, const at::Tensor& h, const at::Tensor& w_h, const at::Tensor& w_o, const at::Tensor& table,
+void init_params(Params& P, const at::Tensor& h, const at::Tensor& w_h, const at::Tensor& w_o, const at::Tensor* table,
                  const at::Tensor& mod, const c10::optional<at::Tensor>& v, double dt, c10::optional<double> kappa,
                  int64_t num_iterations) {
+  // the launchers divide by d, H and T (means over columns, work per step): zero is no size
+  TORCH_CHECK(h.size(1) >= 1 && w_h.dim() == 2 && w_h.size(0) >= 1 && num_iterations >= 1,
+              "iterate: d, H and num_iterations must be at least 1, got d = ", h.size(1), ", H = ", w_h.size(0),
+              ", num_iterations = ", num_iterations);
   P.d = int(h.size(1));
   P.H = int(w_h.size(0));
   P.T = int(num_iterations);
   P.dp = round_up(P.d, NB);
   P.Hp = round_up(P.H, NB);
-  TORCH_CHECK(w_o.size(0) == 4 * P.d && w_o.size(1) == P.H && table.size(0) == P.T && table.size(1) == P.d &&
-                  mod.numel() == 8,
+  TORCH_CHECK(w_h.size(1) == P.d && w_o.dim() == 2 && w_o.size(0) == 4 * P.d && w_o.size(1) == P.H &&
+                  mod.numel() == 8 && (!table || (table->dim() == 2 && table->size(0) == P.T && table->size(1) == P.d)),
               "iterate: inconsistent weight shapes");
   P.dt = float(dt);
   P.has_kappa = kappa.has_value();
@@ -461,39 +463,21 @@ void init_params(Params& P, const at::Tensor& h, const at::Tensor& w_h, const at
   P.has_v = v.has_value();
 }
 
-int omp_threads() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
-int threads_for(int64_t tasks) { return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks))); }
-
-template <typename F>
-void dispatch(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: f(c10::Half{}); break;
-  }
-}
-
 }  // namespace
 
 std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
                                         const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
                                         const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
-                                        const at::Tensor& mod, const at::Tensor& mu, const at::Tensor& table,
-                                        double dt, c10::optional<double> kappa, int64_t num_iterations,
-                                        c10::optional<double> tol, int64_t min_iterations, bool trajectory,
-                                        bool save_hidden) {
+                                        const at::Tensor& mod, const at::Tensor& mu,
+                                        const c10::optional<at::Tensor>& table, double dt, c10::optional<double> kappa,
+                                        int64_t num_iterations, c10::optional<double> tol, int64_t min_iterations,
+                                        bool trajectory, bool save_hidden) {
+  const at::Tensor* exc = table ? &*table : nullptr;
   check_inputs(h, x, v, {{"w_h", &w_h}, {"w_x", &w_x}, {"w_v", &w_v}, {"w_o", &w_o}, {"bias", &bias},
-                         {"b_o", &b_o}, {"mod", &mod}, {"mu", &mu}, {"table", &table}});
+                         {"b_o", &b_o}, {"mod", &mod}, {"mu", &mu}, {"table", exc}});
   Params P;
-  init_params(P, h, w_h, w_o, table, mod, v, dt, kappa, num_iterations);
-  pack_params(P, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, false);
+  init_params(P, h, w_h, w_o, exc, mod, v, dt, kappa, num_iterations);
+  pack_params(P, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, exc, false);
   const int64_t N = h.size(0);
   auto opts = h.options();
   at::Tensor x_out = at::empty_like(x), v_out = at::empty_like(x);
@@ -765,24 +749,25 @@ void reduce_partials(std::vector<Partial>& parts, Buffer Partial::*field, Buffer
 std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
                                          const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
                                          const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
-                                         const at::Tensor& mod, const at::Tensor& mu, const at::Tensor& table,
-                                         double dt, c10::optional<double> kappa, int64_t num_iterations,
-                                         const at::Tensor& grad_x, const at::Tensor& grad_v,
-                                         const at::Tensor& grad_energy, const at::Tensor& grad_distance,
-                                         const c10::optional<at::Tensor>& hidden) {
+                                         const at::Tensor& mod, const at::Tensor& mu,
+                                         const c10::optional<at::Tensor>& table, double dt,
+                                         c10::optional<double> kappa, int64_t num_iterations, const at::Tensor& grad_x,
+                                         const at::Tensor& grad_v, const at::Tensor& grad_energy,
+                                         const at::Tensor& grad_distance, const c10::optional<at::Tensor>& hidden) {
+  const at::Tensor* exc = table ? &*table : nullptr;
   check_inputs(h, x, v, {{"w_h", &w_h}, {"w_x", &w_x}, {"w_v", &w_v}, {"w_o", &w_o}, {"bias", &bias},
-                         {"b_o", &b_o}, {"mod", &mod}, {"mu", &mu}, {"table", &table},
+                         {"b_o", &b_o}, {"mod", &mod}, {"mu", &mu}, {"table", exc},
                          {"grad_energy", &grad_energy}, {"grad_distance", &grad_distance}});
   TORCH_CHECK(grad_x.sizes() == h.sizes() && grad_x.scalar_type() == h.scalar_type() && grad_x.is_contiguous() &&
                   grad_v.sizes() == h.sizes() && grad_v.scalar_type() == h.scalar_type() && grad_v.is_contiguous(),
               "iterate_backward: grad_x and grad_v must be contiguous and match h");
   Params P;
-  init_params(P, h, w_h, w_o, table, mod, v, dt, kappa, num_iterations);
+  init_params(P, h, w_h, w_o, exc, mod, v, dt, kappa, num_iterations);
   const int64_t N = h.size(0);
   TORCH_CHECK(grad_energy.dim() == 2 && grad_energy.size(0) == N && grad_energy.size(1) == P.T &&
                   grad_distance.sizes() == grad_energy.sizes(),
               "iterate_backward: grad_energy and grad_distance must be [N, T]");
-  pack_params(P, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, true);
+  pack_params(P, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, exc, true);
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
   if (hidden)
     TORCH_CHECK(hidden->scalar_type() == at::kFloat && hidden->is_contiguous() &&
@@ -859,7 +844,8 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
 
   at::Tensor gw_h = at::empty({H, d}, f32), gw_x = at::empty({H, d}, f32), gw_v = at::empty({H, d}, f32);
   at::Tensor gw_o = at::empty({4 * d, H}, f32), gbias = at::empty({H}, f32), gb_o = at::empty({4 * d}, f32);
-  at::Tensor gmod = at::empty({8}, f32), gmu = at::empty({d}, f32), gtable = at::empty({T, d}, f32);
+  at::Tensor gmod = at::empty({8}, f32), gmu = at::empty({d}, f32);
+  at::Tensor gtable = exc ? at::empty({T, d}, f32) : at::Tensor();
   float *p_wh = gw_h.data_ptr<float>(), *p_wx = gw_x.data_ptr<float>(), *p_wv = gw_v.data_ptr<float>();
   for (int k = 0; k < H; ++k)
     for (int j = 0; j < d; ++j) {
@@ -892,7 +878,9 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
   }
   std::copy_n(sum_bias.data(), H, gbias.data_ptr<float>());
   std::copy_n(sum_mu.data(), d, gmu.data_ptr<float>());
-  for (int t = 0; t < T; ++t) std::copy_n(sum_table.data() + size_t(t) * dp, d, gtable.data_ptr<float>() + size_t(t) * d);
+  if (exc)
+    for (int t = 0; t < T; ++t)
+      std::copy_n(sum_table.data() + size_t(t) * dp, d, gtable.data_ptr<float>() + size_t(t) * d);
   return {gh, gx, gv, gw_h, gw_x, gw_v, gw_o, gbias, gb_o, gmod, gmu, gtable};
 }
 

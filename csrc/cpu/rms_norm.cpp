@@ -7,13 +7,12 @@
 //            (with a residual, the gradient reaching s is gx + gs, for x and residual alike).
 // gw is summed per fixed tile of rows, then over tiles in order: the same bits for any thread count.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "../ops.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace inl {
@@ -34,11 +33,7 @@ inline double row_dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-int threads_for(int64_t rows, int64_t D) {
-  // rows of a few hundred floats are not worth waking a thread for
-  int64_t useful = std::max<int64_t>(1, rows * D / 16384);
-  return int(std::min<int64_t>(at::get_num_threads(), useful));
-}
+constexpr int64_t kFloatsPerThread = 16384;  // rows of a few hundred floats are not worth waking a thread for
 
 template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& weight, float eps, const at::Tensor* residual, at::Tensor& y,
@@ -52,7 +47,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, float eps, cons
   scalar_t* yp = static_cast<scalar_t*>(y.data_ptr());
   scalar_t* sp = residual ? static_cast<scalar_t*>(s.data_ptr()) : nullptr;
   float* rs = rstd.data_ptr<float>();
-#pragma omp parallel num_threads(threads_for(rows, D))
+#pragma omp parallel num_threads(threads_for(rows * D / kFloatsPerThread))
   {
     Buffer row(D + kVec);
 #pragma omp for schedule(static)
@@ -91,7 +86,7 @@ void backward_impl(const at::Tensor& gy, const at::Tensor* gs, const at::Tensor&
   const scalar_t* gsp = gs ? static_cast<const scalar_t*>(gs->data_ptr()) : nullptr;
   const float* rs = rstd.data_ptr<float>();
   float* gxp = gx.data_ptr<float>();
-#pragma omp parallel num_threads(std::min<int64_t>(threads_for(rows, D), tiles))
+#pragma omp parallel num_threads(threads_for(std::min(rows * D / kFloatsPerThread, tiles)))
   {
     Buffer xhat(D + kVec), gyw(D + kVec), gyrow(D + kVec);
 #pragma omp for schedule(static)
@@ -130,15 +125,6 @@ void check(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(-1) &&
               (weight.scalar_type() == at::kFloat || weight.scalar_type() == x.scalar_type()),
               "weight must be a contiguous [D] tensor of x's dtype or float32");
-}
-
-template <typename F>
-void dispatch(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: f(c10::Half{}); break;
-  }
 }
 
 }  // namespace

@@ -17,6 +17,13 @@
 // blocks in block order (deterministic, no atomics) between two grid barriers per step, every
 // block then holding the same totals and taking the same early-exit decisions.
 //
+// The column split (blocks, columns per block, shared memory) is planned in Python, once per
+// shape and device (inl_kernels/cuda/iterate.py): a cooperative launch needs every block
+// resident at once, so the planner asks iterate_decode_resident_blocks below how many fit.
+//
+// NaN propagates as in the reference (torch.relu(NaN) is NaN, fmaxf(NaN, 0) is 0): the relu
+// and the max in softplus are written as compare-and-select.
+//
 // This file compiles on its own (`nvcc -c`, no torch): the ATen entry point at the bottom is
 // compiled only with -DINL_ATEN_LAUNCHER (setup.py passes it).
 #include <cooperative_groups.h>
@@ -26,14 +33,12 @@
 
 #include <cstdint>
 
+#include "iterate_layout.h"
+
 namespace inl {
 namespace cuda {
 
 namespace cg = cooperative_groups;
-
-constexpr int kThreads = 256;
-constexpr int kDefaultCols = 32;  // columns of d per block
-constexpr int kRowSums = 4;       // Σ(x' - x)², Σv'², Σ|x' - mu|, Σ(x' - mu)²
 
 // Raw pointers and sizes; weights in fp32, h/x/v and the outputs x_T/v_T in the input type.
 struct IterateArgs {
@@ -43,7 +48,7 @@ struct IterateArgs {
   const float *bias;             // [H]  b_h + b_x + b_v
   const float *mod;              // [8]  mod_scale, mod_bias
   const float *mu;               // [d]
-  const float *table;            // [T][d] excitation
+  const float *table;            // [T][d] excitation, or null without excited dims
   void *x_out, *v_out;           // [N][d]
   int32_t* iterations;           // [N]
   float *energy, *distance;      // [N][T]
@@ -73,16 +78,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
+__device__ __forceinline__ float relu(float z) { return z < 0.f ? 0.f : z; }  // NaN stays NaN
 __device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
-__device__ __forceinline__ float softplus(float z) { return fmaxf(z, 0.f) + log1pf(expf(-fabsf(z))); }
-
-// Shared memory of one block, in floats.
-__host__ __device__ inline size_t shared_floats(int N, int H, int cols) {
-  return size_t(6) * H * cols      // w_out [4][H][cols], w_in [2][cols][H]
-         + size_t(3) * N * cols    // x, v, (x' - x)² of the block's columns
-         + size_t(N) * H           // c
-         + size_t(3) * N;          // s, active, rms per row
-}
+__device__ __forceinline__ float softplus(float z) { return relu(z) + log1pf(expf(-fabsf(z))); }
 
 // sums[e] = Σ_block partial[block][e] for this block's share of the entries, blocks in order.
 __device__ void add_partials(const float* partial, float* sums, int entries, int blocks) {
@@ -102,6 +100,7 @@ __global__ void __launch_bounds__(kThreads) iterate_decode_kernel(IterateArgs a)
   const int N = a.N, d = a.d, H = a.H, cols = a.cols, W = H + kRowSums;
   const int blocks = gridDim.x, c0 = blockIdx.x * cols;
   const int ncols = max(0, min(cols, d - c0));
+  // the order of iterate_decode_shared_bytes (iterate_layout.h)
   float* w_out = smem;                       // [4][H][cols]: w_out[(s·H + k)·cols + jj] = w_o[s·d + c0 + jj][k]
   float* w_in = w_out + 4 * H * cols;        // [2][cols][H]: w_x, w_v
   float* xs = w_in + 2 * H * cols;           // [N][cols]
@@ -177,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) iterate_decode_kernel(IterateArgs a)
     // every block reads the same totals, so every block takes the same decisions
     for (int i = threadIdx.x; i < N * H; i += blockDim.x) {
       const int k = i % H, n = i / H;
-      c[i] = fmaxf(a.ctx[i] + a.bias[k] + a.sums[size_t(n) * W + k], 0.f);
+      c[i] = relu(a.ctx[i] + a.bias[k] + a.sums[size_t(n) * W + k]);
     }
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
       const float* row = a.sums + size_t(n) * W + H;
@@ -217,7 +216,8 @@ __global__ void __launch_bounds__(kThreads) iterate_decode_kernel(IterateArgs a)
       const float gate = sigmoid(ms[2] * o[2] + mb[2]);
       const float v_cand = ms[3] * o[3] + mb[3];
       const float xo = xs[i], vo = vs[i], err = xo - a.mu[j];
-      const float vn = alpha * vo + (1.f - alpha) * v_cand - beta * err + a.table[size_t(t) * d + j];
+      const float exc = a.table ? a.table[size_t(t) * d + j] : 0.f;
+      const float vn = alpha * vo + (1.f - alpha) * v_cand - beta * err + exc;
       const float xn = xo + a.dt * gate * vn;
       xs[i] = xn;
       vs[i] = vn;
@@ -250,31 +250,20 @@ __global__ void __launch_bounds__(kThreads) iterate_decode_kernel(IterateArgs a)
   }
 }
 
-// Picks the column split (as many blocks as fit on the GPU at once, at least kDefaultCols
-// columns each) and the shared memory; 0 blocks when the shape cannot run.
+// How many blocks of the kernel for T fit on one multiprocessor with `shared_bytes` of shared
+// memory each (*per_sm), the question the planner asks for each column split it considers. The
+// kernel first opts in to the device's whole shared memory per block, so that any plan the
+// planner picks may launch on this device without another call.
 template <typename T>
-cudaError_t plan_iterate_decode(int N, int d, int H, int* blocks, int* cols, size_t* shared_bytes) {
-  int device = 0, sms = 0, max_shared = 0;
+cudaError_t iterate_decode_resident_blocks(size_t shared_bytes, int* per_sm) {
+  int device = 0, max_shared = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  *blocks = 0;
-  for (int c = kDefaultCols; c <= d + kDefaultCols; c *= 2) {
-    const int need = (d + c - 1) / c;
-    const size_t bytes = shared_floats(N, H, c) * sizeof(float);
-    if (bytes > size_t(max_shared)) return cudaSuccess;  // wider slices only need more
-    err = cudaFuncSetAttribute(iterate_decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-    if (err != cudaSuccess) return err;
-    int per_sm = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, iterate_decode_kernel<T>, kThreads, bytes);
-    if (err != cudaSuccess) return err;
-    if (need <= per_sm * sms) {  // a cooperative launch needs every block resident at once
-      *blocks = need, *cols = c, *shared_bytes = bytes;
-      return cudaSuccess;
-    }
-  }
-  return cudaSuccess;
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(iterate_decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, iterate_decode_kernel<T>, kThreads, shared_bytes);
+  return err;
 }
 
 template <typename T>
@@ -284,9 +273,9 @@ cudaError_t launch_iterate_decode(IterateArgs args, int blocks, size_t shared_by
                                      params, shared_bytes, stream);
 }
 
-template cudaError_t plan_iterate_decode<float>(int, int, int, int*, int*, size_t*);
-template cudaError_t plan_iterate_decode<__nv_bfloat16>(int, int, int, int*, int*, size_t*);
-template cudaError_t plan_iterate_decode<__half>(int, int, int, int*, int*, size_t*);
+template cudaError_t iterate_decode_resident_blocks<float>(size_t, int*);
+template cudaError_t iterate_decode_resident_blocks<__nv_bfloat16>(size_t, int*);
+template cudaError_t iterate_decode_resident_blocks<__half>(size_t, int*);
 template cudaError_t launch_iterate_decode<float>(IterateArgs, int, size_t, cudaStream_t);
 template cudaError_t launch_iterate_decode<__nv_bfloat16>(IterateArgs, int, size_t, cudaStream_t);
 template cudaError_t launch_iterate_decode<__half>(IterateArgs, int, size_t, cudaStream_t);
@@ -295,21 +284,58 @@ template cudaError_t launch_iterate_decode<__half>(IterateArgs, int, size_t, cud
 }  // namespace inl
 
 #ifdef INL_ATEN_LAUNCHER
-// The entry point inl_kernels._C.iterate_forward_cuda: checks, allocation, launch.
+// The entry points inl_kernels._C.iterate_forward_cuda (checks, allocation, launch: no query of
+// the GPU, the plan comes with the call) and the planner's two questions.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <vector>
 
+#include "../ops.h"
+
 namespace inl {
+
+namespace {
+template <typename F>
+cudaError_t dispatch_cuda(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(__nv_bfloat16{});
+    default: return f(__half{});
+  }
+}
+}  // namespace
+
+std::vector<int64_t> iterate_decode_limits(int64_t device) {
+  int sms = 0, max_shared = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, int(device));
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, int(device));
+  TORCH_CHECK(err == cudaSuccess, "iterate_decode_limits: ", cudaGetErrorString(err));
+  return {sms, max_shared};
+}
+
+int64_t iterate_decode_resident(at::ScalarType dtype, int64_t shared_bytes, int64_t device) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "the cuda iterate runs float32, bfloat16 and float16 inputs, got ", dtype);
+  const c10::cuda::CUDAGuard guard(c10::Device(c10::DeviceType::CUDA, c10::DeviceIndex(device)));
+  int per_sm = 0;
+  const cudaError_t err = dispatch_cuda(dtype, [&](auto tag) {
+    return cuda::iterate_decode_resident_blocks<decltype(tag)>(size_t(shared_bytes), &per_sm);
+  });
+  TORCH_CHECK(err == cudaSuccess, "iterate_decode_resident: ", cudaGetErrorString(err));
+  return per_sm;
+}
 
 std::vector<at::Tensor> iterate_forward_cuda(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
                                              const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
                                              const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
-                                             const at::Tensor& mod, const at::Tensor& mu, const at::Tensor& table,
-                                             double dt, c10::optional<double> kappa, int64_t num_iterations,
-                                             c10::optional<double> tol, int64_t min_iterations) {
+                                             const at::Tensor& mod, const at::Tensor& mu,
+                                             const c10::optional<at::Tensor>& table, double dt,
+                                             c10::optional<double> kappa, int64_t num_iterations,
+                                             c10::optional<double> tol, int64_t min_iterations, int64_t blocks,
+                                             int64_t cols, int64_t shared_bytes) {
   TORCH_CHECK(h.is_cuda() && h.dim() == 2 && h.is_contiguous(), "h must be a contiguous [N, d] CUDA tensor");
   const auto dtype = h.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
@@ -319,50 +345,50 @@ std::vector<at::Tensor> iterate_forward_cuda(const at::Tensor& h, const at::Tens
   if (v)
     TORCH_CHECK(v->sizes() == h.sizes() && v->scalar_type() == dtype && v->is_contiguous() && v->device() == h.device(),
                 "v must match h");
-  for (const at::Tensor* t : {&w_h, &w_x, &w_v, &w_o, &bias, &b_o, &mod, &mu, &table})
+  std::vector<const at::Tensor*> weights = {&w_h, &w_x, &w_v, &w_o, &bias, &b_o, &mod, &mu};
+  if (table) weights.push_back(&*table);
+  for (const at::Tensor* t : weights)
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == h.device(),
                 "weights must be contiguous float32 tensors on h's device");
+  const int64_t N = h.size(0), d = h.size(1), H = w_h.size(0), T = num_iterations;
+  // the kernel divides by d, and a plan exists only for H, T >= 1
+  TORCH_CHECK(d >= 1 && H >= 1 && T >= 1, "iterate_forward_cuda: d, H and num_iterations must be at least 1, got d = ",
+              d, ", H = ", H, ", num_iterations = ", T);
+  TORCH_CHECK(w_o.dim() == 2 && w_o.size(0) == 4 * d && w_o.size(1) == H && mod.numel() == 8 &&
+                  (!table || (table->dim() == 2 && table->size(0) == T && table->size(1) == d)),
+              "iterate_forward_cuda: inconsistent weight shapes");
+  TORCH_CHECK(blocks >= 1 && cols >= 1 && blocks * cols >= d && (blocks - 1) * cols < d &&
+                  shared_bytes >= cuda::iterate_decode_shared_bytes(N, H, cols),
+              "iterate_forward_cuda: the plan (blocks = ", blocks, ", cols = ", cols, ", shared_bytes = ", shared_bytes,
+              ") does not fit N = ", N, ", d = ", d, ", H = ", H, "; take it from inl_kernels.cuda.iterate.decode_plan");
   const c10::cuda::CUDAGuard guard(h.device());
-  const int N = int(h.size(0)), d = int(h.size(1)), H = int(w_h.size(0)), T = int(num_iterations);
   at::Tensor x_out = at::empty_like(x), v_out = at::empty_like(x);
   at::Tensor iterations = at::empty({N}, h.options().dtype(at::kInt));
   at::Tensor energy = at::empty({N, T}, h.options().dtype(at::kFloat));
   at::Tensor distance = at::empty({N, T}, h.options().dtype(at::kFloat));
+  if (N == 0) return {x_out, v_out, iterations, energy, distance};
 
-  int blocks = 0, cols = 0;
-  size_t shared_bytes = 0;
-  cudaError_t err = cudaSuccess;
-  switch (dtype) {
-    case at::kFloat: err = cuda::plan_iterate_decode<float>(N, d, H, &blocks, &cols, &shared_bytes); break;
-    case at::kBFloat16: err = cuda::plan_iterate_decode<__nv_bfloat16>(N, d, H, &blocks, &cols, &shared_bytes); break;
-    default: err = cuda::plan_iterate_decode<__half>(N, d, H, &blocks, &cols, &shared_bytes); break;
-  }
-  TORCH_CHECK(err == cudaSuccess, "iterate_forward_cuda: ", cudaGetErrorString(err));
-  TORCH_CHECK(blocks > 0, "iterate_forward_cuda: N = ", N, " rows do not fit the decode kernel's shared memory "
-              "(use the triton backend for large batches)");
-  const int W = H + cuda::kRowSums;
-  at::Tensor work = at::empty({int64_t(blocks) * N * (W + H) + int64_t(N) * (W + H)}, h.options().dtype(at::kFloat));
+  const int64_t W = H + cuda::kRowSums;
+  at::Tensor work = at::empty({blocks * N * (W + H) + N * (W + H)}, h.options().dtype(at::kFloat));
   float* w = work.data_ptr<float>();
   cuda::IterateArgs a{};
   a.h = h.data_ptr(), a.x = x.data_ptr(), a.v = v ? v->data_ptr() : nullptr;
   a.w_h = w_h.data_ptr<float>(), a.w_x = w_x.data_ptr<float>(), a.w_v = w_v.data_ptr<float>();
   a.w_o = w_o.data_ptr<float>(), a.b_o = b_o.data_ptr<float>(), a.bias = bias.data_ptr<float>();
-  a.mod = mod.data_ptr<float>(), a.mu = mu.data_ptr<float>(), a.table = table.data_ptr<float>();
+  a.mod = mod.data_ptr<float>(), a.mu = mu.data_ptr<float>(), a.table = table ? table->data_ptr<float>() : nullptr;
   a.x_out = x_out.data_ptr(), a.v_out = v_out.data_ptr(), a.iterations = iterations.data_ptr<int32_t>();
   a.energy = energy.data_ptr<float>(), a.distance = distance.data_ptr<float>();
   a.partial = w;
   a.ctx_partial = a.partial + size_t(blocks) * N * W;
   a.sums = a.ctx_partial + size_t(blocks) * N * H;
   a.ctx = a.sums + size_t(N) * W;
-  a.N = N, a.d = d, a.H = H, a.T = T, a.cols = cols, a.min_iterations = int(min_iterations);
+  a.N = int(N), a.d = int(d), a.H = int(H), a.T = int(T), a.cols = int(cols), a.min_iterations = int(min_iterations);
   a.dt = float(dt), a.has_kappa = kappa.has_value(), a.kappa = kappa ? float(*kappa) : 0.f;
   a.early_exit = tol.has_value(), a.tol = tol ? float(*tol) : 0.f;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (dtype) {
-    case at::kFloat: err = cuda::launch_iterate_decode<float>(a, blocks, shared_bytes, stream); break;
-    case at::kBFloat16: err = cuda::launch_iterate_decode<__nv_bfloat16>(a, blocks, shared_bytes, stream); break;
-    default: err = cuda::launch_iterate_decode<__half>(a, blocks, shared_bytes, stream); break;
-  }
+  const cudaError_t err = dispatch_cuda(dtype, [&](auto tag) {
+    return cuda::launch_iterate_decode<decltype(tag)>(a, int(blocks), size_t(shared_bytes), stream);
+  });
   TORCH_CHECK(err == cudaSuccess, "iterate_forward_cuda: launch failed: ", cudaGetErrorString(err));
   return {x_out, v_out, iterations, energy, distance};
 }

@@ -1,31 +1,25 @@
 """The iterate (SPEC §2) on the compiled CPU backend, csrc/cpu/iterate.cpp.
 
 The kernel takes the controller in fp32 with the three input biases already summed, the
-modulation as 8 scalars (mod_scale, mod_bias) and the sparse excitation as a [T, d] table, all
-built here in torch so that autograd carries their gradients back to b_h, b_x, b_v, gamma,
-phi and to weights kept in another dtype. It computes in fp32 for fp32, bf16 and fp16 inputs.
+modulation as 8 scalars (mod_scale, mod_bias) and the sparse excitation as a [T, d] table (None
+without excited dims), all built here in torch (reference.iterate.fold_parameters) so that
+autograd carries their gradients back to b_h, b_x, b_v, gamma, phi and to weights kept in
+another dtype. It computes in fp32 for fp32, bf16 and fp16 inputs.
 """
 from __future__ import annotations
 
 import torch
 
-from ..reference.iterate import IterateInfo, excitation_table
+from ..reference.iterate import IterateInfo, fold_parameters, needs_grad
 from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DIFFERENTIABLE = ("w_h", "b_h", "w_x", "b_x", "w_v", "b_v", "w_o", "b_o", "mod_scale", "mod_bias", "mu",
-                   "gamma", "phi")
-
-
-def _needs_grad(h, x, v, kw) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (h, x, v, *(kw[k] for k in _DIFFERENTIABLE)))
 
 
 def supports(h, x, *, v=None, return_trajectory=False, **kw):
     if h.dtype not in _DTYPES:
         return f"the cpu iterate runs float32, bfloat16 and float16 inputs, got {str(h.dtype).replace('torch.', '')}"
-    if return_trajectory and _needs_grad(h, x, v, kw):
+    if return_trajectory and needs_grad(h, x, v, *kw.values()):
         return "return_trajectory=True with gradients runs on the reference"
     return None
 
@@ -56,13 +50,10 @@ class _Iterate(torch.autograd.Function):
 def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma, phi,
             amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3, return_trajectory=False):
     """Runs SPEC §2 on CPU tensors; returns (x_T, IterateInfo) with the reference's dtypes."""
-    needs_grad = _needs_grad(h, x, v, dict(w_h=w_h, b_h=b_h, w_x=w_x, b_x=b_x, w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o,
-                                           mod_scale=mod_scale, mod_bias=mod_bias, mu=mu, gamma=gamma, phi=phi))
-    table = excitation_table(exc_index, gamma, phi, amplitude, num_iterations, x.shape[1], dtype=torch.float32)
-    bias = b_h.float() + b_x.float() + b_v.float()
-    mod = torch.cat([mod_scale, mod_bias]).float()
+    table, bias, mod = fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude,
+                                       num_iterations, x.shape[1], torch.float32)
     weights = (w_h.float(), w_x.float(), w_v.float(), w_o.float(), bias, b_o.float(), mod, mu.float(), table)
-    if not needs_grad:
+    if not needs_grad(h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, gamma, phi):
         x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = _C.iterate_forward(
             h, x, v, *weights, dt, kappa, num_iterations, tol, min_iterations, return_trajectory)
         return x_T, IterateInfo(v_T, iterations, energy, distance, traj_x, traj_v)

@@ -1,38 +1,108 @@
 """The iterate's forward (SPEC §2) on the hand-written CUDA kernel, csrc/cuda/iterate.cu: a
-persistent kernel that splits d across the GPU for decode shapes (a few hundred rows at most).
-It has no backward and returns no trajectory; ask for it by name (backend="cuda")."""
+persistent cooperative kernel that splits d across the GPU for decode shapes (a few hundred rows
+at most). It has no backward and returns no trajectory; ask for it by name (backend="cuda").
+
+The launch plan, how many columns of d each block owns, is made here once per (N, d, H, dtype,
+device) and cached, so that a decode step asks the GPU nothing. `plan` mirrors the kernel's
+shared memory (csrc/cuda/iterate_layout.h) and asks the GPU only how many blocks of a given size
+fit on one multiprocessor. `supports` refuses the shapes that have no plan, so that
+backend="cuda" raises a ValueError naming them rather than failing at launch.
+"""
 from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ..reference.iterate import IterateInfo, excitation_table
+from ..reference.iterate import IterateInfo, fold_parameters, needs_grad
 from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_ROWS = 256  # beyond this the rows no longer fit the kernel's shared memory: a job for triton
+MIN_COLS = 32  # iterate_layout.h kMinCols: columns of d per block at the narrowest slice
 
 
-def supports(h, x, *, v=None, return_trajectory=False, **kw):
+def shared_bytes(N: int, H: int, cols: int) -> int:
+    """Shared memory of one block owning `cols` columns of N rows with hidden size H, in bytes
+    (iterate_layout.h): w_out and w_in (6·H·cols floats), x, v and (x' − x)² of its columns
+    (3·N·cols), c (N·H) and three values per row (3·N)."""
+    return 4 * (6 * H * cols + 3 * N * cols + N * H + 3 * N)
+
+
+class Plan(NamedTuple):
+    blocks: int  # ceil(d / cols): all resident at once (a cooperative launch)
+    cols: int  # columns of d per block
+    shared_bytes: int  # per block
+
+
+def plan(N: int, d: int, H: int, sms: int, max_shared: int, resident: Callable[[int], int]) -> Optional[Plan]:
+    """The narrowest column slice, MIN_COLS doubled until one block holds all of d, whose blocks
+    all fit on the GPU at once; None when there is none. A wider slice needs fewer blocks but
+    more shared memory each. `sms`: multiprocessors; `max_shared`: the shared memory a block may
+    opt in to; `resident(bytes)`: blocks that fit on one multiprocessor with that much each."""
+    cols = MIN_COLS
+    while True:
+        blocks = -(-d // cols)
+        need = shared_bytes(N, H, cols)
+        if need > max_shared:
+            return None  # wider slices only need more
+        if blocks <= resident(need) * sms:
+            return Plan(blocks, cols, need)
+        if blocks == 1:
+            return None
+        cols *= 2
+
+
+@functools.lru_cache(maxsize=None)
+def _limits(device_index: int) -> tuple:
+    """(multiprocessors, shared memory a block may opt in to) of a GPU."""
+    return tuple(_C.iterate_decode_limits(device_index))
+
+
+def _resident(dtype: torch.dtype, device_index: int) -> Callable[[int], int]:
+    return lambda nbytes: _C.iterate_decode_resident(dtype, nbytes, device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_plan(N: int, d: int, H: int, dtype: torch.dtype, device_index: int) -> Optional[Plan]:
+    """`plan` for this GPU, asked once per shape (the GPU queries happen on the first call only)."""
+    sms, max_shared = _limits(device_index)
+    return plan(N, d, H, sms, max_shared, _resident(dtype, device_index))
+
+
+def _no_plan_reason(N, d, H, dtype, device_index) -> Optional[str]:
+    if decode_plan(N, d, H, dtype, device_index) is not None:
+        return None
+    sms, max_shared = _limits(device_index)
+    need = shared_bytes(N, H, MIN_COLS)
+    if need > max_shared:
+        why = (f"a block needs {need} bytes of shared memory at the narrowest column slice ({MIN_COLS} columns), "
+               f"this GPU allows {max_shared}")
+    else:
+        why = f"the blocks that split d = {d} do not all fit on the GPU's {sms} multiprocessors at once"
+    return f"N = {N} rows with H = {H} do not fit the cuda decode kernel: {why}; use backend='triton'"
+
+
+def supports(h, x, *, w_h, v=None, return_trajectory=False, **kw):
     if h.dtype not in _DTYPES:
         return f"the cuda iterate runs float32, bfloat16 and float16 inputs, got {str(h.dtype).replace('torch.', '')}"
-    if h.shape[0] > MAX_ROWS:
-        return f"the cuda iterate is a decode kernel for up to {MAX_ROWS} rows, got {h.shape[0]}"
     if return_trajectory:
         return "the cuda iterate returns no trajectory"
-    tensors = (h, x, v, *(kw[k] for k in ("w_h", "b_h", "w_x", "b_x", "w_v", "b_v", "w_o", "b_o", "mod_scale",
-                                          "mod_bias", "mu", "gamma", "phi")))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if needs_grad(h, x, v, w_h, *kw.values()):
         return "the cuda iterate has no backward (inference only)"
-    return None
+    return _no_plan_reason(h.shape[0], h.shape[1], w_h.shape[0], h.dtype, h.device.index)
 
 
 def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma, phi,
             amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3, return_trajectory=False):
     """Runs SPEC §2 on CUDA tensors; returns (x_T, IterateInfo) with the reference's dtypes."""
-    table = excitation_table(exc_index, gamma, phi, amplitude, num_iterations, x.shape[1], dtype=torch.float32)
-    bias = b_h.float() + b_x.float() + b_v.float()
-    mod = torch.cat([mod_scale, mod_bias]).float()
+    N, d = x.shape
+    launch = decode_plan(N, d, w_h.shape[0], h.dtype, h.device.index)
+    if launch is None:
+        raise ValueError(_no_plan_reason(N, d, w_h.shape[0], h.dtype, h.device.index))
+    table, bias, mod = fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude,
+                                       num_iterations, d, torch.float32)
     x_T, v_T, iterations, energy, distance = _C.iterate_forward_cuda(
         h, x, v, w_h.float(), w_x.float(), w_v.float(), w_o.float(), bias, b_o.float(), mod, mu.float(), table,
-        dt, kappa, num_iterations, tol, min_iterations)
+        dt, kappa, num_iterations, tol, min_iterations, *launch)
     return x_T, IterateInfo(v_T, iterations, energy, distance)

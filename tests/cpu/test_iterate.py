@@ -98,6 +98,24 @@ def test_nan_row_never_converges():
     assert rinfo.iterations[5] == kw["num_iterations"] and len(set(rinfo.iterations.tolist())) >= 3
 
 
+def test_empty_batch_and_zero_sizes():
+    """inl_iterate sends N = 0 to the reference, but the extension itself must not divide by it:
+    empty outputs and zero parameter gradients. A zero T is a named error from the extension."""
+    cpu_iterate = importlib.import_module("inl_kernels.cpu.iterate").iterate
+    (h, x, kw), (h64, x64, kw64) = case(n=0, d=8, H=4, E=1, T=2)
+    leaves = {k: kw[k].clone().requires_grad_(True) for k in ("w_o", "mu")}
+    out, info = cpu_iterate(h, x, **dict(kw, **leaves))
+    assert out.shape == (0, 8) and info.energy.shape == (0, 2) and info.iterations.shape == (0,)
+    (out.sum() + info.energy.sum()).backward()
+    for k, leaf in leaves.items():
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf)), k
+    with torch.no_grad():
+        out, info = cpu_iterate(h, x, **kw, tol=1e-3)
+    assert out.shape == (0, 8) and info.iterations.shape == (0,)
+    with pytest.raises(RuntimeError, match="num_iterations must be at least 1"):
+        cpu_iterate(h, x, **dict(kw, num_iterations=0))
+
+
 def test_early_exit_counts_and_frozen_rows():
     h, x, kw = converging_args(dtype=torch.float32)
     kw64 = cast(kw, torch.float64)

@@ -79,6 +79,18 @@ def test_backward_matches_formula(shape, residual):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_no_rows(residual):
+    """No rows: empty outputs, a zero weight gradient, and no thread count of zero."""
+    x, r, w = inputs((0, 12), torch.float32)
+    w = w.clone().requires_grad_(True)
+    out = rms_norm(x.requires_grad_(True), w, residual=r if residual else None, backend="cpu")
+    y = out[0] if residual else out
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(12)) and x.grad.shape == (0, 12)
+
+
 def test_bf16_backward_and_fp32_weight():
     x, _, w = inputs((8, 48), torch.bfloat16, seed=3, weight_dtype=torch.float32)
     x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
