@@ -360,7 +360,8 @@ std::vector<at::Tensor> iterate_forward_cuda(const at::Tensor& h, const at::Tens
   TORCH_CHECK(blocks >= 1 && cols >= 1 && blocks * cols >= d && (blocks - 1) * cols < d &&
                   shared_bytes >= cuda::iterate_decode_shared_bytes(N, H, cols),
               "iterate_forward_cuda: the plan (blocks = ", blocks, ", cols = ", cols, ", shared_bytes = ", shared_bytes,
-              ") does not fit N = ", N, ", d = ", d, ", H = ", H, "; take it from inl_kernels.cuda.iterate.decode_plan");
+              ") does not fit N = ", N, ", d = ", d, ", H = ", H,
+              "; take it from inl_kernels.cuda.iterate.decode_plan");
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor x_out = at::empty_like(x), v_out = at::empty_like(x);
   at::Tensor iterations = at::empty({N}, h.options().dtype(at::kInt));
