@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from inl_kernels import inl_iterate
 from inl_kernels.modules import spread_indices
 
 
@@ -41,3 +42,65 @@ def converging_args(n=8, d=24, H=16, T=12, dtype=torch.float64, seed=1, device="
 
 GRAD_NAMES = ("w_h", "b_h", "w_x", "b_x", "w_v", "b_v", "w_o", "b_o", "mod_scale", "mod_bias", "mu",
               "gamma", "phi")
+
+
+def cast(kw, dtype, device=None):
+    """The tensors of `kw` moved to `device` (when given), the floating ones also to `dtype`;
+    everything else (index tensors, floats, None) as it is."""
+    def to(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(device=device or t.device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return {k: to(t) for k, t in kw.items()}
+
+
+# (argument, index, T, kappa): where one NaN goes, and the run it goes into. A NaN in a row of
+# h, x or v stays in that row; one in w_h, w_x or a bias reaches every row. With T = 1 and no
+# kappa, a NaN in one output column of w_o or b_o, in mu or in gamma stays in that column of
+# x_T and v (the statistics, means over columns, become NaN): the kernel must spread it no
+# further than the reference does. With kappa, a NaN in mu reaches every column through rms.
+NAN_CASES = [
+    ("h", (1, 3), 3, 0.7),
+    ("x", (2, 0), 3, 0.7),
+    ("v", (0, 19), 2, None),
+    ("w_h", (2, 5), 2, 0.7),
+    ("w_x", (0, 7), 2, None),
+    ("b_v", (3,), 2, 0.7),
+    ("w_o", (3 * 20 + 4, 2), 1, None),  # v_cand of column 4
+    ("w_o", (0 * 20 + 9, 5), 1, None),  # alpha of column 9
+    ("b_o", (1 * 20 + 6,), 1, None),  # beta of column 6
+    ("b_o", (2 * 20 + 11,), 1, None),  # gate of column 11
+    ("mu", (4,), 1, None),
+    ("mu", (4,), 2, 0.7),
+    ("gamma", (1,), 1, None),
+    ("mod_scale", (2,), 1, None),
+]
+
+
+def nan_case(name, index, T, kappa, dtype=torch.float32, device="cpu"):
+    """Arguments (n = 6, d = 20, H = 16, E = 3) in `dtype` with one NaN at kw[name][index]
+    (or h / x): (h, x, kw)."""
+    h, x, kw = make_args(n=6, d=20, H=16, E=3, T=T, kappa=kappa, dtype=torch.float64)
+    kw = dict(kw, h=h, x=x)
+    kw[name] = kw[name].clone()
+    kw[name][index] = float("nan")
+    kw = cast(kw, dtype, device)
+    return kw.pop("h"), kw.pop("x"), kw
+
+
+def assert_nan_where_reference(backend, h, x, kw, precision=1e-5, **extra):
+    """The backend's x_T, v, energy and distance are NaN exactly where the reference's are (the
+    reference runs in fp64 on the same values), equal to it within `precision` elsewhere, and
+    stop after the same number of steps. `extra`: more inl_iterate arguments (tol, ...). Returns
+    the reference's (x_T, info)."""
+    out, info = inl_iterate(h, x, **kw, **extra, return_info=True, backend=backend)
+    ref, rinfo = inl_iterate(h.double(), x.double(), **cast(kw, torch.float64), **extra, return_info=True,
+                             backend="reference")
+    assert torch.isnan(ref).any(), "the case puts no NaN in the reference's output"
+    for name, a, b in (("x_T", out, ref), ("v", info.v, rinfo.v), ("energy", info.energy, rinfo.energy),
+                       ("distance", info.distance, rinfo.distance)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), (
+            f"{name}: NaN at {torch.isnan(a).nonzero().tolist()}, reference at {torch.isnan(b).nonzero().tolist()}")
+        torch.testing.assert_close(a.double(), b, rtol=precision, atol=precision, equal_nan=True, msg=name)
+    assert info.iterations.tolist() == rinfo.iterations.tolist()
+    return ref, rinfo

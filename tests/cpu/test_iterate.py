@@ -9,8 +9,8 @@ import torch
 from inl_kernels import inl_iterate
 from inl_kernels._dispatch import resolve
 from inl_kernels.cpu import unavailable_reason
-from tests.cpu.cases import NAN_CASES, assert_nan_where_reference, cast, nan_case
-from tests.iterate_cases import CONVERGE_TOL, GRAD_NAMES, converging_args, make_args
+from tests.iterate_cases import (CONVERGE_TOL, GRAD_NAMES, NAN_CASES, assert_nan_where_reference, cast,
+                                 converging_args, make_args, nan_case)
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 

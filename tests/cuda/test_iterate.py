@@ -13,8 +13,8 @@ import torch
 from inl_kernels import inl_iterate
 from inl_kernels.cpu import unavailable_reason as extension_missing
 from inl_kernels.cuda import unavailable_reason
-from tests.cpu.cases import NAN_CASES, assert_nan_where_reference, cast, nan_case
-from tests.iterate_cases import CONVERGE_TOL, converging_args, make_args
+from tests.iterate_cases import (CONVERGE_TOL, NAN_CASES, assert_nan_where_reference, cast, converging_args,
+                                 make_args, nan_case)
 
 cuda_iterate = importlib.import_module("inl_kernels.cuda.iterate")
 
