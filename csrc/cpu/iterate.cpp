@@ -232,49 +232,61 @@ struct RowSums {  // per-row sums over the columns of one step, two vectors of r
   Vec step[2], energy[2], dist[2], err2[2];
 };
 
-// Column j of one step for the block's rows (two vectors), updating the state in place.
+// the block's NB rows: two vectors, processed side by side (see Vecs)
+using Rows = Vecs<NB / kVec>;
+inline Rows load_rows(const float* p) {
+  Rows r;
+  for (int q = 0; q < NB / kVec; ++q) r.v[q] = load(p + q * kVec);
+  return r;
+}
+inline void store_rows(float* p, const Rows& r) {
+  for (int q = 0; q < NB / kVec; ++q) store(p + q * kVec, r.v[q]);
+}
+
+// Column j of one step for the block's rows, updating the state in place.
 template <bool STASH, bool EARLY, bool KAPPA>
 __attribute__((always_inline)) inline void update_column(const Params& P, int t, int j, const float* o, float* xcol,
-                                                         float* vcol, const Vec* ms, const Vec* s_row,
-                                                         const VecI* active, RowSums& sums, Stash* stash) {
+                                                         float* vcol, const Vec* s_row, const VecI* active,
+                                                         RowSums& sums, Stash* stash) {
   const int dp = P.dp;
   const float za_off = P.z_off[j], zb_off = P.z_off[dp + j], zg_off = P.z_off[2 * dp + j];
   const float vc_off = P.z_off[3 * dp + j];
   const float mu = P.mu[j], exc = P.table[size_t(t) * dp + j], dt = P.dt;
-#pragma GCC unroll 2
-  for (int q = 0; q < 2; ++q) {
-    const float* oq = o + q * kVec;
-    Vec alpha0 = vsigmoid(ms[0] * load(oq) + za_off);
-    Vec beta_slope;
-    Vec beta = vsoftplus<STASH>(ms[1] * load(oq + MR * NB) + zb_off, &beta_slope);
-    Vec gate = vsigmoid(ms[2] * load(oq + 2 * MR * NB) + zg_off);
-    Vec v_cand = ms[3] * load(oq + 3 * MR * NB) + vc_off;
-    Vec alpha = KAPPA ? alpha0 * s_row[q] : alpha0;
-    Vec xo = load(xcol + q * kVec), vo = load(vcol + q * kVec);
-    Vec err = xo - mu;
-    // alpha·v + (1 - alpha)·v_cand, written as v_cand + alpha·(v - v_cand)
-    Vec vn = v_cand + alpha * (vo - v_cand) - beta * err + exc;
-    Vec xn = xo + (dt * gate) * vn;
-    if (EARLY) {  // a converged row keeps its state
-      vn = select(active[q], vn, vo);
-      xn = select(active[q], xn, xo);
-      Vec dx = xn - xo;
+  Rows alpha0 = vsigmoid(load_rows(o) * P.ms[0] + za_off);
+  Rows beta_slope;
+  Rows beta = vsoftplus<STASH>(load_rows(o + MR * NB) * P.ms[1] + zb_off, &beta_slope);
+  Rows gate = vsigmoid(load_rows(o + 2 * MR * NB) * P.ms[2] + zg_off);
+  Rows v_cand = load_rows(o + 3 * MR * NB) * P.ms[3] + vc_off;
+  Rows alpha = alpha0;
+  if (KAPPA)
+    for (int q = 0; q < 2; ++q) alpha.v[q] = alpha0.v[q] * s_row[q];
+  Rows xo = load_rows(xcol), vo = load_rows(vcol);
+  Rows err = xo - mu;
+  // alpha·v + (1 - alpha)·v_cand, written as v_cand + alpha·(v - v_cand)
+  Rows vn = v_cand + alpha * (vo - v_cand) - beta * err + exc;
+  Rows xn = xo + (gate * dt) * vn;
+  if (EARLY)  // a converged row keeps its state
+    for (int q = 0; q < 2; ++q) {
+      vn.v[q] = select(active[q], vn.v[q], vo.v[q]);
+      xn.v[q] = select(active[q], xn.v[q], xo.v[q]);
+      Vec dx = xn.v[q] - xo.v[q];
       sums.step[q] += dx * dx;
     }
-    store(xcol + q * kVec, xn);
-    store(vcol + q * kVec, vn);
-    Vec en = xn - mu;
-    sums.energy[q] += vn * vn;
-    sums.dist[q] += vabs(en);
-    if (KAPPA) sums.err2[q] += en * en;
-    if (STASH) {
-      const size_t at = size_t(j) * NB + q * kVec;
-      store(stash->a(t, 0) + at, alpha0);
-      store(stash->a(t, 1) + at, beta);
-      store(stash->a(t, 2) + at, beta_slope);
-      store(stash->a(t, 3) + at, gate);
-      store(stash->a(t, 4) + at, v_cand);
-    }
+  store_rows(xcol, xn);
+  store_rows(vcol, vn);
+  Rows en = xn - mu;
+  for (int q = 0; q < 2; ++q) {
+    sums.energy[q] += vn.v[q] * vn.v[q];
+    sums.dist[q] += vabs(en.v[q]);
+    if (KAPPA) sums.err2[q] += en.v[q] * en.v[q];
+  }
+  if (STASH) {
+    const size_t at = size_t(j) * NB;
+    store_rows(stash->a(t, 0) + at, alpha0);
+    store_rows(stash->a(t, 1) + at, beta);
+    store_rows(stash->a(t, 2) + at, beta_slope);
+    store_rows(stash->a(t, 3) + at, gate);
+    store_rows(stash->a(t, 4) + at, v_cand);
   }
 }
 
@@ -282,12 +294,11 @@ __attribute__((always_inline)) inline void update_column(const Params& P, int t,
 template <bool STASH, bool EARLY, bool KAPPA>
 void update_panel(const Params& P, int t, int j0, int cols, const float* o, float* state, const Vec* s_row,
                   const VecI* active, RowSums& sums_io, Stash* stash) {
-  const Vec ms[4] = {splat(P.ms[0]), splat(P.ms[1]), splat(P.ms[2]), splat(P.ms[3])};
   RowSums sums = sums_io;  // a local copy stays in registers
   for (int jj = 0; jj < cols; ++jj) {
     const int j = j0 + jj;
-    update_column<STASH, EARLY, KAPPA>(P, t, j, o + jj * NB, state + j * NB, state + (P.dp + j) * NB, ms, s_row,
-                                       active, sums, stash);
+    update_column<STASH, EARLY, KAPPA>(P, t, j, o + jj * NB, state + j * NB, state + (P.dp + j) * NB, s_row, active,
+                                       sums, stash);
   }
   sums_io = sums;
 }

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <utility>
 
 #if defined(__AVX512F__) || defined(__AVX__)
@@ -114,41 +115,113 @@ inline VecI lane_index() {
   return iota;
 }
 
+// N vectors handled as one value: each operation is applied to all N before the next one, so
+// that N independent dependency chains advance side by side in program order. The transcendental
+// functions below are chains of ~15-30 dependent instructions; written one vector at a time, the
+// out-of-order window fills with one chain's waiting instructions and the vector units idle.
+#define INL_INLINE inline __attribute__((always_inline))
+template <int N>
+struct Vecs {
+  Vec v[N];
+};
+#define INL_VECS_BINARY(op)                                                      \
+  template <int N>                                                               \
+  INL_INLINE Vecs<N> operator op(const Vecs<N>& a, const Vecs<N>& b) {               \
+    Vecs<N> r;                                                                   \
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] op b.v[i];                       \
+    return r;                                                                    \
+  }                                                                              \
+  template <int N>                                                               \
+  INL_INLINE Vecs<N> operator op(const Vecs<N>& a, float b) {                        \
+    Vecs<N> r;                                                                   \
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] op b;                            \
+    return r;                                                                    \
+  }                                                                              \
+  template <int N>                                                               \
+  INL_INLINE Vecs<N> operator op(float a, const Vecs<N>& b) {                        \
+    Vecs<N> r;                                                                   \
+    for (int i = 0; i < N; ++i) r.v[i] = a op b.v[i];                            \
+    return r;                                                                    \
+  }
+INL_VECS_BINARY(+)
+INL_VECS_BINARY(-)
+INL_VECS_BINARY(*)
+#undef INL_VECS_BINARY
+template <int N>
+INL_INLINE Vecs<N> operator-(const Vecs<N>& a) {
+  Vecs<N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = -a.v[i];
+  return r;
+}
+// f applied to each vector of the arguments in turn
+template <int N, typename F, typename... A>
+INL_INLINE Vecs<N> each(F&& f, const Vecs<N>& a, const A&... rest) {
+  Vecs<N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = f(a.v[i], rest.v[i]...);
+  return r;
+}
+template <int N>
+INL_INLINE Vecs<N> vmax(const Vecs<N>& a, const Vecs<N>& b) {
+  return each([](Vec x, Vec y) { return vmax(x, y); }, a, b);
+}
+template <int N>
+INL_INLINE Vecs<N> vmin(const Vecs<N>& a, const Vecs<N>& b) {
+  return each([](Vec x, Vec y) { return vmin(x, y); }, a, b);
+}
+template <int N>
+INL_INLINE Vecs<N> vabs(const Vecs<N>& a) {
+  return each([](Vec x) { return vabs(x); }, a);
+}
+template <int N>
+INL_INLINE Vecs<N> neg_abs(const Vecs<N>& a) {
+  return each([](Vec x) { return neg_abs(x); }, a);
+}
+// the value a float promotes to in V's arithmetic
+template <typename V>
+INL_INLINE V splat_as(float a) {
+  if constexpr (std::is_same_v<V, Vec>) {
+    return splat(a);
+  } else {
+    V r;
+    for (auto& x : r.v) x = splat(a);
+    return r;
+  }
+}
+// z >= 0 ? a : b, lane by lane
+INL_INLINE Vec select_nonneg(Vec z, Vec a, Vec b) { return select(z >= 0.f, a, b); }
+template <int N>
+INL_INLINE Vecs<N> select_nonneg(const Vecs<N>& z, const Vecs<N>& a, const Vecs<N>& b) {
+  return each([](Vec s, Vec x, Vec y) { return select_nonneg(s, x, y); }, z, a, b);
+}
+
 // 1/x to ~1 ulp: the hardware estimate refined by one Newton step where there is one.
-inline Vec vrcp(Vec x) {
+INL_INLINE Vec rcp_estimate(Vec x) {
 #if defined(__AVX512F__)
-  Vec r = (Vec)_mm512_rcp14_ps((__m512)x);
+  return (Vec)_mm512_rcp14_ps((__m512)x);
 #elif defined(__AVX__)
-  Vec r = (Vec)_mm256_rcp_ps((__m256)x);
+  return (Vec)_mm256_rcp_ps((__m256)x);
 #else
   return 1.f / x;
 #endif
+}
+template <int N>
+INL_INLINE Vecs<N> rcp_estimate(const Vecs<N>& x) {
+  return each([](Vec a) { return rcp_estimate(a); }, x);
+}
+template <typename V>
+INL_INLINE V vrcp(V x) {
+  V r = rcp_estimate(x);
 #if defined(__AVX512F__) || defined(__AVX__)
   return r * (2.f - x * r);
+#else
+  return r;
 #endif
 }
 
-// e^x within ~2 ulp: x = n·ln2 + r with |r| ≤ ln2/2, e^r by a degree-5 polynomial fitted to
-// relative error on that interval (7.5e-8, below half an fp32 ulp, before rounding), times 2^n.
-// Inputs below -104 give 0; NaN gives NaN (the clamps keep it, see vmax).
-inline Vec vexp(Vec x) {
+// p·2^n for integral n in [-150, 128] (n = 128 and above give inf)
+INL_INLINE Vec scale_pow2(Vec p, Vec n) {
 #if defined(__AVX512F__)
-  x = vmax(splat(-104.f), x);  // scalef below saturates large n to inf by itself
-#else
-  x = vmin(splat(88.f), vmax(splat(-104.f), x));
-#endif
-  const Vec round_magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to the nearest integer
-  Vec n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  Vec r = x - n * 0.693359375f;  // ln2 in two parts so that n·ln2_hi is exact
-  r = r - n * -2.12194440e-4f;
-  Vec p = splat(8.297651838694497e-3f);
-  p = p * r + 4.191538181304915e-2f;
-  p = p * r + 1.666757477692211e-1f;
-  p = p * r + 4.999889485335344e-1f;
-  p = p * r + 9.999996919773478e-1f;
-  p = p * r + 1.0000000716543667f;
-#if defined(__AVX512F__)
-  return (Vec)_mm512_scalef_ps((__m512)p, (__m512)n);  // p·2^n, gradual underflow included
+  return (Vec)_mm512_scalef_ps((__m512)p, (__m512)n);  // gradual underflow included
 #else
   // 2^n in two factors so that n down to -150 stays representable
   VecI ni = __builtin_convertvector(n, VecI);
@@ -156,15 +229,41 @@ inline Vec vexp(Vec x) {
   return p * (Vec)((half + 127) << 23) * (Vec)((ni - half + 127) << 23);
 #endif
 }
+template <int N>
+INL_INLINE Vecs<N> scale_pow2(const Vecs<N>& p, const Vecs<N>& n) {
+  return each([](Vec a, Vec b) { return scale_pow2(a, b); }, p, n);
+}
+
+// e^x within ~2 ulp: x = n·ln2 + r with |r| ≤ ln2/2, e^r by a degree-5 polynomial fitted to
+// relative error on that interval (7.5e-8, below half an fp32 ulp, before rounding), times 2^n.
+// Inputs below -104 give 0; NaN gives NaN (the clamps keep it, see vmax).
+template <typename V>
+INL_INLINE V vexp(V x) {
+#if defined(__AVX512F__)
+  x = vmax(splat_as<V>(-104.f), x);  // scalef below saturates large n to inf by itself
+#else
+  x = vmin(splat_as<V>(88.f), vmax(splat_as<V>(-104.f), x));
+#endif
+  const float round_magic = 12582912.0f;  // 1.5·2^23: adding it rounds to the nearest integer
+  V n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  V r = x - n * 0.693359375f;  // ln2 in two parts so that n·ln2_hi is exact
+  r = r - n * -2.12194440e-4f;
+  V p = r * 8.297651838694497e-3f + 4.191538181304915e-2f;
+  p = p * r + 1.666757477692211e-1f;
+  p = p * r + 4.999889485335344e-1f;
+  p = p * r + 9.999996919773478e-1f;
+  p = p * r + 1.0000000716543667f;
+  return scale_pow2(p, n);
+}
 
 // log(1 + e) for e in [0, 1]: 2·atanh(s) = 2s·P(s²) with s = e / (2 + e) ≤ 1/3 and P of degree 4
 // fitted to atanh(s)/s for s² in [0, 1/9] (relative error 4e-9). Exact for tiny e, unlike
 // log(1 + e) after rounding 1 + e.
-inline Vec vlog1p_unit(Vec e) {
-  Vec s = e * vrcp(e + 2.f);
-  Vec s2 = s * s;
-  Vec p = splat(1.4089165012768118e-1f);
-  p = p * s2 + 1.398030191984509e-1f;
+template <typename V>
+INL_INLINE V vlog1p_unit(V e) {
+  V s = e * vrcp(e + 2.f);
+  V s2 = s * s;
+  V p = s2 * 1.4089165012768118e-1f + 1.398030191984509e-1f;
   p = p * s2 + 2.0012455103340868e-1f;
   p = p * s2 + 3.3333157341829905e-1f;
   p = p * s2 + 1.0000000039604937f;
@@ -173,17 +272,24 @@ inline Vec vlog1p_unit(Vec e) {
 
 // sigmoid(z) = 1/(1 + e^-z): no cancellation for either sign; e^-z is capped at e^80 so that
 // the reciprocal stays a normal number (sigmoid(z < -80) returns sigmoid(-80) ≈ 2e-35); NaN stays NaN.
-inline Vec vsigmoid(Vec z) { return vrcp(1.f + vexp(vmin(splat(80.f), -z))); }
+template <typename V>
+INL_INLINE V vsigmoid(V z) {
+  return vrcp(1.f + vexp(vmin(splat_as<V>(80.f), -z)));
+}
 
 // softplus(z) = max(z, 0) + log(1 + e^-|z|); with SLOPE also its derivative sigmoid(z).
-template <bool SLOPE>
-inline Vec vsoftplus(Vec z, Vec* slope) {
-  Vec e = vexp(neg_abs(z));
-  if (SLOPE) {
-    Vec r = vrcp(1.f + e);
-    *slope = select(z >= 0.f, r, e * r);
+template <typename T>
+struct same_type {  // keeps an argument out of template argument deduction
+  using type = T;
+};
+template <bool SLOPE, typename V>
+INL_INLINE V vsoftplus(V z, typename same_type<V>::type* slope) {
+  V e = vexp(neg_abs(z));
+  if constexpr (SLOPE) {
+    V r = vrcp(1.f + e);
+    *slope = select_nonneg(z, r, e * r);
   }
-  return vmax(splat(0.f), z) + vlog1p_unit(e);
+  return vmax(splat_as<V>(0.f), z) + vlog1p_unit(e);
 }
 
 // 64-byte aligned float scratch; resizing within the capacity reuses the memory.
