@@ -41,9 +41,15 @@ typedef int32_t VecI __attribute__((vector_size(kVec * 4)));
 inline Vec load(const float* p) { return *reinterpret_cast<const VecU*>(p); }
 inline void store(float* p, Vec v) { *reinterpret_cast<VecU*>(p) = v; }
 inline Vec splat(float a) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_set1_ps(a);  // one broadcast also from memory (the loop below may become 16)
+#elif defined(__AVX__)
+  return (Vec)_mm256_set1_ps(a);
+#else
   Vec v;
   for (int i = 0; i < kVec; ++i) v[i] = a;
   return v;
+#endif
 }
 inline Vec select(VecI mask, Vec a, Vec b) { return mask ? a : b; }
 // vmax, vmin: where either operand is NaN they return b, on every path (the x86 max/min
@@ -263,18 +269,24 @@ template <typename V>
 INL_INLINE V vlog1p_unit(V e) {
   V s = e * vrcp(e + 2.f);
   V s2 = s * s;
-  V p = s2 * 1.4089165012768118e-1f + 1.398030191984509e-1f;
-  p = p * s2 + 2.0012455103340868e-1f;
-  p = p * s2 + 3.3333157341829905e-1f;
-  p = p * s2 + 1.0000000039604937f;
-  return (s + s) * p;
+  // 2·P(s²) with the coefficients doubled (exact in binary), so no separate s + s
+  V p = s2 * 2.8178330025536236e-1f + 2.796060383969018e-1f;
+  p = p * s2 + 4.0024910206681736e-1f;
+  p = p * s2 + 6.666631468365981e-1f;
+  p = p * s2 + 2.0000000079209874f;
+  return s * p;
 }
 
 // sigmoid(z) = 1/(1 + e^-z): no cancellation for either sign; e^-z is capped at e^80 so that
 // the reciprocal stays a normal number (sigmoid(z < -80) returns sigmoid(-80) ≈ 2e-35); NaN stays NaN.
+// vsigmoid_neg(y) is sigmoid(-y), for callers that have -z at hand.
+template <typename V>
+INL_INLINE V vsigmoid_neg(V y) {
+  return vrcp(1.f + vexp(vmin(splat_as<V>(80.f), y)));
+}
 template <typename V>
 INL_INLINE V vsigmoid(V z) {
-  return vrcp(1.f + vexp(vmin(splat_as<V>(80.f), -z)));
+  return vsigmoid_neg(-z);
 }
 
 // softplus(z) = max(z, 0) + log(1 + e^-|z|); with SLOPE also its derivative sigmoid(z).
@@ -327,16 +339,19 @@ inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
 //   A(i, k) = A[s·aseg + i·AI + k·lda]   and   B(k, n) = B[s·bseg + k·ldb + n].
 // AI = 1 reads A as a packed panel (Panels below); AI = kColBlock reads the rows of a
 // [M][kColBlock] block. Segments let one product skip padding between the parts of K. Cin is
-// optional (LOAD); ldcin = 0 repeats one row. The k loop runs in order, one FMA per element
-// per k, for every R: a result does not depend on how many rows come with it.
-template <int R, bool LOAD, int AI, int NV>
+// INIT: kZero (none), kLoad (rows of Cin; ldcin = 0 repeats one row) or kRowBias (Cin[i·ldcin]
+// in every column of row i). The k loop runs in order, one FMA per element per k, for every R:
+// a result does not depend on how many rows come with it.
+enum Init { kZero = 0, kLoad = 1, kRowBias = 2 };
+template <int R, int INIT, int AI, int NV>
 inline void micro_kernel(int nseg, int K, const float* __restrict A, long lda, long aseg, const float* __restrict B,
                          long ldb, long bseg, const float* Cin, long ldcin, float* C, long ldc) {
   Vec acc[R][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = LOAD ? load(Cin + i * ldcin + v * kVec) : Vec{};
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = INIT == kLoad ? load(Cin + i * ldcin + v * kVec) : INIT == kRowBias ? splat(Cin[i * ldcin]) : Vec{};
   for (int s = 0; s < nseg; ++s) {
     const float* a = A + s * aseg;
     const float* b = B + s * bseg;
@@ -366,14 +381,14 @@ using MicroFn = void (*)(int, int, const float*, long, long, const float*, long,
 template <int NV>
 constexpr int kRowsFor = 2 * kRowBlock / NV;
 
-template <bool LOAD, int AI, int NV, int... Rs>
+template <int INIT, int AI, int NV, int... Rs>
 inline MicroFn micro_table(int rows, std::integer_sequence<int, Rs...>) {
-  static const MicroFn table[] = {&micro_kernel<Rs + 1, LOAD, AI, NV>...};
+  static const MicroFn table[] = {&micro_kernel<Rs + 1, INIT, AI, NV>...};
   return table[rows - 1];
 }
-template <bool LOAD, int AI, int NV = 2>
+template <int INIT, int AI, int NV = 2>
 inline MicroFn micro_for_rows(int rows) {
-  return micro_table<LOAD, AI, NV>(rows, std::make_integer_sequence<int, kRowsFor<NV>>{});
+  return micro_table<INIT, AI, NV>(rows, std::make_integer_sequence<int, kRowsFor<NV>>{});
 }
 
 // A matrix A(i, k) stored for the micro-kernel as panels of kRowBlock rows, each [K][kRowBlock]
