@@ -64,3 +64,60 @@ def test_nan_survives_every_vector_path(tmp_path, march):
     if run.returncode == 77:
         pytest.skip(f"this CPU cannot run -march={march}")
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# vexp, vsigmoid and vsoftplus against double on a fine grid of [-103, 88]: the worst errors
+ACCURACY_DRIVER = r"""
+#include <cmath>
+#include <cstdio>
+#include "simd.h"
+using namespace inl;
+
+int main() {
+#if defined(__AVX512F__)
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512dq")) return 77;
+#elif defined(__AVX2__)
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 77;
+#endif
+  double exp_rel = 0, exp_rel_small = 0, sig_abs = 0, sp_rel = 0;
+  for (double x0 = -103.0; x0 < 88.0; x0 += 0.00371) {
+    Vec x;
+    for (int i = 0; i < kVec; ++i) x[i] = float(x0 + i * 1.3e-4);
+    Vec e = vexp(x), s = vsigmoid(x), sp = vsoftplus<false>(x, nullptr);
+    for (int i = 0; i < kVec; ++i) {
+      const double xd = x[i], ref = std::exp(xd);
+      if (ref > 1e-37) {
+        const double r = std::fabs(e[i] / ref - 1);
+        exp_rel = std::fmax(exp_rel, r);
+        if (std::fabs(xd) <= 20) exp_rel_small = std::fmax(exp_rel_small, r);
+      }
+      sig_abs = std::fmax(sig_abs, std::fabs(s[i] - 1 / (1 + std::exp(-xd))));
+      const double spr = xd > 0 ? xd + std::log1p(std::exp(-xd)) : std::log1p(std::exp(xd));
+      sp_rel = std::fmax(sp_rel, std::fabs(sp[i] - spr) / std::fmax(1.0, spr));
+    }
+  }
+  std::printf("%g %g %g %g\n", exp_rel, exp_rel_small, sig_abs, sp_rel);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64", reason="needs g++ on x86-64")
+@pytest.mark.parametrize("march", ["x86-64-v4", "x86-64-v3", "x86-64"])
+def test_transcendentals_accuracy(tmp_path, march):
+    """The kernels' tests hold results to 1e-5 of fp64; these bounds keep the helpers' own error
+    two orders below that: vexp's up to |x|·5e-8 relative where it rounds x·log2(e) (AVX-512 DQ),
+    sigmoid and softplus near an fp32 ulp everywhere."""
+    source = tmp_path / "accuracy.cpp"
+    source.write_text(ACCURACY_DRIVER)
+    binary = tmp_path / "accuracy"
+    build = subprocess.run(["g++", "-O3", "-std=c++17", "-ffp-contract=fast", f"-march={march}", "-I", CSRC,
+                            str(source), "-o", str(binary)], capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    if run.returncode == 77:
+        pytest.skip(f"this CPU cannot run -march={march}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    exp_rel, exp_rel_small, sig_abs, sp_rel = (float(v) for v in run.stdout.split())
+    assert exp_rel < 6e-6 and exp_rel_small < 1.5e-6, (exp_rel, exp_rel_small)
+    assert sig_abs < 3e-7 and sp_rel < 4e-7, (sig_abs, sp_rel)
