@@ -19,11 +19,6 @@ DEVICE = "cuda" if GPU else "cpu"
 interpreter_only = pytest.mark.skipif(GPU, reason="float64 runs through the interpreter only")
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # the output gradients drawn in the tests
-
-
 def make_inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.float32, seed=0, layout="bshd", device=DEVICE):
     """q, k, v with requires_grad. layout="bshd" gives the transposed views of [B, S, H, D]
     projections that the model passes (unit stride in the last dim only)."""

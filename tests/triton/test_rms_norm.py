@@ -13,11 +13,6 @@ DEVICE = "cuda" if GPU else "cpu"
 interpreter_only = pytest.mark.skipif(GPU, reason="float64 runs through the interpreter only")
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # the output gradients drawn in the tests
-
-
 def make_inputs(shape, dtype, weight_dtype=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=torch.float64).to(dt).to(DEVICE)  # noqa: E731

@@ -13,11 +13,6 @@ DEVICE = "cuda" if GPU else "cpu"
 interpreter_only = pytest.mark.skipif(GPU, reason="float64 runs through the interpreter only")
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # the output gradients drawn in the tests
-
-
 def make_inputs(B, Hq, Hkv, S, D, dtype, seed=0, layout="bshd"):
     g = torch.Generator().manual_seed(seed)
 
