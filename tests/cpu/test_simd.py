@@ -50,13 +50,12 @@ int main() {
 """
 
 
-@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64", reason="needs g++ on x86-64")
-@pytest.mark.parametrize("march", ["x86-64-v4", "x86-64-v3", "x86-64"])
-def test_nan_survives_every_vector_path(tmp_path, march):
+def build_and_run(tmp_path, driver, march):
+    """Compiles a driver against csrc/ with the flags of setup.py's build for `march`, runs it
+    and returns the finished process; skips when this CPU cannot run that target (exit 77)."""
     source = tmp_path / "driver.cpp"
-    source.write_text(DRIVER)
+    source.write_text(driver)
     binary = tmp_path / "driver"
-    # the flags of setup.py's build, for another target
     build = subprocess.run(["g++", "-O3", "-std=c++17", "-ffp-contract=fast", f"-march={march}", "-I", CSRC,
                             str(source), "-o", str(binary)], capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr
@@ -64,6 +63,13 @@ def test_nan_survives_every_vector_path(tmp_path, march):
     if run.returncode == 77:
         pytest.skip(f"this CPU cannot run -march={march}")
     assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64", reason="needs g++ on x86-64")
+@pytest.mark.parametrize("march", ["x86-64-v4", "x86-64-v3", "x86-64"])
+def test_nan_survives_every_vector_path(tmp_path, march):
+    build_and_run(tmp_path, DRIVER, march)
 
 
 # vexp, vsigmoid and vsoftplus against double on a fine grid of [-103, 88]: the worst errors
@@ -108,16 +114,7 @@ def test_transcendentals_accuracy(tmp_path, march):
     """The kernels' tests hold results to 1e-5 of fp64; these bounds keep the helpers' own error
     two orders below that: vexp's up to |x|·5e-8 relative where it rounds x·log2(e) (AVX-512 DQ),
     sigmoid and softplus near an fp32 ulp everywhere."""
-    source = tmp_path / "accuracy.cpp"
-    source.write_text(ACCURACY_DRIVER)
-    binary = tmp_path / "accuracy"
-    build = subprocess.run(["g++", "-O3", "-std=c++17", "-ffp-contract=fast", f"-march={march}", "-I", CSRC,
-                            str(source), "-o", str(binary)], capture_output=True, text=True, timeout=120)
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
-    if run.returncode == 77:
-        pytest.skip(f"this CPU cannot run -march={march}")
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = build_and_run(tmp_path, ACCURACY_DRIVER, march)
     exp_rel, exp_rel_small, sig_abs, sp_rel = (float(v) for v in run.stdout.split())
     assert exp_rel < 6e-6 and exp_rel_small < 1.5e-6, (exp_rel, exp_rel_small)
     assert sig_abs < 3e-7 and sp_rel < 4e-7, (sig_abs, sp_rel)
