@@ -1,0 +1,242 @@
+"""The whole INL-LLM model side by side in one process: the eager model (every op on the
+reference backend), ours (backend "auto": Triton on a GPU, the C++ backend on a CPU) and, with
+--compile, `torch.compile` of each.
+
+    python -m benchmarks.bench_model --device cpu --size tiny small --json benchmarks/results/model-cpu.json
+    python -m benchmarks.bench_model --device cuda --size medium --dtype bf16 --batch 8 --seq 1024
+    python -m benchmarks.bench_model --quick                         # a seconds-long smoke run
+
+Modes (each a row per implementation):
+  forward  eval forward of batch × seq tokens, no KV cache (prefill): tokens/s
+  train    forward + cross-entropy + backward + AdamW step in train mode: tokens/s, peak memory
+  decode   greedy generation at batch 1 after a `prompt`-token prompt, KV cache on: new tokens/s
+           (the time of N new tokens minus the time of 1, over N − 1)
+  block    one block's training step (forward + backward) on batch × seq tokens: ms, peak memory
+
+Floors: the forward's FLOPs (the matmuls of every projection, the attention scores, the
+iterate's controller at its full step count, the LM head) over the GEMM rate measured in the
+same run (`torch.mm` of 2048³ on a CPU, 8192³ bf16 on a GPU) give the forward's floor, three
+times that the training step's; the decode floor streams every parameter byte once per token at
+the copy bandwidth measured in the same run. "floor_frac" = floor / time (1.0 = at the floor).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COLUMNS = ["size", "mode", "impl", "dtype", "tokens", "ms", "tokens_per_s", "vs_reference", "floor_frac",
+           "peak_mib", "note"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def forward_flops(cfg, batch: int, seq: int) -> float:
+    """FLOPs of one forward over batch × seq tokens (multiply-add = 2), every integrator running
+    its full step count; causal attention counts the visible half of the score matrix."""
+    d, L, T, H = cfg.d_model, cfg.num_layers, cfg.num_iterations, cfg.controller_hidden
+    kv = cfg.num_kv_heads * cfg.head_dim
+    tokens = batch * seq
+    per_token_layer = (2 * d * (2 * d + 2 * kv)  # q, o; k, v
+                       + 2 * 3 * d * cfg.feedforward_dim  # swiglu
+                       + 2 * H * (d + 6 * d * T))  # controller: h layer once, x/v layers and output per step
+    attention = L * batch * 2 * 2 * d * seq * (seq + 1) / 2  # q·kᵀ and p·v over the visible keys
+    embed = 2 * cfg.embedding_rank * d if cfg.low_rank_embeddings else 0
+    head = 2 * d * cfg.vocab_size
+    return tokens * (L * per_token_layer + embed + head) + attention
+
+
+def gemm_rate(device, dtype) -> float:
+    """FLOP/s of one square torch.mm, measured now (the compute floor's denominator)."""
+    from benchmarks.common import time_fn
+
+    n = 8192 if torch.device(device).type == "cuda" else 2048
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    ms = time_fn(lambda: a @ b, device=device, warmup=2, repeat=5)
+    return 2 * n**3 / (ms / 1e3)
+
+
+def build(size, backend, device, dtype, **overrides):
+    import inl_llm
+
+    model = inl_llm.create_model(size, backend=backend, **overrides)
+    return model.to(device=device, dtype=dtype)
+
+
+def _timed(fn, device, warmup, repeat):
+    from benchmarks.common import time_fn
+
+    return time_fn(fn, device=device, warmup=warmup, repeat=repeat)
+
+
+def bench_forward(model, batch, seq, device, warmup, repeat):
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    model.eval()
+
+    def call():
+        with torch.no_grad():
+            return model(ids)[0]
+    return _timed(call, device, warmup, repeat)
+
+
+def bench_train(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
+    import torch.nn.functional as F
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def call():
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(ids[:, :-1])[0]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return _timed(call, device, warmup, repeat), call
+
+
+def bench_decode(model, prompt, new_tokens, device, warmup, repeat):
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    model.eval()
+    t_one = _timed(lambda: model.generate(ids, 1, do_sample=False), device, warmup, repeat)
+    t_all = _timed(lambda: model.generate(ids, new_tokens, do_sample=False), device, warmup, max(1, repeat // 2))
+    return (t_all - t_one) / (new_tokens - 1)
+
+
+def bench_block(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
+    """One block (the first) forward + backward on batch × seq activations; (ms, peak MiB)."""
+    from benchmarks.common import peak_memory_mib
+
+    block = model.blocks[0]
+    block.train()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, seq, model.config.d_model, generator=g).to(device)
+    x = x.to(autocast_dtype or next(block.parameters()).dtype).requires_grad_(True)
+    steps = model.config.num_iterations
+
+    def call():
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out, _, _ = block(x, steps)
+        out.float().square().mean().backward()
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+    ms = _timed(call, device, warmup, repeat)
+    return ms, peak_memory_mib(call, device)
+
+
+def run(args):
+    from benchmarks.common import copy_bandwidth, peak_memory_mib
+
+    device = args.device
+    dtype = DTYPES[args.dtype]
+    rows = []
+    rate = gemm_rate(device, dtype if device == "cuda" else torch.float32)
+    bandwidth = copy_bandwidth(device, mib=64 if args.quick else 512)
+    print(f"GEMM {rate / 1e9:.0f} GFLOP/s, copy {bandwidth:.0f} GB/s")
+    warmup, repeat = (1, 2) if args.quick else (args.warmup, args.repeat)
+    impls = [("reference", "reference"), ("ours", "auto")]
+    for size in args.size:
+        for impl, backend in impls:
+            variants = [(impl, False)] + ([(f"compile({impl})", True)] if args.compile else [])
+            for name, compiled in variants:
+                base = dict(size=size, impl=name, dtype=args.dtype)
+                try:
+                    # training keeps fp32 master weights under autocast; inference casts the model
+                    model = build(size, backend, device, dtype)
+                    cfg = model.config
+                    runner = torch.compile(model) if compiled else model
+                    if "forward" in args.modes:
+                        ms = bench_forward(runner, args.batch, args.seq, device, warmup, repeat)
+                        floor = forward_flops(cfg, args.batch, args.seq) / rate * 1e3
+                        rows.append(dict(base, mode="forward", tokens=args.batch * args.seq, ms=ms,
+                                         tokens_per_s=args.batch * args.seq / ms * 1e3, floor_frac=floor / ms))
+                    if "decode" in args.modes and not compiled:
+                        ms = bench_decode(model, args.prompt, args.new_tokens, device, warmup, repeat)
+                        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                        floor = weight_bytes / (bandwidth * 1e9) * 1e3
+                        rows.append(dict(base, mode="decode", tokens=1, ms=ms, tokens_per_s=1e3 / ms,
+                                         floor_frac=floor / ms,
+                                         note=f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy"))
+                    del model, runner
+                    if "train" in args.modes or "block" in args.modes:
+                        model = build(size, backend, device, torch.float32)
+                        runner = torch.compile(model) if compiled else model
+                        amp = None if dtype == torch.float32 else dtype
+                        if "train" in args.modes:
+                            ms, call = bench_train(runner, args.batch, args.seq, device, warmup, repeat, amp)
+                            floor = 3 * forward_flops(model.config, args.batch, args.seq) / rate * 1e3
+                            rows.append(dict(base, mode="train", tokens=args.batch * args.seq, ms=ms,
+                                             tokens_per_s=args.batch * args.seq / ms * 1e3, floor_frac=floor / ms,
+                                             peak_mib=peak_memory_mib(call, device),
+                                             note="fwd+bwd+AdamW" + (f", autocast {args.dtype}" if amp else "")))
+                        if "block" in args.modes and not compiled:
+                            ms, peak = bench_block(model, args.batch, args.seq, device, warmup, repeat, amp)
+                            rows.append(dict(base, mode="block", tokens=args.batch * args.seq, ms=ms,
+                                             tokens_per_s=args.batch * args.seq / ms * 1e3, peak_mib=peak,
+                                             note="one block fwd+bwd" + (f", autocast {args.dtype}" if amp else "")))
+                        del model, runner
+                except Exception as e:  # one failing implementation must not hide the others
+                    rows.append(dict(base, mode="?", note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    for row in rows:
+        ref = next((r for r in rows if r["size"] == row["size"] and r["mode"] == row["mode"]
+                    and r["impl"] == "reference" and r.get("ms")), None)
+        if ref is not None and row.get("ms"):
+            row["vs_reference"] = ref["ms"] / row["ms"]
+    return rows, dict(gemm_gflops=rate / 1e9, copy_gbs=bandwidth)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", nargs="+", default=None, help="named sizes (default: medium on cuda, tiny small on cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--modes", nargs="+", choices=["forward", "train", "decode", "block"],
+                   default=["forward", "train", "decode"])
+    p.add_argument("--compile", action="store_true", help="add torch.compile of each model")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--quick", action="store_true", help="tiny model, tiny batch: a smoke run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    args.size = args.size or (["tiny"] if args.quick else ["medium"] if cuda else ["tiny", "small"])
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.batch = args.batch or (1 if args.quick else 8 if cuda else 4)
+    args.seq = args.seq or (16 if args.quick else 1024 if cuda else 256)
+    if args.quick:
+        args.prompt, args.new_tokens = 4, 3
+    from benchmarks.common import print_table, write_json
+
+    t0 = time.perf_counter()
+    rows, machine = run(args)
+    print_table(rows, COLUMNS)
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        write_json(args.json, "model", [dict(r, **machine) for r in rows])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
