@@ -3,23 +3,41 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor casters, lighter to compile than torch/extension.h
 
-#include "cpu/simd.h"
 #include "cuda/iterate_layout.h"
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace pybind11::literals;
   m.doc() = "Compiled INL-Kernels backends (C++ CPU kernels; CUDA kernels when built with CUDA)";
+  pybind11::class_<inl::IteratePack, inl::IteratePackPtr>(m, "IteratePack",
+                                                          "The controller's weights packed for one CPU path")
+      .def_property_readonly("capability", [](const inl::IteratePack& p) { return std::string(p.kernels->name); })
+      .def_readonly("backward", &inl::IteratePack::backward);
+  m.def("iterate_pack", &inl::iterate_pack, "Packs the controller for the CPU iterate (reused while it is unchanged)",
+        "w_h"_a, "w_x"_a, "w_v"_a, "w_o"_a, "mod_scale"_a, "backward"_a);
   m.def("iterate_forward", &inl::iterate_forward, "The integrator iterate on CPU tensors (SPEC §2)", "h"_a, "x"_a,
         "v"_a, "w_h"_a, "w_x"_a, "w_v"_a, "w_o"_a, "bias"_a, "b_o"_a, "mod"_a, "mu"_a, "table"_a, "dt"_a, "kappa"_a,
-        "num_iterations"_a, "tol"_a, "min_iterations"_a, "trajectory"_a, "save_hidden"_a = false);
+        "num_iterations"_a, "tol"_a, "min_iterations"_a, "trajectory"_a, "save_hidden"_a = false,
+        "pack"_a = inl::IteratePackPtr());
   m.def("iterate_backward", &inl::iterate_backward, "Gradients of iterate_forward (no early exit)", "h"_a, "x"_a,
         "v"_a, "w_h"_a, "w_x"_a, "w_v"_a, "w_o"_a, "bias"_a, "b_o"_a, "mod"_a, "mu"_a, "table"_a, "dt"_a, "kappa"_a,
-        "num_iterations"_a, "grad_x"_a, "grad_v"_a, "grad_energy"_a, "grad_distance"_a, "hidden"_a = pybind11::none());
+        "num_iterations"_a, "grad_x"_a, "grad_v"_a, "grad_energy"_a, "grad_distance"_a, "hidden"_a = pybind11::none(),
+        "pack"_a = inl::IteratePackPtr());
+  m.attr("iterate_max_iterations") = inl::kMaxIterations;
   m.def("rms_norm_forward", &inl::rms_norm_forward, "RMSNorm on CPU tensors (SPEC §3)", "x"_a, "weight"_a, "eps"_a,
         "residual"_a);
   m.def("rms_norm_backward", &inl::rms_norm_backward, "Gradients of rms_norm_forward", "grad_y"_a, "grad_s"_a, "x"_a,
         "weight"_a, "rstd"_a);
+  m.def("swiglu_forward", &inl::swiglu_forward, "silu(gate)·up on CPU tensors (SwiGLU's pointwise part)", "gate"_a,
+        "up"_a);
+  m.def("swiglu_backward", &inl::swiglu_backward, "Gradients of gate and up from the gradient of silu(gate)·up",
+        "grad"_a, "gate"_a, "up"_a);
+  m.def("cpu_capabilities", &inl::cpu_capabilities, "The CPU paths built in and runnable here, best first");
+  m.def("cpu_built_capabilities", &inl::cpu_built_capabilities, "The CPU paths this build holds, best first");
+  m.def("cpu_capability", &inl::cpu_capability, "The CPU path the ops run (avx512, avx2 or base)");
+  m.def("set_cpu_capability", &inl::set_cpu_capability, "Runs the CPU ops on the named path ('auto': the best)",
+        "name"_a);
+  m.def("cpu_vector_width", [] { return inl::cpu_kernels().vector_width; }, "Floats per vector of the CPU path in use");
 #ifdef INL_WITH_CUDA
   m.def("iterate_forward_cuda", &inl::iterate_forward_cuda, "The iterate's forward on CUDA tensors (decode shapes)",
         "h"_a, "x"_a, "v"_a, "w_h"_a, "w_x"_a, "w_v"_a, "w_o"_a, "bias"_a, "b_o"_a, "mod"_a, "mu"_a, "table"_a, "dt"_a,
@@ -38,5 +56,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("iterate_decode_shared_bytes", &inl::cuda::iterate_decode_shared_bytes,
         "Shared memory of one block of the CUDA decode iterate", "N"_a, "H"_a, "cols"_a);
   m.attr("iterate_decode_min_cols") = inl::cuda::kMinCols;
-  m.attr("cpu_vector_width") = inl::kVec;
 }

@@ -8,21 +8,49 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
+
+#include "cpu/kernels.h"
 
 namespace inl {
 
-// csrc/cpu/iterate.cpp: returns x_T, v_T, iterations, energy, distance, trajectory_x, trajectory_v
-// (None unless `trajectory`), hidden (the controller's activations for the backward, None unless
-// `save_hidden`)
+// The CPU ops, defined in csrc/cpu/entry.cpp: they check their arguments, allocate the outputs
+// and run the kernels of the instruction-set path in use (csrc/cpu/kernels.h).
+
+// The controller's weights packed for one path's iterate (opaque to Python): made by
+// iterate_pack, reused by every call with the same weights and mod_scale.
+struct IteratePack {
+  const CpuKernels* kernels;  // the path that packed it
+  void* data;
+  int64_t d, H;
+  float mod_scale[4];
+  bool backward;
+  IteratePack(const CpuKernels* k, void* p) : kernels(k), data(p) {}
+  IteratePack(const IteratePack&) = delete;
+  IteratePack& operator=(const IteratePack&) = delete;
+  ~IteratePack() { kernels->iterate_pack_free(data); }
+};
+using IteratePackPtr = std::shared_ptr<IteratePack>;
+
+// w_h, w_x, w_v [H, d], w_o [4d, H], mod_scale [4]: fp32; `backward` also packs for the backward
+IteratePackPtr iterate_pack(const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v, const at::Tensor& w_o,
+                            const at::Tensor& mod_scale, bool backward);
+
+// returns x_T, v_T, iterations, energy, distance, trajectory_x, trajectory_v (None unless
+// `trajectory`), hidden (the controller's activations for the backward, None unless
+// `save_hidden`). `pack` may be None (the weights are then packed for this call).
 std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
                                         const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
                                         const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
                                         const at::Tensor& mod, const at::Tensor& mu,
                                         const c10::optional<at::Tensor>& table, double dt, c10::optional<double> kappa,
                                         int64_t num_iterations, c10::optional<double> tol, int64_t min_iterations,
-                                        bool trajectory, bool save_hidden);
-// returns the gradients of h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table (None without a table)
+                                        bool trajectory, bool save_hidden, const IteratePackPtr& pack);
+// returns the gradients of h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table (None without a
+// table). With a pack, the backward runs on the path that packed it (the forward's, whose
+// `hidden` layout it reads).
 std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
                                          const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
                                          const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
@@ -30,13 +58,26 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
                                          const c10::optional<at::Tensor>& table, double dt,
                                          c10::optional<double> kappa, int64_t num_iterations, const at::Tensor& grad_x,
                                          const at::Tensor& grad_v, const at::Tensor& grad_energy,
-                                         const at::Tensor& grad_distance, const c10::optional<at::Tensor>& hidden);
+                                         const at::Tensor& grad_distance, const c10::optional<at::Tensor>& hidden,
+                                         const IteratePackPtr& pack);
 
-// csrc/cpu/rms_norm.cpp: returns y, x + residual (None without a residual), rstd
+// returns y, x + residual (None without a residual), rstd
 std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps,
                                          const c10::optional<at::Tensor>& residual);
 std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_s,
                                           const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd);
+
+// silu(gate)·up, and from its gradient the gradients of gate and up
+at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up);
+std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up);
+
+// The instruction-set paths: built into this extension and runnable on this CPU (best first),
+// the one in use (chosen at first use: INL_KERNELS_CPU_CAPABILITY, else the best), and a switch.
+std::vector<std::string> cpu_capabilities();
+std::vector<std::string> cpu_built_capabilities();
+std::string cpu_capability();
+void set_cpu_capability(const std::string& name);
+const CpuKernels& cpu_kernels();
 
 #ifdef INL_WITH_CUDA
 // csrc/cuda/iterate.cu, with the launch plan (blocks, columns per block, shared memory bytes)

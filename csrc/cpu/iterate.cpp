@@ -18,25 +18,31 @@
 //   gc = go·w_o,  gpre = gc·[pre > 0],  gw_o += goᵀc,  gw_x|w_v += gpreᵀ[x|v],  gctx += gpre
 // and per row block gh = gctx·w_h, gw_h += gctxᵀh, gbias += Σ gctx.
 //
-// Layout: a thread takes a block of kBlockRows rows through all T steps with the block's state
-// stored transposed, [column][row], so that one vector holds one column of kVec rows: the
-// element-wise update, the per-row statistics and the early exit are all lane-wise, and the
-// controller matmuls run as (weightsᵀ)·(stateᵀ) through the micro-kernel of simd.h with no
-// repacking between steps. Backward recomputes a block's forward keeping only that block's
-// per-step states and activations, then runs its steps in reverse. Parameter gradients go to
-// per-tile partial sums (a tile is a fixed run of blocks, whatever the thread count) added in
-// tile order, so every result is the same bits for any number of threads.
-#include <ATen/ATen.h>
-
+// Layout: a block holds NB rows (two vectors of lanes) with its state stored transposed,
+// [column][row], so that one vector holds one column of kVec rows: the element-wise update, the
+// per-row statistics and the early exit are all lane-wise, and the controller matmuls run as
+// (weightsᵀ)·(stateᵀ) through the micro-kernel of simd.h with no repacking between steps. A
+// thread takes a group of blocks through all T steps, one step of every block at a time; without
+// early exit a group is one block. With early exit, rows that converged leave the group after
+// each step and the remaining rows are moved into the first blocks, so the group runs
+// ceil(active rows / NB) blocks per step: the time follows the steps rows actually run. Moving a
+// row moves its lane and nothing else: every row's result is the same sequence of operations
+// whatever block or lane it sits in, so the bits do not depend on the batch.
+//
+// Backward recomputes a block's forward keeping only that block's per-step states and
+// activations, then runs its steps in reverse. Parameter gradients go to per-tile partial sums
+// (a tile is a fixed run of blocks, whatever the thread count) added in tile order, so every
+// result is the same bits for any number of threads.
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
-#include "../ops.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "simd.h"
 
 namespace inl {
+namespace INL_ISA {
 namespace {
 
 constexpr int NB = kColBlock;  // rows per block: the lanes of two vectors
@@ -46,14 +52,45 @@ constexpr int MR = kRowBlock;
 // and gate, z for beta and v_cand
 constexpr float kSectionSign[4] = {-1.f, 1.f, -1.f, 1.f};
 
-// The controller and the dynamics' constants, packed for the micro-kernel.
-struct Params {
-  int d, H, T, dp, Hp;
+// The controller's weights packed for the micro-kernel: what iterate_pack makes and callers cache.
+struct Packed {
+  int d, H;
+  bool backward;
+  float ms[4];
   Panels w_ctx;       // A(k, j) = w_h[k][j]                              (M = H, K = d)
   Panels w_in;        // A(k, j) = w_x[k][j], A(k, d + j) = w_v[k][j]     (M = H, K = 2d)
   Panels w_out[4];    // A(j, k) = sg_s·ms_s·w_o[s·d + j][k] for section s   (M = d, K = H)
   Panels w_out_t;     // A(k, s·d + j) = ms_s·w_o[s·d + j][k]             (M = H, K = 4d, backward)
   Panels w_x_t, w_v_t, w_h_t;  // A(j, k) = w[k][j]                       (M = d, K = H, backward)
+};
+
+Packed* make_pack(const IterateWeights& W) {
+  auto* pk = new Packed;
+  const int d = W.d, H = W.H;
+  pk->d = d, pk->H = H, pk->backward = W.backward;
+  std::copy_n(W.mod_scale, 4, pk->ms);
+  const float *wh = W.w_h, *wx = W.w_x, *wv = W.w_v, *wo = W.w_o;
+  pk->w_ctx.pack(H, d, [&](int k, int j) { return wh[size_t(k) * d + j]; });
+  pk->w_in.pack(H, 2 * d, [&](int k, int j) { return j < d ? wx[size_t(k) * d + j] : wv[size_t(k) * d + j - d]; });
+  // the output layer gives each section's argument directly, z_s = ms_s·(c·w_oᵀ + b_o)_s + mb_s,
+  // negated (sg_s = -1) for the two sigmoids, which take e^-z: four fewer operations per element
+  for (int s = 0; s < 4; ++s) {
+    const float scale = kSectionSign[s] * pk->ms[s];
+    pk->w_out[s].pack(d, H, [&](int j, int k) { return scale * wo[(size_t(s) * d + j) * H + k]; });
+  }
+  if (W.backward) {
+    pk->w_out_t.pack(H, 4 * d, [&](int k, int sj) { return pk->ms[sj / d] * wo[size_t(sj) * H + k]; });
+    pk->w_x_t.pack(d, H, [&](int j, int k) { return wx[size_t(k) * d + j]; });
+    pk->w_v_t.pack(d, H, [&](int j, int k) { return wv[size_t(k) * d + j]; });
+    pk->w_h_t.pack(d, H, [&](int j, int k) { return wh[size_t(k) * d + j]; });
+  }
+  return pk;
+}
+
+// The dynamics' constants of one call, laid out for the kernel, and the packed weights.
+struct Params {
+  int d, H, T, dp, Hp;
+  const Packed* pk;
   Buffer bias;        // [Hp][NB]  the summed input bias, repeated across the lanes
   Buffer z_off;       // [4][dp]   sg_s·(ms_s·b_o + mb_s): each section's offset per column
   Buffer mu;          // [dp]
@@ -63,52 +100,44 @@ struct Params {
   bool has_kappa, has_v;
 };
 
-void pack_params(Params& P, const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
-                 const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o, const at::Tensor& mod,
-                 const at::Tensor& mu, const at::Tensor* table, bool backward) {
-  const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
-  const float *wh = w_h.data_ptr<float>(), *wx = w_x.data_ptr<float>(), *wv = w_v.data_ptr<float>();
-  const float *wo = w_o.data_ptr<float>(), *bo = b_o.data_ptr<float>();
+void init_params(Params& P, const IterateArgs& a) {
+  const int d = a.d, H = a.H, T = a.T;
+  P.d = d, P.H = H, P.T = T;
+  P.dp = round_up(d, NB);
+  P.Hp = round_up(H, NB);
+  const int dp = P.dp, Hp = P.Hp;
+  P.pk = static_cast<const Packed*>(a.pack);
   for (int i = 0; i < 4; ++i) {
-    P.ms[i] = mod.data_ptr<float>()[i];
-    P.mb[i] = mod.data_ptr<float>()[4 + i];
+    P.ms[i] = a.mod[i];
+    P.mb[i] = a.mod[4 + i];
   }
-  P.w_ctx.pack(H, d, [&](int k, int j) { return wh[size_t(k) * d + j]; });
-  P.w_in.pack(H, 2 * d, [&](int k, int j) { return j < d ? wx[size_t(k) * d + j] : wv[size_t(k) * d + j - d]; });
-  // the output layer gives each section's argument directly, z_s = ms_s·(c·w_oᵀ + b_o)_s + mb_s,
-  // negated (sg_s = -1) for the two sigmoids, which take e^-z: four fewer operations per element
-  for (int s = 0; s < 4; ++s) {
-    const float scale = kSectionSign[s] * P.ms[s];
-    P.w_out[s].pack(d, H, [&](int j, int k) { return scale * wo[(size_t(s) * d + j) * H + k]; });
-  }
+  P.dt = a.dt;
+  P.has_kappa = a.has_kappa;
+  P.kappa = a.has_kappa ? a.kappa : 0.f;
+  P.has_v = a.v != nullptr;
   P.bias.resize(size_t(Hp) * NB);
   P.bias.zero();
-  for (int k = 0; k < H; ++k) std::fill_n(P.bias.data() + size_t(k) * NB, NB, bias.data_ptr<float>()[k]);
+  for (int k = 0; k < H; ++k) std::fill_n(P.bias.data() + size_t(k) * NB, NB, a.bias[k]);
   P.z_off.resize(size_t(4) * dp);
   P.z_off.zero();
   for (int s = 0; s < 4; ++s)
-    for (int j = 0; j < d; ++j) P.z_off[size_t(s) * dp + j] = kSectionSign[s] * (P.ms[s] * bo[size_t(s) * d + j] + P.mb[s]);
+    for (int j = 0; j < d; ++j)
+      P.z_off[size_t(s) * dp + j] = kSectionSign[s] * (P.ms[s] * a.b_o[size_t(s) * d + j] + P.mb[s]);
   P.mu.resize(dp);
   P.mu.zero();
-  std::copy_n(mu.data_ptr<float>(), d, P.mu.data());
+  std::copy_n(a.mu, d, P.mu.data());
   P.table.resize(size_t(T) * dp);
   P.table.zero();
-  if (table)
-    for (int t = 0; t < T; ++t)
-      std::copy_n(table->data_ptr<float>() + size_t(t) * d, d, P.table.data() + size_t(t) * dp);
-  if (!backward) return;
-  P.w_out_t.pack(H, 4 * d, [&](int k, int sj) { return P.ms[sj / d] * wo[size_t(sj) * H + k]; });
-  P.w_x_t.pack(d, H, [&](int j, int k) { return wx[size_t(k) * d + j]; });
-  P.w_v_t.pack(d, H, [&](int j, int k) { return wv[size_t(k) * d + j]; });
-  P.w_h_t.pack(d, H, [&](int j, int k) { return wh[size_t(k) * d + j]; });
+  if (a.table)
+    for (int t = 0; t < T; ++t) std::copy_n(a.table + size_t(t) * d, d, P.table.data() + size_t(t) * dp);
 }
 
-// rows [n0, n0 + R) of a row-major [N][d] tensor into columns [j][lane] of a block (and back),
-// 16 columns at a time so that both sides stay in cache lines; fp32 with AVX-512 goes through
-// 16×16 register transposes.
+// Rows rows[0..R) of a row-major [N][d] tensor into columns [j][lane] of a block (and back), 16
+// columns at a time so that both sides stay in cache lines; fp32 with AVX-512 goes through 16×16
+// register transposes.
 constexpr int kTransposeCols = 16;
 template <typename scalar_t>
-inline void load_block(const scalar_t* src, int64_t n0, int R, int d, float* dst) {
+inline void load_block(const scalar_t* src, const int64_t* rows, int R, int d, float* dst) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, float> && NB % 16 == 0) {
     for (int j0 = 0; j0 < d; j0 += 16) {
@@ -117,7 +146,7 @@ inline void load_block(const scalar_t* src, int64_t n0, int R, int d, float* dst
       for (int r0 = 0; r0 < NB; r0 += 16) {
         __m512 v[16];
         for (int i = 0; i < 16; ++i)
-          v[i] = r0 + i < R ? _mm512_maskz_loadu_ps(mask, src + (n0 + r0 + i) * d + j0) : _mm512_setzero_ps();
+          v[i] = r0 + i < R ? _mm512_maskz_loadu_ps(mask, src + rows[r0 + i] * d + j0) : _mm512_setzero_ps();
         transpose16(v);
         for (int jj = 0; jj < cols; ++jj) _mm512_storeu_ps(dst + (j0 + jj) * NB + r0, v[jj]);
       }
@@ -128,13 +157,13 @@ inline void load_block(const scalar_t* src, int64_t n0, int R, int d, float* dst
   for (int j0 = 0; j0 < d; j0 += kTransposeCols) {
     const int cols = std::min(kTransposeCols, d - j0);
     for (int r = 0; r < R; ++r) {
-      const scalar_t* row = src + (n0 + r) * d + j0;
-      for (int jj = 0; jj < cols; ++jj) dst[(j0 + jj) * NB + r] = static_cast<float>(row[jj]);
+      const scalar_t* row = src + rows[r] * d + j0;
+      for (int jj = 0; jj < cols; ++jj) dst[(j0 + jj) * NB + r] = to_float(row[jj]);
     }
   }
 }
 template <typename scalar_t>
-inline void store_block(const float* src, int64_t n0, int R, int d, scalar_t* dst, int64_t row_stride) {
+inline void store_block(const float* src, const int64_t* rows, int R, int d, scalar_t* dst) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, float> && NB % 16 == 0) {
     for (int j0 = 0; j0 < d; j0 += 16) {
@@ -145,7 +174,7 @@ inline void store_block(const float* src, int64_t n0, int R, int d, scalar_t* ds
         for (int jj = 0; jj < 16; ++jj)
           v[jj] = jj < cols ? _mm512_loadu_ps(src + (j0 + jj) * NB + r0) : _mm512_setzero_ps();
         transpose16(v);
-        for (int i = 0; i < 16 && r0 + i < R; ++i) _mm512_mask_storeu_ps(dst + (n0 + r0 + i) * row_stride + j0, mask, v[i]);
+        for (int i = 0; i < 16 && r0 + i < R; ++i) _mm512_mask_storeu_ps(dst + rows[r0 + i] * d + j0, mask, v[i]);
       }
     }
     return;
@@ -154,10 +183,15 @@ inline void store_block(const float* src, int64_t n0, int R, int d, scalar_t* ds
   for (int j0 = 0; j0 < d; j0 += kTransposeCols) {
     const int cols = std::min(kTransposeCols, d - j0);
     for (int r = 0; r < R; ++r) {
-      scalar_t* row = dst + (n0 + r) * row_stride + j0;
-      for (int jj = 0; jj < cols; ++jj) row[jj] = static_cast<scalar_t>(src[(j0 + jj) * NB + r]);
+      scalar_t* row = dst + rows[r] * d + j0;
+      for (int jj = 0; jj < cols; ++jj) row[jj] = from_float<scalar_t>(src[(j0 + jj) * NB + r]);
     }
   }
+}
+// one lane of a block into one row
+template <typename scalar_t>
+inline void store_lane(const float* src, int lane, int d, scalar_t* dst_row) {
+  for (int j = 0; j < d; ++j) dst_row[j] = from_float<scalar_t>(src[size_t(j) * NB + lane]);
 }
 // [rows][NB] block → [NB][cols] row-major (the B operand of the parameter-gradient products)
 inline void transpose_block(const float* src, int rows, int cols, float* dst) {
@@ -216,25 +250,42 @@ struct Stash {
   float* a(int t, int i) { return act.data() + (size_t(t) * kActivations + i) * dp * NB; }
 };
 
-// Per-thread working memory of the forward.
+// Per-thread working memory of the forward: a group of up to `capacity` blocks.
 struct Scratch {
-  Buffer state, h, ctx, c, out;
-  Prefetcher reads, writes;  // set by the caller of forward_block
-  void init(const Params& P) {
-    state.resize(size_t(2) * P.dp * NB);  // [x | v] as [2dp][NB]
-    h.resize(size_t(P.dp) * NB);
-    ctx.resize(size_t(P.Hp) * NB);
-    c.resize(size_t(P.Hp) * NB);
-    out.resize(size_t(4) * MR * NB);  // one micro-kernel's columns of a, b, g, u
+  int dp = 0, Hp = 0, capacity = 0;
+  Buffer state;             // [G][2dp][NB]  [x | v] of each block
+  Buffer ctx;               // [G][Hp][NB]   h·w_hᵀ + bias of each block
+  Buffer err2;              // [G][NB]       Σ (x - mu)² per row (dynamic alpha)
+  Array<int64_t> rows;      // [G][NB]       the row in each lane, -1 once it left
+  Array<int> count;         // [G]           lanes in use in each block: 0 .. count-1
+  Buffer h, c, out;         // one block's h (the backward reads it), hidden c, output columns
+  Prefetcher reads, writes;  // set by the caller of forward_group
+  void init(const Params& P, int blocks) {
+    dp = P.dp, Hp = P.Hp, capacity = blocks;
+    state.resize(size_t(blocks) * 2 * dp * NB);
+    ctx.resize(size_t(blocks) * Hp * NB);
     ctx.zero();  // rows H..Hp stay zero
+    err2.resize(size_t(blocks) * NB);
+    rows.resize(size_t(blocks) * NB);
+    count.resize(blocks);
+    h.resize(size_t(dp) * NB);
+    c.resize(size_t(Hp) * NB);
     c.zero();
+    out.resize(size_t(4) * MR * NB);  // one micro-kernel's columns of a, b, g, u
   }
+  float* x(int b) { return state.data() + size_t(b) * 2 * dp * NB; }
+  float* context(int b) { return ctx.data() + size_t(b) * Hp * NB; }
 };
 
-struct ForwardOut {
-  void *x, *v, *traj_x, *traj_v;  // scalar_t
+template <typename scalar_t>
+struct ForwardIO {
+  const scalar_t *h, *x, *v;
+  scalar_t *x_out, *v_out, *traj_x, *traj_v;  // null in the backward's recompute
   int32_t* iterations;
   float *energy, *distance;
+  bool early_exit;
+  float tol;
+  int min_iterations;
 };
 
 struct RowSums {  // per-row sums over the columns of one step, two vectors of rows each
@@ -252,11 +303,11 @@ inline void store_rows(float* p, const Rows& r) {
   for (int q = 0; q < NB / kVec; ++q) store(p + q * kVec, r.v[q]);
 }
 
-// Column j of one step for the block's rows, updating the state in place.
+// Column j of one step for the block's rows, updating the state in place. EARLY also sums the
+// squared step ‖x' - x‖² of each row.
 template <bool STASH, bool EARLY, bool KAPPA>
 __attribute__((always_inline)) inline void update_column(const Params& P, int t, int j, const float* o, float* xcol,
-                                                         float* vcol, const Vec* s_row, const VecI* active,
-                                                         RowSums& sums, Stash* stash) {
+                                                         float* vcol, const Vec* s_row, RowSums& sums, Stash* stash) {
   const int dp = P.dp;
   const float mu = P.mu[j], exc = P.table[size_t(t) * dp + j], dt = P.dt;
   // o holds -z_alpha, z_beta, -z_gate, v_cand (see kSectionSign)
@@ -273,10 +324,8 @@ __attribute__((always_inline)) inline void update_column(const Params& P, int t,
   // alpha·v + (1 - alpha)·v_cand, written as v_cand + alpha·(v - v_cand)
   Rows vn = v_cand + alpha * (vo - v_cand) - beta * err + exc;
   Rows xn = xo + (gate * dt) * vn;
-  if (EARLY)  // a converged row keeps its state
+  if (EARLY)
     for (int q = 0; q < 2; ++q) {
-      vn.v[q] = select(active[q], vn.v[q], vo.v[q]);
-      xn.v[q] = select(active[q], xn.v[q], xo.v[q]);
       Vec dx = xn.v[q] - xo.v[q];
       sums.step[q] += dx * dx;
     }
@@ -301,17 +350,17 @@ __attribute__((always_inline)) inline void update_column(const Params& P, int t,
 // Columns [j0, j0 + cols) of one step, from the controller outputs of those columns in `o`.
 template <bool STASH, bool EARLY, bool KAPPA>
 void update_panel(const Params& P, int t, int j0, int cols, const float* o, float* state, const Vec* s_row,
-                  const VecI* active, RowSums& sums_io, Stash* stash) {
+                  RowSums& sums_io, Stash* stash) {
   RowSums sums = sums_io;  // a local copy stays in registers
   for (int jj = 0; jj < cols; ++jj) {
     const int j = j0 + jj;
-    update_column<STASH, EARLY, KAPPA>(P, t, j, o + jj * NB, state + j * NB, state + (P.dp + j) * NB, s_row, active,
-                                       sums, stash);
+    update_column<STASH, EARLY, KAPPA>(P, t, j, o + jj * NB, state + j * NB, state + (P.dp + j) * NB, s_row, sums,
+                                       stash);
   }
   sums_io = sums;
 }
 
-using PanelFn = void (*)(const Params&, int, int, int, const float*, float*, const Vec*, const VecI*, RowSums&, Stash*);
+using PanelFn = void (*)(const Params&, int, int, int, const float*, float*, const Vec*, RowSums&, Stash*);
 template <bool STASH>
 PanelFn panel_for(bool early_exit, bool kappa) {
   static const PanelFn table[2][2] = {{&update_panel<STASH, false, false>, &update_panel<STASH, false, true>},
@@ -319,239 +368,255 @@ PanelFn panel_for(bool early_exit, bool kappa) {
   return table[early_exit][kappa];
 }
 
-// Runs rows [n0, n0 + R) through all T steps. STASH keeps what the backward needs (and never
-// exits early); otherwise the outputs are written. `hidden` ([T][Hp][NB], or null) receives the
-// controller's hidden activations c of each step, or, with `reuse_hidden`, supplies them: the
-// backward's recompute then skips the controller's input layer.
-template <typename scalar_t, bool STASH>
-void forward_block(const Params& P, Scratch& S, int64_t n0, int R, const scalar_t* h, const scalar_t* x,
-                   const scalar_t* v, bool early_exit, float tol, int min_iterations, const ForwardOut* out,
-                   Stash* stash, float* hidden, bool reuse_hidden) {
-  const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
-  float* state = S.state.data();
-  S.state.zero();
-  S.h.zero();
-  load_block(h, n0, R, d, S.h.data());
-  load_block(x, n0, R, d, state);
-  if (v) load_block(v, n0, R, d, state + dp * NB);
-  // the context term h·w_hᵀ + bias is the same every step
-  if (!reuse_hidden)
-    gemm_panels<true>(P.w_ctx, NB, 1, d, S.h.data(), NB, 0, P.bias.data(), NB, S.ctx.data(), NB);
-
-  const VecI lane = lane_index();
-  VecI active[2] = {lane < R, (lane + kVec) < R};
-  Vec err2[2] = {Vec{}, Vec{}};
-  for (int j = 0; j < d; ++j)
+// Step t of block b. STASH keeps what the backward needs. `hidden` ([T][Hp][NB], or null)
+// receives the controller's hidden activations c of each step, or, with `reuse_hidden`, supplies
+// them: the backward's recompute then skips the controller's input layer.
+template <bool STASH>
+RowSums step_block(const Params& P, Scratch& S, int b, int t, bool early_exit, Stash* stash, float* hidden,
+                   bool reuse_hidden, size_t reads_per_panel, size_t writes_per_panel) {
+  const int d = P.d, H = P.H, dp = P.dp, Hp = P.Hp;
+  const Packed& pk = *P.pk;
+  float* state = S.x(b);
+  if (STASH) std::copy_n(state, size_t(2) * dp * NB, stash->x(t));
+  // controller input layer: c = relu(ctx + [x | v]·[w_x | w_v]ᵀ); the v half is zero at t = 0 without v
+  if (reuse_hidden) {
+    std::copy_n(hidden + size_t(t) * Hp * NB, size_t(Hp) * NB, S.c.data());
+  } else {
+    const int segments = (t == 0 && !P.has_v) ? 1 : 2;
+    gemm_panels<true>(pk.w_in, NB, segments, d, state, NB, long(dp) * NB, S.context(b), NB, S.c.data(), NB);
+    for (int i = 0; i < H * NB; i += kVec) store(S.c.data() + i, vmax(splat(0.f), load(S.c.data() + i)));
+    if (hidden) std::copy_n(S.c.data(), size_t(Hp) * NB, hidden + size_t(t) * Hp * NB);
+  }
+  if (STASH) std::copy_n(S.c.data(), size_t(Hp) * NB, stash->c(t));
+  Vec s_row[2] = {splat(1.f), splat(1.f)};
+  if (P.has_kappa)
     for (int q = 0; q < 2; ++q) {
-      Vec e = load(state + j * NB + q * kVec) - P.mu[j];
-      err2[q] += e * e;
-    }
-  int32_t iterations[NB];
-  std::fill_n(iterations, NB, T);
-  float energy[NB], distance[NB];
-  auto traj = [&](int t) {
-    if (STASH || !out->traj_x) return;
-    for (int r = 0; r < R; ++r) {
-      const size_t off = (size_t(n0 + r) * (T + 1) + t) * d;
-      scalar_t* tx = static_cast<scalar_t*>(out->traj_x) + off;
-      scalar_t* tv = static_cast<scalar_t*>(out->traj_v) + off;
-      for (int j = 0; j < d; ++j) {
-        tx[j] = static_cast<scalar_t>(state[j * NB + r]);
-        tv[j] = static_cast<scalar_t>(state[(dp + j) * NB + r]);
+      Vec err2 = load(S.err2.data() + size_t(b) * NB + q * kVec), rms;
+      for (int i = 0; i < kVec; ++i) rms[i] = std::sqrt(err2[i] / float(d));
+      Vec e = vexp(-P.kappa * rms);
+      s_row[q] = 1.f - e;
+      if (STASH) {
+        store(stash->rms.data() + t * NB + q * kVec, rms);
+        store(stash->erow.data() + t * NB + q * kVec, e);
       }
     }
-  };
-  traj(0);
+  if (STASH)
+    for (int q = 0; q < 2; ++q) store(stash->srow.data() + t * NB + q * kVec, s_row[q]);
+  RowSums sums{};
+  const PanelFn update = panel_for<STASH>(early_exit, P.has_kappa);
+  // controller output layer, MR columns of each section at a time, then the update of those columns
+  for (int p = 0, j0 = 0; j0 < d; ++p, j0 += MR) {
+    const int cols = pk.w_out[0].rows(p);
+    MicroFn micro = micro_for_rows<kRowBias, 1>(cols);
+    for (int s = 0; s < 4; ++s)
+      micro(1, H, pk.w_out[s].panel(p), MR, 0, S.c.data(), NB, 0, P.z_off.data() + s * dp + j0, 1,
+            S.out.data() + s * MR * NB, NB);
+    S.reads.issue<false>(reads_per_panel);
+    S.writes.issue<true>(writes_per_panel);
+    update(P, t, j0, cols, S.out.data(), state, s_row, sums, stash);
+  }
+  if (P.has_kappa)
+    for (int q = 0; q < 2; ++q) store(S.err2.data() + size_t(b) * NB + q * kVec, sums.err2[q]);
+  return sums;
+}
 
-  const int panels = (d + MR - 1) / MR;
-  const size_t reads_per_panel = (S.reads.lines() + size_t(T) * panels - 1) / (size_t(T) * panels);
-  const size_t writes_per_panel = (S.writes.lines() + size_t(T) * panels - 1) / (size_t(T) * panels);
-  int t = 0;
-  for (; t < T; ++t) {
-    if (early_exit && !any(active[0]) && !any(active[1])) break;
-    if (STASH) std::copy_n(state, size_t(2) * dp * NB, stash->x(t));
-    // controller input layer: c = relu(ctx + [x | v]·[w_x | w_v]ᵀ); the v half is zero at t = 0 without v
-    if (reuse_hidden) {
-      std::copy_n(hidden + size_t(t) * Hp * NB, size_t(Hp) * NB, S.c.data());
-    } else {
-      const int segments = (t == 0 && !P.has_v) ? 1 : 2;
-      gemm_panels<true>(P.w_in, NB, segments, d, state, NB, long(dp) * NB, S.ctx.data(), NB, S.c.data(), NB);
-      for (int i = 0; i < H * NB; i += kVec) store(S.c.data() + i, vmax(splat(0.f), load(S.c.data() + i)));
-      if (hidden) std::copy_n(S.c.data(), size_t(Hp) * NB, hidden + size_t(t) * Hp * NB);
+// Rows [n0, n0 + nrows) through all T steps, ceil(nrows / NB) blocks at a time (one block with
+// STASH, which keeps what the backward needs and never exits early; otherwise the outputs are
+// written). With early exit, converged rows are written out and leave the group after each step.
+template <typename scalar_t, bool STASH>
+void forward_group(const Params& P, Scratch& S, int64_t n0, int64_t nrows, const ForwardIO<scalar_t>& io,
+                   Stash* stash, float* hidden, bool reuse_hidden) {
+  const int d = P.d, T = P.T, dp = P.dp;
+  const Packed& pk = *P.pk;
+  int blocks = int((nrows + NB - 1) / NB);
+  // load every block: its rows, h (for the context term, the same every step), x, v
+  for (int b = 0; b < blocks; ++b) {
+    const int R = int(std::min<int64_t>(NB, nrows - int64_t(b) * NB));
+    int64_t* rows = S.rows.data() + size_t(b) * NB;
+    for (int r = 0; r < R; ++r) rows[r] = n0 + int64_t(b) * NB + r;
+    S.count[b] = R;
+    float* state = S.x(b);
+    std::fill_n(state, size_t(2) * dp * NB, 0.f);
+    S.h.zero();
+    load_block(io.h, rows, R, d, S.h.data());
+    load_block(io.x, rows, R, d, state);
+    if (io.v) load_block(io.v, rows, R, d, state + dp * NB);
+    if (!reuse_hidden)
+      gemm_panels<true>(pk.w_ctx, NB, 1, d, S.h.data(), NB, 0, P.bias.data(), NB, S.context(b), NB);
+    if (P.has_kappa) {
+      Vec err2[2] = {Vec{}, Vec{}};
+      for (int j = 0; j < d; ++j)
+        for (int q = 0; q < 2; ++q) {
+          Vec e = load(state + j * NB + q * kVec) - P.mu[j];
+          err2[q] += e * e;
+        }
+      for (int q = 0; q < 2; ++q) store(S.err2.data() + size_t(b) * NB + q * kVec, err2[q]);
     }
-    if (STASH) std::copy_n(S.c.data(), size_t(Hp) * NB, stash->c(t));
-    Vec s_row[2] = {splat(1.f), splat(1.f)};
-    if (P.has_kappa)
+  }
+  // trajectory row `t` of lane r of block b
+  auto traj = [&](int b, int r, int t) {
+    const size_t off = (size_t(S.rows[size_t(b) * NB + r]) * (T + 1) + t) * d;
+    const float* state = S.x(b);
+    store_lane(state, r, d, io.traj_x + off);
+    store_lane(state + dp * NB, r, d, io.traj_v + off);
+  };
+  const bool trajectory = !STASH && io.traj_x;
+  if (trajectory)
+    for (int b = 0; b < blocks; ++b)
+      for (int r = 0; r < S.count[b]; ++r) traj(b, r, 0);
+
+  const bool early_exit = !STASH && io.early_exit;
+  const size_t panels = size_t(T) * blocks * ((d + MR - 1) / MR);
+  const size_t reads_per_panel = (S.reads.lines() + panels - 1) / panels;
+  const size_t writes_per_panel = (S.writes.lines() + panels - 1) / panels;
+  int64_t live = nrows;
+  int t = 0;
+  for (; t < T && live > 0; ++t) {
+    bool left = false;
+    for (int b = 0; b < blocks; ++b) {
+      const RowSums sums = step_block<STASH>(P, S, b, t, early_exit, stash, hidden, reuse_hidden, reads_per_panel,
+                                             writes_per_panel);
+      if (STASH) continue;
+      float energy[NB], distance[NB], norm[NB];
       for (int q = 0; q < 2; ++q) {
-        Vec rms;
-        for (int i = 0; i < kVec; ++i) rms[i] = std::sqrt(err2[q][i] / float(d));
-        Vec e = vexp(-P.kappa * rms);
-        s_row[q] = 1.f - e;
-        if (STASH) {
-          store(stash->rms.data() + t * NB + q * kVec, rms);
-          store(stash->erow.data() + t * NB + q * kVec, e);
+        Vec e = sums.energy[q] / float(d), dist = sums.dist[q] / float(d);
+        for (int i = 0; i < kVec; ++i) {
+          energy[q * kVec + i] = e[i];
+          distance[q * kVec + i] = dist[i];
+          norm[q * kVec + i] = std::sqrt(sums.step[q][i]);
         }
       }
-    if (STASH)
-      for (int q = 0; q < 2; ++q) store(stash->srow.data() + t * NB + q * kVec, s_row[q]);
-    RowSums sums{};
-    const PanelFn update = panel_for<STASH>(early_exit, P.has_kappa);
-    // controller output layer, MR columns of each section at a time, then the update of those columns
-    for (int p = 0, j0 = 0; j0 < d; ++p, j0 += MR) {
-      const int cols = P.w_out[0].rows(p);
-      MicroFn micro = micro_for_rows<kRowBias, 1>(cols);
-      for (int s = 0; s < 4; ++s)
-        micro(1, H, P.w_out[s].panel(p), MR, 0, S.c.data(), NB, 0, P.z_off.data() + s * dp + j0, 1,
-              S.out.data() + s * MR * NB, NB);
-      S.reads.issue<false>(reads_per_panel);
-      S.writes.issue<true>(writes_per_panel);
-      update(P, t, j0, cols, S.out.data(), state, s_row, active, sums, stash);
-    }
-    for (int q = 0; q < 2; ++q) {
-      err2[q] = sums.err2[q];
-      Vec e = sums.energy[q] / float(d), dist = sums.dist[q] / float(d);
-      for (int i = 0; i < kVec; ++i) {
-        energy[q * kVec + i] = e[i];
-        distance[q * kVec + i] = dist[i];
-      }
-      if (early_exit && t + 1 >= min_iterations) {
-        Vec norm;
-        for (int i = 0; i < kVec; ++i) norm[i] = std::sqrt(sums.step[q][i]);
-        VecI converged = active[q] & (norm < tol);
-        for (int i = 0; i < kVec; ++i)
-          if (converged[i]) iterations[q * kVec + i] = t + 1;
-        active[q] &= ~converged;
+      const bool check = early_exit && t + 1 >= io.min_iterations;
+      int64_t* rows = S.rows.data() + size_t(b) * NB;
+      for (int r = 0; r < S.count[b]; ++r) {
+        const int64_t row = rows[r];
+        io.energy[row * T + t] = energy[r];
+        io.distance[row * T + t] = distance[r];
+        if (trajectory) traj(b, r, t + 1);
+        if (!check || !(norm[r] < io.tol)) continue;
+        // converged after t + 1 steps: the remaining steps repeat its state; it leaves the group
+        io.iterations[row] = t + 1;
+        for (int u = t + 1; u < T; ++u) {
+          io.energy[row * T + u] = energy[r];
+          io.distance[row * T + u] = distance[r];
+          if (trajectory) traj(b, r, u + 1);
+        }
+        const float* state = S.x(b);
+        store_lane(state, r, d, io.x_out + row * d);
+        store_lane(state + dp * NB, r, d, io.v_out + row * d);
+        rows[r] = -1;
+        --live;
+        left = true;
       }
     }
-    if (!STASH)
-      for (int r = 0; r < R; ++r) {
-        out->energy[(n0 + r) * T + t] = energy[r];
-        out->distance[(n0 + r) * T + t] = distance[r];
+    if (!left) continue;
+    // move the remaining rows, in order, into the first lanes of the first blocks
+    int to = 0;
+    for (int b = 0; b < blocks; ++b)
+      for (int r = 0; r < S.count[b]; ++r) {
+        const int64_t row = S.rows[size_t(b) * NB + r];
+        if (row < 0) continue;
+        const int tb = to / NB, tr = to % NB;
+        ++to;
+        if (tb == b && tr == r) continue;
+        float *src = S.x(b) + r, *dst = S.x(tb) + tr;
+        for (int j = 0; j < 2 * dp; ++j) dst[size_t(j) * NB] = src[size_t(j) * NB];
+        src = S.context(b) + r, dst = S.context(tb) + tr;
+        for (int k = 0; k < P.H; ++k) dst[size_t(k) * NB] = src[size_t(k) * NB];
+        S.err2[size_t(tb) * NB + tr] = S.err2[size_t(b) * NB + r];
+        S.rows[size_t(tb) * NB + tr] = row;
       }
-    traj(t + 1);
+    blocks = (to + NB - 1) / NB;
+    for (int b = 0; b < blocks; ++b) S.count[b] = std::min(NB, to - b * NB);
   }
   if (STASH) {
-    std::copy_n(state, size_t(2) * dp * NB, stash->x(T));
+    std::copy_n(S.x(0), size_t(2) * dp * NB, stash->x(T));
     return;
   }
-  for (; t < T; ++t) {  // every row of the block converged: the remaining steps repeat its state
-    for (int r = 0; r < R; ++r) {
-      out->energy[(n0 + r) * T + t] = energy[r];
-      out->distance[(n0 + r) * T + t] = distance[r];
-    }
-    traj(t + 1);
+  if (live == 0) return;
+  for (int b = 0; b < blocks; ++b) {
+    const int64_t* rows = S.rows.data() + size_t(b) * NB;
+    for (int r = 0; r < S.count[b]; ++r) io.iterations[rows[r]] = T;
+    store_block(S.x(b), rows, S.count[b], d, io.x_out);
+    store_block(S.x(b) + dp * NB, rows, S.count[b], d, io.v_out);
   }
-  std::copy_n(iterations, R, out->iterations + n0);
-  store_block(state, n0, R, d, static_cast<scalar_t*>(out->x), d);
-  store_block(state + dp * NB, n0, R, d, static_cast<scalar_t*>(out->v), d);
 }
 
-void check_inputs(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
-                  std::initializer_list<std::pair<const char*, const at::Tensor*>> fp32) {
-  TORCH_CHECK(h.device().is_cpu() && h.dim() == 2 && h.is_contiguous(), "h must be a contiguous [N, d] CPU tensor");
-  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf,
-              "the cpu iterate runs float32, bfloat16 and float16 inputs, got ", h.scalar_type());
-  TORCH_CHECK(x.sizes() == h.sizes() && x.scalar_type() == h.scalar_type() && x.is_contiguous() && x.device().is_cpu(),
-              "x must match h");
-  if (v)
-    TORCH_CHECK(v->sizes() == h.sizes() && v->scalar_type() == h.scalar_type() && v->is_contiguous() &&
-                    v->device().is_cpu(),
-                "v must match h");
-  for (auto& [name, t] : fp32)  // null: an absent optional input
-    TORCH_CHECK(!t || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu()), name,
-                " must be a contiguous float32 CPU tensor");
-}
-
-void init_params(Params& P, const at::Tensor& h, const at::Tensor& w_h, const at::Tensor& w_o, const at::Tensor* table,
-                 const at::Tensor& mod, const c10::optional<at::Tensor>& v, double dt, c10::optional<double> kappa,
-                 int64_t num_iterations) {
-  // the launchers divide by d, H and T (means over columns, work per step): zero is no size
-  TORCH_CHECK(h.size(1) >= 1 && w_h.dim() == 2 && w_h.size(0) >= 1 && num_iterations >= 1,
-              "iterate: d, H and num_iterations must be at least 1, got d = ", h.size(1), ", H = ", w_h.size(0),
-              ", num_iterations = ", num_iterations);
-  P.d = int(h.size(1));
-  P.H = int(w_h.size(0));
-  P.T = int(num_iterations);
-  P.dp = round_up(P.d, NB);
-  P.Hp = round_up(P.H, NB);
-  TORCH_CHECK(w_h.size(1) == P.d && w_o.dim() == 2 && w_o.size(0) == 4 * P.d && w_o.size(1) == P.H &&
-                  mod.numel() == 8 && (!table || (table->dim() == 2 && table->size(0) == P.T && table->size(1) == P.d)),
-              "iterate: inconsistent weight shapes");
-  P.dt = float(dt);
-  P.has_kappa = kappa.has_value();
-  P.kappa = P.has_kappa ? float(*kappa) : 0.f;
-  P.has_v = v.has_value();
+// Blocks per group with early exit: enough that the rows still running after most have left
+// fill whole blocks, few enough that the group's state stays in L2 (~512 KiB) and that every
+// thread gets a few groups.
+int group_blocks(const Params& P, int64_t blocks, int threads) {
+  const size_t block_bytes = (size_t(2) * P.dp + P.Hp) * NB * sizeof(float);
+  const int64_t by_cache = std::max<int64_t>(1, int64_t((size_t(512) << 10) / block_bytes));
+  const int64_t by_threads = std::max<int64_t>(1, blocks / (int64_t(threads) * 4));
+  return int(std::clamp<int64_t>(std::min(by_cache, by_threads), 1, 16));
 }
 
 }  // namespace
 
-std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
-                                        const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
-                                        const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
-                                        const at::Tensor& mod, const at::Tensor& mu,
-                                        const c10::optional<at::Tensor>& table, double dt, c10::optional<double> kappa,
-                                        int64_t num_iterations, c10::optional<double> tol, int64_t min_iterations,
-                                        bool trajectory, bool save_hidden) {
-  const at::Tensor* exc = table ? &*table : nullptr;
-  check_inputs(h, x, v, {{"w_h", &w_h}, {"w_x", &w_x}, {"w_v", &w_v}, {"w_o", &w_o}, {"bias", &bias},
-                         {"b_o", &b_o}, {"mod", &mod}, {"mu", &mu}, {"table", exc}});
+void* iterate_pack(const IterateWeights& W) { return make_pack(W); }
+void iterate_pack_free(void* pack) { delete static_cast<Packed*>(pack); }
+
+int64_t iterate_hidden_floats(int64_t N, int T, int H) {
+  return (N + NB - 1) / NB * T * round_up(H, NB) * NB;
+}
+
+void iterate_forward(const IterateForwardArgs& a) {
   Params P;
-  init_params(P, h, w_h, w_o, exc, mod, v, dt, kappa, num_iterations);
-  pack_params(P, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, exc, false);
-  const int64_t N = h.size(0);
-  auto opts = h.options();
-  at::Tensor x_out = at::empty_like(x), v_out = at::empty_like(x);
-  at::Tensor iterations = at::empty({N}, opts.dtype(at::kInt));
-  at::Tensor energy = at::empty({N, P.T}, opts.dtype(at::kFloat));
-  at::Tensor distance = at::empty({N, P.T}, opts.dtype(at::kFloat));
-  at::Tensor traj_x, traj_v;
-  if (trajectory) {
-    traj_x = at::empty({N, P.T + 1, P.d}, opts);
-    traj_v = at::empty({N, P.T + 1, P.d}, opts);
-  }
-  ForwardOut out{x_out.data_ptr(), v_out.data_ptr(), trajectory ? traj_x.data_ptr() : nullptr,
-                 trajectory ? traj_v.data_ptr() : nullptr, iterations.data_ptr<int32_t>(), energy.data_ptr<float>(),
-                 distance.data_ptr<float>()};
-  const bool early_exit = tol.has_value();
-  const float tol_f = early_exit ? float(*tol) : 0.f;
+  init_params(P, a);
+  const int64_t N = a.N;
   const int64_t blocks = (N + NB - 1) / NB;
-  // c of every step for the backward, in the kernel's own block layout [blocks][T][Hp][NB]
-  at::Tensor hidden;
-  if (save_hidden) hidden = at::empty({blocks, P.T, P.Hp, NB}, opts.dtype(at::kFloat));
-  dispatch(h.scalar_type(), [&](auto tag) {
+  const bool grouped = a.early_exit && a.hidden == nullptr;
+  const int G = grouped ? group_blocks(P, blocks, a.threads) : 1;
+  const int64_t groups = (blocks + G - 1) / G;
+  Errors errors;
+  dispatch(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* hp = static_cast<const scalar_t*>(h.data_ptr());
-    const scalar_t* xp = static_cast<const scalar_t*>(x.data_ptr());
-    const scalar_t* vp = v ? static_cast<const scalar_t*>(v->data_ptr()) : nullptr;
-#pragma omp parallel num_threads(threads_for(blocks))
+    ForwardIO<scalar_t> io{static_cast<const scalar_t*>(a.h), static_cast<const scalar_t*>(a.x),
+                           static_cast<const scalar_t*>(a.v), static_cast<scalar_t*>(a.x_out),
+                           static_cast<scalar_t*>(a.v_out), static_cast<scalar_t*>(a.traj_x),
+                           static_cast<scalar_t*>(a.traj_v), a.iterations, a.energy, a.distance, a.early_exit, a.tol,
+                           a.min_iterations};
+    const int d = P.d;
+#pragma omp parallel num_threads(threads_for(a.threads, groups))
     {
       static thread_local Scratch S;  // kept across calls: no allocation or page faults per call
-      S.init(P);
-      // blocks dealt round robin, so that each thread knows its next block and prefetches it
+      errors.guard([&] { S.init(P, G); });
+      // without early exit, groups (single blocks) are dealt round robin, so that each thread
+      // knows its next one and prefetches it; with early exit, groups take unequal times
       const int64_t stride = omp_threads();
 #pragma omp for schedule(static, 1)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n0 = b * NB;
-        const int R = int(std::min<int64_t>(NB, N - n0));
-        S.reads.reset();
-        S.writes.reset();
-        if (b + stride < blocks) {
-          const int64_t m0 = (b + stride) * NB;
-          const size_t bytes = size_t(std::min<int64_t>(NB, N - m0)) * P.d * sizeof(scalar_t);
-          S.reads.add(hp + m0 * P.d, bytes);
-          S.reads.add(xp + m0 * P.d, bytes);
-          if (vp) S.reads.add(vp + m0 * P.d, bytes);
-        }
-        const size_t bytes = size_t(R) * P.d * sizeof(scalar_t);
-        S.writes.add(static_cast<scalar_t*>(out.x) + n0 * P.d, bytes);
-        S.writes.add(static_cast<scalar_t*>(out.v) + n0 * P.d, bytes);
-        float* hid = save_hidden ? hidden.data_ptr<float>() + size_t(b) * P.T * P.Hp * NB : nullptr;
-        forward_block<scalar_t, false>(P, S, n0, R, hp, xp, vp, early_exit, tol_f, int(min_iterations), &out,
-                                       nullptr, hid, false);
-      }
+      for (int64_t g = 0; g < (grouped ? 0 : groups); ++g)
+        errors.guard([&] {
+          const int64_t n0 = g * NB;
+          const int R = int(std::min<int64_t>(NB, N - n0));
+          S.reads.reset();
+          S.writes.reset();
+          if (g + stride < groups) {
+            const int64_t m0 = (g + stride) * NB;
+            const size_t bytes = size_t(std::min<int64_t>(NB, N - m0)) * d * sizeof(scalar_t);
+            S.reads.add(io.h + m0 * d, bytes);
+            S.reads.add(io.x + m0 * d, bytes);
+            if (io.v) S.reads.add(io.v + m0 * d, bytes);
+          }
+          const size_t bytes = size_t(R) * d * sizeof(scalar_t);
+          S.writes.add(io.x_out + n0 * d, bytes);
+          S.writes.add(io.v_out + n0 * d, bytes);
+          float* hid = a.hidden ? a.hidden + size_t(g) * P.T * P.Hp * NB : nullptr;
+          forward_group<scalar_t, false>(P, S, n0, R, io, nullptr, hid, false);
+        });
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t g = 0; g < (grouped ? groups : 0); ++g)
+        errors.guard([&] {
+          const int64_t n0 = g * G * NB;
+          S.reads.reset();
+          S.writes.reset();
+          forward_group<scalar_t, false>(P, S, n0, std::min<int64_t>(int64_t(G) * NB, N - n0), io, nullptr, nullptr,
+                                         false);
+        });
     }
   });
-  return {x_out, v_out, iterations, energy, distance, traj_x, traj_v, hidden};
+  errors.rethrow();
 }
 
 namespace {
@@ -624,8 +689,9 @@ struct BackwardScratch {
   }
 };
 
+template <typename scalar_t>
 struct BackwardIO {
-  const void *gx_T, *gv_T;             // scalar_t [N][d]
+  const scalar_t *gx_T, *gv_T;         // [N][d]
   const float *g_energy, *g_distance;  // [N][T]
   float *gh, *gx, *gv;                 // [N][d]
 };
@@ -634,13 +700,15 @@ inline void accumulate(float* p, Vec v) { store(p, load(p) + v); }
 
 template <typename scalar_t>
 void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, Partial& part, int64_t n0, int R,
-                    const BackwardIO& io) {
+                    const BackwardIO<scalar_t>& io) {
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
+  const Packed& pk = *P.pk;
   float* gs = B.gstate.data();
   B.gstate.zero();
   B.gctx.zero();
-  load_block(static_cast<const scalar_t*>(io.gx_T), n0, R, d, gs);
-  load_block(static_cast<const scalar_t*>(io.gv_T), n0, R, d, gs + dp * NB);
+  const int64_t* rows = S.rows.data();
+  load_block(io.gx_T, rows, R, d, gs);
+  load_block(io.gv_T, rows, R, d, gs + dp * NB);
   const float dt = P.dt;
 
   for (int t = T - 1; t >= 0; --t) {
@@ -716,7 +784,7 @@ void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, 
       }
     }
     // controller output layer: gc = Σ_sections gz·ms·w_o (w_out_t holds ms·w_o), then the relu
-    gemm_panels<false>(P.w_out_t, NB, 4, d, gz, NB, long(dp) * NB, nullptr, 0, B.gc.data(), NB);
+    gemm_panels<false>(pk.w_out_t, NB, 4, d, gz, NB, long(dp) * NB, nullptr, 0, B.gc.data(), NB);
     const float* c = st.c(t);
     float* gpre = B.gc.data();  // in place: gc becomes gpre
     for (int i = 0; i < Hp * NB; i += kVec) {
@@ -727,14 +795,14 @@ void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, 
     transpose_block(gpre, Hp, Hp, B.gpre.data() + size_t(t) * NB * Hp);
     transpose_block(c, Hp, Hp, B.c_rows.data() + size_t(t) * NB * Hp);
     // controller input layer: [gx | gv] += [w_x | w_v]ᵀ·gpre
-    gemm_panels<true>(P.w_x_t, NB, 1, H, gpre, NB, 0, gs, NB, gs, NB);
-    gemm_panels<true>(P.w_v_t, NB, 1, H, gpre, NB, 0, gs + dp * NB, NB, gs + dp * NB, NB);
+    gemm_panels<true>(pk.w_x_t, NB, 1, H, gpre, NB, 0, gs, NB, gs, NB);
+    gemm_panels<true>(pk.w_v_t, NB, 1, H, gpre, NB, 0, gs + dp * NB, NB, gs + dp * NB, NB);
   }
   // context: gh = gctx·w_h
-  gemm_panels<false>(P.w_h_t, NB, 1, H, B.gctx.data(), NB, 0, nullptr, 0, B.gh.data(), NB);
-  store_block(B.gh.data(), n0, R, d, io.gh, d);
-  store_block(gs, n0, R, d, io.gx, d);
-  store_block(gs + dp * NB, n0, R, d, io.gv, d);
+  gemm_panels<false>(pk.w_h_t, NB, 1, H, B.gctx.data(), NB, 0, nullptr, 0, B.gh.data(), NB);
+  store_block(B.gh.data(), rows, R, d, io.gh);
+  store_block(gs, rows, R, d, io.gx);
+  store_block(gs + dp * NB, rows, R, d, io.gv);
   // this block's share of the parameter gradients, each summed over rows and steps in one product
   // (lanes ≥ R carry zero gradients, so the padding rows add nothing)
   for (int sec = 0; sec < 4; ++sec) {
@@ -754,9 +822,9 @@ void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, 
 }
 
 // out[i] = Σ_tile parts[tile][i], tiles in order.
-void reduce_partials(std::vector<Partial>& parts, Buffer Partial::*field, Buffer& out) {
+void reduce_partials(std::vector<Partial>& parts, Buffer Partial::*field, Buffer& out, int threads) {
   const int64_t n = int64_t(out.size());
-#pragma omp parallel for num_threads(threads_for(n / 4096 + 1)) schedule(static)
+#pragma omp parallel for num_threads(threads_for(threads, n / 4096 + 1)) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     float s = 0.f;
     for (auto& p : parts) s += (p.*field)[i];
@@ -766,38 +834,11 @@ void reduce_partials(std::vector<Partial>& parts, Buffer Partial::*field, Buffer
 
 }  // namespace
 
-std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
-                                         const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
-                                         const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
-                                         const at::Tensor& mod, const at::Tensor& mu,
-                                         const c10::optional<at::Tensor>& table, double dt,
-                                         c10::optional<double> kappa, int64_t num_iterations, const at::Tensor& grad_x,
-                                         const at::Tensor& grad_v, const at::Tensor& grad_energy,
-                                         const at::Tensor& grad_distance, const c10::optional<at::Tensor>& hidden) {
-  const at::Tensor* exc = table ? &*table : nullptr;
-  check_inputs(h, x, v, {{"w_h", &w_h}, {"w_x", &w_x}, {"w_v", &w_v}, {"w_o", &w_o}, {"bias", &bias},
-                         {"b_o", &b_o}, {"mod", &mod}, {"mu", &mu}, {"table", exc},
-                         {"grad_energy", &grad_energy}, {"grad_distance", &grad_distance}});
-  TORCH_CHECK(grad_x.sizes() == h.sizes() && grad_x.scalar_type() == h.scalar_type() && grad_x.is_contiguous() &&
-                  grad_v.sizes() == h.sizes() && grad_v.scalar_type() == h.scalar_type() && grad_v.is_contiguous(),
-              "iterate_backward: grad_x and grad_v must be contiguous and match h");
+void iterate_backward(const IterateBackwardArgs& a) {
   Params P;
-  init_params(P, h, w_h, w_o, exc, mod, v, dt, kappa, num_iterations);
-  const int64_t N = h.size(0);
-  TORCH_CHECK(grad_energy.dim() == 2 && grad_energy.size(0) == N && grad_energy.size(1) == P.T &&
-                  grad_distance.sizes() == grad_energy.sizes(),
-              "iterate_backward: grad_energy and grad_distance must be [N, T]");
-  pack_params(P, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, exc, true);
+  init_params(P, a);
+  const int64_t N = a.N;
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
-  if (hidden)
-    TORCH_CHECK(hidden->scalar_type() == at::kFloat && hidden->is_contiguous() &&
-                    hidden->numel() == ((N + NB - 1) / NB) * T * Hp * NB,
-                "iterate_backward: hidden must be what iterate_forward(save_hidden=True) returned for these inputs");
-
-  auto f32 = h.options().dtype(at::kFloat);
-  at::Tensor gh = at::empty({N, d}, f32), gx = at::empty({N, d}, f32), gv = at::empty({N, d}, f32);
-  BackwardIO io{grad_x.data_ptr(), grad_v.data_ptr(), grad_energy.data_ptr<float>(), grad_distance.data_ptr<float>(),
-                gh.data_ptr<float>(), gx.data_ptr<float>(), gv.data_ptr<float>()};
   // fixed tiles of blocks, whatever the thread count: at most 16, and fewer when their partial
   // sums (~7·d·H floats each) would pass 128 MiB
   const int64_t blocks = (N + NB - 1) / NB;
@@ -806,79 +847,80 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
   const int64_t tile_blocks = std::max<int64_t>(1, (blocks + max_tiles - 1) / max_tiles);
   const int64_t tiles = (blocks + tile_blocks - 1) / tile_blocks;
   std::vector<Partial> parts(tiles);
+  Errors errors;
 
-  dispatch(h.scalar_type(), [&](auto tag) {
+  dispatch(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* hp = static_cast<const scalar_t*>(h.data_ptr());
-    const scalar_t* xp = static_cast<const scalar_t*>(x.data_ptr());
-    const scalar_t* vp = v ? static_cast<const scalar_t*>(v->data_ptr()) : nullptr;
-#pragma omp parallel num_threads(threads_for(tiles))
+    ForwardIO<scalar_t> fio{static_cast<const scalar_t*>(a.h),
+                            static_cast<const scalar_t*>(a.x),
+                            static_cast<const scalar_t*>(a.v),
+                            nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, false, 0.f, 0};
+    BackwardIO<scalar_t> io{static_cast<const scalar_t*>(a.grad_x), static_cast<const scalar_t*>(a.grad_v),
+                            a.grad_energy, a.grad_distance, a.gh, a.gx, a.gv};
+#pragma omp parallel num_threads(threads_for(a.threads, tiles))
     {
       static thread_local Scratch S;
       static thread_local Stash st;
       static thread_local BackwardScratch B;
-      S.init(P);
-      st.init(T, dp, Hp);
-      B.init(P);
+      errors.guard([&] {
+        S.init(P, 1);
+        st.init(T, dp, Hp);
+        B.init(P);
+      });
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t tile = 0; tile < tiles; ++tile) {
-        parts[tile].init(P);
-        B.start_tile();
-        const int64_t tile_end = std::min(blocks, (tile + 1) * tile_blocks);
-        for (int64_t b = tile * tile_blocks; b < tile_end; ++b) {
-          const int64_t n0 = b * NB;
-          const int R = int(std::min<int64_t>(NB, N - n0));
-          const size_t bytes = size_t(R) * d * sizeof(scalar_t);
-          S.reads.reset();
-          S.writes.reset();
-          S.reads.add(static_cast<const scalar_t*>(io.gx_T) + n0 * d, bytes);
-          S.reads.add(static_cast<const scalar_t*>(io.gv_T) + n0 * d, bytes);
-          if (b + 1 < tile_end) {
-            const int64_t m0 = n0 + NB;
-            const size_t next = size_t(std::min<int64_t>(NB, N - m0)) * d * sizeof(scalar_t);
-            S.reads.add(hp + m0 * d, next);
-            S.reads.add(xp + m0 * d, next);
-            if (vp) S.reads.add(vp + m0 * d, next);
+      for (int64_t tile = 0; tile < tiles; ++tile)
+        errors.guard([&] {
+          parts[tile].init(P);
+          B.start_tile();
+          const int64_t tile_end = std::min(blocks, (tile + 1) * tile_blocks);
+          for (int64_t b = tile * tile_blocks; b < tile_end; ++b) {
+            const int64_t n0 = b * NB;
+            const int R = int(std::min<int64_t>(NB, N - n0));
+            const size_t bytes = size_t(R) * d * sizeof(scalar_t);
+            S.reads.reset();
+            S.writes.reset();
+            S.reads.add(io.gx_T + n0 * d, bytes);
+            S.reads.add(io.gv_T + n0 * d, bytes);
+            if (b + 1 < tile_end) {
+              const int64_t m0 = n0 + NB;
+              const size_t next = size_t(std::min<int64_t>(NB, N - m0)) * d * sizeof(scalar_t);
+              S.reads.add(fio.h + m0 * d, next);
+              S.reads.add(fio.x + m0 * d, next);
+              if (fio.v) S.reads.add(fio.v + m0 * d, next);
+            }
+            S.writes.add(io.gh + n0 * d, size_t(R) * d * sizeof(float));
+            S.writes.add(io.gx + n0 * d, size_t(R) * d * sizeof(float));
+            S.writes.add(io.gv + n0 * d, size_t(R) * d * sizeof(float));
+            float* hid = a.hidden ? const_cast<float*>(a.hidden) + size_t(b) * T * Hp * NB : nullptr;
+            forward_group<scalar_t, true>(P, S, n0, R, fio, &st, hid, hid != nullptr);
+            backward_block<scalar_t>(P, S, st, B, parts[tile], n0, R, io);
           }
-          S.writes.add(io.gh + n0 * d, size_t(R) * d * sizeof(float));
-          S.writes.add(io.gx + n0 * d, size_t(R) * d * sizeof(float));
-          S.writes.add(io.gv + n0 * d, size_t(R) * d * sizeof(float));
-          float* hid = hidden ? hidden->data_ptr<float>() + size_t(b) * T * Hp * NB : nullptr;
-          forward_block<scalar_t, true>(P, S, n0, R, hp, xp, vp, false, 0.f, 0, nullptr, &st, hid, hid != nullptr);
-          backward_block<scalar_t>(P, S, st, B, parts[tile], n0, R, io);
-        }
-        B.end_tile(parts[tile]);
-      }
+          B.end_tile(parts[tile]);
+        });
     }
   });
+  errors.rethrow();
 
   Buffer sum_gz_c(size_t(4) * dp * Hp), sum_gz(size_t(4) * dp), sum_w_in(size_t(2) * dp * Hp);
   Buffer sum_w_ctx(size_t(dp) * Hp), sum_mu(dp), sum_table(size_t(T) * dp), sum_bias(Hp);
-  reduce_partials(parts, &Partial::gz_c, sum_gz_c);
-  reduce_partials(parts, &Partial::gz, sum_gz);
-  reduce_partials(parts, &Partial::w_in, sum_w_in);
-  reduce_partials(parts, &Partial::w_ctx, sum_w_ctx);
-  reduce_partials(parts, &Partial::mu, sum_mu);
-  reduce_partials(parts, &Partial::table, sum_table);
-  reduce_partials(parts, &Partial::bias, sum_bias);
+  reduce_partials(parts, &Partial::gz_c, sum_gz_c, a.threads);
+  reduce_partials(parts, &Partial::gz, sum_gz, a.threads);
+  reduce_partials(parts, &Partial::w_in, sum_w_in, a.threads);
+  reduce_partials(parts, &Partial::w_ctx, sum_w_ctx, a.threads);
+  reduce_partials(parts, &Partial::mu, sum_mu, a.threads);
+  reduce_partials(parts, &Partial::table, sum_table, a.threads);
+  reduce_partials(parts, &Partial::bias, sum_bias, a.threads);
 
-  at::Tensor gw_h = at::empty({H, d}, f32), gw_x = at::empty({H, d}, f32), gw_v = at::empty({H, d}, f32);
-  at::Tensor gw_o = at::empty({4 * d, H}, f32), gbias = at::empty({H}, f32), gb_o = at::empty({4 * d}, f32);
-  at::Tensor gmod = at::empty({8}, f32), gmu = at::empty({d}, f32);
-  at::Tensor gtable = exc ? at::empty({T, d}, f32) : at::Tensor();
-  float *p_wh = gw_h.data_ptr<float>(), *p_wx = gw_x.data_ptr<float>(), *p_wv = gw_v.data_ptr<float>();
   for (int k = 0; k < H; ++k)
     for (int j = 0; j < d; ++j) {
-      p_wh[size_t(k) * d + j] = sum_w_ctx[size_t(j) * Hp + k];
-      p_wx[size_t(k) * d + j] = sum_w_in[size_t(j) * Hp + k];
-      p_wv[size_t(k) * d + j] = sum_w_in[size_t(dp + j) * Hp + k];
+      a.gw_h[size_t(k) * d + j] = sum_w_ctx[size_t(j) * Hp + k];
+      a.gw_x[size_t(k) * d + j] = sum_w_in[size_t(j) * Hp + k];
+      a.gw_v[size_t(k) * d + j] = sum_w_in[size_t(dp + j) * Hp + k];
     }
   // z_s = ms_s·(c·w_oᵀ + b_o)_s + mb_s:  gw_o = ms·gzᵀc,  gb_o = ms·Σgz,  gmb = ΣΣgz,
-  // gms = Σ gz·(c·w_oᵀ + b_o) = <w_o, gzᵀc> + <b_o, Σgz>
-  const float* wo = w_o.data_ptr<float>();
-  const float* bo = b_o.data_ptr<float>();
-  float* p_wo = gw_o.data_ptr<float>();
-  float* p_bo = gb_o.data_ptr<float>();
+  // gms = Σ gz·(c·w_oᵀ + b_o) = <w_o, gzᵀc> + <b_o, Σgz>  (w_o read back from the packed ms·w_o
+  // would round; the caller's w_o is what the gradient is taken at)
+  const float* wo = a.w_o;
   for (int sec = 0; sec < 4; ++sec) {
     const float ms = P.ms[sec];
     double g_scale = 0, g_shift = 0;
@@ -886,22 +928,21 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
       const size_t src = size_t(sec) * dp + j, dst = size_t(sec) * d + j;
       const float* gzc = sum_gz_c.data() + src * Hp;
       for (int k = 0; k < H; ++k) {
-        p_wo[dst * H + k] = ms * gzc[k];
+        a.gw_o[dst * H + k] = ms * gzc[k];
         g_scale += double(wo[dst * H + k]) * gzc[k];
       }
-      p_bo[dst] = ms * sum_gz[src];
-      g_scale += double(bo[dst]) * sum_gz[src];
+      a.gb_o[dst] = ms * sum_gz[src];
+      g_scale += double(a.b_o[dst]) * sum_gz[src];
       g_shift += sum_gz[src];
     }
-    gmod.data_ptr<float>()[sec] = float(g_scale);
-    gmod.data_ptr<float>()[4 + sec] = float(g_shift);
+    a.gmod[sec] = float(g_scale);
+    a.gmod[4 + sec] = float(g_shift);
   }
-  std::copy_n(sum_bias.data(), H, gbias.data_ptr<float>());
-  std::copy_n(sum_mu.data(), d, gmu.data_ptr<float>());
-  if (exc)
-    for (int t = 0; t < T; ++t)
-      std::copy_n(sum_table.data() + size_t(t) * dp, d, gtable.data_ptr<float>() + size_t(t) * d);
-  return {gh, gx, gv, gw_h, gw_x, gw_v, gw_o, gbias, gb_o, gmod, gmu, gtable};
+  std::copy_n(sum_bias.data(), H, a.gbias);
+  std::copy_n(sum_mu.data(), d, a.gmu);
+  if (a.gtable)
+    for (int t = 0; t < T; ++t) std::copy_n(sum_table.data() + size_t(t) * dp, d, a.gtable + size_t(t) * d);
 }
 
+}  // namespace INL_ISA
 }  // namespace inl

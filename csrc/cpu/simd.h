@@ -3,6 +3,13 @@
 // they save instructions), the few transcendental functions the kernels need, and a
 // register-blocked matrix-multiply micro-kernel.
 //
+// The kernel sources are compiled once per instruction set (setup.py: AVX-512, AVX2 + FMA and
+// the x86-64 baseline) and one path is picked at run time (csrc/cpu/entry.cpp). Everything here
+// and in the kernels lives in namespace inl::INL_ISA, named after the instruction set the
+// translation unit is compiled for, so no two paths share a symbol: the linker can never hand an
+// AVX2 caller a function compiled for AVX-512. Kernel sources include no ATen header for the
+// same reason (its inline functions would be compiled once per path under one name).
+//
 // Every result depends only on its own row's data and the weights, through one fixed sequence
 // of operations: no reduction is split by thread count or batch size. That is what makes the
 // kernels deterministic and batch invariant bit for bit.
@@ -16,16 +23,27 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
+// INL_AVX2: the 8-wide path (AVX2 with FMA); AVX alone takes the baseline path
+#if defined(__AVX512F__)
+#define INL_ISA avx512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define INL_ISA avx2
+#define INL_AVX2 1
+#else
+#define INL_ISA base
+#endif
+
 namespace inl {
+namespace INL_ISA {
 
 #if defined(__AVX512F__)
 constexpr int kVec = 16;       // floats per vector
 constexpr int kRowBlock = 14;  // micro-kernel rows: 28 accumulators of 32 registers
-#elif defined(__AVX__)
+#elif defined(INL_AVX2)
 constexpr int kVec = 8;
 constexpr int kRowBlock = 6;   // 12 accumulators of 16 registers
 #else
@@ -43,7 +61,7 @@ inline void store(float* p, Vec v) { *reinterpret_cast<VecU*>(p) = v; }
 inline Vec splat(float a) {
 #if defined(__AVX512F__)
   return (Vec)_mm512_set1_ps(a);  // one broadcast also from memory (the loop below may become 16)
-#elif defined(__AVX__)
+#elif defined(INL_AVX2)
   return (Vec)_mm256_set1_ps(a);
 #else
   Vec v;
@@ -58,7 +76,7 @@ inline Vec select(VecI mask, Vec a, Vec b) { return mask ? a : b; }
 inline Vec vmax(Vec a, Vec b) {
 #if defined(__AVX512F__)
   return (Vec)_mm512_max_ps((__m512)a, (__m512)b);
-#elif defined(__AVX__)
+#elif defined(INL_AVX2)
   return (Vec)_mm256_max_ps((__m256)a, (__m256)b);
 #else
   return a > b ? a : b;
@@ -67,7 +85,7 @@ inline Vec vmax(Vec a, Vec b) {
 inline Vec vmin(Vec a, Vec b) {
 #if defined(__AVX512F__)
   return (Vec)_mm512_min_ps((__m512)a, (__m512)b);
-#elif defined(__AVX__)
+#elif defined(INL_AVX2)
   return (Vec)_mm256_min_ps((__m256)a, (__m256)b);
 #else
   return a < b ? a : b;
@@ -204,7 +222,7 @@ INL_INLINE Vecs<N> select_nonneg(const Vecs<N>& z, const Vecs<N>& a, const Vecs<
 INL_INLINE Vec rcp_estimate(Vec x) {
 #if defined(__AVX512F__)
   return (Vec)_mm512_rcp14_ps((__m512)x);
-#elif defined(__AVX__)
+#elif defined(INL_AVX2)
   return (Vec)_mm256_rcp_ps((__m256)x);
 #else
   return 1.f / x;
@@ -217,7 +235,7 @@ INL_INLINE Vecs<N> rcp_estimate(const Vecs<N>& x) {
 template <typename V>
 INL_INLINE V vrcp(V x) {
   V r = rcp_estimate(x);
-#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__) || defined(INL_AVX2)
   return r * (2.f - x * r);
 #else
   return r;
@@ -408,7 +426,7 @@ constexpr int kRowsFor = 2 * kRowBlock / NV;
 
 template <int INIT, int AI, int NV, int... Rs>
 inline MicroFn micro_table(int rows, std::integer_sequence<int, Rs...>) {
-  static const MicroFn table[] = {&micro_kernel<Rs + 1, INIT, AI, NV>...};
+  constexpr MicroFn table[] = {&micro_kernel<Rs + 1, INIT, AI, NV>...};
   return table[rows - 1];
 }
 template <int INIT, int AI, int NV = 2>
@@ -474,4 +492,5 @@ inline void gemm_rows(int M, int N, int nseg, const float* A, long aseg, const f
     gemm_rows_nv<LOAD, 2>(M, N, nseg, A, aseg, B, ldb, bseg, Cin, ldcin, C, ldc);
 }
 
+}  // namespace INL_ISA
 }  // namespace inl

@@ -1,5 +1,11 @@
 """The compiled C++ CPU backend (csrc/cpu/, OpenMP across row blocks), one module per op. Its
-modules are the only Python that calls inl_kernels._C for CPU tensors."""
+modules are the only Python that calls inl_kernels._C for CPU tensors.
+
+The kernels are compiled once per instruction set (AVX-512, AVX2 + FMA, the x86-64 baseline) and
+one path runs, chosen from the CPU's features at first use or pinned by
+INL_KERNELS_CPU_CAPABILITY=avx512|avx2|base: `capability()` names it, `capabilities()` lists
+those this machine can run, `set_capability(name)` switches (tests run every path this way).
+"""
 from __future__ import annotations
 
 try:
@@ -13,4 +19,30 @@ def unavailable_reason():
     if _C is None:
         return (f"the C++ extension inl_kernels._C is not built ({_import_error}); install with a C++ "
                 f"compiler present: pip install --no-build-isolation -e .")
+    try:
+        _C.cpu_capability()
+    except RuntimeError as e:  # a pinned path this CPU cannot run, or that the build lacks
+        return str(e)
     return None
+
+
+def capability() -> str:
+    """The instruction-set path the CPU ops run: "avx512", "avx2" or "base"."""
+    return _C.cpu_capability()
+
+
+def capabilities() -> list[str]:
+    """The paths this build holds that this CPU can run, best first."""
+    return list(_C.cpu_capabilities())
+
+
+def set_capability(name: str) -> None:
+    """Runs the CPU ops on path `name` ("auto": the best this CPU runs) from now on; raises
+    RuntimeError if this build lacks it or this CPU cannot run it."""
+    _C.set_cpu_capability(name)
+
+
+def info() -> dict:
+    """What runs here: the path in use, the runnable and the built paths, the vector width."""
+    return dict(capability=capability(), capabilities=capabilities(), built=list(_C.cpu_built_capabilities()),
+                vector_width=_C.cpu_vector_width(), max_iterations=_C.iterate_max_iterations)

@@ -112,7 +112,7 @@ def test_empty_batch_and_zero_sizes():
     with torch.no_grad():
         out, info = cpu_iterate(h, x, **kw, tol=1e-3)
     assert out.shape == (0, 8) and info.iterations.shape == (0,)
-    with pytest.raises(RuntimeError, match="num_iterations must be at least 1"):
+    with pytest.raises(RuntimeError, match=r"num_iterations must be in \[1, "):
         cpu_iterate(h, x, **dict(kw, num_iterations=0))
 
 

@@ -1,0 +1,418 @@
+// The ATen-facing CPU ops (declared in csrc/ops.h): argument checks, output allocation, and the
+// choice of the instruction-set path whose kernels run them.
+//
+// This file and the bindings are compiled for the x86-64 baseline; the kernels are compiled once
+// per instruction set (setup.py), each into its own namespace, and reached through a table of
+// function pointers (kernels.h). At first use the path is chosen from the CPU's features, as
+// ATen's CPU-capability dispatch does: AVX-512 (x86-64-v4), else AVX2 + FMA (x86-64-v3), else
+// the baseline. INL_KERNELS_CPU_CAPABILITY=avx512|avx2|base pins one; naming a path that this
+// build lacks or this CPU cannot run makes the ops raise an error that says so (never SIGILL).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace inl {
+namespace {
+
+// the paths this build holds, best first (a build pinned to one target holds one)
+std::vector<const CpuKernels*> built_paths() {
+  std::vector<const CpuKernels*> paths;
+  for (const CpuKernels* k : {&avx512::kernels, &avx2::kernels, &base::kernels})
+    if (k != nullptr) paths.push_back(k);
+  return paths;
+}
+
+bool cpu_can_run(const CpuKernels& k) {
+#if defined(__x86_64__) || defined(__i386__)
+  const std::string name = k.name;
+  if (name == "avx512") return __builtin_cpu_supports("x86-64-v4");
+  if (name == "avx2") return __builtin_cpu_supports("x86-64-v3");
+#endif
+  return true;  // the baseline (or a non-x86 build, compiled for its own target)
+}
+
+std::string names(const std::vector<const CpuKernels*>& paths) {
+  std::string s;
+  for (const CpuKernels* k : paths) s += (s.empty() ? "" : ", ") + std::string(k->name);
+  return s;
+}
+
+struct Selection {
+  std::mutex mutex;
+  bool chosen = false;
+  const CpuKernels* kernels = nullptr;
+  std::string error;  // why no path runs (a bad INL_KERNELS_CPU_CAPABILITY)
+};
+Selection& selection() {
+  static Selection s;
+  return s;
+}
+
+// the path called `name` ("" or "auto": the best this CPU runs), or an error message
+const CpuKernels* find_path(const std::string& name, std::string& error) {
+  const auto paths = built_paths();
+  if (name.empty() || name == "auto") {
+    for (const CpuKernels* k : paths)
+      if (cpu_can_run(*k)) return k;
+    error = "no CPU path of this build runs on this CPU (built: " + names(paths) +
+            "; the build was pinned with INL_KERNELS_MARCH: rebuild without it)";
+    return nullptr;
+  }
+  for (const CpuKernels* k : paths)
+    if (name == k->name) {
+      if (cpu_can_run(*k)) return k;
+      error = "the " + name + " path cannot run on this CPU (it lacks the " +
+              (name == "avx512" ? std::string("x86-64-v4 (AVX-512)") : std::string("x86-64-v3 (AVX2 + FMA)")) +
+              " instructions)";
+      return nullptr;
+    }
+  error = "no CPU path called '" + name + "' in this build (built: " + names(paths) + ")";
+  return nullptr;
+}
+
+void choose_locked(Selection& s) {
+  if (s.chosen) return;
+  const char* env = std::getenv("INL_KERNELS_CPU_CAPABILITY");
+  std::string error;
+  s.kernels = find_path(env ? env : "", error);
+  if (!s.kernels) s.error = (env ? "INL_KERNELS_CPU_CAPABILITY=" + std::string(env) + ": " : "") + error;
+  s.chosen = true;
+}
+
+int threads() { return at::get_num_threads(); }
+
+DType dtype_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, "the cpu ", what, " runs float32, bfloat16 and float16, got ", t.scalar_type());
+  }
+}
+
+// ---- iterate ---------------------------------------------------------------------------------
+
+void check_fp32(const char* name, const at::Tensor* t, std::initializer_list<int64_t> shape) {
+  if (!t) return;  // an absent optional input
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(), name,
+              " must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(t->sizes().equals(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ", t->sizes());
+}
+
+void check_iterate(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v, const at::Tensor& w_h,
+                   const at::Tensor& w_x, const at::Tensor& w_v, const at::Tensor& w_o, const at::Tensor& bias,
+                   const at::Tensor& b_o, const at::Tensor& mod, const at::Tensor& mu,
+                   const c10::optional<at::Tensor>& table, int64_t num_iterations) {
+  TORCH_CHECK(h.device().is_cpu() && h.dim() == 2 && h.is_contiguous(), "h must be a contiguous [N, d] CPU tensor");
+  dtype_of(h, "iterate");
+  TORCH_CHECK(x.sizes() == h.sizes() && x.scalar_type() == h.scalar_type() && x.is_contiguous() && x.device().is_cpu(),
+              "x must match h");
+  if (v)
+    TORCH_CHECK(v->sizes() == h.sizes() && v->scalar_type() == h.scalar_type() && v->is_contiguous() &&
+                    v->device().is_cpu(),
+                "v must match h");
+  // the kernels divide by d, H and T (means over columns, work per step): zero is no size; the
+  // largest T keeps the step arithmetic and the [T, d] table in range (kernels.h)
+  TORCH_CHECK(num_iterations >= 1 && num_iterations <= kMaxIterations, "iterate: num_iterations must be in [1, ",
+              kMaxIterations, "], got ", num_iterations);
+  TORCH_CHECK(w_h.dim() == 2, "w_h must be [H, d]");
+  const int64_t d = h.size(1), H = w_h.size(0);
+  TORCH_CHECK(d >= 1 && H >= 1 && d <= (int64_t(1) << 24) && H <= (int64_t(1) << 20),
+              "iterate: d and H must be at least 1 (and d < 2^24, H < 2^20), got d = ", d, ", H = ", H);
+  check_fp32("w_h", &w_h, {H, d});
+  check_fp32("w_x", &w_x, {H, d});
+  check_fp32("w_v", &w_v, {H, d});
+  check_fp32("w_o", &w_o, {4 * d, H});
+  check_fp32("bias", &bias, {H});
+  check_fp32("b_o", &b_o, {4 * d});
+  check_fp32("mod", &mod, {8});
+  check_fp32("mu", &mu, {d});
+  check_fp32("table", table ? &*table : nullptr, {num_iterations, d});
+}
+
+// the pack to use: the caller's when it was made by `kernels` for these weights, else a new one
+IteratePackPtr pack_for(const CpuKernels& kernels, const IteratePackPtr& given, const at::Tensor& w_h,
+                        const at::Tensor& w_x, const at::Tensor& w_v, const at::Tensor& w_o, const at::Tensor& mod,
+                        bool backward) {
+  const float* ms = mod.data_ptr<float>();
+  if (given && given->kernels == &kernels && given->d == w_h.size(1) && given->H == w_h.size(0) &&
+      (given->backward || !backward) && std::memcmp(given->mod_scale, ms, sizeof(float) * 4) == 0)
+    return given;
+  return iterate_pack(w_h, w_x, w_v, w_o, mod.narrow(0, 0, 4), backward);
+}
+
+IteratePackPtr pack_with(const CpuKernels& kernels, const at::Tensor& w_h, const at::Tensor& w_x,
+                         const at::Tensor& w_v, const at::Tensor& w_o, const at::Tensor& mod_scale, bool backward) {
+  const int64_t d = w_h.size(1), H = w_h.size(0);
+  check_fp32("w_h", &w_h, {H, d});
+  check_fp32("w_x", &w_x, {H, d});
+  check_fp32("w_v", &w_v, {H, d});
+  check_fp32("w_o", &w_o, {4 * d, H});
+  TORCH_CHECK(mod_scale.numel() == 4 && mod_scale.scalar_type() == at::kFloat, "mod_scale must be 4 float32 values");
+  at::Tensor ms = mod_scale.contiguous();
+  IterateWeights W{int(d), int(H), w_h.data_ptr<float>(), w_x.data_ptr<float>(), w_v.data_ptr<float>(),
+                   w_o.data_ptr<float>(), {}, backward};
+  std::memcpy(W.mod_scale, ms.data_ptr<float>(), sizeof(float) * 4);
+  auto pack = std::make_shared<IteratePack>(&kernels, kernels.iterate_pack(W));
+  pack->d = d, pack->H = H, pack->backward = backward;
+  std::memcpy(pack->mod_scale, W.mod_scale, sizeof(W.mod_scale));
+  return pack;
+}
+
+void fill_args(IterateArgs& a, const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
+               const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o, const at::Tensor& mod,
+               const at::Tensor& mu, const c10::optional<at::Tensor>& table, double dt, c10::optional<double> kappa,
+               int64_t num_iterations, const IteratePack& pack) {
+  a.dtype = dtype_of(h, "iterate");
+  a.N = h.size(0);
+  a.d = int(h.size(1));
+  a.H = int(w_o.size(1));
+  a.T = int(num_iterations);
+  a.h = h.data_ptr();
+  a.x = x.data_ptr();
+  a.v = v ? v->data_ptr() : nullptr;
+  a.bias = bias.data_ptr<float>();
+  a.w_o = w_o.data_ptr<float>();
+  a.b_o = b_o.data_ptr<float>();
+  a.mod = mod.data_ptr<float>();
+  a.mu = mu.data_ptr<float>();
+  a.table = table ? table->data_ptr<float>() : nullptr;
+  a.dt = float(dt);
+  a.has_kappa = kappa.has_value();
+  a.kappa = kappa ? float(*kappa) : 0.f;
+  a.threads = threads();
+  a.pack = pack.data;
+}
+
+}  // namespace
+
+// ---- the paths ---------------------------------------------------------------------------------
+
+std::vector<std::string> cpu_built_capabilities() {
+  std::vector<std::string> out;
+  for (const CpuKernels* k : built_paths()) out.push_back(k->name);
+  return out;
+}
+
+std::vector<std::string> cpu_capabilities() {
+  std::vector<std::string> out;
+  for (const CpuKernels* k : built_paths())
+    if (cpu_can_run(*k)) out.push_back(k->name);
+  return out;
+}
+
+const CpuKernels& cpu_kernels() {
+  Selection& s = selection();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  choose_locked(s);
+  TORCH_CHECK(s.kernels, s.error);
+  return *s.kernels;
+}
+
+std::string cpu_capability() {
+  Selection& s = selection();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  choose_locked(s);
+  TORCH_CHECK(s.kernels, s.error);
+  return s.kernels->name;
+}
+
+void set_cpu_capability(const std::string& name) {
+  std::string error;
+  const CpuKernels* k = find_path(name, error);
+  TORCH_CHECK(k, error);
+  Selection& s = selection();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.kernels = k;
+  s.error.clear();
+  s.chosen = true;
+}
+
+// ---- iterate ---------------------------------------------------------------------------------
+
+IteratePackPtr iterate_pack(const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v, const at::Tensor& w_o,
+                            const at::Tensor& mod_scale, bool backward) {
+  TORCH_CHECK(w_h.dim() == 2, "w_h must be [H, d]");
+  return pack_with(cpu_kernels(), w_h, w_x, w_v, w_o, mod_scale, backward);
+}
+
+std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
+                                        const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
+                                        const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
+                                        const at::Tensor& mod, const at::Tensor& mu,
+                                        const c10::optional<at::Tensor>& table, double dt, c10::optional<double> kappa,
+                                        int64_t num_iterations, c10::optional<double> tol, int64_t min_iterations,
+                                        bool trajectory, bool save_hidden, const IteratePackPtr& pack) {
+  check_iterate(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, num_iterations);
+  const CpuKernels& kernels = cpu_kernels();
+  IteratePackPtr pk = pack_for(kernels, pack, w_h, w_x, w_v, w_o, mod, false);
+  const int64_t N = h.size(0), T = num_iterations, d = h.size(1);
+  auto opts = h.options();
+  at::Tensor x_out = at::empty_like(x), v_out = at::empty_like(x);
+  at::Tensor iterations = at::empty({N}, opts.dtype(at::kInt));
+  at::Tensor energy = at::empty({N, T}, opts.dtype(at::kFloat));
+  at::Tensor distance = at::empty({N, T}, opts.dtype(at::kFloat));
+  at::Tensor traj_x, traj_v, hidden;
+  if (trajectory) {
+    traj_x = at::empty({N, T + 1, d}, opts);
+    traj_v = at::empty({N, T + 1, d}, opts);
+  }
+  // c of every step for the backward, in the kernel's own block layout
+  if (save_hidden) hidden = at::empty({kernels.iterate_hidden_floats(N, int(T), int(w_h.size(0)))}, opts.dtype(at::kFloat));
+  IterateForwardArgs a{};
+  fill_args(a, h, x, v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, *pk);
+  a.early_exit = tol.has_value();
+  a.tol = tol ? float(*tol) : 0.f;
+  a.min_iterations = int(std::min<int64_t>(min_iterations, kMaxIterations + 1));
+  a.x_out = x_out.data_ptr();
+  a.v_out = v_out.data_ptr();
+  a.traj_x = trajectory ? traj_x.data_ptr() : nullptr;
+  a.traj_v = trajectory ? traj_v.data_ptr() : nullptr;
+  a.iterations = iterations.data_ptr<int32_t>();
+  a.energy = energy.data_ptr<float>();
+  a.distance = distance.data_ptr<float>();
+  a.hidden = save_hidden ? hidden.data_ptr<float>() : nullptr;
+  if (N > 0) kernels.iterate_forward(a);
+  return {x_out, v_out, iterations, energy, distance, traj_x, traj_v, hidden};
+}
+
+std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
+                                         const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
+                                         const at::Tensor& w_o, const at::Tensor& bias, const at::Tensor& b_o,
+                                         const at::Tensor& mod, const at::Tensor& mu,
+                                         const c10::optional<at::Tensor>& table, double dt,
+                                         c10::optional<double> kappa, int64_t num_iterations, const at::Tensor& grad_x,
+                                         const at::Tensor& grad_v, const at::Tensor& grad_energy,
+                                         const at::Tensor& grad_distance, const c10::optional<at::Tensor>& hidden,
+                                         const IteratePackPtr& pack) {
+  check_iterate(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, num_iterations);
+  TORCH_CHECK(grad_x.sizes() == h.sizes() && grad_x.scalar_type() == h.scalar_type() && grad_x.is_contiguous() &&
+                  grad_v.sizes() == h.sizes() && grad_v.scalar_type() == h.scalar_type() && grad_v.is_contiguous(),
+              "iterate_backward: grad_x and grad_v must be contiguous and match h");
+  const int64_t N = h.size(0), d = h.size(1), H = w_h.size(0), T = num_iterations;
+  check_fp32("grad_energy", &grad_energy, {N, T});
+  check_fp32("grad_distance", &grad_distance, {N, T});
+  const CpuKernels& kernels = pack ? *pack->kernels : cpu_kernels();
+  IteratePackPtr pk = pack_for(kernels, pack, w_h, w_x, w_v, w_o, mod, true);
+  if (hidden)
+    TORCH_CHECK(hidden->scalar_type() == at::kFloat && hidden->is_contiguous() &&
+                    hidden->numel() == kernels.iterate_hidden_floats(N, int(T), int(H)),
+                "iterate_backward: hidden must be what iterate_forward(save_hidden=True) returned for these inputs, "
+                "on the same CPU path");
+  auto f32 = h.options().dtype(at::kFloat);
+  at::Tensor gh = at::empty({N, d}, f32), gx = at::empty({N, d}, f32), gv = at::empty({N, d}, f32);
+  at::Tensor gw_h = at::empty({H, d}, f32), gw_x = at::empty({H, d}, f32), gw_v = at::empty({H, d}, f32);
+  at::Tensor gw_o = at::empty({4 * d, H}, f32), gbias = at::empty({H}, f32), gb_o = at::empty({4 * d}, f32);
+  at::Tensor gmod = at::empty({8}, f32), gmu = at::empty({d}, f32);
+  at::Tensor gtable = table ? at::empty({T, d}, f32) : at::Tensor();
+  IterateBackwardArgs a{};
+  fill_args(a, h, x, v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, *pk);
+  a.grad_x = grad_x.data_ptr();
+  a.grad_v = grad_v.data_ptr();
+  a.grad_energy = grad_energy.data_ptr<float>();
+  a.grad_distance = grad_distance.data_ptr<float>();
+  a.hidden = hidden ? hidden->data_ptr<float>() : nullptr;
+  a.gh = gh.data_ptr<float>(), a.gx = gx.data_ptr<float>(), a.gv = gv.data_ptr<float>();
+  a.gw_h = gw_h.data_ptr<float>(), a.gw_x = gw_x.data_ptr<float>(), a.gw_v = gw_v.data_ptr<float>();
+  a.gw_o = gw_o.data_ptr<float>(), a.gbias = gbias.data_ptr<float>(), a.gb_o = gb_o.data_ptr<float>();
+  a.gmod = gmod.data_ptr<float>(), a.gmu = gmu.data_ptr<float>();
+  a.gtable = table ? gtable.data_ptr<float>() : nullptr;
+  kernels.iterate_backward(a);
+  return {gh, gx, gv, gw_h, gw_x, gw_v, gw_o, gbias, gb_o, gmod, gmu, gtable};
+}
+
+// ---- rms_norm --------------------------------------------------------------------------------
+
+namespace {
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1 && x.size(-1) > 0,
+              "x must be a contiguous CPU tensor with a non-empty last dimension");
+  dtype_of(x, "rms_norm");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(-1) &&
+                  (weight.scalar_type() == at::kFloat || weight.scalar_type() == x.scalar_type()),
+              "weight must be a contiguous [D] tensor of x's dtype or float32");
+}
+}  // namespace
+
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                         const c10::optional<at::Tensor>& residual) {
+  check_rms_norm(x, weight);
+  if (residual)
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->is_contiguous(),
+                "residual must match x");
+  const CpuKernels& kernels = cpu_kernels();
+  at::Tensor y = at::empty_like(x), s = residual ? at::empty_like(x) : at::Tensor();
+  at::Tensor rstd = at::empty({x.numel() / x.size(-1)}, x.options().dtype(at::kFloat));
+  RmsNormArgs a{dtype_of(x, "rms_norm"), x.numel() / x.size(-1), x.size(-1), x.data_ptr(),
+                residual ? residual->data_ptr() : nullptr, weight.data_ptr(), weight.scalar_type() == at::kFloat,
+                float(eps), y.data_ptr(), residual ? s.data_ptr() : nullptr, rstd.data_ptr<float>(), threads()};
+  if (a.rows > 0) kernels.rms_norm_forward(a);
+  return {y, s, rstd};
+}
+
+// x is what was normalised (x + residual with a residual); grad_s the gradient of that sum.
+std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_s,
+                                          const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd) {
+  check_rms_norm(x, weight);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
+              "grad_y must match x");
+  if (grad_s)
+    TORCH_CHECK(grad_s->sizes() == x.sizes() && grad_s->scalar_type() == x.scalar_type() && grad_s->is_contiguous(),
+                "grad_s must match x");
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == x.numel() / x.size(-1),
+              "rstd must be what rms_norm_forward returned for x");
+  const CpuKernels& kernels = cpu_kernels();
+  at::Tensor gx = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  at::Tensor gw = at::zeros({x.size(-1)}, x.options().dtype(at::kFloat));
+  RmsNormBackwardArgs a{dtype_of(x, "rms_norm"), x.numel() / x.size(-1), x.size(-1), grad_y.data_ptr(),
+                        grad_s ? grad_s->data_ptr() : nullptr, x.data_ptr(), weight.data_ptr(),
+                        weight.scalar_type() == at::kFloat, rstd.data_ptr<float>(), gx.data_ptr<float>(),
+                        gw.data_ptr<float>(), threads()};
+  if (a.rows > 0) kernels.rms_norm_backward(a);
+  return {gx, gw};
+}
+
+// ---- swiglu ----------------------------------------------------------------------------------
+
+namespace {
+void check_swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu() && gate.is_contiguous(), "gate must be a contiguous CPU tensor");
+  dtype_of(gate, "swiglu");
+  TORCH_CHECK(up.sizes() == gate.sizes() && up.scalar_type() == gate.scalar_type() && up.is_contiguous() &&
+                  up.device().is_cpu(),
+              "up must be a contiguous CPU tensor matching gate");
+}
+}  // namespace
+
+at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu(gate, up);
+  const CpuKernels& kernels = cpu_kernels();
+  at::Tensor out = at::empty_like(gate);
+  SwigluArgs a{dtype_of(gate, "swiglu"), gate.numel(), gate.data_ptr(), up.data_ptr(), nullptr, out.data_ptr(),
+               nullptr, threads()};
+  if (a.n > 0) kernels.swiglu_forward(a);
+  return out;
+}
+
+std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu(gate, up);
+  TORCH_CHECK(grad.sizes() == gate.sizes() && grad.scalar_type() == gate.scalar_type() && grad.is_contiguous(),
+              "grad must be a contiguous tensor matching gate");
+  const CpuKernels& kernels = cpu_kernels();
+  at::Tensor grad_gate = at::empty_like(gate), grad_up = at::empty_like(up);
+  SwigluArgs a{dtype_of(gate, "swiglu"), gate.numel(), gate.data_ptr(), up.data_ptr(), grad.data_ptr(),
+               grad_gate.data_ptr(), grad_up.data_ptr(), threads()};
+  if (a.n > 0) kernels.swiglu_backward(a);
+  return {grad_gate, grad_up};
+}
+
+}  // namespace inl

@@ -1,0 +1,30 @@
+// The table of one compiled path: setup.py compiles this file with iterate.cpp, rms_norm.cpp and
+// swiglu.cpp once per instruction set, and csrc/cpu/entry.cpp picks a table at run time.
+#include "kernels.h"
+
+#include "simd.h"
+
+namespace inl {
+namespace INL_ISA {
+
+void* iterate_pack(const IterateWeights&);
+void iterate_pack_free(void*);
+int64_t iterate_hidden_floats(int64_t N, int T, int H);
+void iterate_forward(const IterateForwardArgs&);
+void iterate_backward(const IterateBackwardArgs&);
+void rms_norm_forward(const RmsNormArgs&);
+void rms_norm_backward(const RmsNormBackwardArgs&);
+void swiglu_forward(const SwigluArgs&);
+void swiglu_backward(const SwigluArgs&);
+
+#define INL_STRINGIFY2(x) #x
+#define INL_STRINGIFY(x) INL_STRINGIFY2(x)
+
+const CpuKernels kernels = {
+    INL_STRINGIFY(INL_ISA), kVec,          kColBlock,        &iterate_pack,      &iterate_pack_free,
+    &iterate_hidden_floats, &iterate_forward, &iterate_backward, &rms_norm_forward, &rms_norm_backward,
+    &swiglu_forward,        &swiglu_backward,
+};
+
+}  // namespace INL_ISA
+}  // namespace inl

@@ -1,0 +1,130 @@
+// The interface between the ATen-facing entry points (csrc/cpu/entry.cpp, compiled for any
+// x86-64 CPU) and the CPU kernels (iterate.cpp, rms_norm.cpp, swiglu.cpp), which setup.py
+// compiles once per instruction set into namespaces inl::avx512, inl::avx2 and inl::base. Plain
+// structs of sizes and raw pointers only: no ATen type crosses it, so the kernel translation units
+// include no ATen header. The entry checks every argument and allocates every output; a kernel
+// trusts what it gets.
+#pragma once
+
+#include <cstdint>
+
+namespace inl {
+
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// The largest num_iterations the CPU iterate accepts (inl_kernels/_validate.py checks the same
+// bound first): far above any use (the seeds run at most 15 steps), and small enough that the
+// [T, d] excitation table, the [N, T] statistics and every step index stay within their types.
+constexpr int64_t kMaxIterations = 65536;
+
+// The controller's weights as the iterate's micro-kernel wants them, made once and reused while
+// the weights do not change (inl_kernels/cpu/iterate.py caches it per parameter version).
+struct IterateWeights {
+  int d, H;
+  const float *w_h, *w_x, *w_v, *w_o;  // [H][d] three times, [4d][H]; fp32, contiguous
+  float mod_scale[4];                  // folded into the packed output layer
+  bool backward;                       // also pack the transposed layouts the backward reads
+};
+
+// What the forward and the backward share. Pointers of the input dtype are void*.
+struct IterateArgs {
+  DType dtype;
+  int64_t N;
+  int d, H, T;
+  const void *h, *x, *v;        // [N][d]; v null: zeros
+  const float* bias;            // [H]  b_h + b_x + b_v
+  const float* w_o;             // [4d][H]  (the backward's gradient of mod_scale reads it)
+  const float* b_o;             // [4d]
+  const float* mod;             // [8]  mod_scale, mod_bias
+  const float* mu;              // [d]
+  const float* table;           // [T][d] excitation, or null
+  float dt, kappa;
+  bool has_kappa;
+  int threads;                  // OpenMP threads to use at most
+  const void* pack;             // from iterate_pack with these weights (backward: packed for it)
+};
+
+struct IterateForwardArgs : IterateArgs {
+  bool early_exit;
+  float tol;
+  int min_iterations;
+  void *x_out, *v_out;          // [N][d]
+  void *traj_x, *traj_v;        // [N][T+1][d], or null
+  int32_t* iterations;          // [N]
+  float *energy, *distance;     // [N][T]
+  float* hidden;                // iterate_hidden_floats(N, T, H) floats, or null
+};
+
+struct IterateBackwardArgs : IterateArgs {
+  const void *grad_x, *grad_v;              // [N][d] input dtype
+  const float *grad_energy, *grad_distance;  // [N][T]
+  const float* hidden;                      // what the forward saved, or null
+  float *gh, *gx, *gv;                      // [N][d]
+  float *gw_h, *gw_x, *gw_v;                // [H][d]
+  float *gw_o;                              // [4d][H]
+  float *gbias, *gb_o, *gmod, *gmu;         // [H], [4d], [8], [d]
+  float* gtable;                            // [T][d] (null without a table)
+};
+
+struct RmsNormArgs {
+  DType dtype;
+  int64_t rows, D;
+  const void *x, *residual;  // [rows][D]; residual may be null
+  const void* weight;        // [D], fp32 or the input dtype
+  bool weight_fp32;
+  float eps;
+  void *y, *s;               // [rows][D]; s (x + residual) only with a residual
+  float* rstd;               // [rows]
+  int threads;
+};
+
+struct RmsNormBackwardArgs {
+  DType dtype;
+  int64_t rows, D;
+  const void *grad_y, *grad_s, *x;  // grad_s may be null
+  const void* weight;
+  bool weight_fp32;
+  const float* rstd;
+  float *gx, *gw;
+  int threads;
+};
+
+// silu(g)·u and its gradients, element by element over n elements.
+struct SwigluArgs {
+  DType dtype;
+  int64_t n;
+  const void *gate, *up;          // the two projections
+  const void* grad;               // backward: the gradient of the product (null in the forward)
+  void *out;                      // forward: silu(g)·u; backward: the gradient of gate
+  void* grad_up;                  // backward: the gradient of up
+  int threads;
+};
+
+struct CpuKernels {
+  const char* name;  // "avx512", "avx2", "base"
+  int vector_width;  // floats per vector
+  int row_block;     // rows the iterate keeps in one block (two vectors)
+  void* (*iterate_pack)(const IterateWeights&);
+  void (*iterate_pack_free)(void*);
+  int64_t (*iterate_hidden_floats)(int64_t N, int T, int H);
+  void (*iterate_forward)(const IterateForwardArgs&);
+  void (*iterate_backward)(const IterateBackwardArgs&);
+  void (*rms_norm_forward)(const RmsNormArgs&);
+  void (*rms_norm_backward)(const RmsNormBackwardArgs&);
+  void (*swiglu_forward)(const SwigluArgs&);
+  void (*swiglu_backward)(const SwigluArgs&);
+};
+
+// One table per compiled path. Weak: a build pinned to one target (INL_KERNELS_MARCH) holds
+// only that path, and the others are then null.
+namespace avx512 {
+extern const CpuKernels kernels __attribute__((weak));
+}
+namespace avx2 {
+extern const CpuKernels kernels __attribute__((weak));
+}
+namespace base {
+extern const CpuKernels kernels __attribute__((weak));
+}
+
+}  // namespace inl
