@@ -46,6 +46,7 @@ namespace INL_ISA {
 namespace {
 
 constexpr int NB = kColBlock;  // rows per block: the lanes of two vectors
+constexpr int kMaxGroupBlocks = 64;
 constexpr int MR = kRowBlock;
 
 // sign of each controller section's output as the forward's micro-kernel gives it: -z for alpha
@@ -163,7 +164,7 @@ inline void load_block(const scalar_t* src, const int64_t* rows, int R, int d, f
   }
 }
 template <typename scalar_t>
-inline void store_block(const float* src, const int64_t* rows, int R, int d, scalar_t* dst) {
+inline void store_block(const float* src, const int64_t* rows, int R, int d, scalar_t* dst) {  // rows[r] < 0: skip lane r
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, float> && NB % 16 == 0) {
     for (int j0 = 0; j0 < d; j0 += 16) {
@@ -174,7 +175,8 @@ inline void store_block(const float* src, const int64_t* rows, int R, int d, sca
         for (int jj = 0; jj < 16; ++jj)
           v[jj] = jj < cols ? _mm512_loadu_ps(src + (j0 + jj) * NB + r0) : _mm512_setzero_ps();
         transpose16(v);
-        for (int i = 0; i < 16 && r0 + i < R; ++i) _mm512_mask_storeu_ps(dst + rows[r0 + i] * d + j0, mask, v[i]);
+        for (int i = 0; i < 16 && r0 + i < R; ++i)
+          if (rows[r0 + i] >= 0) _mm512_mask_storeu_ps(dst + rows[r0 + i] * d + j0, mask, v[i]);
       }
     }
     return;
@@ -183,6 +185,7 @@ inline void store_block(const float* src, const int64_t* rows, int R, int d, sca
   for (int j0 = 0; j0 < d; j0 += kTransposeCols) {
     const int cols = std::min(kTransposeCols, d - j0);
     for (int r = 0; r < R; ++r) {
+      if (rows[r] < 0) continue;
       scalar_t* row = dst + rows[r] * d + j0;
       for (int jj = 0; jj < cols; ++jj) row[jj] = from_float<scalar_t>(src[(j0 + jj) * NB + r]);
     }
@@ -420,6 +423,42 @@ RowSums step_block(const Params& P, Scratch& S, int b, int t, bool early_exit, S
   return sums;
 }
 
+// Lanes of one block moved into lanes of another (or the same) block, column by column: lane
+// l of the target takes lane from[l] of the source. Each column is read before it is written,
+// so a block may compact into itself.
+struct LaneMove {
+  int from[NB];
+  VecI index[2], take[2];  // per target vector: source lane, and whether it receives one
+  LaneMove() {
+    for (int l = 0; l < NB; ++l) from[l] = -1;
+    for (int q = 0; q < 2; ++q) index[q] = VecI{}, take[q] = VecI{};
+  }
+  void set(int to, int src) {
+    from[to] = src;
+    index[to / kVec][to % kVec] = src;
+    take[to / kVec][to % kVec] = -1;
+  }
+  // src, dst: [cols][NB]
+  void apply(const float* src, float* dst, int cols) const {
+#if defined(__GNUC__) && !defined(__clang__)
+    for (int j = 0; j < cols; ++j) {
+      const Vec s0 = load(src + size_t(j) * NB), s1 = load(src + size_t(j) * NB + kVec);
+      for (int q = 0; q < 2; ++q) {
+        float* out = dst + size_t(j) * NB + q * kVec;
+        store(out, select(take[q], __builtin_shuffle(s0, s1, index[q]), load(out)));
+      }
+    }
+#else
+    for (int j = 0; j < cols; ++j) {
+      float column[NB];
+      std::copy_n(src + size_t(j) * NB, NB, column);
+      for (int l = 0; l < NB; ++l)
+        if (from[l] >= 0) dst[size_t(j) * NB + l] = column[from[l]];
+    }
+#endif
+  }
+};
+
 // Rows [n0, n0 + nrows) through all T steps, ceil(nrows / NB) blocks at a time (one block with
 // STASH, which keeps what the backward needs and never exits early; otherwise the outputs are
 // written). With early exit, converged rows are written out and leave the group after each step.
@@ -428,16 +467,21 @@ void forward_group(const Params& P, Scratch& S, int64_t n0, int64_t nrows, const
                    Stash* stash, float* hidden, bool reuse_hidden) {
   const int d = P.d, T = P.T, dp = P.dp;
   const Packed& pk = *P.pk;
-  int blocks = int((nrows + NB - 1) / NB);
-  // load every block: its rows, h (for the context term, the same every step), x, v
-  for (int b = 0; b < blocks; ++b) {
+  const int blocks = int((nrows + NB - 1) / NB);
+  // loads block b: its rows, h (for the context term, the same every step), x, v
+  auto load_rows_of = [&](int b) {
     const int R = int(std::min<int64_t>(NB, nrows - int64_t(b) * NB));
     int64_t* rows = S.rows.data() + size_t(b) * NB;
     for (int r = 0; r < R; ++r) rows[r] = n0 + int64_t(b) * NB + r;
     S.count[b] = R;
     float* state = S.x(b);
-    std::fill_n(state, size_t(2) * dp * NB, 0.f);
-    S.h.zero();
+    // lanes ≥ R and columns ≥ d are zero (the micro-kernel reads them); so is v without one
+    if (R < NB || d < dp) {
+      std::fill_n(state, size_t(2) * dp * NB, 0.f);
+      S.h.zero();
+    } else if (!io.v) {
+      std::fill_n(state + size_t(dp) * NB, size_t(dp) * NB, 0.f);
+    }
     load_block(io.h, rows, R, d, S.h.data());
     load_block(io.x, rows, R, d, state);
     if (io.v) load_block(io.v, rows, R, d, state + dp * NB);
@@ -452,7 +496,7 @@ void forward_group(const Params& P, Scratch& S, int64_t n0, int64_t nrows, const
         }
       for (int q = 0; q < 2; ++q) store(S.err2.data() + size_t(b) * NB + q * kVec, err2[q]);
     }
-  }
+  };
   // trajectory row `t` of lane r of block b
   auto traj = [&](int b, int r, int t) {
     const size_t off = (size_t(S.rows[size_t(b) * NB + r]) * (T + 1) + t) * d;
@@ -461,19 +505,18 @@ void forward_group(const Params& P, Scratch& S, int64_t n0, int64_t nrows, const
     store_lane(state + dp * NB, r, d, io.traj_v + off);
   };
   const bool trajectory = !STASH && io.traj_x;
-  if (trajectory)
-    for (int b = 0; b < blocks; ++b)
-      for (int r = 0; r < S.count[b]; ++r) traj(b, r, 0);
-
   const bool early_exit = !STASH && io.early_exit;
-  const size_t panels = size_t(T) * blocks * ((d + MR - 1) / MR);
-  const size_t reads_per_panel = (S.reads.lines() + panels - 1) / panels;
-  const size_t writes_per_panel = (S.writes.lines() + panels - 1) / panels;
-  int64_t live = nrows;
-  int t = 0;
-  for (; t < T && live > 0; ++t) {
-    bool left = false;
-    for (int b = 0; b < blocks; ++b) {
+  // prefetches spread over a block's steps (its first step in a group: it may run no more)
+  const size_t panels = size_t(blocks > 1 ? 1 : T) * ((d + MR - 1) / MR);
+  size_t reads_per_panel = 0, writes_per_panel = 0;
+  // Runs block b from step t on, one step after the other while it stays in cache, until it
+  // finishes or a row leaves it: it is then parked until the step it is due at, where the
+  // parked blocks are merged (see below). Returns the step it is due at next (T: finished).
+  auto run_block = [&](int b, int t) -> int {
+    int64_t* rows = S.rows.data() + size_t(b) * NB;
+    reads_per_panel = (S.reads.lines() + panels - 1) / panels;
+    writes_per_panel = (S.writes.lines() + panels - 1) / panels;
+    for (; t < T; ++t) {
       const RowSums sums = step_block<STASH>(P, S, b, t, early_exit, stash, hidden, reuse_hidden, reads_per_panel,
                                              writes_per_panel);
       if (STASH) continue;
@@ -487,69 +530,122 @@ void forward_group(const Params& P, Scratch& S, int64_t n0, int64_t nrows, const
         }
       }
       const bool check = early_exit && t + 1 >= io.min_iterations;
-      int64_t* rows = S.rows.data() + size_t(b) * NB;
+      int64_t done[NB];  // rows that converged at this step, by lane (-1: none)
+      int left = 0, running = 0;
       for (int r = 0; r < S.count[b]; ++r) {
         const int64_t row = rows[r];
+        done[r] = -1;
+        if (row < 0) continue;  // a lane that a row left earlier
         io.energy[row * T + t] = energy[r];
         io.distance[row * T + t] = distance[r];
         if (trajectory) traj(b, r, t + 1);
-        if (!check || !(norm[r] < io.tol)) continue;
-        // converged after t + 1 steps: the remaining steps repeat its state; it leaves the group
+        if (!check || !(norm[r] < io.tol)) {
+          ++running;
+          continue;
+        }
+        // converged after t + 1 steps: the remaining steps repeat its state
         io.iterations[row] = t + 1;
         for (int u = t + 1; u < T; ++u) {
           io.energy[row * T + u] = energy[r];
           io.distance[row * T + u] = distance[r];
           if (trajectory) traj(b, r, u + 1);
         }
-        const float* state = S.x(b);
-        store_lane(state, r, d, io.x_out + row * d);
-        store_lane(state + dp * NB, r, d, io.v_out + row * d);
+        done[r] = row;
         rows[r] = -1;
-        --live;
-        left = true;
+        ++left;
       }
+      if (left == 0) continue;
+      store_block(S.x(b), done, S.count[b], d, io.x_out);
+      store_block(S.x(b) + dp * NB, done, S.count[b], d, io.v_out);
+      if (running == 0) S.count[b] = 0;
+      return t + 1;
     }
-    if (!left) continue;
-    // move the remaining rows, in order, into the first lanes of the first blocks
-    int to = 0;
-    for (int b = 0; b < blocks; ++b)
-      for (int r = 0; r < S.count[b]; ++r) {
-        const int64_t row = S.rows[size_t(b) * NB + r];
-        if (row < 0) continue;
-        const int tb = to / NB, tr = to % NB;
-        ++to;
-        if (tb == b && tr == r) continue;
-        float *src = S.x(b) + r, *dst = S.x(tb) + tr;
-        for (int j = 0; j < 2 * dp; ++j) dst[size_t(j) * NB] = src[size_t(j) * NB];
-        src = S.context(b) + r, dst = S.context(tb) + tr;
-        for (int k = 0; k < P.H; ++k) dst[size_t(k) * NB] = src[size_t(k) * NB];
-        S.err2[size_t(tb) * NB + tr] = S.err2[size_t(b) * NB + r];
-        S.rows[size_t(tb) * NB + tr] = row;
+    return T;
+  };
+
+  // loads block b and runs it from step 0 (in cache); the next block's inputs are prefetched
+  // during its first step
+  auto start_block = [&](int b) {
+    load_rows_of(b);
+    if (trajectory)
+      for (int r = 0; r < S.count[b]; ++r) traj(b, r, 0);
+    if (b + 1 < blocks) {
+      const int64_t m0 = n0 + int64_t(b + 1) * NB;
+      const size_t bytes = size_t(std::min<int64_t>(NB, n0 + nrows - m0)) * d * sizeof(scalar_t);
+      S.reads.reset();
+      S.reads.add(io.h + m0 * d, bytes);
+      S.reads.add(io.x + m0 * d, bytes);
+      if (io.v) S.reads.add(io.v + m0 * d, bytes);
+    }
+    return run_block(b, 0);
+  };
+
+
+  if (!early_exit) {  // every step, block after block
+    for (int b = 0; b < blocks; ++b) start_block(b);
+  } else {
+    // Each block runs block-major; when rows leave it, it waits for the step it is due at. There
+    // the waiting blocks' remaining rows are moved, in order, into the first lanes of the first of
+    // them, so the step runs on ceil(rows / NB) blocks. A row's bits do not depend on its lane.
+    int due[kMaxGroupBlocks], list[kMaxGroupBlocks];
+    for (int b = 0; b < blocks; ++b) due[b] = start_block(b);
+    for (int t = 1; t < T; ++t) {
+      int n = 0;
+      for (int b = 0; b < blocks; ++b)
+        if (due[b] == t && S.count[b] > 0) list[n++] = b;
+      int to = 0;  // slots filled, in list order
+      for (int i = 0; i < n; ++i) {
+        const int b = list[i];
+        // this block's remaining rows go to the next free slots: lanes of at most two blocks
+        int lane_to[NB], moves = 0;
+        for (int r = 0; r < S.count[b]; ++r) {
+          lane_to[r] = -1;
+          if (S.rows[size_t(b) * NB + r] < 0) continue;
+          lane_to[r] = to++;
+          moves += lane_to[r] != i * NB + r;
+        }
+        if (moves == 0) continue;  // every row stays where it is
+        int first = 0;
+        while (lane_to[first] < 0) ++first;
+        for (int tb = lane_to[first] / NB; tb <= (to - 1) / NB; ++tb) {
+          LaneMove m;
+          for (int r = 0; r < S.count[b]; ++r)
+            if (lane_to[r] >= 0 && lane_to[r] / NB == tb) m.set(lane_to[r] % NB, r);
+          const int db = list[tb];
+          m.apply(S.x(b), S.x(db), 2 * dp);
+          m.apply(S.context(b), S.context(db), P.H);
+          m.apply(S.err2.data() + size_t(b) * NB, S.err2.data() + size_t(db) * NB, 1);
+          for (int l = 0; l < NB; ++l)  // ascending: a source lane is never below its target
+            if (m.from[l] >= 0) S.rows[size_t(db) * NB + l] = S.rows[size_t(b) * NB + m.from[l]];
+        }
       }
-    blocks = (to + NB - 1) / NB;
-    for (int b = 0; b < blocks; ++b) S.count[b] = std::min(NB, to - b * NB);
+      for (int i = 0; i < n; ++i) S.count[list[i]] = std::clamp(to - i * NB, 0, NB);
+      for (int i = 0; i * NB < to; ++i) due[list[i]] = run_block(list[i], t);
+    }
   }
   if (STASH) {
     std::copy_n(S.x(0), size_t(2) * dp * NB, stash->x(T));
     return;
   }
-  if (live == 0) return;
-  for (int b = 0; b < blocks; ++b) {
+  for (int b = 0; b < blocks; ++b) {  // rows that ran all T steps
     const int64_t* rows = S.rows.data() + size_t(b) * NB;
-    for (int r = 0; r < S.count[b]; ++r) io.iterations[rows[r]] = T;
+    if (S.count[b] == 0) continue;
+    for (int r = 0; r < S.count[b]; ++r)
+      if (rows[r] >= 0) io.iterations[rows[r]] = T;
     store_block(S.x(b), rows, S.count[b], d, io.x_out);
     store_block(S.x(b) + dp * NB, rows, S.count[b], d, io.v_out);
   }
 }
 
-// Blocks per group with early exit: enough that the rows still running after most have left
-// fill whole blocks, few enough that the group's state stays in L2 (~512 KiB) and that every
-// thread gets a few groups.
+// Blocks per group with early exit: half a thread's share of the batch, so that the rows still
+// running after most have left fill whole blocks while two groups per thread still balance the
+// threads' work; at most ~4 MiB of state (a block stays in cache while it runs, and the group's
+// state passes through it only where blocks merge).
 int group_blocks(const Params& P, int64_t blocks, int threads) {
   const size_t block_bytes = (size_t(2) * P.dp + P.Hp) * NB * sizeof(float);
-  const int64_t by_cache = std::max<int64_t>(1, int64_t((size_t(512) << 10) / block_bytes));
-  const int64_t by_threads = std::max<int64_t>(1, blocks / (int64_t(threads) * 4));
-  return int(std::clamp<int64_t>(std::min(by_cache, by_threads), 1, 16));
+  const int64_t by_cache = std::max<int64_t>(1, int64_t((size_t(4) << 20) / block_bytes));
+  const int64_t by_threads = (blocks + 2 * threads - 1) / (2 * threads);
+  return int(std::clamp<int64_t>(std::min(by_cache, by_threads), 1, kMaxGroupBlocks));
 }
 
 }  // namespace

@@ -12,7 +12,8 @@ from inl_kernels.cpu import unavailable_reason
 from tests.iterate_cases import (CONVERGE_TOL, GRAD_NAMES, NAN_CASES, assert_nan_where_reference, cast,
                                  converging_args, make_args, nan_case)
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
+              pytest.mark.usefixtures("each_cpu_path")]
 
 
 def case(dtype=torch.float32, **shape):
@@ -223,6 +224,44 @@ def test_batch_invariance():
         assert torch.equal(sub, full[rows])
         assert torch.equal(sub_info.v, full_info.v[rows]) and torch.equal(sub_info.energy, full_info.energy[rows])
         assert sub_info.iterations.tolist() == full_info.iterations[rows].tolist()
+
+
+def test_early_exit_compaction_keeps_every_rows_bits():
+    """With early exit, rows that converged leave the working set and the remaining ones are
+    moved into fewer blocks between steps. Every row must still give the bits of the run without
+    early exit (its state after the steps it ran, its statistics, then the frozen values) and of
+    itself run alone, whichever rows shared its blocks."""
+    n, T = 150, 9
+    h, x, kw = converging_args(n=n, d=40, H=16, T=T, dtype=torch.float32)
+    kw["kappa"] = 0.7  # dynamic alpha: each row's rms(x - mu) moves with it
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(4))  # mix fast and slow rows
+    h, x = h[order].contiguous(), x[order].contiguous()
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                _, full = inl_iterate(h, x, **kw, return_trajectory=True, backend="cpu")
+                out, info = inl_iterate(h, x, **kw, tol=CONVERGE_TOL, min_iterations=0, return_info=True,
+                                        backend="cpu")
+            steps = info.iterations.long()
+            assert len(set(steps.tolist())) >= 4 and (steps == T).any() and (steps < T).sum() > n // 2
+            rows = torch.arange(n)
+            assert torch.equal(out, full.trajectory_x[rows, steps])
+            assert torch.equal(info.v, full.trajectory_v[rows, steps])
+            ran = torch.arange(T)[None, :] < steps[:, None]
+            last = (steps - 1)[:, None].expand(n, T)
+            for got, want in ((info.energy, full.energy), (info.distance, full.distance)):
+                assert torch.equal(got[ran], want[ran])
+                assert torch.equal(got[~ran], want.gather(1, last)[~ran])
+            for r in range(0, n, 13):
+                with torch.no_grad():
+                    alone, alone_info = inl_iterate(h[r:r + 1], x[r:r + 1], **kw, tol=CONVERGE_TOL, min_iterations=0,
+                                                    return_info=True, backend="cpu")
+                assert torch.equal(alone[0], out[r]) and torch.equal(alone_info.energy[0], info.energy[r])
+                assert alone_info.iterations.item() == info.iterations[r].item()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_auto_dispatch_and_fallbacks():

@@ -9,7 +9,8 @@ from inl_kernels import rms_norm
 from inl_kernels._dispatch import resolve
 from inl_kernels.cpu import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
+              pytest.mark.usefixtures("each_cpu_path")]
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
