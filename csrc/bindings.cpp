@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("iterate_backward", &inl::iterate_backward, "Gradients of iterate_forward (no early exit)", "h"_a, "x"_a,
         "v"_a, "w_h"_a, "w_x"_a, "w_v"_a, "w_o"_a, "bias"_a, "b_o"_a, "mod"_a, "mu"_a, "table"_a, "dt"_a, "kappa"_a,
         "num_iterations"_a, "grad_x"_a, "grad_v"_a, "grad_energy"_a, "grad_distance"_a, "hidden"_a = pybind11::none(),
-        "pack"_a = inl::IteratePackPtr());
+        "pack"_a = inl::IteratePackPtr(), "table_columns"_a = pybind11::none());
   m.attr("iterate_max_iterations") = inl::kMaxIterations;
   m.def("rms_norm_forward", &inl::rms_norm_forward, "RMSNorm on CPU tensors (SPEC §3)", "x"_a, "weight"_a, "eps"_a,
         "residual"_a);

@@ -49,7 +49,7 @@ std::vector<at::Tensor> iterate_forward(const at::Tensor& h, const at::Tensor& x
                                         int64_t num_iterations, c10::optional<double> tol, int64_t min_iterations,
                                         bool trajectory, bool save_hidden, const IteratePackPtr& pack);
 // returns the gradients of h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table (None without a
-// table). With a pack, the backward runs on the path that packed it (the forward's, whose
+// table; with `table_columns` (the excited dims), zero outside those columns). With a pack, the backward runs on the path that packed it (the forward's, whose
 // `hidden` layout it reads).
 std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& x, const c10::optional<at::Tensor>& v,
                                          const at::Tensor& w_h, const at::Tensor& w_x, const at::Tensor& w_v,
@@ -59,7 +59,7 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
                                          c10::optional<double> kappa, int64_t num_iterations, const at::Tensor& grad_x,
                                          const at::Tensor& grad_v, const at::Tensor& grad_energy,
                                          const at::Tensor& grad_distance, const c10::optional<at::Tensor>& hidden,
-                                         const IteratePackPtr& pack);
+                                         const IteratePackPtr& pack, const c10::optional<at::Tensor>& table_columns);
 
 // returns y, x + residual (None without a residual), rstd
 std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps,

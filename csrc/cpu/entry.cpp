@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -292,7 +293,7 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
                                          c10::optional<double> kappa, int64_t num_iterations, const at::Tensor& grad_x,
                                          const at::Tensor& grad_v, const at::Tensor& grad_energy,
                                          const at::Tensor& grad_distance, const c10::optional<at::Tensor>& hidden,
-                                         const IteratePackPtr& pack) {
+                                         const IteratePackPtr& pack, const c10::optional<at::Tensor>& table_columns) {
   check_iterate(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, num_iterations);
   TORCH_CHECK(grad_x.sizes() == h.sizes() && grad_x.scalar_type() == h.scalar_type() && grad_x.is_contiguous() &&
                   grad_v.sizes() == h.sizes() && grad_v.scalar_type() == h.scalar_type() && grad_v.is_contiguous(),
@@ -325,6 +326,21 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
   a.gw_o = gw_o.data_ptr<float>(), a.gbias = gbias.data_ptr<float>(), a.gb_o = gb_o.data_ptr<float>();
   a.gmod = gmod.data_ptr<float>(), a.gmu = gmu.data_ptr<float>();
   a.gtable = table ? gtable.data_ptr<float>() : nullptr;
+  // the table's gradient is only wanted in the excited columns (autograd reads no other)
+  std::vector<uint8_t> wanted;
+  if (table && table_columns) {
+    TORCH_CHECK(table_columns->dim() == 1 && table_columns->scalar_type() == at::kLong && table_columns->device().is_cpu(),
+                "table_columns must be the excited dims, an int64 CPU tensor");
+    wanted.assign(size_t(d), 0);
+    at::Tensor cols = table_columns->contiguous();
+    for (int64_t i = 0; i < cols.numel(); ++i) {
+      const int64_t j = cols.data_ptr<int64_t>()[i];
+      TORCH_CHECK(j >= 0 && j < d, "table_columns must lie in [0, d)");
+      wanted[size_t(j)] = 1;
+    }
+    a.table_columns = wanted.data();
+  }
+  if (table) std::fill_n(a.gtable, size_t(T) * d, 0.f);
   kernels.iterate_backward(a);
   return {gh, gx, gv, gw_h, gw_x, gw_v, gw_o, gbias, gb_o, gmod, gmu, gtable};
 }

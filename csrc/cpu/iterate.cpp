@@ -96,6 +96,7 @@ struct Params {
   Buffer z_off;       // [4][dp]   sg_s·(ms_s·b_o + mb_s): each section's offset per column
   Buffer mu;          // [dp]
   Buffer table;       // [T][dp]     zeros without excited dims
+  Array<uint8_t> table_column;  // [d] whether the table's gradient is wanted in column j
   float ms[4], mb[4];
   float dt, kappa;
   bool has_kappa, has_v;
@@ -131,6 +132,8 @@ void init_params(Params& P, const IterateArgs& a) {
   P.table.zero();
   if (a.table)
     for (int t = 0; t < T; ++t) std::copy_n(a.table + size_t(t) * d, d, P.table.data() + size_t(t) * dp);
+  P.table_column.resize(d);
+  for (int j = 0; j < d; ++j) P.table_column[j] = a.table && (!a.table_columns || a.table_columns[j]);
 }
 
 // Rows rows[0..R) of a row-major [N][d] tensor into columns [j][lane] of a block (and back), 16
@@ -231,6 +234,7 @@ class Prefetcher {
 
 // What the backward pass keeps of one block's forward.
 constexpr int kActivations = 5;
+constexpr int kLaneSums = 5;  // per-column lane sums of the backward: gz of each section, mu
 struct Stash {
   int dp = 0, Hp = 0;
   Buffer state;   // [T+1][2dp][NB]  [x | v] before each step, then the final one
@@ -239,8 +243,10 @@ struct Stash {
   Buffer srow;    // [T][NB]         dynamic-alpha factor s
   Buffer erow;    // [T][NB]         exp(-kappa·rms)
   Buffer rms;     // [T][NB]
+  Array<const float*> hidden_at;  // [T] where each step's c is (`hidden` when the forward saved it)
   void init(int T, int dp_, int Hp_) {
     dp = dp_, Hp = Hp_;
+    hidden_at.resize(T);
     state.resize(size_t(T + 1) * 2 * dp * NB);
     hidden.resize(size_t(T) * Hp * NB);
     act.resize(size_t(T) * kActivations * dp * NB);
@@ -309,8 +315,9 @@ inline void store_rows(float* p, const Rows& r) {
 // Column j of one step for the block's rows, updating the state in place. EARLY also sums the
 // squared step ‖x' - x‖² of each row.
 template <bool STASH, bool EARLY, bool KAPPA>
-__attribute__((always_inline)) inline void update_column(const Params& P, int t, int j, const float* o, float* xcol,
-                                                         float* vcol, const Vec* s_row, RowSums& sums, Stash* stash) {
+__attribute__((always_inline)) inline void update_column(const Params& P, int t, int j, const float* o,
+                                                         const float* xcol, const float* vcol, float* xout,
+                                                         float* vout, const Vec* s_row, RowSums& sums, Stash* stash) {
   const int dp = P.dp;
   const float mu = P.mu[j], exc = P.table[size_t(t) * dp + j], dt = P.dt;
   // o holds -z_alpha, z_beta, -z_gate, v_cand (see kSectionSign)
@@ -332,8 +339,8 @@ __attribute__((always_inline)) inline void update_column(const Params& P, int t,
       Vec dx = xn.v[q] - xo.v[q];
       sums.step[q] += dx * dx;
     }
-  store_rows(xcol, xn);
-  store_rows(vcol, vn);
+  store_rows(xout, xn);
+  store_rows(vout, vn);
   Rows en = xn - mu;
   for (int q = 0; q < 2; ++q) {
     sums.energy[q] += vn.v[q] * vn.v[q];
@@ -350,20 +357,23 @@ __attribute__((always_inline)) inline void update_column(const Params& P, int t,
   }
 }
 
-// Columns [j0, j0 + cols) of one step, from the controller outputs of those columns in `o`.
+// Columns [j0, j0 + cols) of one step, from the controller outputs of those columns in `o`: the
+// state `in` ([x | v], [2dp][NB]) steps to `out` (the same buffer, or the next step's in the stash).
 template <bool STASH, bool EARLY, bool KAPPA>
-void update_panel(const Params& P, int t, int j0, int cols, const float* o, float* state, const Vec* s_row,
-                  RowSums& sums_io, Stash* stash) {
+void update_panel(const Params& P, int t, int j0, int cols, const float* o, const float* in, float* out,
+                  const Vec* s_row, RowSums& sums_io, Stash* stash) {
   RowSums sums = sums_io;  // a local copy stays in registers
+  const size_t v = size_t(P.dp) * NB;
   for (int jj = 0; jj < cols; ++jj) {
-    const int j = j0 + jj;
-    update_column<STASH, EARLY, KAPPA>(P, t, j, o + jj * NB, state + j * NB, state + (P.dp + j) * NB, s_row, sums,
-                                       stash);
+    const size_t at = size_t(j0 + jj) * NB;
+    update_column<STASH, EARLY, KAPPA>(P, t, j0 + jj, o + jj * NB, in + at, in + v + at, out + at, out + v + at, s_row,
+                                       sums, stash);
   }
   sums_io = sums;
 }
 
-using PanelFn = void (*)(const Params&, int, int, int, const float*, float*, const Vec*, RowSums&, Stash*);
+using PanelFn = void (*)(const Params&, int, int, int, const float*, const float*, float*, const Vec*, RowSums&,
+                         Stash*);
 template <bool STASH>
 PanelFn panel_for(bool early_exit, bool kappa) {
   static const PanelFn table[2][2] = {{&update_panel<STASH, false, false>, &update_panel<STASH, false, true>},
@@ -379,18 +389,24 @@ RowSums step_block(const Params& P, Scratch& S, int b, int t, bool early_exit, S
                    bool reuse_hidden, size_t reads_per_panel, size_t writes_per_panel) {
   const int d = P.d, H = P.H, dp = P.dp, Hp = P.Hp;
   const Packed& pk = *P.pk;
-  float* state = S.x(b);
-  if (STASH) std::copy_n(state, size_t(2) * dp * NB, stash->x(t));
+  // the state steps in place; with STASH from one stashed step to the next (no copies)
+  if (STASH && t == 0) std::copy_n(S.x(b), size_t(2) * dp * NB, stash->x(0));
+  const float* in = STASH ? stash->x(t) : S.x(b);
+  float* out = STASH ? stash->x(t + 1) : S.x(b);
   // controller input layer: c = relu(ctx + [x | v]·[w_x | w_v]ᵀ); the v half is zero at t = 0 without v
+  const float* c = S.c.data();
   if (reuse_hidden) {
-    std::copy_n(hidden + size_t(t) * Hp * NB, size_t(Hp) * NB, S.c.data());
+    c = hidden + size_t(t) * Hp * NB;
   } else {
+    float* cw = STASH ? stash->c(t) : hidden ? hidden + size_t(t) * Hp * NB : S.c.data();
     const int segments = (t == 0 && !P.has_v) ? 1 : 2;
-    gemm_panels<true>(pk.w_in, NB, segments, d, state, NB, long(dp) * NB, S.context(b), NB, S.c.data(), NB);
-    for (int i = 0; i < H * NB; i += kVec) store(S.c.data() + i, vmax(splat(0.f), load(S.c.data() + i)));
-    if (hidden) std::copy_n(S.c.data(), size_t(Hp) * NB, hidden + size_t(t) * Hp * NB);
+    gemm_panels<true>(pk.w_in, NB, segments, d, in, NB, long(dp) * NB, S.context(b), NB, cw, NB);
+    for (int i = 0; i < H * NB; i += kVec) store(cw + i, vmax(splat(0.f), load(cw + i)));
+    if (cw != S.c.data()) std::fill_n(cw + size_t(H) * NB, size_t(Hp - H) * NB, 0.f);  // rows H..Hp stay zero
+    if (STASH && hidden) std::copy_n(cw, size_t(Hp) * NB, hidden + size_t(t) * Hp * NB);
+    c = cw;
   }
-  if (STASH) std::copy_n(S.c.data(), size_t(Hp) * NB, stash->c(t));
+  if (STASH) stash->hidden_at[t] = c;
   Vec s_row[2] = {splat(1.f), splat(1.f)};
   if (P.has_kappa)
     for (int q = 0; q < 2; ++q) {
@@ -412,11 +428,11 @@ RowSums step_block(const Params& P, Scratch& S, int b, int t, bool early_exit, S
     const int cols = pk.w_out[0].rows(p);
     MicroFn micro = micro_for_rows<kRowBias, 1>(cols);
     for (int s = 0; s < 4; ++s)
-      micro(1, H, pk.w_out[s].panel(p), MR, 0, S.c.data(), NB, 0, P.z_off.data() + s * dp + j0, 1,
-            S.out.data() + s * MR * NB, NB);
+      micro(1, H, pk.w_out[s].panel(p), MR, 0, c, NB, 0, P.z_off.data() + s * dp + j0, 1, S.out.data() + s * MR * NB,
+            NB);
     S.reads.issue<false>(reads_per_panel);
     S.writes.issue<true>(writes_per_panel);
-    update(P, t, j0, cols, S.out.data(), state, s_row, sums, stash);
+    update(P, t, j0, cols, S.out.data(), in, out, s_row, sums, stash);
   }
   if (P.has_kappa)
     for (int q = 0; q < 2; ++q) store(S.err2.data() + size_t(b) * NB + q * kVec, sums.err2[q]);
@@ -623,10 +639,7 @@ void forward_group(const Params& P, Scratch& S, int64_t n0, int64_t nrows, const
       for (int i = 0; i * NB < to; ++i) due[list[i]] = run_block(list[i], t);
     }
   }
-  if (STASH) {
-    std::copy_n(S.x(0), size_t(2) * dp * NB, stash->x(T));
-    return;
-  }
+  if (STASH) return;
   for (int b = 0; b < blocks; ++b) {  // rows that ran all T steps
     const int64_t* rows = S.rows.data() + size_t(b) * NB;
     if (S.count[b] == 0) continue;
@@ -751,9 +764,8 @@ struct BackwardScratch {
   Buffer gctx_rows;  // [NB][Hp]
   Buffer gh;         // [dp][NB]
   // sums over the tile's rows kept per lane, reduced across lanes when the tile ends
-  Buffer lane_gz;     // [4dp][kVec]
-  Buffer lane_mu;     // [dp][kVec]
-  Buffer lane_table;  // [T][dp][kVec]
+  Buffer lanes;       // [dp][5][kVec]  the four output sections' gz, then mu's gradient
+  Buffer lane_table;  // [T][dp][kVec]  (excited columns only)
   void init(const Params& P) {
     const int dp = P.dp, Hp = P.Hp, T = P.T;
     gstate.resize(size_t(2) * dp * NB);
@@ -766,22 +778,20 @@ struct BackwardScratch {
     c_rows.resize(size_t(T) * NB * Hp);
     gctx_rows.resize(size_t(NB) * Hp);
     gh.resize(size_t(dp) * NB);
-    lane_gz.resize(size_t(4) * dp * kVec);
-    lane_mu.resize(size_t(dp) * kVec);
+    lanes.resize(size_t(dp) * kLaneSums * kVec);
     lane_table.resize(size_t(T) * dp * kVec);
   }
   void start_tile() {
-    lane_gz.zero();
-    lane_mu.zero();
+    lanes.zero();
     lane_table.zero();
   }
-  void end_tile(Partial& part) {
-    auto reduce = [](const Buffer& lanes, Buffer& dst) {
-      for (size_t i = 0; i < dst.size(); ++i) dst[i] = float(hsum(load(lanes.data() + i * kVec)));
-    };
-    reduce(lane_gz, part.gz);
-    reduce(lane_mu, part.mu);
-    reduce(lane_table, part.table);
+  void end_tile(Partial& part, int dp) {
+    for (int j = 0; j < dp; ++j) {
+      const float* lane = lanes.data() + size_t(j) * kLaneSums * kVec;
+      for (int sec = 0; sec < 4; ++sec) part.gz[size_t(sec) * dp + j] = float(hsum(load(lane + sec * kVec)));
+      part.mu[j] = float(hsum(load(lane + 4 * kVec)));
+    }
+    for (size_t i = 0; i < part.table.size(); ++i) part.table[i] = float(hsum(load(lane_table.data() + i * kVec)));
   }
 };
 
@@ -818,47 +828,48 @@ void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, 
       gd[r / kVec][r % kVec] = io.g_distance[(n0 + r) * T + t] / float(d);
     }
     for (int q = 0; q < 2; ++q) s_row[q] = load(st.srow.data() + t * NB + q * kVec);
+    const float *a_alpha0 = st.a(t, 0), *a_beta = st.a(t, 1), *a_slope = st.a(t, 2), *a_gate = st.a(t, 3),
+                *a_vcand = st.a(t, 4);
+    const size_t v_at = size_t(dp) * NB;
+    float *gz_a = gz, *gz_b = gz + v_at, *gz_g = gz + 2 * v_at, *gz_u = gz + 3 * v_at;
+    float* lanes = B.lanes.data();
+    const Rows s_rows{{s_row[0], s_row[1]}}, ge_rows{{ge[0], ge[1]}}, gd_rows{{gd[0], gd[1]}};
     for (int j = 0; j < d; ++j) {
       const float mu = P.mu[j];
-      Vec col_gz[4] = {}, col_mu{}, col_table{};
-#pragma GCC unroll 2
-      for (int q = 0; q < 2; ++q) {
-        const size_t at = size_t(j) * NB + q * kVec;
-        Vec alpha0 = load(st.a(t, 0) + at), beta = load(st.a(t, 1) + at), beta_slope = load(st.a(t, 2) + at);
-        Vec gate = load(st.a(t, 3) + at), v_cand = load(st.a(t, 4) + at);
-        Vec xo = load(s0 + at), vo = load(s0 + dp * NB + at), xn = load(s1 + at), vn = load(s1 + dp * NB + at);
-        float* gxp = gs + at;
-        float* gvp = gs + dp * NB + at;
-        Vec en = xn - mu;
-        Vec sign = select(en > 0.f, splat(1.f), select(en < 0.f, splat(-1.f), Vec{}));
-        Vec gdist = gd[q] * sign;
-        Vec gxn = load(gxp) + gdist;
-        Vec gvt = load(gvp) + ge[q] * vn + gxn * (dt * gate);
-        Vec alpha = alpha0 * s_row[q];
-        Vec galpha = gvt * (vo - v_cand);
-        Vec gv_prev = gvt * alpha;
-        Vec gerr = -gvt * beta;
-        if (P.has_kappa) gsum[q] += galpha * alpha0;
-        Vec gza = galpha * s_row[q] * alpha0 * (1.f - alpha0);
-        Vec gzb = -gvt * (xo - mu) * beta_slope;
-        Vec gzg = (gxn * dt * vn) * gate * (1.f - gate);
-        Vec gzu = gvt - gv_prev;  // gv_cand = (1 - alpha)·gv~
-        store(gz + at, gza);
-        store(gz + size_t(dp) * NB + at, gzb);
-        store(gz + size_t(2 * dp) * NB + at, gzg);
-        store(gz + size_t(3 * dp) * NB + at, gzu);
-        col_gz[0] += gza;
-        col_gz[1] += gzb;
-        col_gz[2] += gzg;
-        col_gz[3] += gzu;
-        col_table += gvt;
-        col_mu -= gdist + gerr;
-        store(gxp, gxn + gerr);
-        store(gvp, gv_prev);
-      }
-      for (int sec = 0; sec < 4; ++sec) accumulate(B.lane_gz.data() + (size_t(sec) * dp + j) * kVec, col_gz[sec]);
-      accumulate(lane_table + size_t(j) * kVec, col_table);
-      accumulate(B.lane_mu.data() + size_t(j) * kVec, col_mu);
+      const size_t at = size_t(j) * NB;
+      const Rows alpha0 = load_rows(a_alpha0 + at), beta = load_rows(a_beta + at), slope = load_rows(a_slope + at);
+      const Rows gate = load_rows(a_gate + at), v_cand = load_rows(a_vcand + at);
+      const Rows xo = load_rows(s0 + at), vo = load_rows(s0 + v_at + at);
+      const Rows xn = load_rows(s1 + at), vn = load_rows(s1 + v_at + at);
+      const Rows en = xn - mu;
+      const Rows sign = each([](Vec e) { return select(e > 0.f, splat(1.f), select(e < 0.f, splat(-1.f), Vec{})); }, en);
+      const Rows gdist = gd_rows * sign;
+      const Rows gxn = load_rows(gs + at) + gdist;
+      const Rows gvt = load_rows(gs + v_at + at) + ge_rows * vn + gxn * (dt * gate);
+      const Rows alpha = alpha0 * s_rows;
+      const Rows galpha = gvt * (vo - v_cand);
+      const Rows gv_prev = gvt * alpha;
+      const Rows gerr = -gvt * beta;
+      if (P.has_kappa)
+        for (int q = 0; q < 2; ++q) gsum[q] += galpha.v[q] * alpha0.v[q];
+      const Rows gza = galpha * s_rows * alpha0 * (1.f - alpha0);
+      const Rows gzb = -gvt * (xo - mu) * slope;
+      const Rows gzg = (gxn * dt * vn) * gate * (1.f - gate);
+      const Rows gzu = gvt - gv_prev;  // gv_cand = (1 - alpha)·gv~
+      store_rows(gz_a + at, gza);
+      store_rows(gz_b + at, gzb);
+      store_rows(gz_g + at, gzg);
+      store_rows(gz_u + at, gzu);
+      store_rows(gs + at, gxn + gerr);
+      store_rows(gs + v_at + at, gv_prev);
+      // per-lane sums over the tile's rows: one run of 5 vectors per column
+      float* lane = lanes + size_t(j) * kLaneSums * kVec;
+      accumulate(lane, gza.v[0] + gza.v[1]);
+      accumulate(lane + kVec, gzb.v[0] + gzb.v[1]);
+      accumulate(lane + 2 * kVec, gzg.v[0] + gzg.v[1]);
+      accumulate(lane + 3 * kVec, gzu.v[0] + gzu.v[1]);
+      accumulate(lane + 4 * kVec, -(gdist.v[0] + gerr.v[0]) - (gdist.v[1] + gerr.v[1]));
+      if (P.table_column[j]) accumulate(lane_table + size_t(j) * kVec, gvt.v[0] + gvt.v[1]);
     }
     // s = 1 - exp(-kappa·rms): d s / d err_j = kappa·exp(-kappa·rms)·err_j / (d·rms)
     if (P.has_kappa) {
@@ -876,12 +887,12 @@ void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, 
           accumulate(gs + at, add);
           col_mu -= add;
         }
-        accumulate(B.lane_mu.data() + size_t(j) * kVec, col_mu);
+        accumulate(B.lanes.data() + (size_t(j) * kLaneSums + 4) * kVec, col_mu);
       }
     }
     // controller output layer: gc = Σ_sections gz·ms·w_o (w_out_t holds ms·w_o), then the relu
     gemm_panels<false>(pk.w_out_t, NB, 4, d, gz, NB, long(dp) * NB, nullptr, 0, B.gc.data(), NB);
-    const float* c = st.c(t);
+    const float* c = st.hidden_at[t];
     float* gpre = B.gc.data();  // in place: gc becomes gpre
     for (int i = 0; i < Hp * NB; i += kVec) {
       Vec gp = select(load(c + i) > 0.f, load(gpre + i), Vec{});
@@ -991,7 +1002,7 @@ void iterate_backward(const IterateBackwardArgs& a) {
             forward_group<scalar_t, true>(P, S, n0, R, fio, &st, hid, hid != nullptr);
             backward_block<scalar_t>(P, S, st, B, parts[tile], n0, R, io);
           }
-          B.end_tile(parts[tile]);
+          B.end_tile(parts[tile], dp);
         });
     }
   });

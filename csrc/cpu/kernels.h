@@ -38,6 +38,8 @@ struct IterateArgs {
   const float* mod;             // [8]  mod_scale, mod_bias
   const float* mu;              // [d]
   const float* table;           // [T][d] excitation, or null
+  const uint8_t* table_columns;  // [d] columns whose table gradient is wanted (the excited ones), or
+                                 // null for all
   float dt, kappa;
   bool has_kappa;
   int threads;                  // OpenMP threads to use at most

@@ -420,9 +420,16 @@ inline void micro_kernel(int nseg, int K, const float* __restrict A, long lda, l
 
 using MicroFn = void (*)(int, int, const float*, long, long, const float*, long, long, const float*, long, float*, long);
 
-// rows of one micro-kernel call: 2·kRowBlock/NV rows keep 2·kRowBlock accumulators in registers
+// rows of one micro-kernel call: R·NV accumulators, NV vectors of B and one broadcast of A must
+// fit the vector registers (32 with AVX-512, 16 otherwise), or an accumulator spills to the
+// stack and each of its FMAs waits for a store and a load
+#if defined(__AVX512F__)
+constexpr int kVecRegisters = 32;
+#else
+constexpr int kVecRegisters = 16;
+#endif
 template <int NV>
-constexpr int kRowsFor = 2 * kRowBlock / NV;
+constexpr int kRowsFor = (kVecRegisters - NV - 1) / NV;
 
 template <int INIT, int AI, int NV, int... Rs>
 inline MicroFn micro_table(int rows, std::integer_sequence<int, Rs...>) {

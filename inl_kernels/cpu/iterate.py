@@ -62,7 +62,8 @@ def packed_controller(w_h, w_x, w_v, w_o, mod_scale, backward):
 
 class _Iterate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, pack):
+    def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, pack,
+                exc_index):
         # hidden: the controller's hidden activations of every step (T·H floats a row), so that
         # the backward's recompute of the forward skips the controller's input layer
         x_T, v_T, iterations, energy, distance, _, _, hidden = _C.iterate_forward(
@@ -71,6 +72,7 @@ class _Iterate(torch.autograd.Function):
         ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, hidden)
         ctx.constants = (dt, kappa, num_iterations)
         ctx.pack = pack
+        ctx.exc_index = exc_index  # the table's gradient is read in these columns only
         ctx.mark_non_differentiable(iterations)
         return x_T, v_T, iterations, energy, distance
 
@@ -80,9 +82,9 @@ class _Iterate(torch.autograd.Function):
         h, x, v, *weights, hidden = ctx.saved_tensors
         gh, gx, gv, *grads = _C.iterate_backward(
             h, x, v, *weights, *ctx.constants, grad_x.contiguous(), grad_v.contiguous(),
-            grad_energy.float().contiguous(), grad_distance.float().contiguous(), hidden, ctx.pack)
+            grad_energy.float().contiguous(), grad_distance.float().contiguous(), hidden, ctx.pack, ctx.exc_index)
         gv = gv.to(v.dtype) if v is not None else None
-        return (gh.to(h.dtype), gx.to(x.dtype), gv, *grads, None, None, None, None)
+        return (gh.to(h.dtype), gx.to(x.dtype), gv, *grads, None, None, None, None, None)
 
 
 def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma, phi,
@@ -97,5 +99,6 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
         x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = _C.iterate_forward(
             h, x, v, *weights, dt, kappa, num_iterations, tol, min_iterations, return_trajectory, False, pack)
         return x_T, IterateInfo(v_T, iterations, energy, distance, traj_x, traj_v)
-    x_T, v_T, iterations, energy, distance = _Iterate.apply(h, x, v, *weights, dt, kappa, num_iterations, pack)
+    x_T, v_T, iterations, energy, distance = _Iterate.apply(h, x, v, *weights, dt, kappa, num_iterations, pack,
+                                                            exc_index.long())
     return x_T, IterateInfo(v_T, iterations, energy, distance)
