@@ -1,6 +1,7 @@
-"""The vector helpers of csrc/cpu/simd.h keep NaN on every instruction set they compile to: the
-installed extension was built for one (-march=native), so this compiles a small driver for each
-x86 level: AVX-512, AVX2 and SSE2 (the generic compare-and-select path, as on NEON)."""
+"""The vector helpers of csrc/cpu/simd.h on every instruction set they compile to: a small driver
+built for each x86 level (AVX-512, AVX2 and SSE2, the generic compare-and-select path as on NEON)
+checks that they keep NaN and their accuracy. The extension holds the same three paths
+(tests/cpu/test_capability.py); these drivers test the helpers on their own."""
 import os
 import platform
 import shutil
@@ -16,7 +17,7 @@ CSRC = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "cpu")
 DRIVER = r"""
 #include <cstdio>
 #include "simd.h"
-using namespace inl;
+using namespace inl::INL_ISA;
 
 static int failures = 0;
 static void expect(const char* what, Vec got) {
@@ -77,7 +78,7 @@ ACCURACY_DRIVER = r"""
 #include <cmath>
 #include <cstdio>
 #include "simd.h"
-using namespace inl;
+using namespace inl::INL_ISA;
 
 int main() {
 #if defined(__AVX512F__)
