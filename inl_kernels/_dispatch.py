@@ -25,8 +25,8 @@ OPS = {
     "iterate": ("reference", "triton", "cpu", "cuda"),
     "rms_norm": ("reference", "triton", "cpu"),
     "rope": ("reference", "triton"),
-    "attention": ("reference", "triton"),
-    "swiglu": ("reference",),
+    "attention": ("reference", "triton", "cpu"),
+    "swiglu": ("reference", "triton", "cpu"),
     "embedding": ("reference",),
 }
 
