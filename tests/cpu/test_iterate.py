@@ -283,3 +283,46 @@ def test_auto_dispatch_and_fallbacks():
     _, info = inl_iterate(h, x_grad, **kw, return_trajectory=True)
     info.trajectory_x.sum().backward()
     assert x_grad.grad is not None
+
+
+def test_packed_controller_is_cached_per_parameter_version():
+    """The controller packed for the kernel is made once and reused while the weights and
+    mod_scale keep their versions (a decode step repacks nothing); an optimizer step changes them
+    in place, and the next call packs again and computes with the new weights."""
+    from inl_kernels.cpu.iterate import packed_controller
+    from inl_kernels.modules import Controller, IntegratorLayer
+
+    torch.manual_seed(0)
+    controller = Controller(24, 8)
+    layers = [IntegratorLayer(24, controller, num_iterations=3, backend="cpu") for _ in range(2)]
+    with torch.no_grad():
+        layers[1].mod_scale.add_(0.5)  # two layers share the controller, each with its own modulation
+    h, x = torch.randn(5, 24), torch.randn(5, 24)
+
+    def packs():
+        w = controller.weights()
+        return [packed_controller(w["w_h"], w["w_x"], w["w_v"], w["w_o"], layer.mod_scale, backward=False)
+                for layer in layers]
+
+    with torch.no_grad():
+        before = [layer(h, x) for layer in layers]
+    first = packs()
+    assert first[0] is not first[1]
+    assert all(a is b for a, b in zip(first, packs()))  # reused, one per layer
+    layers[0].train()
+    out = layers[0](h, x)
+    out.square().sum().backward()
+    torch.optim.SGD(list(controller.parameters()) + [layers[0].mod_scale], lr=0.5).step()
+    after = packs()
+    assert all(a is not b for a, b in zip(first, after))  # every layer sees the new w_o
+    for layer, old in zip(layers, before):
+        layer.eval()
+        with torch.no_grad():
+            got = layer(h, x)
+        kw = dict(controller.weights(), mod_scale=layer.mod_scale, mod_bias=layer.mod_bias, mu=layer.equilibrium(),
+                  exc_index=layer.exc_index, gamma=layer.gamma, phi=layer.phi, amplitude=layer.excitation_amplitude,
+                  dt=layer.dt, kappa=layer.kappa, num_iterations=3)
+        with torch.no_grad():
+            want = inl_iterate(h.double(), x.double(), **cast(kw, torch.float64), backend="reference")
+        close(got, want, 1e-5)
+        assert not torch.equal(got, old)
