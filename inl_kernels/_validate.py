@@ -16,6 +16,10 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the largest num_iterations of the iterate, on every backend (the C++ entry checks it again:
+# csrc/cpu/kernels.h kMaxIterations): far above any use, and the [T, d] excitation table, the
+# [N, T] statistics and the kernels' step counters stay within their types
+MAX_ITERATIONS = 65536
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 _debug = os.environ.get("INL_KERNELS_DEBUG", "0") not in ("", "0", "false", "False")
@@ -144,6 +148,8 @@ def iterate_args(h, x, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bi
     real("dt", dt)
     real("kappa", kappa, allow_none=True)
     integer("num_iterations", num_iterations, minimum=1)
+    if num_iterations > MAX_ITERATIONS:
+        raise ValueError(f"num_iterations must be <= {MAX_ITERATIONS}, got {num_iterations}")
     real("tol", tol, minimum=0, allow_none=True)
     integer("min_iterations", min_iterations, minimum=0)
     flag("return_info", return_info)

@@ -321,11 +321,20 @@ INL_INLINE V vlog1p_unit(V e) {
 }
 
 // sigmoid(z) = 1/(1 + e^-z): no cancellation for either sign; e^-z is capped at e^80 so that
-// the reciprocal stays a normal number (sigmoid(z < -80) returns sigmoid(-80) ≈ 2e-35); NaN stays NaN.
-// vsigmoid_neg(y) is sigmoid(-y), for callers that have -z at hand.
+// the reciprocal stays a normal number (sigmoid(-88.72 < z < -80) returns sigmoid(-80) ≈ 2e-35),
+// and below -88.72, where e^-z overflows float32, it is 0 exactly, as torch.sigmoid gives (so a
+// saturated gate times an infinite velocity is NaN in the kernel as in the reference); NaN stays
+// NaN. vsigmoid_neg(y) is sigmoid(-y), for callers that have -z at hand.
 template <typename V>
 INL_INLINE V vsigmoid_neg(V y) {
-  return vrcp(1.f + vexp(vmin(splat_as<V>(80.f), y)));
+  const V r = vrcp(1.f + vexp(vmin(splat_as<V>(80.f), y)));
+  if constexpr (std::is_same_v<V, Vec>) {
+    return select(y > 88.72283935546875f, Vec{}, r);
+  } else {
+    V out;
+    for (int i = 0; i < int(sizeof(V) / sizeof(Vec)); ++i) out.v[i] = select(y.v[i] > 88.72283935546875f, Vec{}, r.v[i]);
+    return out;
+  }
 }
 template <typename V>
 INL_INLINE V vsigmoid(V z) {

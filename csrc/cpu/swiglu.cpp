@@ -49,9 +49,8 @@ void run(const SwigluArgs& a) {
     for (int64_t i = c * kChunk; i < end; i += kVec) {
       const int m = int(std::min<int64_t>(kVec, end - i));
       const Vec gv = load_as_float(g + i, m), uv = load_as_float(u + i, m);
-      // σ(g) = 0 below -88 (it underflows): vsigmoid caps e^-g at e^80 (its reciprocal must stay
-      // normal), and g·σ(-80) is not small for g near -1e30. NaN stays NaN (the compare is false).
-      const Vec sig = select(gv > -88.f, vsigmoid(gv), Vec{}), silu = gv * sig;
+      // σ(g) is 0 below -88.72 (simd.h), so silu(-1e30) is -0 and not -1e30·σ(-80)
+      const Vec sig = vsigmoid(gv), silu = gv * sig;
       if constexpr (!BACKWARD) {
         store_from_float(out + i, silu * uv, m);
       } else {

@@ -85,6 +85,34 @@ def test_nan_propagates_like_reference(name, index, T, kappa):
     assert_nan_where_reference("cpu", *nan_case(name, index, T, kappa))
 
 
+# (argument, scale, T, kappa): inputs near 1e20–1e30 overflow float32 inside the step; where the
+# reference (in float32) gets Inf or NaN from it (0·inf once a sigmoid saturates to 0, inf − inf),
+# the kernel must get the same, and the same finite values elsewhere
+OVERFLOW_CASES = [("h", 1e20, 3, 0.7), ("x", 1e20, 1, None), ("x", 1e25, 3, 0.7), ("v", 1e30, 3, 0.7),
+                  ("w_h", 1e20, 3, 0.7), ("b_o", 1e20, 3, 0.7), ("mu", 1e20, 3, 0.7), ("b_h", 1e20, 3, 0.7),
+                  ("w_o", 1e25, 1, None), ("mod_scale", 1e30, 3, 0.7)]
+
+
+@pytest.mark.parametrize("name,scale,T,kappa", OVERFLOW_CASES)
+def test_overflow_gives_the_references_inf_and_nan(name, scale, T, kappa):
+    h, x, kw = make_args(n=6, d=20, H=16, E=3, T=T, kappa=kappa, dtype=torch.float32)
+    kw = dict(kw, h=h, x=x)
+    kw[name] = kw[name] * scale
+    h, x = kw.pop("h"), kw.pop("x")
+    out, info = inl_iterate(h, x, **kw, return_info=True, backend="cpu")
+    ref, rinfo = inl_iterate(h, x, **kw, return_info=True, backend="reference")
+    assert not all(torch.isfinite(t).all() for t in (ref, rinfo.v, rinfo.energy)), "the case does not overflow"
+    for what, a, b in (("x_T", out, ref), ("v", info.v, rinfo.v), ("energy", info.energy, rinfo.energy),
+                       ("distance", info.distance, rinfo.distance)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+        assert torch.equal(torch.isinf(a) & (a > 0), torch.isinf(b) & (b > 0)), what
+        assert torch.equal(torch.isinf(a) & (a < 0), torch.isinf(b) & (b < 0)), what
+        finite = torch.isfinite(b)
+        if finite.any():
+            scale_b = b[finite].abs().max().item()
+            assert (a[finite] - b[finite]).abs().max().item() <= 1e-4 * max(scale_b, 1e-30), what
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_nan_propagates_in_low_precision(dtype):
     assert_nan_where_reference("cpu", *nan_case("h", (4, 0), 2, 0.7, dtype=dtype), precision=3e-2)
@@ -326,3 +354,4 @@ def test_packed_controller_is_cached_per_parameter_version():
             want = inl_iterate(h.double(), x.double(), **cast(kw, torch.float64), backend="reference")
         close(got, want, 1e-5)
         assert not torch.equal(got, old)
+
