@@ -10,12 +10,18 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <algorithm>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <dirent.h>
+#endif
 
 #include "../ops.h"
 #include "kernels.h"
@@ -88,7 +94,96 @@ void choose_locked(Selection& s) {
   s.chosen = true;
 }
 
-int threads() { return at::get_num_threads(); }
+// ---- threads on a shared machine --------------------------------------------------------------
+//
+// A parallel region ends when its last thread does. When the machine has more runnable threads
+// than cores, a thread of ours sits on a run queue for whole time slices, the region waits for
+// it, and OpenMP's spinning waiters burn the slices the others need: on 2 cores loaded by two
+// other processes, 2 threads trained the demo 10× slower than 1 (README, "Threads"). So the ops
+// watch how long this process's threads wait for a core (the kernel's per-thread schedstat) and,
+// while that is a large share of their time, run torch (and themselves) on one thread, probing
+// the configured count again after a while (every 2 s, doubling up to 64 s while the load lasts).
+// On a machine with a core free per thread the wait is ~0 and nothing changes.
+// INL_KERNELS_ADAPTIVE_THREADS=0 turns this off; a thread count the caller sets is the new maximum.
+struct ThreadGovernor {
+  std::mutex mutex;
+  bool enabled = true, reduced = false, probing = false;
+  int max_threads = 0, last_set = 0;
+  std::chrono::steady_clock::time_point window_start, next_probe;
+  std::chrono::seconds backoff{2};
+  uint64_t run = 0, wait = 0;  // ns summed over this process's threads at window_start
+};
+
+// (time on a CPU, time waiting for one) in ns, summed over this process's threads; false if the
+// kernel does not report it (not Linux, no schedstats)
+bool process_schedstat(uint64_t& run, uint64_t& wait) {
+#if defined(__linux__)
+  DIR* dir = opendir("/proc/self/task");
+  if (!dir) return false;
+  run = wait = 0;
+  bool any = false;
+  while (const dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    char path[64];
+    std::snprintf(path, sizeof(path), "/proc/self/task/%s/schedstat", e->d_name);
+    if (FILE* f = std::fopen(path, "r")) {
+      unsigned long long r = 0, w = 0;
+      if (std::fscanf(f, "%llu %llu", &r, &w) == 2) run += r, wait += w, any = true;
+      std::fclose(f);
+    }
+  }
+  closedir(dir);
+  return any;
+#else
+  (void)run, (void)wait;
+  return false;
+#endif
+}
+
+int threads() {
+  static ThreadGovernor g;
+  using clock = std::chrono::steady_clock;
+  std::lock_guard<std::mutex> lock(g.mutex);
+  const int current = at::get_num_threads();
+  if (!g.enabled) return current;
+  const auto now = clock::now();
+  if (g.last_set == 0) {  // first call
+    const char* env = std::getenv("INL_KERNELS_ADAPTIVE_THREADS");
+    g.enabled = !(env && std::string(env) == "0");
+    g.max_threads = g.last_set = current;
+    g.window_start = now;
+    if (!process_schedstat(g.run, g.wait)) g.enabled = false;
+    return current;
+  }
+  if (current != g.last_set) {  // the caller set a count: that is the maximum from now on
+    g.max_threads = g.last_set = current;
+    g.reduced = g.probing = false;
+  }
+  if (g.max_threads <= 1 || now - g.window_start < std::chrono::milliseconds(250)) return current;
+  uint64_t run = 0, wait = 0;
+  if (!process_schedstat(run, wait)) return current;
+  const double d_run = double(run - g.run), d_wait = double(wait - g.wait);
+  const double waiting = d_wait / std::max(1.0, d_run + d_wait);
+  g.run = run, g.wait = wait, g.window_start = now;
+  auto set = [&](int n) {
+    at::set_num_threads(n);
+    g.last_set = n;
+  };
+  if (!g.reduced && waiting > 0.3) {  // contended: one thread (a failed probe waits twice as long)
+    set(1);
+    g.reduced = true;
+    g.backoff = g.probing ? std::min(g.backoff * 2, std::chrono::seconds(64)) : std::chrono::seconds(2);
+    g.probing = false;
+    g.next_probe = now + g.backoff;
+  } else if (g.reduced && (waiting < 0.1 || now >= g.next_probe)) {  // free cores, or time to try again
+    set(g.max_threads);
+    g.reduced = false;
+    g.probing = waiting >= 0.1;
+  } else if (!g.reduced && g.probing && waiting < 0.1) {
+    g.probing = false;  // the probe held: the load has gone
+  }
+  return g.last_set;
+}
 
 DType dtype_of(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {

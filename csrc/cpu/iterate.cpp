@@ -691,10 +691,11 @@ void iterate_forward(const IterateForwardArgs& a) {
     {
       static thread_local Scratch S;  // kept across calls: no allocation or page faults per call
       errors.guard([&] { S.init(P, G); });
-      // without early exit, groups (single blocks) are dealt round robin, so that each thread
-      // knows its next one and prefetches it; with early exit, groups take unequal times
+      // groups (single blocks without early exit) are taken one at a time, so that a thread that
+      // loses its core to another process leaves the rest to the others; each thread prefetches
+      // the block one round ahead, its likely next one
       const int64_t stride = omp_threads();
-#pragma omp for schedule(static, 1)
+#pragma omp for schedule(dynamic, 1)
       for (int64_t g = 0; g < (grouped ? 0 : groups); ++g)
         errors.guard([&] {
           const int64_t n0 = g * NB;
