@@ -5,7 +5,7 @@ forward+backward, early exit off and on, with speedups, peak memory (CUDA) and t
 the physical floor reached.
 
     python benchmarks/bench_iterate.py --device cuda --dtype bf16 fp32 --json benchmarks/results/iterate.json
-    python benchmarks/bench_iterate.py --device cpu                 # 2048×512 T5 fp32
+    python benchmarks/bench_iterate.py --device cpu                 # 2048×512 T5 fp32, and the early-exit case
     python benchmarks/bench_iterate.py --quick --device cpu         # seconds: a smoke run
     pytest benchmarks/bench_iterate.py --benchmark-enable           # the same through pytest-benchmark
 
@@ -14,6 +14,15 @@ kappa = 1, dt = 0.1, H = 64) and no initial velocity, as the model block calls i
 exit the rows are spread from near equilibrium to far from it, and tol is chosen from the
 reference's own step norms on a sample of rows so that rows stop at different steps; the
 "note" column gives the mean step count.
+
+CPU: the same shapes plus the early-exit case of issue 15 (2048 × 512, T = 8: 75 % of rows
+converge after 2 steps, 25 % run all 8, 3.5 steps on average), where each backend is timed with
+early exit on and off on the same inputs ("vs_exit_off": time on / time off). The floor is the
+FLOPs below at the rate of `torch.mm` on 2048³ fp32 measured in the same run ("floor_frac").
+The run pins the thread count (INL_KERNELS_ADAPTIVE_THREADS=0 unless set: the C++ ops would
+otherwise drop to one thread on a contended machine, csrc/cpu/entry.cpp) and records the CPU path
+(AVX-512, AVX2 or base: INL_KERNELS_CPU_CAPABILITY pins one; to compare a path with a torch.mm
+on the same instructions, also set MKL_ENABLE_INSTRUCTIONS=AVX2 and ATEN_CPU_CAPABILITY=avx2).
 
 Floor (CUDA): max(FLOPs / peak, bytes / bandwidth) with FLOPs = 2·N·H·(d + 6d·T) for the
 forward (the h layer once, x and v layers and the 4d output layer per step; 3× that for
@@ -34,11 +43,14 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the C++ ops would drop to one thread on a contended machine: a benchmark keeps the count it set
+os.environ.setdefault("INL_KERNELS_ADAPTIVE_THREADS", "0")
 
-COLUMNS = ["shape", "dtype", "mode", "early_exit", "impl", "ms", "vs_eager", "vs_compile", "floor_frac",
-           "max_err", "peak_mib", "note"]
+COLUMNS = ["shape", "dtype", "mode", "early_exit", "impl", "ms", "vs_eager", "vs_compile", "vs_exit_off",
+           "floor_frac", "max_err", "peak_mib", "note"]
 CUDA_SHAPES = ("16384x2048x5", "8192x768x7", "64x2048x5")
 CPU_SHAPES = ("2048x512x5",)
+CPU_SPLIT_SHAPE = "2048x512x8"  # early exit: 75 % of rows stop after 2 steps, 25 % run all 8
 QUICK_SHAPES = ("260x24x3", "5x40x3")  # the tile and the decode path
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEAK_TFLOPS = 792.0  # bf16 GEMM 8192³ measured on the H100 (benchmarks/README.md)
@@ -92,6 +104,82 @@ def _spread_tol(h, x, kw, sample=256):
     return float(middle[k - 1] + middle[k]) / 2
 
 
+def make_split_inputs(n, d, T, dtype, device, hidden=64, fast=0.75, fast_steps=2, seed=0):
+    """(h, x, kwargs with tol) where a `fast` share of rows (shuffled) starts next to mu and stops
+    after `fast_steps` steps, and the rest starts far away and runs all T: tol sits between the
+    fast rows' step norms at step `fast_steps` and the slow rows' smallest, from the reference on
+    a sample of rows."""
+    from inl_kernels.reference.iterate import iterate as reference_iterate
+
+    h, x, kw = make_inputs(n, d, T, dtype, device, hidden=hidden, seed=seed)
+    g = torch.Generator().manual_seed(seed + 5)
+    is_fast = torch.zeros(n, dtype=torch.bool)
+    is_fast[torch.randperm(n, generator=g)[: int(n * fast)]] = True
+    scale = torch.where(is_fast, 0.003, 3.0)[:, None]
+    x = (kw["mu"].float().cpu() + torch.randn(n, d, generator=g) * scale).to(device, dtype)
+    rows = torch.arange(0, n, max(1, n // 256))
+    with torch.no_grad():
+        _, info = reference_iterate(h[rows.to(device)], x[rows.to(device)], **kw, return_trajectory=True)
+    steps = (info.trajectory_x[:, 1:].float() - info.trajectory_x[:, :-1].float()).norm(dim=-1).cpu()
+    sample_fast = is_fast[rows]
+    upper = steps[sample_fast, fast_steps - 1].max()
+    lower = steps[~sample_fast].min()
+    assert upper < lower, "fast and slow rows overlap: no tol separates them"
+    kw["tol"] = float((upper * lower).sqrt())
+    kw["min_iterations"] = fast_steps
+    return h, x, kw
+
+
+def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat, rate):
+    """Forward with early exit on and off on the early-exit case's inputs, each backend but eager
+    and compile (whose early exit saves nothing: they run every step on every row)."""
+    from benchmarks.common import time_fn
+
+    h, x, kw = make_split_inputs(n, d, T, dtype, device, hidden=hidden)
+    off = {k: v for k, v in kw.items() if k not in ("tol", "min_iterations")}
+    rows = []
+    for name, fn in impls.items():
+        if name in ("eager", "compile"):
+            continue
+        try:
+            with torch.no_grad():
+                _, info = fn(h, x, **kw)
+            note = f"tol {kw['tol']:.3g}, mean steps {info.iterations.float().mean().item():.2f} of {T}"
+
+            def run(args):
+                with torch.no_grad():
+                    return fn(h, x, **args)
+            ms = {}
+            for _ in range(3):  # interleaved, so that a change in the machine's load hits both
+                for mode, args in (("off", off), ("on", kw)):
+                    t = time_fn(lambda: run(args), device=device, warmup=warmup, repeat=max(1, repeat // 3))
+                    ms.setdefault(mode, []).append(t)
+            on, off_ms = sorted(ms["on"])[1], sorted(ms["off"])[1]
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(shape=f"{n}x{d}x{T}", dtype=str(dtype).replace("torch.", ""), mode="fwd",
+                             early_exit="split", impl=name, note=f"failed: {type(e).__name__}: {str(e)[:160]}"))
+            continue
+        base = dict(shape=f"{n}x{d}x{T}", dtype=str(dtype).replace("torch.", ""), mode="fwd", impl=name)
+        flops = 2.0 * n * hidden * (d + 6 * d * T)
+        for early_exit, t in (("off", off_ms), ("split", on)):
+            row = dict(base, early_exit=early_exit, ms=t, note=note if early_exit == "split" else None)
+            if rate:
+                row["floor_frac"] = flops / rate * 1e3 / t
+            if early_exit == "split":
+                row["vs_exit_off"] = t / off_ms
+            rows.append(row)
+    return rows
+
+
+def cpu_gemm_rate():
+    """FLOP/s of torch.mm on 2048³ fp32, measured now (the CPU floor's rate)."""
+    from benchmarks.common import time_fn
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
+    return 2 * 2048**3 / (time_fn(lambda: a @ b, device="cpu", warmup=2, repeat=7) / 1e3)
+
+
 def floor_ms(n, d, T, hidden, dtype, mode, bandwidth_gbs, peak_tflops):
     flops = 2.0 * n * hidden * (d + 6 * d * T)
     moved = 4 * n * d * torch.tensor([], dtype=dtype).element_size()
@@ -130,7 +218,8 @@ def _graph_replay(fn, device):
     return graph.replay
 
 
-def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmup, repeat, bandwidth, peak):
+def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmup, repeat, bandwidth, peak,
+                cpu_rate=None):
     from benchmarks.common import peak_memory_mib, time_fn
 
     rows = []
@@ -187,6 +276,9 @@ def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmu
                     row["peak_mib"] = peak_memory_mib(call, device)
                     if bandwidth is not None:
                         row["floor_frac"] = floor_ms(n, d, T, hidden, dtype, mode, bandwidth, peak) / ms
+                    elif cpu_rate:
+                        flops = 2.0 * n * hidden * (d + 6 * d * T) * (3 if mode == "fwd+bwd" else 1)
+                        row["floor_frac"] = flops / cpu_rate * 1e3 / ms
                 except Exception as e:  # one failing implementation must not hide the others
                     row["note"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
                     rows.append(row)
@@ -225,8 +317,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
+    p.add_argument("--no-split", action="store_true", help="CPU: skip the early-exit case (2048×512×8)")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
@@ -248,15 +344,43 @@ def main(argv=None):
         print(f"copy bandwidth (read + write): {bandwidth:.0f} GB/s; peak {args.peak_tflops:.0f} TFLOP/s")
     impls = implementations(device, use_compile)
     print("implementations:", ", ".join(impls))
+    cpu_rate, machine = None, {}
+    if device == "cpu":
+        import platform
+
+        import inl_kernels
+        cpu_rate = cpu_gemm_rate()
+        machine = dict(cpu_model=_cpu_model() or platform.processor(), cpu_threads=torch.get_num_threads(),
+                       gemm_gflops=cpu_rate / 1e9)
+        if "cpu" in inl_kernels.backends():
+            from inl_kernels.cpu import info
+            machine["cpu_path"] = info()["capability"]
+        print(f"{machine}")
     rows = []
     for dtype in dtypes:
         for n, d, T in shapes:
             rows += bench_shape(n, d, T, dtype, device, args.modes, early_exits, impls, args.hidden, warmup,
-                                repeat, bandwidth, args.peak_tflops)
+                                repeat, bandwidth, args.peak_tflops, cpu_rate)
+        if device == "cpu" and not args.no_split and not args.quick and "fwd" in args.modes:
+            rows += bench_split(*parse_shape(CPU_SPLIT_SHAPE), dtype, device, impls, args.hidden, warmup,
+                                max(repeat, 6), cpu_rate)
     print_table(rows, COLUMNS)
     if args.json:
-        write_json(args.json, "iterate", [dict(r, copy_gbs=bandwidth, peak_tflops=args.peak_tflops) for r in rows])
+        write_json(args.json, "iterate", [dict(r, copy_gbs=bandwidth, peak_tflops=args.peak_tflops, **machine)
+                                          for r in rows])
     return rows
+
+
+def _cpu_model():
+    """The CPU's model name (lscpu's), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ struct Params {
   int d, H, T, dp, Hp;
   const Packed* pk;
   Buffer bias;        // [Hp][NB]  the summed input bias, repeated across the lanes
+  Buffer bias_row;    // [Hp]      the same, once
   Buffer z_off;       // [4][dp]   sg_s·(ms_s·b_o + mb_s): each section's offset per column
   Buffer mu;          // [dp]
   Buffer table;       // [T][dp]     zeros without excited dims
@@ -120,6 +121,9 @@ void init_params(Params& P, const IterateArgs& a) {
   P.bias.resize(size_t(Hp) * NB);
   P.bias.zero();
   for (int k = 0; k < H; ++k) std::fill_n(P.bias.data() + size_t(k) * NB, NB, a.bias[k]);
+  P.bias_row.resize(Hp);
+  P.bias_row.zero();
+  std::copy_n(a.bias, H, P.bias_row.data());
   P.z_off.resize(size_t(4) * dp);
   P.z_off.zero();
   for (int s = 0; s < 4; ++s)
@@ -661,6 +665,178 @@ int group_blocks(const Params& P, int64_t blocks, int threads) {
   return int(std::clamp<int64_t>(std::min(by_cache, by_threads), 1, kMaxGroupBlocks));
 }
 
+// ---- a few rows (decode) ---------------------------------------------------------------------
+//
+// A block computes NB rows whatever it holds, so one row (a decode step at batch 1) would pay for
+// NB. Up to kSmallRows rows instead run row by row: each product is a matrix-vector product over
+// the same packed panels, one vector of a panel's MR outputs per k, and the update runs along
+// the columns. Every output element is still its init plus the same products added in the same
+// k order, the element-wise math is the same functions, and each row's sums over the columns are
+// added column after column as in a block: a row's bits are those the block path gives it.
+constexpr int kSmallRows = 4;
+constexpr int kPanelVecs = (MR + kVec - 1) / kVec;  // vectors covering one panel's MR outputs
+
+// out[r][m] (m < M, rows r < R) = init[r][m] + Σ_seg Σ_k A(m, k)·b[r][seg·bseg + k], A in panels;
+// init, out rows `ld` apart (each with kVec floats of slack), b rows `ldb` apart
+inline void gemv_panels(const Panels& A, int R, int nseg, int kseg, const float* b, long ldb, long bseg,
+                        const float* init, long ldi, float* out, long ld) {
+  // kPanelsAtOnce panels side by side: one accumulator's additions must stay in k order, so the
+  // independent panels are what keeps several multiply-adds in flight
+  constexpr int kPanelsAtOnce = 4;
+  const int panels = (A.M + MR - 1) / MR;
+  for (int p0 = 0; p0 < panels; p0 += kPanelsAtOnce) {
+    const int np = std::min(kPanelsAtOnce, panels - p0);
+    Vec acc[kSmallRows][kPanelsAtOnce][kPanelVecs];
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < kPanelsAtOnce; ++q)
+        for (int u = 0; u < kPanelVecs; ++u)
+          acc[r][q][u] = q < np ? load(init + r * ldi + (p0 + q) * MR + u * kVec) : Vec{};
+    const float* a[kPanelsAtOnce];
+    for (int q = 0; q < kPanelsAtOnce; ++q) a[q] = A.panel(p0 + std::min(q, np - 1));
+    for (int s = 0; s < nseg; ++s)
+      for (int k = 0; k < kseg; ++k) {
+        const size_t at = (size_t(s) * kseg + k) * MR;
+        Vec ak[kPanelsAtOnce][kPanelVecs];
+        for (int q = 0; q < kPanelsAtOnce; ++q)
+          for (int u = 0; u < kPanelVecs; ++u) ak[q][u] = load(a[q] + at + u * kVec);
+        for (int r = 0; r < R; ++r) {
+          const float bk = b[r * ldb + s * bseg + k];
+          for (int q = 0; q < kPanelsAtOnce; ++q)
+            for (int u = 0; u < kPanelVecs; ++u) acc[r][q][u] += ak[q][u] * bk;
+        }
+      }
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < np; ++q) {
+        float lanes[kPanelVecs * kVec];
+        for (int u = 0; u < kPanelVecs; ++u) store(lanes + u * kVec, acc[r][q][u]);
+        std::copy_n(lanes, A.rows(p0 + q), out + r * ld + (p0 + q) * MR);
+      }
+  }
+}
+
+template <typename scalar_t>
+void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>& io) {
+  const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
+  const Packed& pk = *P.pk;
+  const long ld_state = 2L * dp + kVec, ld_h = long(Hp) + kVec, ld_z = 4L * dp + kVec;
+  static thread_local Buffer state, h, ctx, c, z;
+  state.resize(size_t(R) * ld_state);
+  h.resize(size_t(R) * (dp + kVec));
+  ctx.resize(size_t(R) * ld_h);
+  c.resize(size_t(R) * ld_h);
+  z.resize(size_t(R) * ld_z);
+  state.zero();
+  h.zero();
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = n0 + r;
+    float* x = state.data() + r * ld_state;
+    for (int j = 0; j < d; ++j) {
+      h[r * (dp + kVec) + j] = to_float(io.h[row * d + j]);
+      x[j] = to_float(io.x[row * d + j]);
+      if (io.v) x[dp + j] = to_float(io.v[row * d + j]);
+    }
+  }
+  // the context term, once: h·w_hᵀ + bias
+  Buffer bias_rows(size_t(R) * ld_h);
+  for (int r = 0; r < R; ++r) std::copy_n(P.bias_row.data(), Hp, bias_rows.data() + r * ld_h);
+  gemv_panels(pk.w_ctx, R, 1, d, h.data(), dp + kVec, 0, bias_rows.data(), ld_h, ctx.data(), ld_h);
+  float err2[kSmallRows], energy[kSmallRows], distance[kSmallRows];
+  bool running[kSmallRows];
+  for (int r = 0; r < R; ++r) {
+    running[r] = true;
+    err2[r] = 0.f;
+    const float* x = state.data() + r * ld_state;
+    for (int j = 0; j < d; ++j) {
+      const float e = x[j] - P.mu[j];
+      err2[r] += e * e;
+    }
+  }
+  auto traj = [&](int r, int t) {
+    if (!io.traj_x) return;
+    const float* x = state.data() + r * ld_state;
+    const size_t off = (size_t(n0 + r) * (T + 1) + t) * d;
+    for (int j = 0; j < d; ++j) {
+      io.traj_x[off + j] = from_float<scalar_t>(x[j]);
+      io.traj_v[off + j] = from_float<scalar_t>(x[dp + j]);
+    }
+  };
+  for (int r = 0; r < R; ++r) traj(r, 0);
+  for (int t = 0; t < T; ++t) {
+    // rows still running, packed to the front for the products (a finished row keeps its state)
+    int live[kSmallRows], L = 0;
+    for (int r = 0; r < R; ++r)
+      if (running[r]) live[L++] = r;
+    if (L == 0) break;
+    for (int i = 0; i < L; ++i) {  // one row at a time: its buffers are contiguous
+      const int r = live[i];
+      float* x = state.data() + r * ld_state;
+      float* cr = c.data() + r * ld_h;
+      float* zr = z.data() + r * ld_z;
+      const int segments = (t == 0 && !P.has_v) ? 1 : 2;
+      gemv_panels(pk.w_in, 1, segments, d, x, ld_state, dp, ctx.data() + r * ld_h, ld_h, cr, ld_h);
+      for (int k = 0; k < H; k += kVec) store(cr + k, vmax(splat(0.f), load(cr + k)));
+      for (int sec = 0; sec < 4; ++sec) {
+        float* zs = zr + size_t(sec) * dp;
+        gemv_panels(pk.w_out[sec], 1, 1, H, cr, ld_h, 0, P.z_off.data() + size_t(sec) * dp, 0, zs, ld_z);
+      }
+      Vec s_alpha = splat(1.f);
+      if (P.has_kappa) {
+        Vec rms;
+        for (int l = 0; l < kVec; ++l) rms[l] = std::sqrt(err2[r] / float(d));
+        s_alpha = 1.f - vexp(-P.kappa * rms);
+      }
+      float e_sum = 0.f, d_sum = 0.f, q_sum = 0.f, step = 0.f;
+      const float* exc = P.table.data() + size_t(t) * dp;
+      for (int j0 = 0; j0 < d; j0 += kVec) {
+        const Vec alpha0 = vsigmoid_neg(load(zr + j0));
+        Vec slope;
+        const Vec beta = vsoftplus<false>(load(zr + dp + j0), &slope);
+        const Vec gate = vsigmoid_neg(load(zr + 2 * dp + j0));
+        const Vec v_cand = load(zr + 3 * dp + j0);
+        const Vec alpha = P.has_kappa ? alpha0 * s_alpha : alpha0;
+        const Vec xo = load(x + j0), vo = load(x + dp + j0), mu = load(P.mu.data() + j0);
+        const Vec err = xo - mu;
+        const Vec vn = v_cand + alpha * (vo - v_cand) - beta * err + load(exc + j0);
+        const Vec xn = xo + (gate * P.dt) * vn;
+        store(x + j0, xn);
+        store(x + dp + j0, vn);
+        const Vec en = xn - mu, dx = xn - xo;
+        for (int l = 0; l < kVec && j0 + l < d; ++l) {  // column after column, as a block adds them
+          step += dx[l] * dx[l];
+          e_sum += vn[l] * vn[l];
+          d_sum += std::fabs(en[l]);
+          if (P.has_kappa) q_sum += en[l] * en[l];
+        }
+      }
+      err2[r] = q_sum;
+      energy[r] = e_sum / float(d);
+      distance[r] = d_sum / float(d);
+      const int64_t row = n0 + r;
+      io.energy[row * T + t] = energy[r];
+      io.distance[row * T + t] = distance[r];
+      traj(r, t + 1);
+      if (io.early_exit && t + 1 >= io.min_iterations && std::sqrt(step) < io.tol) {
+        running[r] = false;
+        io.iterations[row] = t + 1;
+        for (int u = t + 1; u < T; ++u) {
+          io.energy[row * T + u] = energy[r];
+          io.distance[row * T + u] = distance[r];
+          traj(r, u + 1);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = n0 + r;
+    if (running[r]) io.iterations[row] = T;
+    const float* x = state.data() + r * ld_state;
+    for (int j = 0; j < d; ++j) {
+      io.x_out[row * d + j] = from_float<scalar_t>(x[j]);
+      io.v_out[row * d + j] = from_float<scalar_t>(x[dp + j]);
+    }
+  }
+}
+
 }  // namespace
 
 void* iterate_pack(const IterateWeights& W) { return make_pack(W); }
@@ -675,6 +851,18 @@ void iterate_forward(const IterateForwardArgs& a) {
   init_params(P, a);
   const int64_t N = a.N;
   const int64_t blocks = (N + NB - 1) / NB;
+  if (N <= kSmallRows && a.hidden == nullptr) {  // decode: row by row (see forward_small)
+    dispatch(a.dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      ForwardIO<scalar_t> io{static_cast<const scalar_t*>(a.h), static_cast<const scalar_t*>(a.x),
+                             static_cast<const scalar_t*>(a.v), static_cast<scalar_t*>(a.x_out),
+                             static_cast<scalar_t*>(a.v_out), static_cast<scalar_t*>(a.traj_x),
+                             static_cast<scalar_t*>(a.traj_v), a.iterations, a.energy, a.distance, a.early_exit,
+                             a.tol, a.min_iterations};
+      forward_small<scalar_t>(P, 0, int(N), io);
+    });
+    return;
+  }
   const bool grouped = a.early_exit && a.hidden == nullptr;
   const int G = grouped ? group_blocks(P, blocks, a.threads) : 1;
   const int64_t groups = (blocks + G - 1) / G;

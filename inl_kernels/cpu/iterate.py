@@ -32,32 +32,44 @@ def supports(h, x, *, v=None, return_trajectory=False, **kw):
     return None
 
 
-def packed_controller(w_h, w_x, w_v, w_o, mod_scale, backward):
-    """The controller packed for the kernel (an _C.IteratePack), from the cache kept on w_o when
-    these same tensors, at these versions, were packed before on the path in use; None when the
-    tensors cannot be keyed (inference tensors: the kernel then packs for the call)."""
-    tensors = (w_h, w_x, w_v, w_o, mod_scale)
+def _cached(holder, slot, tensors, extra, build, usable=lambda value: True):
+    """build(), remembered on `holder` under `slot` for these same tensors (alive, at these
+    versions) and `extra`; rebuilt when any of them changed in place. Inference tensors have no
+    version counter: nothing is cached for them."""
     if any(t.is_inference() for t in tensors):
-        return None
-    versions = tuple((t.data_ptr(), t._version) for t in tensors)
-    capability = _C.cpu_capability()
-    cache = getattr(w_o, "_inl_cpu_packs", None)
+        return build()
+    versions = tuple((t.data_ptr(), t._version) for t in tensors) + tuple(extra)
+    cache = getattr(holder, slot, None)
     if cache is None:
-        cache = w_o._inl_cpu_packs = {}
+        cache = {}
+        setattr(holder, slot, cache)
     key = tuple(id(t) for t in tensors)
     hit = cache.get(key)
-    if hit is not None:
-        refs, seen, pack = hit
-        if (seen == versions and pack.capability == capability and (pack.backward or not backward)
-                and all(r() is t for r, t in zip(refs, tensors))):
-            return pack
-    with torch.no_grad():
-        pack = _C.iterate_pack(*(t.detach().float() for t in tensors[:4]), mod_scale.detach().float(), backward)
+    if (hit is not None and hit[1] == versions and usable(hit[2])
+            and all(r() is t for r, t in zip(hit[0], tensors))):
+        return hit[2]
+    value = build()
     cache.pop(key, None)
     if len(cache) >= _MAX_PACKS:
         cache.pop(next(iter(cache)))
-    cache[key] = (tuple(weakref.ref(t) for t in tensors), versions, pack)
-    return pack
+    cache[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+    return value
+
+
+def packed_controller(w_h, w_x, w_v, w_o, mod_scale, backward):
+    """The controller packed for the kernel (an _C.IteratePack), from the cache kept on w_o when
+    these same tensors, at these versions, were packed before on the path in use (a pack made for
+    the backward serves the forward too); None for inference tensors (the kernel then packs for
+    the call)."""
+    tensors = (w_h, w_x, w_v, w_o, mod_scale)
+    if any(t.is_inference() for t in tensors):
+        return None
+
+    def build():
+        with torch.no_grad():
+            return _C.iterate_pack(*(t.detach().float() for t in tensors[:4]), mod_scale.detach().float(), backward)
+    return _cached(w_o, "_inl_cpu_packs", tensors, (_C.cpu_capability(),), build,
+                   usable=lambda pack: pack.backward or not backward)
 
 
 class _Iterate(torch.autograd.Function):
@@ -90,10 +102,18 @@ class _Iterate(torch.autograd.Function):
 def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma, phi,
             amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3, return_trajectory=False):
     """Runs SPEC §2 on CPU tensors; returns (x_T, IterateInfo) with the reference's dtypes."""
-    table, bias, mod = fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude,
-                                       num_iterations, x.shape[1], torch.float32)
-    weights = (w_h.float(), w_x.float(), w_v.float(), w_o.float(), bias, b_o.float(), mod, mu.float(), table)
     grad = needs_grad(h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, gamma, phi)
+
+    def fold():
+        return fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude, num_iterations,
+                               x.shape[1], torch.float32)
+    if grad:  # autograd carries the gradients back through the folding
+        table, bias, mod = fold()
+    else:  # a decode step builds the excitation table once per parameter version, not per call
+        table, bias, mod = _cached(mod_bias, "_inl_cpu_folded", (b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma,
+                                                                  phi), (float(amplitude), num_iterations, x.shape[1]),
+                                   fold)
+    weights = (w_h.float(), w_x.float(), w_v.float(), w_o.float(), bias, b_o.float(), mod, mu.float(), table)
     pack = packed_controller(w_h, w_x, w_v, w_o, mod_scale, backward=grad)
     if not grad:
         x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = _C.iterate_forward(

@@ -314,9 +314,10 @@ def test_auto_dispatch_and_fallbacks():
 
 
 def test_packed_controller_is_cached_per_parameter_version():
-    """The controller packed for the kernel is made once and reused while the weights and
-    mod_scale keep their versions (a decode step repacks nothing); an optimizer step changes them
-    in place, and the next call packs again and computes with the new weights."""
+    """The controller packed for the kernel (and, without gradients, the folded biases, modulation
+    and excitation table) is made once and reused while the parameters keep their versions (a
+    decode step repacks nothing); an optimizer step changes them in place, and the next call packs
+    again and computes with the new values."""
     from inl_kernels.cpu.iterate import packed_controller
     from inl_kernels.modules import Controller, IntegratorLayer
 
@@ -340,7 +341,10 @@ def test_packed_controller_is_cached_per_parameter_version():
     layers[0].train()
     out = layers[0](h, x)
     out.square().sum().backward()
-    torch.optim.SGD(list(controller.parameters()) + [layers[0].mod_scale], lr=0.5).step()
+    # every parameter moves: the controller, and layer 0's modulation, mu, excitation (gamma, phi)
+    params = list(dict.fromkeys(list(controller.parameters()) + list(layers[0].parameters())))
+    assert all(p.grad is not None for p in params)
+    torch.optim.SGD(params, lr=0.5).step()
     after = packs()
     assert all(a is not b for a, b in zip(first, after))  # every layer sees the new w_o
     for layer, old in zip(layers, before):
