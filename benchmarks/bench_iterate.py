@@ -18,7 +18,9 @@ reference's own step norms on a sample of rows so that rows stop at different st
 CPU: the same shapes plus the early-exit case of issue 15 (2048 × 512, T = 8: 75 % of rows
 converge after 2 steps, 25 % run all 8, 3.5 steps on average), where each backend is timed with
 early exit on and off on the same inputs ("vs_exit_off": time on / time off). The floor is the
-FLOPs below at the rate of `torch.mm` on 2048³ fp32 measured in the same run ("floor_frac").
+FLOPs below at the rate of `torch.mm` on 2048³ fp32 measured in the same run ("floor_frac",
+"gemm_gflops"). On a CPU the implementations of a mode (and the GEMM) are timed in interleaved
+rounds, so that the shared machine's slow periods hit them alike.
 The run pins the thread count (INL_KERNELS_ADAPTIVE_THREADS=0 unless set: the C++ ops would
 otherwise drop to one thread on a contended machine, csrc/cpu/entry.cpp) and records the CPU path
 (AVX-512, AVX2 or base: INL_KERNELS_CPU_CAPABILITY pins one; to compare a path with a torch.mm
@@ -130,7 +132,7 @@ def make_split_inputs(n, d, T, dtype, device, hidden=64, fast=0.75, fast_steps=2
     return h, x, kw
 
 
-def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat, rate):
+def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat):
     """Forward with early exit on and off on the early-exit case's inputs, each backend but eager
     and compile (whose early exit saves nothing: they run every step on every row)."""
     from benchmarks.common import time_fn
@@ -149,12 +151,8 @@ def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat, rate):
             def run(args):
                 with torch.no_grad():
                     return fn(h, x, **args)
-            ms = {}
-            for _ in range(3):  # interleaved, so that a change in the machine's load hits both
-                for mode, args in (("off", off), ("on", kw)):
-                    t = time_fn(lambda: run(args), device=device, warmup=warmup, repeat=max(1, repeat // 3))
-                    ms.setdefault(mode, []).append(t)
-            on, off_ms = sorted(ms["on"])[1], sorted(ms["off"])[1]
+            off_ms, on, gemm_ms = interleaved_ms([lambda: run(off), lambda: run(kw), _gemm_call()], warmup, repeat)
+            rate = 2 * 2048**3 / (gemm_ms / 1e3)
         except Exception as e:  # noqa: BLE001
             rows.append(dict(shape=f"{n}x{d}x{T}", dtype=str(dtype).replace("torch.", ""), mode="fwd",
                              early_exit="split", impl=name, note=f"failed: {type(e).__name__}: {str(e)[:160]}"))
@@ -162,22 +160,37 @@ def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat, rate):
         base = dict(shape=f"{n}x{d}x{T}", dtype=str(dtype).replace("torch.", ""), mode="fwd", impl=name)
         flops = 2.0 * n * hidden * (d + 6 * d * T)
         for early_exit, t in (("off", off_ms), ("split", on)):
-            row = dict(base, early_exit=early_exit, ms=t, note=note if early_exit == "split" else None)
-            if rate:
-                row["floor_frac"] = flops / rate * 1e3 / t
+            row = dict(base, early_exit=early_exit, ms=t, note=note if early_exit == "split" else None,
+                       floor_frac=flops / rate * 1e3 / t, gemm_gflops=rate / 1e9)
             if early_exit == "split":
                 row["vs_exit_off"] = t / off_ms
             rows.append(row)
     return rows
 
 
-def cpu_gemm_rate():
-    """FLOP/s of torch.mm on 2048³ fp32, measured now (the CPU floor's rate)."""
-    from benchmarks.common import time_fn
+def interleaved_ms(calls, warmup, repeat, rounds=5):
+    """Median milliseconds of each call, timed in `rounds` rounds that take every call in turn: on
+    a shared machine a slow period then hits every call alike, and their ratios hold."""
+    import statistics
+    import time
 
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    samples = [[] for _ in calls]
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            for _ in range(max(1, -(-repeat // rounds))):
+                start = time.perf_counter()
+                call()
+                samples[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(s) for s in samples]
+
+
+def _gemm_call():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
-    return 2 * 2048**3 / (time_fn(lambda: a @ b, device="cpu", warmup=2, repeat=7) / 1e3)
+    return lambda: a @ b
 
 
 def floor_ms(n, d, T, hidden, dtype, mode, bandwidth_gbs, peak_tflops):
@@ -218,8 +231,7 @@ def _graph_replay(fn, device):
     return graph.replay
 
 
-def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmup, repeat, bandwidth, peak,
-                cpu_rate=None):
+def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmup, repeat, bandwidth, peak):
     from benchmarks.common import peak_memory_mib, time_fn
 
     rows = []
@@ -236,7 +248,7 @@ def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmu
         for mode in modes:
             if mode == "fwd+bwd" and early_exit:
                 continue  # training runs every step: early exit does not apply
-            timed = {}
+            timed, pending = {}, []
             for name, fn in impls.items():
                 row = dict(shape=f"{n}x{d}x{T}", dtype=str(dtype).replace("torch.", ""), mode=mode,
                            early_exit=early_exit, impl=name, note=note)
@@ -271,14 +283,14 @@ def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmu
                         row["max_err"] = max(((g.double() - w).abs().max() / w.abs().max()).item()
                                              for g, w in zip(got, want_grads) if g is not None and w is not None
                                              and w.abs().max() > 0)
+                    if device == "cpu":  # timed below, interleaved with the others and the GEMM
+                        pending.append((name, row, call))
+                        continue
                     ms = time_fn(call, device=device, warmup=warmup, repeat=repeat)
                     row["ms"] = ms
                     row["peak_mib"] = peak_memory_mib(call, device)
                     if bandwidth is not None:
                         row["floor_frac"] = floor_ms(n, d, T, hidden, dtype, mode, bandwidth, peak) / ms
-                    elif cpu_rate:
-                        flops = 2.0 * n * hidden * (d + 6 * d * T) * (3 if mode == "fwd+bwd" else 1)
-                        row["floor_frac"] = flops / cpu_rate * 1e3 / ms
                 except Exception as e:  # one failing implementation must not hide the others
                     row["note"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
                     rows.append(row)
@@ -297,6 +309,14 @@ def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmu
                     except Exception as e:
                         graph_row.update(ms=None, note=f"graph capture failed: {type(e).__name__}: {str(e)[:120]}")
                     rows.append(graph_row)
+            if pending:
+                *times, gemm_ms = interleaved_ms([c for _, _, c in pending] + [_gemm_call()], warmup, repeat)
+                rate = 2 * 2048**3 / (gemm_ms / 1e3)
+                flops = 2.0 * n * hidden * (d + 6 * d * T) * (3 if mode == "fwd+bwd" else 1)
+                for (name, row, _), ms in zip(pending, times):
+                    row.update(ms=ms, floor_frac=flops / rate * 1e3 / ms, gemm_gflops=rate / 1e9)
+                    timed[name] = row
+                    rows.append(row)
             for row in timed.values():
                 for base, col in (("eager", "vs_eager"), ("compile", "vs_compile")):
                     if base in timed and row.get("ms"):
@@ -344,14 +364,12 @@ def main(argv=None):
         print(f"copy bandwidth (read + write): {bandwidth:.0f} GB/s; peak {args.peak_tflops:.0f} TFLOP/s")
     impls = implementations(device, use_compile)
     print("implementations:", ", ".join(impls))
-    cpu_rate, machine = None, {}
+    machine = {}
     if device == "cpu":
         import platform
 
         import inl_kernels
-        cpu_rate = cpu_gemm_rate()
-        machine = dict(cpu_model=_cpu_model() or platform.processor(), cpu_threads=torch.get_num_threads(),
-                       gemm_gflops=cpu_rate / 1e9)
+        machine = dict(cpu_model=_cpu_model() or platform.processor(), cpu_threads=torch.get_num_threads())
         if "cpu" in inl_kernels.backends():
             from inl_kernels.cpu import info
             machine["cpu_path"] = info()["capability"]
@@ -360,10 +378,10 @@ def main(argv=None):
     for dtype in dtypes:
         for n, d, T in shapes:
             rows += bench_shape(n, d, T, dtype, device, args.modes, early_exits, impls, args.hidden, warmup,
-                                repeat, bandwidth, args.peak_tflops, cpu_rate)
+                                repeat, bandwidth, args.peak_tflops)
         if device == "cpu" and not args.no_split and not args.quick and "fwd" in args.modes:
             rows += bench_split(*parse_shape(CPU_SPLIT_SHAPE), dtype, device, impls, args.hidden, warmup,
-                                max(repeat, 6), cpu_rate)
+                                max(repeat, 10))
     print_table(rows, COLUMNS)
     if args.json:
         write_json(args.json, "iterate", [dict(r, copy_gbs=bandwidth, peak_tflops=args.peak_tflops, **machine)
