@@ -38,6 +38,8 @@ Feature switches, and their defaults as the seeds set them:
 - learnable_mu (on) and mu_ema_rate (None: off; the seeds' EMA rate is 1e-4).
 - mixture_of_integrators (off; a research feature in the seeds): num_experts integrators per
   block, a router picks top_k of them per token.
+- dropout (0.0: off): dropout on the embedding and on each residual branch (attention,
+  integrator, FFN outputs) while training; it holds no parameters.
 """
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ class INLConfig:
     mixture_of_integrators: bool = False
     num_experts: int = 8
     top_k: int = 2
+    dropout: float = 0.0
 
     seed: int = 0  # parameters are a function of this seed alone
     backend: str = "auto"  # every op of the model goes through this backend choice
@@ -124,6 +127,8 @@ class INLConfig:
                              f"({self.num_iterations})")
         if self.mu_ema_rate is not None and not 0.0 < self.mu_ema_rate <= 1.0:
             raise ValueError(f"mu_ema_rate must be None or in (0, 1], got {self.mu_ema_rate}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 
@@ -177,5 +182,5 @@ SIZES = {
 # fields that change how a model runs but not its parameters: a checkpoint loads under any value
 RUNTIME_FIELDS = frozenset({"tol", "min_iterations", "adaptive_stopping", "gradient_checkpointing", "backend",
                             "seed", "iteration_budgets", "budget_slack", "budget_momentum", "mu_ema_rate",
-                            "excitation_amplitude"})
+                            "excitation_amplitude", "dropout"})
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU
+from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU, inl_iterate
 
 from .cache import KVCache
 from .config import INLConfig
@@ -49,6 +49,25 @@ def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
         tol=cfg.tol if cfg.adaptive_stopping else None, min_iterations=cfg.min_iterations, backend=cfg.backend)
 
 
+def _iterate_with_trajectory(layer: IntegratorLayer, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
+    """layer(h, x, return_info=True, num_iterations=...) with the iterate's x/v trajectories kept
+    (info.trajectory_x, info.trajectory_v [rows, T+1, d], the initial state first). It is
+    IntegratorLayer.forward with return_trajectory=True, the same mu EMA bookkeeping included:
+    that module takes no such flag yet (it lives in inl_kernels, outside this layer)."""
+    recomputing = torch._C._current_graph_task_id() != -1  # a checkpoint recomputation
+    if not recomputing:
+        layer.apply_mu_ema()
+    x_out, info = inl_iterate(
+        h, x, **layer.controller.weights(), mod_scale=layer.mod_scale, mod_bias=layer.mod_bias,
+        mu=layer.equilibrium(), exc_index=layer.exc_index, gamma=layer.gamma, phi=layer.phi,
+        amplitude=layer.excitation_amplitude, dt=layer.dt, kappa=layer.kappa, num_iterations=num_iterations,
+        tol=None if layer.training else layer.tol, min_iterations=layer.min_iterations, backend=layer.backend,
+        return_trajectory=True)
+    if layer.training and layer.mu_ema_rate and not recomputing and h.shape[0] > 0:
+        layer._mu_target = h.detach().float().mean(0)
+    return x_out, info
+
+
 class MixtureOfIntegrators(nn.Module):
     """num_experts integrators; a linear router on the state picks top_k of them per token and
     the block's output is their weighted sum (weights: the router's softmax, renormalised over
@@ -63,8 +82,10 @@ class MixtureOfIntegrators(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
-        """h, x [N, d] -> (out [N, d], [IntegratorStats per expert that got rows], balance)."""
+    def forward(self, h: torch.Tensor, x: torch.Tensor, num_iterations: int, trajectory: bool = False):
+        """h, x [N, d] -> (out [N, d], [IntegratorStats per expert that got rows], balance), and with
+        `trajectory` the mixture's x and v trajectories [N, T+1, d] (per row, the routing-weighted
+        sum of its experts' trajectories, as `out` is of their final states) as a fourth value."""
         n, E, k = x.shape[0], len(self.experts), self.top_k
         logits = self.router(x)
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [N, E]
@@ -84,14 +105,22 @@ class MixtureOfIntegrators(nn.Module):
             groups = [(s // k, weights[s]) for s in slots]
 
         out = torch.zeros_like(x)
+        if trajectory:
+            path_x, path_v = (x.new_zeros(n, num_iterations + 1, x.shape[1]) for _ in range(2))
         stats = []
         for expert, (rows, w) in zip(self.experts, groups):
             if rows.numel() == 0:
                 continue
-            y, info = expert(h[rows], x[rows], return_info=True, num_iterations=num_iterations)
+            if trajectory:
+                y, info = _iterate_with_trajectory(expert, h[rows], x[rows], num_iterations)
+                w3 = w.to(y.dtype)[:, None, None]
+                path_x = path_x.index_add(0, rows, info.trajectory_x * w3)
+                path_v = path_v.index_add(0, rows, info.trajectory_v * w3)
+            else:
+                y, info = expert(h[rows], x[rows], return_info=True, num_iterations=num_iterations)
             out = out.index_add(0, rows, y * w.to(y.dtype)[:, None])
             stats.append(IntegratorStats(y, expert.equilibrium(), info.energy, info.distance, info.iterations))
-        return out, stats, balance
+        return (out, stats, balance, (path_x, path_v)) if trajectory else (out, stats, balance)
 
 
 class IterationBudget(nn.Module):
@@ -154,21 +183,30 @@ class Block(nn.Module):
             self.integrator = _integrator(cfg, controller)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
         self.ffn = SwiGLU(d, cfg.feedforward_dim, cfg.backend)
+        # on each residual branch (the integrator's context h stays the undropped attention output)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, num_iterations: int, cache=None):
-        """x [B, S, d] -> (x, [IntegratorStats], router balance or None)."""
+    def forward(self, x: torch.Tensor, num_iterations: int, cache=None, trajectory: bool = False):
+        """x [B, S, d] -> (x, [IntegratorStats], router balance or None), and with `trajectory`
+        the integrator's (x, v) trajectories [B·S, T+1, d] as a fourth value."""
         B, S, d = x.shape
         a, _ = self.attn(self.attn_norm(x), past_key_value=cache)
-        state, x = self.integrator_norm(a, residual=x)  # rms_norm(x + a), x + a in one pass
+        state, x = self.integrator_norm(self.dropout(a), residual=x)  # rms_norm(x + a), x + a in one pass
         h, state = a.reshape(-1, d), state.reshape(-1, d)
+        path = None
         if isinstance(self.integrator, MixtureOfIntegrators):
-            s, stats, balance = self.integrator(h, state, num_iterations)
+            s, stats, balance, *path = self.integrator(h, state, num_iterations, trajectory)
         else:
-            s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations)
+            if trajectory:
+                s, info = _iterate_with_trajectory(self.integrator, h, state, num_iterations)
+                path = [(info.trajectory_x, info.trajectory_v)]
+            else:
+                s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations)
             stats = [IntegratorStats(s, self.integrator.equilibrium(), info.energy, info.distance, info.iterations)]
             balance = None
-        ffn_in, x = self.ffn_norm(s.view(B, S, d), residual=x)
-        return x + self.ffn(ffn_in), stats, balance
+        ffn_in, x = self.ffn_norm(self.dropout(s.view(B, S, d)), residual=x)
+        x = x + self.dropout(self.ffn(ffn_in))
+        return (x, stats, balance, path[0]) if trajectory else (x, stats, balance)
 
 
 class IntegratorLanguageModel(nn.Module):
@@ -186,6 +224,7 @@ class IntegratorLanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, self.controller or new_controller()) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # on the embedding
         self.budget = IterationBudget(cfg.num_layers, cfg.num_iterations, cfg.min_iterations, cfg.budget_slack,
                                       cfg.budget_momentum)
         # inference statistics (early exit), accumulated on the device without a sync
@@ -284,7 +323,7 @@ class IntegratorLanguageModel(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = False,
-                return_aux: bool = False):
+                return_aux: bool = False, return_trajectories: bool = False):
         """input_ids [B, S] -> (logits [B, S, V], aux or None, cache or None).
 
         With use_cache, a KVCache (new one of max_seq_len positions when past_key_values is
@@ -292,7 +331,10 @@ class IntegratorLanguageModel(nn.Module):
         aux: "iterations" [L] mean steps per row per layer, "energy" / "distance" (per layer,
         [T_l] means over rows after each step), "mu" (per layer, [d]; [E, d] for a mixture),
         "integrators" (every IntegratorStats, what IntegratorLoss reads) and "router_balance"
-        (mean over mixture layers, None without one)."""
+        (mean over mixture layers, None without one). return_trajectories (implies return_aux)
+        adds "trajectory_x" and "trajectory_v": per layer the iterate's states [B, S, T_l+1, d],
+        the initial state first (a row that exited early repeats its final state); they are
+        kept only when asked for."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
@@ -304,16 +346,19 @@ class IntegratorLanguageModel(nn.Module):
 
         # under autocast the blocks compute in its dtype from the embedding on (fp32 weights,
         # low-precision activations); otherwise in the parameters' dtype
-        x = self.embed(input_ids).to(self.activation_dtype())
+        x = self.dropout(self.embed(input_ids).to(self.activation_dtype()))
         checkpointing = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         budgets = self.iteration_budgets()
-        per_layer, balances = [], []
+        return_aux = return_aux or return_trajectories
+        per_layer, balances, paths = [], [], []
         for i, block in enumerate(self.blocks):
             cache = past_key_values.layers[i] if past_key_values is not None else None
             if checkpointing:
-                x, stats, balance = checkpoint(block, x, budgets[i], cache, use_reentrant=False)
+                x, stats, balance, *path = checkpoint(block, x, budgets[i], cache, return_trajectories,
+                                                      use_reentrant=False)
             else:
-                x, stats, balance = block(x, budgets[i], cache)
+                x, stats, balance, *path = block(x, budgets[i], cache, return_trajectories)
+            paths.extend(path)
             if not self.training:
                 with torch.no_grad():
                     self._steps_run[i] += sum(s.iterations.sum(dtype=torch.int64) for s in stats)
@@ -345,6 +390,10 @@ class IntegratorLanguageModel(nn.Module):
                 "integrators": [s for stats in per_layer for s in stats],
                 "router_balance": torch.stack(balances).mean() if balances else None,
             }
+            if return_trajectories:
+                B, S = input_ids.shape
+                aux["trajectory_x"] = [px.reshape(B, S, *px.shape[1:]) for px, _ in paths]
+                aux["trajectory_v"] = [pv.reshape(B, S, *pv.shape[1:]) for _, pv in paths]
         return logits, aux, (past_key_values if use_cache else None)
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
