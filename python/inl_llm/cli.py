@@ -1,4 +1,4 @@
-"""`python -m inl_llm train | generate | demo`.
+"""`python -m inl_llm train | generate | demo | distill`.
 
 demo (the main job): trains `tiny` on the Python standard library's own source for about two
 minutes, evaluating as it goes, saves a checkpoint, reloads it, generates a sample and prints
@@ -222,11 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-cache", action="store_true")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
+
+    from . import distill  # trajectory distillation (python/inl_llm/distill.py)
+    distill.add_subcommand(sub)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "distill":
+        from .distill import cmd_distill
+        return cmd_distill(args)
     return {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate}[args.command](args)
 
 
