@@ -259,7 +259,7 @@ def cmd_distill(args) -> dict:
     result = distill(teacher, student, train_tokens, dc)
     after = ev(student)
     gap = after["loss"] / teacher_eval["loss"] - 1
-    speed = tokens_per_second({"teacher": teacher, "student": student}, eval_tokens, seq_len=dc.seq_len)
+    speed = tokens_per_second({"teacher": teacher, "student": student}, eval_tokens, seq_len=dc.seq_len, repeat=15)
     print(f"eval loss after {result['steps']} steps ({result['elapsed']:.0f} s): student {after['loss']:.4f} "
           f"({100 * gap:+.2f}% against the teacher)")
     print(f"forward throughput (eval mode, side by side, medians): teacher {speed['teacher']:,.0f} tokens/s, "
