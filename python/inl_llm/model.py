@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU, inl_iterate
+from inl_kernels._dispatch import preferred
 
 from .cache import KVCache
 from .config import INLConfig
@@ -54,15 +55,15 @@ def _iterate_with_trajectory(layer: IntegratorLayer, h: torch.Tensor, x: torch.T
     (info.trajectory_x, info.trajectory_v [rows, T+1, d], the initial state first). It is
     IntegratorLayer.forward with return_trajectory=True, the same mu EMA bookkeeping included:
     that module takes no such flag yet (it lives in inl_kernels, outside this layer)."""
-    recomputing = torch._C._current_graph_task_id() != -1  # a checkpoint recomputation
+    recomputing = bool(layer.mu_ema_rate) and torch._C._current_graph_task_id() != -1  # a checkpoint recomputation
     if not recomputing:
         layer.apply_mu_ema()
     x_out, info = inl_iterate(
         h, x, **layer.controller.weights(), mod_scale=layer.mod_scale, mod_bias=layer.mod_bias,
         mu=layer.equilibrium(), exc_index=layer.exc_index, gamma=layer.gamma, phi=layer.phi,
         amplitude=layer.excitation_amplitude, dt=layer.dt, kappa=layer.kappa, num_iterations=num_iterations,
-        tol=None if layer.training else layer.tol, min_iterations=layer.min_iterations, backend=layer.backend,
-        return_trajectory=True)
+        tol=None if layer.training else layer.tol, min_iterations=layer.min_iterations,
+        backend=preferred(layer.backend, "iterate"), return_trajectory=True)
     if layer.training and layer.mu_ema_rate and not recomputing and h.shape[0] > 0:
         layer._mu_target = h.detach().float().mean(0)
     return x_out, info
