@@ -138,11 +138,11 @@ class CompatLanguageModel(_Model):
             return {}
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
-        if _MODEL_TAKES_MASK:
-            return {"attention_mask": attention_mask}
         B, S = input_ids.shape
         if _is_causal_mask(attention_mask, S):  # the original's own default: our attention is causal already
             return {}
+        if _MODEL_TAKES_MASK:  # a [B, S] padding mask, for the model to apply
+            return {"attention_mask": attention_mask}
         if attention_mask.shape == (B, S) and bool((attention_mask != 0).all()):  # nothing padded
             return {}
         raise NotImplementedError("attention_mask: padded batches are not supported by this model yet (only the "
