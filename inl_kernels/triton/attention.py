@@ -1,6 +1,7 @@
 """Causal grouped-query attention in Triton, flash style, forward and backward, with RoPE applied
 to q and k as they are loaded, a split-KV path for short queries against a long KV cache, and
-the autograd.Function that launches them.
+the launchers, registered as the torch.library ops `inl::triton_attention` and
+`inl::triton_attention_backward` (torch.library.triton_op: torch.compile traces into the kernels).
 
     out[b, h] = softmax(scale · rot(q[b, h]) · rot(k[b, h // G])ᵀ + mask) · v[b, h // G]
 
@@ -23,10 +24,13 @@ saves the per-row log-sum-exp so the backward recomputes P tile by tile.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 from . import interpreting, multiprocessors, unit_last
 
@@ -519,7 +523,7 @@ def _forward(q, k, v, causal, scale, cos, sin, lens=None, starts=None, num_split
         l_part = torch.empty_like(m_part)
     else:
         o_part = m_part = l_part = lse
-    _attn_forward[(row_tiles, B * Hkv, num_splits)](
+    wrap_triton(_attn_forward)[(row_tiles, B * Hkv, num_splits)](
         q, k, v, o, lse, table[0], table[1], o_part, m_part, l_part, _or(lens, lse), _or(starts, lse),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_table,
@@ -528,7 +532,7 @@ def _forward(q, k, v, causal, scale, cos, sin, lens=None, starts=None, num_split
         ROPE=rope, SPLIT=split, HAS_LENS=lens is not None, HAS_STARTS=starts is not None, DOT=DOT, ACC=ACC,
         num_warps=warps, num_stages=stages)
     if split:
-        _attn_combine[(row_tiles, B * Hkv)](
+        wrap_triton(_attn_combine)[(row_tiles, B * Hkv)](
             o_part, m_part, l_part, o, lse, o.stride(0), o.stride(1), o.stride(2), Hkv, G, Sq, num_splits,
             D=D, BLOCK_M=block_m, BLOCK_D=block_d, ACC=ACC, num_warps=4)
     return o, lse
@@ -553,19 +557,19 @@ def _backward(do, q, k, v, o, lse, causal, scale, cos, sin, lens=None, starts=No
     table = (cos, sin) if rope else (q, q)
     stride_table = cos.stride(0) if rope else 0
     delta = torch.empty_like(lse)
-    _attn_delta[(triton.cdiv(R, block_m), B * Hkv)](
+    wrap_triton(_attn_delta)[(triton.cdiv(R, block_m), B * Hkv)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Hkv, G, Sq, D=D, BLOCK_M=block_m, BLOCK_D=block_d, ACC=ACC, num_warps=4)
     common = dict(D=D, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d,
                   CAUSAL=causal, ROPE=rope, HAS_LENS=lens is not None, HAS_STARTS=starts is not None, DOT=DOT,
                   ACC=ACC, num_warps=warps, num_stages=stages)
     ranges = (_or(lens, lse), _or(starts, lse))
-    _attn_backward_dq[(triton.cdiv(R, block_m), B * Hkv)](
+    wrap_triton(_attn_backward_dq)[(triton.cdiv(R, block_m), B * Hkv)](
         q, k, v, do, lse, delta, dq, table[0], table[1], *ranges,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), stride_table, Hkv, G, Sq, Skv, scale * LOG2E, scale, **common)
-    _attn_backward_dkdv[(triton.cdiv(Skv, block_n), B * Hkv)](
+    wrap_triton(_attn_backward_dkdv)[(triton.cdiv(Skv, block_n), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, table[0], table[1], *ranges,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -574,20 +578,39 @@ def _backward(do, q, k, v, o, lse, causal, scale, cos, sin, lens=None, starts=No
     return dq, dk, dv
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, cos, sin, lens, starts, num_splits=None):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        o, lse = _forward(q, k, v, causal, scale, cos, sin, lens, starts, num_splits)
-        ctx.save_for_backward(q, k, v, o, lse, cos, sin, lens, starts)
-        ctx.causal, ctx.scale = causal, scale
-        return o
+@torch.library.triton_op("inl::triton_attention", mutates_args=())
+def triton_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                        kv_lens: Optional[Tensor], kv_starts: Optional[Tensor], causal: bool, scale: float,
+                        num_splits: int) -> tuple[Tensor, Tensor]:
+    """(o, lse): the attention and each row's log2-sum-exp (saved for the backward); num_splits 0
+    lets the launcher choose the split-KV factor."""
+    return _forward(q, k, v, causal, scale, cos, sin, kv_lens, kv_starts, num_splits or None)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cos, sin, lens, starts = ctx.saved_tensors
-        dq, dk, dv = _backward(unit_last(do), q, k, v, o, lse, ctx.causal, ctx.scale, cos, sin, lens, starts)
-        return dq, dk, dv, None, None, None, None, None, None, None
+
+@torch.library.triton_op("inl::triton_attention_backward", mutates_args=())
+def triton_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                                 cos: Optional[Tensor], sin: Optional[Tensor], kv_lens: Optional[Tensor],
+                                 kv_starts: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor,
+                                                                                                   Tensor]:
+    """(dq, dk, dv) of the unrotated q and k."""
+    return _backward(unit_last(do), q, k, v, o, lse, causal, scale, cos, sin, kv_lens, kv_starts)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, kv_lens, kv_starts, causal, scale, _splits = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cos, sin, kv_lens, kv_starts)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward_formula(ctx, do, _dlse):
+    q, k, v, o, lse, cos, sin, kv_lens, kv_starts = ctx.saved_tensors
+    dq, dk, dv = triton_attention_backward_op(do, q, k, v, o, lse, cos, sin, kv_lens, kv_starts, ctx.causal,
+                                              ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+triton_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def _or(t, dummy):
@@ -605,8 +628,10 @@ def supports(q, k, v, causal, scale, rope, kv_lens=None, kv_starts=None):
     return None
 
 
-def attention(q, k, v, causal, scale, rope, kv_lens=None, kv_starts=None):
+def attention(q, k, v, causal, scale, rope, kv_lens=None, kv_starts=None, num_splits=None):
     """SPEC §3 gqa_attention: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> [B, Hq, Sq, D]; kv_lens,
-    kv_starts [B] as in the reference (a static KV cache, left padding)."""
+    kv_starts [B] as in the reference (a static KV cache, left padding). num_splits (tests):
+    the split-KV factor, else the launcher's choice."""
     cos, sin = rope if rope is not None else (None, None)
-    return _Attention.apply(q, k, v, causal, scale, cos, sin, kv_lens, kv_starts)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return triton_attention_op(q, k, v, cos, sin, kv_lens, kv_starts, causal, scale, num_splits or 0)[0]

@@ -88,7 +88,7 @@ def test_split_kv_decode(Sq, num_splits):
     q, k, v = make_inputs(B, Hq, Hkv, Sq, Skv, D, seed=Sq)
     cos, sin = rope_tables(Skv, D, device=DEVICE)
     q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
-    out = tri_attention._Attention.apply(q2, k2, v2, True, None, cos, sin, None, None, num_splits)
+    out = tri_attention.attention(q2, k2, v2, True, None, (cos, sin), num_splits=num_splits)
     do = torch.randn_like(out)
     out.backward(do)
     want = run("reference", q, k, v, do, causal=True, rope=(cos, sin))
@@ -109,7 +109,7 @@ def test_scores_far_below_zero(causal, num_splits):
         q += 8
         k -= 8
     q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
-    out = tri_attention._Attention.apply(q2, k2, v2, causal, None, None, None, None, None, num_splits)
+    out = tri_attention.attention(q2, k2, v2, causal, None, None, num_splits=num_splits)
     do = torch.randn_like(out)
     out.backward(do)
     want = run("reference", q, k, v, do, causal=causal)
