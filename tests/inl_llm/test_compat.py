@@ -200,7 +200,9 @@ def test_create_functions_use_the_originals_sizes():
         small_lm(unknown_field=1)
 
 
-def test_attention_mask_accepts_the_causal_mask_only():
+def test_attention_mask_is_passed_through():
+    """The original's causal [S, S] mask changes nothing (our attention is causal); a [B, S]
+    padding mask reaches the model: a left-padded row gives the logits of the row alone."""
     model = small_lm()
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
     model.eval()
@@ -208,9 +210,10 @@ def test_attention_mask_accepts_the_causal_mask_only():
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=causal)[0], model(ids)[0], rtol=0, atol=0)
         torch.testing.assert_close(model(ids, attention_mask=torch.ones(2, 5))[0], model(ids)[0], rtol=0, atol=0)
-        padded = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-        with pytest.raises(NotImplementedError, match="attention_mask"):
-            model(ids, attention_mask=padded)
+        padded = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+        logits, _ = model(ids, attention_mask=padded)
+        alone, _ = model(ids[:1, 2:])
+    torch.testing.assert_close(logits[0, 2:], alone[0], rtol=1e-5, atol=1e-5)
 
 
 # ---- core: the integrator layers against float64 SPEC §2 ---------------------------------------

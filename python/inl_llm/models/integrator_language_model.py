@@ -145,8 +145,8 @@ class CompatLanguageModel(_Model):
             return {"attention_mask": attention_mask}
         if attention_mask.shape == (B, S) and bool((attention_mask != 0).all()):  # nothing padded
             return {}
-        raise NotImplementedError("attention_mask: padded batches are not supported by this model yet (only the "
-                                  "causal [S, S] mask and an all-ones [B, S] mask are accepted)")
+        raise NotImplementedError("attention_mask: padded batches need a model that takes attention_mask (only the "
+                                  "causal [S, S] mask and an all-ones [B, S] mask are accepted here)")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 return_aux: bool = False, *, past_key_values=None, use_cache: bool = False):
