@@ -151,6 +151,13 @@ class IntegratorLayer(nn.Module):
         recomputing = bool(self.mu_ema_rate) and torch._C._current_graph_task_id() != -1
         if not recomputing:
             self.apply_mu_ema()
+        for name, t in (("h", h), ("x", x), ("v", v)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[-1] != self.d):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have the layer's width d={self.d} as its last dimension, got {got}")
+        if x.shape != h.shape or (v is not None and v.shape != x.shape):
+            raise ValueError(f"h, x (and v) must have one shape, got h {list(h.shape)}, x {list(x.shape)}"
+                             + ("" if v is None else f", v {list(v.shape)}"))
         shape = x.shape
         # the op wants contiguous rows; a layer accepts any layout (a no-op when already so)
         h2, x2 = h.reshape(-1, self.d).contiguous(), x.reshape(-1, self.d).contiguous()

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU, inl_iterate
 from inl_kernels._dispatch import preferred
+from inl_kernels._validate import token_ids as check_token_ids
 
 from .cache import KVCache
 from .config import INLConfig
@@ -359,6 +360,8 @@ class IntegratorLanguageModel(nn.Module):
 
         # under autocast the blocks compute in its dtype from the embedding on (fp32 weights,
         # low-precision activations); otherwise in the parameters' dtype
+        if isinstance(self.embed, nn.Embedding):  # the low-rank embedding checks its ids itself
+            check_token_ids("input_ids", input_ids, cfg.vocab_size)
         x = self.dropout(self.embed(input_ids).to(self.activation_dtype()))
         checkpointing = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         budgets = self.iteration_budgets()
