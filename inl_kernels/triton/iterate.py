@@ -701,25 +701,28 @@ def _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_ne
 
 
 @triton.jit
-def _iterate_bwd_rows(
-    x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_save_ptr, r_save_ptr,
-    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx_ptr, gv_ptr, gpre_ptr, rc_ptr,
+def _bwd_rows(
+    x0_ptr, v0_ptr, xs_ptr, vs_ptr, gx_ptr, gv_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
+    c_save_ptr, r_save_ptr, gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr,
     N, D, T, dt, kappa,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    LAST_SAVED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Backward phase 1, one program per BM rows, t = T-1 .. 0: the parts of the reverse
-    recurrence that reduce over a row. Per step, one pass over the d-blocks replays the block's
-    state (`_replay`), pulls the upstream gradient through the step (`_step_grads`) and
-    accumulates dL/dc_t = Σ_q g_q·w_o[q] (tl.dot) and dL/df_t = Σ_j g_alpha·alpha0. Then
+    recurrence that reduce over a row. Per step, one pass over the d-blocks gets the block's
+    state x_t, v_t (LAST_SAVED at t = T-1: the forward's fp32 state (xs, vs), which its last
+    step left at x_{T-1}, v_{T-1}; else replayed from x_0, v_0 by `_replay`), pulls the upstream
+    gradient through the step (`_step_grads`) and accumulates dL/dc_t = Σ_q g_q·w_o[q] (tl.dot)
+    and dL/df_t = Σ_j g_alpha·alpha0. Then
 
         gpre_t = dL/dc_t · [c_t > 0]                      -> gpre [T, N, H]
         rc_t   = dL/df_t · kappa·exp(-kappa·rms_t) / (D·rms_t)   (d rms/d err = err/(D·rms))  -> rc [T, N]
 
-    The direct gradients (gx, gv) of x_t, v_t go to an fp32 scratch [N, D] for step t-1, which
-    adds step t's row-coupled terms (`_upstream`)."""
+    The direct gradients (gx, gv) of x_t, v_t go to the fp32 carry (gx, gv) [N, D] for step
+    t-1, which adds step t's row-coupled terms (`_upstream`). With LAST_SAVED the carry is the
+    forward's state buffer itself: read at t = T-1, then overwritten block by block."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     row_mask = rows < N
@@ -748,9 +751,18 @@ def _iterate_bwd_rows(
                 exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
             else:
                 exc = tl.zeros([BD], dtype=ACC)
-            x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
-                           r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
-                           mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            if LAST_SAVED:
+                if t == T - 1:
+                    x = _load_block(xs_ptr, offs, m, ACC)
+                    v = _load_block(vs_ptr, offs, m, ACC)
+                else:
+                    x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                                   r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0,
+                                   mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            else:
+                x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                               r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
+                               mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
             a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
                 c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
@@ -775,6 +787,10 @@ def _iterate_bwd_rows(
             gc = tl.dot((g_vc * ms3).to(DOT), _load_w_out_rows(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT), gc,
                         input_precision=PREC, out_dtype=ACC)
             if t > 0:
+                if LAST_SAVED:
+                    if t == T - 1:
+                        # the carry goes where this block's state was read, by other threads
+                        tl.debug_barrier()
                 tl.store(gx_ptr + offs, gx_direct, mask=m)
                 tl.store(gv_ptr + offs, gv_direct, mask=m)
         gpre = tl.where(c > 0, gc, 0.0)
@@ -787,14 +803,14 @@ def _iterate_bwd_rows(
         tl.store(rc_ptr + t * N + rows64, rc, mask=row_mask)
         gpre_next = gpre
         rc_next = rc
-        # step t-1 reads the scratch that this program's other threads wrote
+        # step t-1 reads the carry that this program's other threads wrote
         tl.debug_barrier()
 
 
 @triton.jit
-def _iterate_bwd_cols(
+def _bwd_cols(
     x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_save_ptr, r_save_ptr,
-    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr, dx_ptr, dv_ptr,
+    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr, dx_ptr, dv_ptr, replay_ptr,
     dwo_ptr, dbo_ptr, dwx_ptr, dwv_ptr, dmu_ptr, dtab_ptr, dmod_ptr,
     N, D, T, dt, kappa, SPLITS,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr,
@@ -804,15 +820,19 @@ def _iterate_bwd_cols(
 ):
     """Backward phase 2, one program per (BD columns, row split): with gpre_t and rc_t known,
     the whole reverse recurrence is column-local, so each program reruns it for its columns
-    over the row tiles of its split (tiles split, split + SPLITS, ...), carrying (gx, gv) in
-    registers, and writes dL/dx_0, dL/dv_0 and its split's partial weight gradients:
+    over the row tiles of its split (tiles split, split + SPLITS, ...). Per tile it replays the
+    forward once, keeping x_t, v_t (t = 1 .. T-1) in its own slice of `replay` (fp32,
+    [programs, 2(T-1), BM, BD]: a few MB, resident in L2), then walks t = T-1 .. 0 carrying
+    (gx, gv) in registers, and writes dL/dx_0, dL/dv_0 and its split's partial weight gradients:
 
         dw_o[q·D + j] += Σ_t g_q,tᵀ·c_t      db_o[q·D + j] += Σ g_q,t       (g_q = g_zq·ms_q)
         dw_x[:, j]    += Σ_t gpre_tᵀ·x_t     dw_v[:, j]    += Σ_t gpre_tᵀ·v_t
         dmu[j]        -= Σ (every gradient that reached err = x - mu)
         dtable[t, j]  += Σ_rows gv~_t        dmod          += (Σ g_zq·q, Σ g_zq) for q = a, b, g, u
 
-    Partials are summed over splits by torch in a fixed order: no atomics, same bits every run."""
+    The weight gradients accumulate transposed, [H, BD] = c_tᵀ·g (M = H), so the tensor-core
+    tile is H rows whatever BD is. Partials are summed over splits by torch in a fixed order:
+    no atomics, same bits every run."""
     jb = tl.program_id(0)
     sp = tl.program_id(1)
     cols = jb * BD + tl.arange(0, BD)
@@ -821,10 +841,13 @@ def _iterate_bwd_cols(
     tk = tl.arange(0, TP)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
     mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    dwo_a = tl.zeros([BD, H], dtype=ACC)
-    dwo_b = tl.zeros([BD, H], dtype=ACC)
-    dwo_g = tl.zeros([BD, H], dtype=ACC)
-    dwo_u = tl.zeros([BD, H], dtype=ACC)
+    BLOCK: tl.constexpr = BM * BD
+    replay = replay_ptr + (sp * tl.num_programs(0) + jb).to(tl.int64) * (2 * (T - 1) * BLOCK)
+    here = tl.arange(0, BM)[:, None] * BD + tl.arange(0, BD)[None, :]
+    dwo_a = tl.zeros([H, BD], dtype=ACC)
+    dwo_b = tl.zeros([H, BD], dtype=ACC)
+    dwo_g = tl.zeros([H, BD], dtype=ACC)
+    dwo_u = tl.zeros([H, BD], dtype=ACC)
     dwx = tl.zeros([H, BD], dtype=ACC)
     dwv = tl.zeros([H, BD], dtype=ACC)
     dz_a = tl.zeros([BD], dtype=ACC)  # Σ_rows g_zq: db_o = ms_q·dz_q, d mod_bias_q = Σ_j dz_q
@@ -843,6 +866,29 @@ def _iterate_bwd_cols(
         rows64 = rows.to(tl.int64)
         m = row_mask[:, None] & col_mask[None, :]
         offs = rows64[:, None] * D + cols[None, :]
+        # the forward once, its states kept for the reverse walk (after the previous tile's
+        # reads of the same scratch, by other threads, are done)
+        tl.debug_barrier()
+        x = _load_block(x0_ptr, offs, m, ACC)
+        if HAS_V:
+            v = _load_block(v0_ptr, offs, m, ACC)
+        else:
+            v = tl.zeros([BM, BD], dtype=ACC)
+        for s in range(T - 1):
+            c = tl.load(c_save_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+            if USE_KAPPA:
+                scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
+            else:
+                scale = tl.full([BM], 1.0, dtype=ACC)
+            if HAS_EXC:
+                exc = tl.load(exc_ptr + s * D + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                exc = tl.zeros([BD], dtype=ACC)
+            x, v = _step_block(c, x, v, x - mu[None, :], scale, exc, w_o_ptr, b_o_ptr, cols, col_mask, hk, D,
+                               dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
+            tl.store(replay + (2 * s) * BLOCK + here, x)
+            tl.store(replay + (2 * s + 1) * BLOCK + here, v)
+        tl.debug_barrier()
         gx = tl.zeros([BM, BD], dtype=ACC)
         gv = tl.zeros([BM, BD], dtype=ACC)
         gpre_next = tl.zeros([BM, H], dtype=ACC)
@@ -859,9 +905,15 @@ def _iterate_bwd_cols(
                 exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
             else:
                 exc = tl.zeros([BD], dtype=ACC)
-            x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
-                           r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
-                           mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            if t == 0:
+                x = _load_block(x0_ptr, offs, m, ACC)
+                if HAS_V:
+                    v = _load_block(v0_ptr, offs, m, ACC)
+                else:
+                    v = tl.zeros([BM, BD], dtype=ACC)
+            else:
+                x = tl.load(replay + (2 * t - 2) * BLOCK + here)
+                v = tl.load(replay + (2 * t - 1) * BLOCK + here)
             a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
                 c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
@@ -877,15 +929,11 @@ def _iterate_bwd_cols(
                               * sign, axis=0)
             gvt, g_za, g_zb, g_zg, g_vc, gx, gv, f_term = _step_grads(
                 gx, gv, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt)
-            cd = c.to(DOT)
-            ga = g_za * ms0
-            gb = g_zb * ms1
-            gg = g_zg * ms2
-            gu = g_vc * ms3
-            dwo_a = tl.dot(ga.to(DOT).trans(), cd, dwo_a, input_precision=PREC, out_dtype=ACC)
-            dwo_b = tl.dot(gb.to(DOT).trans(), cd, dwo_b, input_precision=PREC, out_dtype=ACC)
-            dwo_g = tl.dot(gg.to(DOT).trans(), cd, dwo_g, input_precision=PREC, out_dtype=ACC)
-            dwo_u = tl.dot(gu.to(DOT).trans(), cd, dwo_u, input_precision=PREC, out_dtype=ACC)
+            ct = tl.trans(c.to(DOT))
+            dwo_a = tl.dot(ct, (g_za * ms0).to(DOT), dwo_a, input_precision=PREC, out_dtype=ACC)
+            dwo_b = tl.dot(ct, (g_zb * ms1).to(DOT), dwo_b, input_precision=PREC, out_dtype=ACC)
+            dwo_g = tl.dot(ct, (g_zg * ms2).to(DOT), dwo_g, input_precision=PREC, out_dtype=ACC)
+            dwo_u = tl.dot(ct, (g_vc * ms3).to(DOT), dwo_u, input_precision=PREC, out_dtype=ACC)
             dz_a += tl.sum(g_za, axis=0)
             dz_b += tl.sum(g_zb, axis=0)
             dz_g += tl.sum(g_zg, axis=0)
@@ -898,7 +946,7 @@ def _iterate_bwd_cols(
             dtab = tl.where(tk[:, None] == t, dtab + tl.sum(gvt, axis=0)[None, :], dtab)
             gpre = tl.load(gpre_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
                            other=0.0)
-            gpre_t = gpre.to(DOT).trans()
+            gpre_t = tl.trans(gpre.to(DOT))
             dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
             dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
             gpre_next = gpre
@@ -916,8 +964,9 @@ def _iterate_bwd_cols(
             gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
             tl.store(dv_ptr + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
 
-    wo_offs = (sp * 4 * D + cols[:, None]).to(tl.int64) * H + hk[None, :]
-    wo_mask = col_mask[:, None]
+    # dw_o partial [SPLITS, 4D, H], written from the transposed [H, BD] accumulators
+    wo_offs = (sp * 4 * D + cols[None, :]).to(tl.int64) * H + hk[:, None]
+    wo_mask = col_mask[None, :]
     tl.store(dwo_ptr + wo_offs, dwo_a, mask=wo_mask)
     tl.store(dwo_ptr + wo_offs + D * H, dwo_b, mask=wo_mask)
     tl.store(dwo_ptr + wo_offs + 2 * D * H, dwo_g, mask=wo_mask)
@@ -1076,14 +1125,15 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
 
 
 def _backward_config(n, d, H, device, config):
-    """Block sizes of the two backward kernels and the row splits of phase 2."""
+    """Block sizes of the two backward kernels and the row splits of phase 2: the forward's
+    block shape (M = 64 rows for wgmma, BD = 16 columns: see kernel_report for what ptxas
+    gives them); SPLITS so that phase 2 runs about 4 programs per multiprocessor."""
     if config is not None:
         cfg = dict(config)
     elif interpreting():
         cfg = dict(BM=16, BD=32)
     else:
-        # phase 2 holds six [BD, H] fp32 accumulators (dw_o ×4, dw_x, dw_v): keep BD·H <= 2048
-        cfg = dict(BM=32, BD=max(16, min(64, 2048 // H)), num_warps=8)
+        cfg = dict(BM=64, BD=16, num_warps=4)
     if "SPLITS" not in cfg:
         tiles = triton.cdiv(n, cfg["BM"])
         sms = multiprocessors(device) if device.type == "cuda" else 1
@@ -1092,10 +1142,21 @@ def _backward_config(n, d, H, device, config):
     return cfg
 
 
+def _halves(buffer, dtype, n, d):
+    """Two [n, d] tensors of a 2-byte dtype in the storage of one fp32 [n, d] buffer."""
+    flat = buffer.view(dtype).view(-1)
+    return flat[: n * d].view(n, d), flat[n * d:].view(n, d)
+
+
 def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     """Launches the two backward kernels; returns the gradients of (h, x, v, w_h, w_x, w_v, w_o,
-    b_o, bias, mod, mu, table), before the casts to the inputs' dtypes."""
-    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save = saved
+    b_o, bias, mod, mu, table), before the casts to the inputs' dtypes.
+
+    Memory: for bf16/fp16 inputs phase 1 carries its fp32 gradients in the forward's fp32
+    state buffers (xs, vs), which the backward owns; once phase 1 is done their storage holds
+    dL/dh and dL/dx (and dL/dv) in the input dtype. For fp32 inputs the carry is dL/dx itself
+    (phase 2 writes it only after phase 1 is done and never reads it) and one fp32 [N, d]."""
+    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save, xs, vs = saved
     gx_T, gv_T, g_energy, g_distance = (None if g is None else g.contiguous() for g in grads)
     n, d = x.shape
     H = w_h.shape[0]
@@ -1105,12 +1166,15 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     splits = cfg.pop("SPLITS")
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     BM, BD = cfg["BM"], cfg["BD"]
-    dx = torch.empty_like(x)
-    dv = torch.empty_like(x) if v is not None else None
-    # phase 1's carried gradients: fp32 scratch, or the fp32 outputs themselves (phase 2 only
-    # writes them after phase 1 is done and never reads them)
-    gx_s = dx if x.dtype == acc else torch.empty(n, d, device=dev, dtype=acc)
-    gv_s = dv if (dv is not None and x.dtype == acc) else torch.empty(n, d, device=dev, dtype=acc)
+    cast = x.dtype != acc
+    last_saved = cast and T >= 2  # the forward's last step left x_{T-1}, v_{T-1} in (xs, vs)
+    if cast:
+        gx_s, gv_s = xs, vs
+    else:
+        dx = torch.empty_like(x)
+        dv = torch.empty_like(x) if v is not None else None
+        gx_s = dx
+        gv_s = dv if dv is not None else torch.empty(n, d, device=dev, dtype=acc)
     gpre = torch.empty(T, n, H, device=dev, dtype=acc)
     rc = torch.empty(T, n, device=dev, dtype=acc)
     v_in = v if v is not None else x
@@ -1121,13 +1185,19 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
                  HAS_GD=g_distance is not None, DOT=DOT, PREC=PREC, ACC=ACC)
     upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
     kappa_f = float(kappa) if kappa is not None else 0.0
-    _iterate_bwd_rows[(triton.cdiv(n, BM),)](
-        x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gx_s, gv_s, gpre, rc,
-        n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, **flags, **launch)
+    _bwd_rows[(triton.cdiv(n, BM),)](
+        x, v_in, xs, vs, gx_s, gv_s, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
+        n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, LAST_SAVED=last_saved, **flags, **launch)
 
+    if cast:  # the carry is dead: its storage takes the input-dtype gradients
+        dh, dx = _halves(xs, x.dtype, n, d)
+        dv = _halves(vs, x.dtype, n, d)[0] if v is not None else None
     gpre_sum = gpre.sum(0)
     mm_dtype = h.dtype if h.dtype in (torch.float16, torch.bfloat16) else acc
-    dh = gpre_sum.to(mm_dtype) @ w_h.to(mm_dtype)
+    if cast and h.dtype == x.dtype:
+        torch.mm(gpre_sum.to(mm_dtype), w_h.to(mm_dtype), out=dh)
+    else:
+        dh = gpre_sum.to(mm_dtype) @ w_h.to(mm_dtype)
     dw_h = gpre_sum.t().to(mm_dtype) @ h.to(mm_dtype)
     dbias = gpre_sum.sum(0)
     if not needs_phase2:
@@ -1141,9 +1211,11 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     dmu = torch.empty(splits, d, device=dev, dtype=acc)
     dtab = torch.empty(splits, T, d, device=dev, dtype=acc)
     dmod = torch.empty(splits, nj, 8, device=dev, dtype=acc)
-    _iterate_bwd_cols[(nj, splits)](
+    # each program's replayed x_t, v_t (t = 1 .. T-1) of its current tile
+    replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM * BD), device=dev, dtype=acc)
+    _bwd_cols[(nj, splits)](
         x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
-        dx, dv if dv is not None else dx, dwo, dbo, dwx, dwv, dmu, dtab, dmod,
+        dx, dv if dv is not None else dx, replay, dwo, dbo, dwx, dwv, dmu, dtab, dmod,
         n, d, T, float(dt), kappa_f, splits, H=H, BM=BM, BD=BD, TP=triton.next_power_of_2(T), **flags, **launch)
     # the splits' partials, summed in a fixed order: the same bits on every run
     return (dh, dx, dv, dw_h, dwx.sum(0), dwv.sum(0), dwo.sum(0), dbo.sum(0), dbias, dmod.sum((0, 1)),
@@ -1151,19 +1223,23 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
 
 
 class _IterateFunction(torch.autograd.Function):
-    """The iterate with a Triton backward. Saved for the backward: the inputs and, per step,
-    the controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (fp32): 21 MB at
-    16384 × 2048, T = 5, H = 64, no trajectory. With them the state of any d-block at any step
-    replays column-locally from x_0, v_0 (O(T²) cheap steps, no extra memory), so the backward
-    needs only an fp32 [N, d] scratch pair for phase 1 (none for fp32 inputs), gpre [T, N, H],
-    rc [T, N] and the weight-gradient partials of phase 2's row splits."""
+    """The iterate with a Triton backward. Saved for the backward: the inputs, per step the
+    controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (fp32: 21 MB at
+    16384 × 2048, T = 5, H = 64), and for bf16/fp16 inputs the forward's fp32 state buffers,
+    which hold x_{T-1}, v_{T-1}. With c and rms the state of any d-block at any step replays
+    column-locally from x_0, v_0, so the backward needs no trajectory: phase 1 replays up to
+    step T-2 (x_{T-1} is read), phase 2 once per tile. Extra memory beyond inputs, outputs and
+    gradients (16384 × 2048, T = 5, bf16): the state pair (256 MiB, which then holds dL/dh and
+    dL/dx), c and rms, gpre [T, N, H], rc [T, N], phase 2's split partials and replay scratch."""
 
     @staticmethod
     def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, config):
-        x_out, v_out, energy, distance, iterations, _, _, (c_save, r_save) = _forward(
+        x_out, v_out, energy, distance, iterations, _, (xs, vs), (c_save, r_save) = _forward(
             h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, None, 0, save=True,
             path="tile", config=config)
-        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save)
+        cast = xs.data_ptr() != x_out.data_ptr()
+        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save,
+                              xs if cast else None, vs if cast else None)
         ctx.constants = (dt, kappa, T, config)
         ctx.mark_non_differentiable(iterations)
         ctx.set_materialize_grads(False)
