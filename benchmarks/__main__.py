@@ -121,10 +121,9 @@ def section_ops(ctx):
 
 
 def section_iterate_rows(ctx):
-    from benchmarks.bench_iterate import make_inputs
+    from benchmarks.bench_iterate import make_inputs, reference_iterate
     from benchmarks.common import time_fn
     from inl_kernels import inl_iterate
-    from inl_kernels.reference.iterate import iterate as reference_iterate
 
     d, T = (64, 3) if ctx.quick else (2048, 5) if ctx.cuda else (512, 5)
     counts = (32, 64, 128) if ctx.quick else tuple(256 * 2**i for i in range(7))
@@ -194,10 +193,9 @@ def section_attention_seq(ctx):
 
 
 def section_early_exit(ctx):
-    from benchmarks.bench_iterate import make_inputs
+    from benchmarks.bench_iterate import make_inputs, reference_iterate
     from benchmarks.common import time_fn
     from inl_kernels import inl_iterate
-    from inl_kernels.reference.iterate import iterate as reference_iterate
 
     n, d, T = (64, 32, 4) if ctx.quick else (16384, 2048, 8) if ctx.cuda else (2048, 512, 8)
     h, x, kw = make_inputs(n, d, T, ctx.dtype, ctx.device, early_exit=True)
@@ -420,9 +418,12 @@ def main(argv=None) -> int:
     args.out = args.out or os.path.join(ROOT, "benchmarks", "results", args.device + ("-quick" if args.quick else ""))
     ctx = Context(args)
     report = dict(environment=environment(args), notes=[], sections={}, plots=[])
+    report["environment"]["load_average_start"] = os.getloadavg()  # 1, 5, 15 minutes: other jobs on the machine
     if args.device == "cpu":
         report["notes"].append(f"CPU run on {report['environment']['cpu_threads']} threads of a machine that may be "
-                               "shared with other jobs: absolute times move between runs; compare the ratios of one run")
+                               "shared with other jobs (load average at the start: "
+                               f"{os.getloadavg()[0]:.1f}): absolute times move between runs; compare the ratios "
+                               "of one run")
     if os.environ.get("TRITON_INTERPRET") == "1" and args.device == "cpu":
         report["notes"].append("TRITON_INTERPRET=1: Triton kernels ran through the interpreter; their timings "
                                "measure nothing")
@@ -447,6 +448,7 @@ def main(argv=None) -> int:
         report["sections"][name] = section
     report["plots"] = make_plots(report["sections"], args.out, report["environment"]["device_label"])
     report["seconds"] = time.perf_counter() - start
+    report["environment"]["load_average_end"] = os.getloadavg()
     json_path = os.path.join(args.out, "results.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -69,7 +69,6 @@ FUNCTIONAL_OPS = {"inl_iterate": "iterate", "rms_norm": "rms_norm", "rope": "rop
 BETWEEN_OPS = "(between ops)"
 OUTSIDE_OPS = "(kernels outside ops)"
 DEVICE_IDLE = "(device idle)"
-OTHER_OPS = "(other ops)"
 
 
 # ---- the machine ------------------------------------------------------------------------------
@@ -490,22 +489,29 @@ def _our_backward_nodes() -> dict:
 
 
 _GENERATED = re.compile(r"^GeneratedBackwardFor_inl_(\w+?)_(default|[a-z0-9]+)(Backward)?$")
+_BACKEND_PREFIX = re.compile(r"^(cpu|cuda|triton|reference)_")
+
+
+def _public(op: str) -> str:
+    """A registered op's public name: `cpu_iterate` (the C++ backend's op) is `iterate`."""
+    op = _BACKEND_PREFIX.sub("", op)
+    return FUNCTIONAL_OPS.get(op, op)
 
 
 def op_name(name: str) -> Optional[str]:
     """The table row an event named `name` is attributed to as a whole, or None when it is a
     range around ops (step, phase, module, autograd node) whose children are looked at instead.
-    Ours: `inl::<op>`, `inl::<op> (backward)`; aten ops keep their name."""
+    Ours: `inl::<op>` (the public op's range, or a backend's registered op) and
+    `inl::<op> (backward)` (its autograd node or registered backward op); aten ops keep their
+    name."""
     if name.startswith("inl::"):
         op = name[5:].split(".", 1)[0]
-        backward = op.endswith(("_backward", "_bwd"))
-        op = re.sub(r"_(backward|bwd)$", "", op)
-        op = FUNCTIONAL_OPS.get(op, op)
+        backward = re.search(r"_(backward|bwd)$", op) is not None
+        op = _public(re.sub(r"_(backward|bwd)$", "", op))
         return f"inl::{op}" + (" (backward)" if backward else "")
     match = _GENERATED.match(name)  # torch.library.custom_op's autograd wrapper of an `inl::` op
     if match:
-        op = FUNCTIONAL_OPS.get(match.group(1), match.group(1))
-        return f"inl::{op}" + (" (backward)" if match.group(3) else "")
+        return f"inl::{_public(match.group(1))}" + (" (backward)" if match.group(3) else "")
     ours = _our_backward_nodes().get(name)
     if ours is not None:
         return f"inl::{ours} (backward)"
@@ -656,7 +662,8 @@ def op_target(args, device: torch.device, dtype: torch.dtype) -> Target:
         if op == "rope":
             call = lambda: F_inl.rope(q, k, cos, sin, backend=args.backend)  # noqa: E731
         else:
-            call = lambda: F_inl.gqa_attention(q, k, v, causal=True, rope=(cos, sin), backend=args.backend)  # noqa: E731
+            call = lambda: F_inl.gqa_attention(q, k, v, causal=True, rope=(cos, sin),  # noqa: E731
+                                               backend=args.backend)
         title = f"{op} B{B} Hq{Hq} Hkv{Hkv} S{S} D{D}"
     elif op == "swiglu":
         t, d, f = parse_shape(text, 3, op)
@@ -810,7 +817,7 @@ def summarize(prof, walls: list, work: dict, peaks: Peaks, device: torch.device,
                      key=lambda r: -r.us)
     shown, rest = ordered[:top], ordered[top:]
     if rest:
-        folded = Row(f"{OTHER_OPS[:-1]}: {len(rest)} more)", calls=sum(r.calls for r in rest),
+        folded = Row(f"(other ops: {len(rest)} more)", calls=sum(r.calls for r in rest),
                      us=sum(r.us for r in rest), flops=None, bytes=None)
         shown.append(folded)
     shown += [rows[k] for k in (BETWEEN_OPS, OUTSIDE_OPS, DEVICE_IDLE) if k in rows]

@@ -100,6 +100,10 @@ def test_our_backward_nodes_and_names():
     assert P.op_name("inl::iterate") == "inl::iterate"
     assert P.op_name("inl::gqa_attention.default") == "inl::attention"
     assert P.op_name("GeneratedBackwardFor_inl_rms_norm_defaultBackward") == "inl::rms_norm (backward)"
+    # the C++ backend's registered ops and their autograd wrapper count as the public op
+    assert P.op_name("inl::cpu_iterate_backward") == "inl::iterate (backward)"
+    assert P.op_name("GeneratedBackwardFor_inl_cpu_iterate_defaultBackward") == "inl::iterate (backward)"
+    assert P.op_name("GeneratedBackwardFor_inl_cpu_iterate_default") == "inl::iterate"
     assert P.op_name("aten::mm") == "aten::mm"
     assert P.op_name("blocks.0.integrator") is None and P.op_name("autograd::engine::evaluate_function: X") is None
 
