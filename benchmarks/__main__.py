@@ -316,15 +316,18 @@ def make_plots(sections: dict, out: str, device_label: str) -> list:
                                 "sequence length S (log)", slopes=(2,)))
     rows = sections.get("early_exit", {}).get("rows", [])
     if rows:
-        series = plots.by(rows, lambda r: r["mean_steps"], lambda r: r.get("ms"),
-                          lambda r: f"{r['impl']}, {r['variant']}")
-        ideal = {}
-        ours = next((k for k in series if k.startswith("ours")), next(iter(series)))
-        top = max(series[ours])  # time proportional to the steps run, from the every-step time
-        ideal[f"{ours.split(',')[0]}: ∝ steps run (ideal)"] = [(s, top[1] * s / top[0]) for s in (1.0, top[0])]
+        # each series relative to its own time with every step run, so eager and ours share a scale
+        series = {}
+        for name, points in plots.by(rows, lambda r: r["mean_steps"], lambda r: r.get("ms"),
+                                     lambda r: f"{r['impl']}, {r['variant']}").items():
+            full_steps, full_ms = max(points)
+            label = f"{name} ({full_ms:.3g} ms at {full_steps:.0f} steps)"
+            series[label] = [(s, ms / full_ms) for s, ms in points]
+        T = max(r["mean_steps"] for r in rows)
         made.append(plots.lines(series, os.path.join(out, "early_exit.png"),
                                 "iterate forward with early exit: time against the steps rows ran" + suffix,
-                                "mean steps run per row", logx=False, logy=False, ideal=ideal))
+                                "mean steps run per row", "time / time with every step", logx=False, logy=False,
+                                ideal={"∝ steps run (ideal)": [(1.0, 1.0 / T), (T, 1.0)]}))
     rows = sections.get("model", {}).get("rows", [])
     groups = {}
     for r in rows:
@@ -362,7 +365,10 @@ def markdown(report: dict, out: str) -> str:
     lines = [f"# Benchmarks — {env['device_label']}", "",
              f"`{env['command']}` on {env['date']}: {env['cpu_model']}, {env['cpu_threads']} threads"
              + (f", {env['gpu']}" if env.get("gpu") else "") + f"; torch {env['torch']}, triton {env['triton']}, "
-             f"python {env['python']}; backends {', '.join(env['backends'])}.", ""]
+             f"python {env['python']}; backends {', '.join(env['backends'])}"
+             + "".join(f"; {k}={v}" for k, v in env.get("env_vars", {}).items())
+             + (f"; load average (1 min) {env['load_average_start'][0]:.1f} at the start, "
+                f"{env['load_average_end'][0]:.1f} at the end" if env.get("load_average_end") else "") + ".", ""]
     lines += [f"- {n}" for n in report["notes"]] + [""]
     for name, section in report["sections"].items():
         lines += [f"## {name}", ""]
@@ -371,11 +377,12 @@ def markdown(report: dict, out: str) -> str:
             continue
         if section.get("error"):
             lines += [f"**Failed**: `{section['error'].splitlines()[-1]}`", ""]
-        lines += [f"- {n}" for n in section.get("notes", [])]
+        if section.get("notes"):
+            lines += [f"- {n}" for n in section["notes"]] + [""]
         rows = section.get("rows", [])
         cols = [c for c in COLUMNS.get(name, []) if any(r.get(c) is not None for r in rows)]
         if rows and cols:
-            lines += ["", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+            lines += ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
             lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
         lines += ["", f"({section.get('seconds', 0):.0f} s)", ""]
     if report["plots"]:
@@ -389,6 +396,9 @@ def environment(args) -> dict:
 
     env = common_environment()
     env.update(backends=inl_kernels.backends(), quick=args.quick, compile=args.compile,
+               # OpenMP's waiting policy decides how threads behave on a machine shared with other jobs
+               env_vars={k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                                     "TRITON_INTERPRET") if k in os.environ},
                triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
                device_label=(f"{env.get('gpu')}" if args.device == "cuda" else f"CPU ({env['cpu_model']}, "
                              f"{env['cpu_threads']} threads)") + (" — quick smoke run" if args.quick else ""),

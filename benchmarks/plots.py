@@ -29,7 +29,7 @@ def speedups(bars: list, path: str, title: str):
     bars = [b for b in bars if b[1] and b[1] > 0]
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(SIZE[0], 0.9 + 0.32 * len(bars)))
+    fig, ax = plt.subplots(figsize=(SIZE[0] + 1, 1.2 + 0.32 * len(bars)))
     colors = {"eager": "tab:blue", "compile": "tab:orange", "sdpa": "tab:green", "reference": "tab:blue"}
     labels = [f"{label} (vs {base})" for label, _, base in bars]
     values = [ratio for _, ratio, _ in bars]
@@ -41,7 +41,7 @@ def speedups(bars: list, path: str, title: str):
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xlim(min(0.5, min(values) / 1.5), max(values) * 4)
-    ax.set_xlabel("speedup of ours (baseline time / our time, log scale; > 1: ours is faster)")
+    ax.set_xlabel("baseline time / our time (log; > 1: ours is faster)")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 

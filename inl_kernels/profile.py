@@ -33,7 +33,9 @@ What it does:
   its rows actually ran when it returns them), `aten_cost` for aten ops, from the shapes the
   profiler records (matmuls exactly, element-wise ops as one FLOP per output element and every
   operand read or written once). floor = max(FLOPs / GEMM rate, bytes / copy bandwidth);
-  `roofline %` = floor / time (100 %: the op runs at its floor).
+  `roofline %` = floor / time (100 %: the op runs at its floor). The copy is measured far beyond
+  the caches, so a memory-bound op whose operands stay in cache (an optimizer step on small
+  tensors) can pass 100 %; the GEMM is one large square product, so skinny matmuls sit below it.
 * `--memory`: the peak memory of each phase above what was allocated when the phase began (the
   largest over the profiled steps). On a GPU torch.cuda.max_memory_allocated (tensors in the
   caching allocator); on a CPU the profiler's allocation events, i.e. tensors from PyTorch's
