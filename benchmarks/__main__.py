@@ -386,7 +386,7 @@ def markdown(report: dict, out: str) -> str:
             lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
         lines += ["", f"({section.get('seconds', 0):.0f} s)", ""]
     if report["plots"]:
-        lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in report["plots"]]
+        lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
 
 
@@ -456,7 +456,9 @@ def main(argv=None) -> int:
         if section.get("skipped"):
             print(f"   skipped: {section['skipped']}")
         report["sections"][name] = section
-    report["plots"] = make_plots(report["sections"], args.out, report["environment"]["device_label"])
+    # paths relative to the output folder: the committed results do not name the machine's folders
+    report["plots"] = [os.path.relpath(p, args.out)
+                       for p in make_plots(report["sections"], args.out, report["environment"]["device_label"])]
     report["seconds"] = time.perf_counter() - start
     report["environment"]["load_average_end"] = os.getloadavg()
     json_path = os.path.join(args.out, "results.json")

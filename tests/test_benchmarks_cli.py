@@ -33,7 +33,8 @@ def test_quick_run_writes_results_and_valid_plots(tmp_path):
 
     assert {os.path.basename(p) for p in report["plots"]} == PLOTS
     markdown = (tmp_path / "results.md").read_text()
-    for path in report["plots"]:
+    for name in report["plots"]:
+        path = tmp_path / name  # relative to the output folder
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
         with Image.open(path) as image:
@@ -41,4 +42,4 @@ def test_quick_run_writes_results_and_valid_plots(tmp_path):
         pixels = matplotlib.image.imread(path)
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.shape[2] in (3, 4)
         assert pixels.std() > 0  # something is drawn
-        assert f"]({os.path.basename(path)})" in markdown
+        assert f"]({name})" in markdown
