@@ -879,6 +879,11 @@ def report_text(report: dict) -> str:
              f"shares sum to {report['share_sum']:.1f} % of {sum(report['walls_ms']):.4g} ms of steps"
              + ("" if report["device_type"] == "cuda" else
                 " (CPU wall times; the machine may be shared: compare ratios, not absolute times)")]
+    load = report.get("load_average")
+    if report["device_type"] == "cpu" and load and load > (os.cpu_count() or 1) and \
+            report.get("omp_wait_policy") is None:
+        lines.append(f"load average {load:.1f} on {os.cpu_count()} cores: OpenMP threads spin while a sibling is "
+                     "descheduled; OMP_WAIT_POLICY=PASSIVE makes times on a shared machine far less distorted")
     if report["layers"]:
         lines += ["", format_table(report["layers"], LAYER_COLUMNS)]
     if report.get("memory_mib") is not None:
@@ -964,6 +969,8 @@ def profile_command(argv=None) -> dict:
         ops=summary["ops"], share_sum=summary["share_sum"],
         layers=summary["per_layer"] if args.per_layer else summary["layers"], per_layer=summary["per_layer"],
         work={k: vars(v) for k, v in work.items()}, trace=trace,
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         command=" ".join(["python -m inl_kernels.profile"] + list(sys.argv[1:] if argv is None else argv)))
     if args.memory:
         report["memory_mib"] = {k: v / 2**20 for k, v in phase_peaks.items()}
