@@ -817,7 +817,9 @@ def summarize(prof, walls: list, work: dict, peaks: Peaks, device: torch.device,
         rows[DEVICE_IDLE] = Row(DEVICE_IDLE, calls=None, us=max(0.0, wall_us - counted), flops=None, bytes=None)
     ordered = sorted((r for r in rows.values() if r.name not in (BETWEEN_OPS, OUTSIDE_OPS, DEVICE_IDLE)),
                      key=lambda r: -r.us)
-    shown, rest = ordered[:top], ordered[top:]
+    # our ops always get their own row; the smallest of the rest are folded into one
+    shown = [r for i, r in enumerate(ordered) if i < top or r.name.startswith("inl::")]
+    rest = [r for i, r in enumerate(ordered) if not (i < top or r.name.startswith("inl::"))]
     if rest:
         folded = Row(f"(other ops: {len(rest)} more)", calls=sum(r.calls for r in rest),
                      us=sum(r.us for r in rest), flops=None, bytes=None)
@@ -910,7 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--trace", default=None, help="Chrome/Perfetto trace path (default: profile-<what>.json)")
         q.add_argument("--no-trace", action="store_true", help="write no trace")
         q.add_argument("--json", default=None, help="also write the report as JSON here")
-        q.add_argument("--rows", type=int, default=25, help="ops shown before the rest is folded into one row")
+        q.add_argument("--rows", type=int, default=25,
+                       help="ops shown before the rest is folded into one row (ours are always shown)")
         q.add_argument("--per-layer", action="store_true", help="list every module range, not grouped by block")
         q.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
         q.add_argument("--gemm-size", type=int, default=None, help="n of the n³ GEMM that measures the peak")
