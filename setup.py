@@ -78,6 +78,7 @@ setup(
     package_dir={"inl_llm": "python/inl_llm"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["inl-profile=inl_kernels.profile:main"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -86,7 +87,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pyarrow"],
+        "test": ["pytest", "pytest-benchmark", "pyarrow", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "data": ["pyarrow"],
     },
