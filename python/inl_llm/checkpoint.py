@@ -58,6 +58,15 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _dcp(method, state: dict, path: Path):
+    """torch.distributed.checkpoint save or load; in one process without a process group too
+    (DCP then warns that it assumes one process: that is the intent here)."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        getattr(dcp, method)(state, checkpoint_id=str(path), no_dist=not _distributed())
+
+
 def _rank() -> int:
     return torch.distributed.get_rank() if _distributed() else 0
 
@@ -358,10 +367,9 @@ def _load_weights_file(model: IntegratorLanguageModel, path: Path):
 def _load_weights_from_dcp(model: IntegratorLanguageModel, directory: Path):
     """The weights of a training checkpoint whose model.safetensors was not written (FSDP runs
     may write only the sharded train/ directory): read from DCP into this (plain) model."""
-    import torch.distributed.checkpoint as dcp
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(directory / TRAIN_DIR), no_dist=not _distributed())
+        _dcp("load", state, directory / TRAIN_DIR)
     except Exception as e:
         raise CheckpointError(f"{directory / TRAIN_DIR} could not be read: {type(e).__name__}: {e}") from None
     model.load_state_dict(state["model"])
@@ -444,7 +452,6 @@ def save_training_checkpoint(model: IntegratorLanguageModel, directory: PathLike
     every rank writes its own file), train_state (step, scheduler, data position, history...)
     plus every rank's RNG state in train_state.pt, and, with export_weights, model.safetensors
     (an FSDP model is gathered to rank 0 for it). Every rank calls it."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model.apply_mu_ema()
@@ -456,8 +463,7 @@ def save_training_checkpoint(model: IntegratorLanguageModel, directory: PathLike
 
     def write_all_ranks(tmp: Path):
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / TRAIN_DIR),
-                 no_dist=not _distributed())
+        _dcp("save", {"model": model_state, "optim": optim_state}, tmp / TRAIN_DIR)
         holder["model"] = _model_for_export(model) if export_weights else None
 
     def write_rank0(tmp: Path):
@@ -479,7 +485,6 @@ def load_training_checkpoint(model: IntegratorLanguageModel, directory: PathLike
     """Restores model, optimizer and this rank's RNGs from a training checkpoint written by any
     world size (DCP reshards); returns its train_state. Every rank calls it. The model must have
     the checkpoint's architecture (a ValueError names each field that differs)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     directory = resolve_checkpoint(directory)
@@ -506,7 +511,7 @@ def load_training_checkpoint(model: IntegratorLanguageModel, directory: PathLike
     model_state, optim_state = get_state_dict(model, optimizer)
     both = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(both, checkpoint_id=str(directory / TRAIN_DIR), no_dist=not _distributed())
+        _dcp("load", both, directory / TRAIN_DIR)
     except Exception as e:
         raise CheckpointError(f"{directory / TRAIN_DIR} could not be read: {type(e).__name__}: {e}") from None
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])

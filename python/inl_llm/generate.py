@@ -73,17 +73,18 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     Runs in eval mode (early exit on) and restores the model's mode after. Once a row emits
     eos_token_id it keeps emitting it; generation stops when every row has. Without the cache
     each step re-runs the whole sequence (same tokens as with it: the test checks greedy).
-    The prompt plus the new tokens must fit in max_seq_len."""
+    The prompt plus the new tokens but the last must fit in max_seq_len."""
     _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     batch, length = input_ids.shape
     if length < 1:
         raise ValueError("input_ids must hold at least one token (a prompt; e.g. the BOS id)")
-    limit = model.config.max_seq_len
-    if length + max_new_tokens > limit:
-        raise ValueError(f"the prompt ({length} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                         f"max_seq_len={limit}")
+    # the last new token is sampled, never fed back: the model sees length + max_new_tokens - 1 positions
+    limit, seen = model.config.max_seq_len, length + max(max_new_tokens - 1, 0)
+    if seen > limit:
+        raise ValueError(f"the prompt ({length} tokens) plus max_new_tokens ({max_new_tokens}) needs {seen} positions "
+                         f"(the last new token is not fed back), more than max_seq_len={limit}")
     sample = lambda logits, ids: next_token(logits, ids, temperature, top_k, top_p,  # noqa: E731
                                             repetition_penalty, do_sample, generator)
     was_training = model.training
@@ -92,7 +93,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         out = input_ids
         if max_new_tokens == 0:
             return out
-        cache = model.new_cache(batch, length + max_new_tokens) if use_cache else None
+        cache = model.new_cache(batch, seen) if use_cache else None
         logits = prefill(model, input_ids, cache) if use_cache else model(input_ids)[0][:, -1]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
