@@ -100,7 +100,8 @@ def _resume_config(checkpoint: str, size, overrides: dict, say) -> INLConfig:
     unknown = sorted(set(overrides) - set(saved))
     if unknown:
         _fail(f"--set {unknown}: not config fields (fields: {', '.join(saved)})")
-    asked = [(f"--size {size}", k, v) for k, v in (SIZES[size].items() if size else ())]
+    # what the flags ask for: the named size with the --set fields over it
+    asked = [(f"--size {size}", k, v) for k, v in (SIZES[size].items() if size else ()) if k not in overrides]
     asked += [(f"--set {k}={json.dumps(v)}", k, v) for k, v in overrides.items()]
     changes = [f"{flag}: the checkpoint has {k}={saved[k]!r}" for flag, k, v in asked
                if k not in RUNTIME_FIELDS and saved[k] != v]
