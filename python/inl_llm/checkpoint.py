@@ -97,8 +97,11 @@ def _pid_alive(pid: int) -> bool:
 # ---- files ----------------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path):

@@ -174,6 +174,21 @@ def cmd_train(args) -> dict:
     return {"model": model, **result}
 
 
+def cmd_convert(args):
+    """Between our checkpoint directory and a Hugging Face one (the [hf] extra), either way."""
+    try:
+        from . import hf
+    except ImportError as e:
+        _fail(f"convert needs transformers (pip install -e \".[hf]\"): {e}")
+    if hf.is_hf_directory(args.source):
+        path = hf.from_hf(args.source, args.destination)
+        print(f"Hugging Face model {args.source} -> checkpoint {path}")
+    else:
+        path = hf.to_hf(args.source, args.destination)
+        print(f"checkpoint {args.source} -> Hugging Face model {path}")
+    return path
+
+
 def cmd_export(args):
     path = export_checkpoint(args.checkpoint, args.out)
     print(f"{args.checkpoint} -> {path} ({', '.join(sorted(os.listdir(path)))})")
@@ -322,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True)
 
+    cv = sub.add_parser("convert", help="checkpoint <-> Hugging Face model directory (needs the [hf] extra); the "
+                                        "direction follows the source")
+    cv.add_argument("source")
+    cv.add_argument("destination")
+
     gen = sub.add_parser("generate", help="sample from a checkpoint")
     gen.add_argument("--checkpoint", required=True)
     gen.add_argument("--prompt", default="def ")
@@ -339,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "export": cmd_export}[args.command](args)
+    return {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "export": cmd_export,
+            "convert": cmd_convert}[args.command](args)
 
 
 if __name__ == "__main__":
