@@ -168,7 +168,8 @@ def cmd_train(args) -> dict:
         for r, rep in enumerate(reports):
             if rep is not None:
                 say(f"rank {r} memory (MiB): parameters {mib(rep['params'])}, gradients {mib(rep['grads'])}, "
-                    f"optimizer {mib(rep['optimizer'])}, peak RSS {mib(rep['peak_rss'])}")
+                    f"optimizer {mib(rep['optimizer'])}, resident {mib(rep['rss'] or 0)} "
+                    f"(peak {mib(rep['peak_rss'])})")
         result["memory_per_rank"] = reports
         torch.distributed.destroy_process_group()
     return {"model": model, **result}

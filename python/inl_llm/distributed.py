@@ -123,9 +123,19 @@ def parallelize(model: IntegratorLanguageModel, mode: str, precision: str = "fp3
                                                find_unused_parameters=cfg.mixture_of_integrators)
 
 
+def _current_rss() -> Optional[int]:
+    """Resident bytes of this process now (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
     """This rank's bytes of parameters (its shards under FSDP), gradients and optimizer state,
-    and the process's peak resident memory."""
+    and the process's resident memory now and at its peak (the peak includes the whole model
+    every rank builds before sharding it)."""
     from torch.distributed.tensor import DTensor
 
     def local(t):
@@ -140,6 +150,7 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     report = {"params": sum(local(p) for p in params),
               "grads": sum(local(p.grad) for p in params if p.grad is not None),
               "optimizer": state,
+              "rss": _current_rss(),
               "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         report["peak_cuda"] = torch.cuda.max_memory_allocated()

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -37,6 +38,8 @@ from .model import IntegratorLanguageModel
 from .scheduler import create_cycle_scheduler
 
 PRECISIONS = ("fp32", "bf16")
+# TrainConfig fields a resumed run may change without changing what it computes
+_FREE_ON_RESUME = {"checkpoint_dir", "checkpoint_every", "export_weights", "progress"}
 
 
 @dataclass
@@ -203,6 +206,14 @@ def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch
             raise ValueError(f"{resume_from} was trained on windows {state['data']}; this run would read "
                              f"{sampler.state_dict()}: set the same batch_size, seq_len, data_shards and seed to resume")
         step, elapsed, train_loss, history = state["step"], state["elapsed"], state["train_loss"], state["history"]
+        # the LR schedule and the cycle scheduler are functions of the step and these settings
+        # alone: a change makes the continuation differ from the run that was interrupted
+        before, now = state["train_config"], dataclasses.asdict(tc)
+        changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now
+                   if k not in _FREE_ON_RESUME and k in before and before[k] != now[k]]
+        if changed:
+            warnings.warn(f"resuming {resume_from} with other settings than it was trained with ({', '.join(changed)}): "
+                          f"the run continues, but not as the interrupted one would have", stacklevel=2)
         log(f"resumed {resume_from} at step {step}")
 
     def phase_time(step):

@@ -38,8 +38,9 @@ def test_resume_refuses_architecture_changes_and_names_them(trained, capsys):
 def test_resume_applies_and_prints_runtime_changes_and_continues_the_run(trained, tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "more"
-    result = main(["train", "--resume", str(trained), "--set", "tol=0.05", "--set", "d_model=32", *RUN,
-                   "--steps", "4", "--out", str(out)])
+    with pytest.warns(UserWarning, match=r"other settings than it was trained with \(steps 2 -> 4\)"):
+        result = main(["train", "--resume", str(trained), "--set", "tol=0.05", "--set", "d_model=32", *RUN,
+                       "--steps", "4", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "runtime override: tol 0.01 -> 0.05" in printed
     assert "d_model" not in printed.split("model:")[0]  # an unchanged architecture field is not an override
