@@ -1,4 +1,8 @@
-"""Drop-in nn.Modules: they hold parameters and call the functional ops, nothing more."""
+"""Drop-in nn.Modules: they hold parameters and call the functional ops, nothing more.
+
+Every module takes `backend`: "auto", or a backend name, which then runs the ops it has kernels
+for while "auto" picks the rest (a module built with backend="cpu" runs the C++ iterate and
+RMSNorm and the best available attention, swiglu and embedding)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +12,7 @@ import torch
 from torch import nn
 
 from . import functional as F_inl
+from ._dispatch import preferred
 from .reference.rope import rope_tables
 
 
@@ -141,8 +146,9 @@ class IntegratorLayer(nn.Module):
                 return_info: bool = False, num_iterations: Optional[int] = None):
         """h, x (and v): [..., d]. Returns x_T, or (x_T, IterateInfo) with return_info."""
         # a forward inside a backward pass is a checkpoint recomputation: it must see the mu the
-        # original forward saw (the test used by torch's own module tracker)
-        recomputing = torch._C._current_graph_task_id() != -1
+        # original forward saw (the test used by torch's own module tracker; only asked when the
+        # EMA is on, so a compiled forward without it has nothing to break its graph)
+        recomputing = bool(self.mu_ema_rate) and torch._C._current_graph_task_id() != -1
         if not recomputing:
             self.apply_mu_ema()
         shape = x.shape
@@ -155,7 +161,7 @@ class IntegratorLayer(nn.Module):
             amplitude=self.excitation_amplitude, dt=self.dt, kappa=self.kappa,
             num_iterations=num_iterations or self.num_iterations, v=v2,
             tol=None if self.training else self.tol, min_iterations=self.min_iterations,
-            backend=self.backend, return_info=return_info)
+            backend=preferred(self.backend, "iterate"), return_info=return_info)
         if self.training and self.mu_ema_rate and not recomputing and h2.shape[0] > 0:
             self._mu_target = h2.detach().float().mean(0)
         if return_info:
@@ -173,7 +179,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x, residual=None):
-        return F_inl.rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
+        return F_inl.rms_norm(x, self.weight, self.eps, residual, backend=preferred(self.backend, "rms_norm"))
 
 
 class GQAttention(nn.Module):
@@ -230,7 +236,8 @@ class GQAttention(nn.Module):
             v = torch.cat((past_key_value[1], v), dim=2)
         if use_cache and present is None:
             present = (k, v)
-        out = F_inl.gqa_attention(q, k, v, causal=True, rope=(self.cos, self.sin), backend=self.backend)
+        out = F_inl.gqa_attention(q, k, v, causal=True, rope=(self.cos, self.sin),
+                                  backend=preferred(self.backend, "attention"))
         out = self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * D))
         return out, (present if use_cache else None)
 
@@ -246,7 +253,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x):
-        return F_inl.swiglu(x, self.gate.weight, self.up.weight, self.down.weight, backend=self.backend)
+        return F_inl.swiglu(x, self.gate.weight, self.up.weight, self.down.weight,
+                            backend=preferred(self.backend, "swiglu"))
 
 
 class LowRankEmbedding(nn.Module):
@@ -261,4 +269,5 @@ class LowRankEmbedding(nn.Module):
         nn.init.normal_(self.project_up, std=1.0 / math.sqrt(rank))
 
     def forward(self, ids):
-        return F_inl.low_rank_embedding(ids, self.embed_low, self.project_up, backend=self.backend)
+        return F_inl.low_rank_embedding(ids, self.embed_low, self.project_up,
+                                        backend=preferred(self.backend, "embedding"))

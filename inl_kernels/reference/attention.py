@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .iterate import compute_dtype
+from ..common import compute_dtype
 from .rope import rotate
 
 

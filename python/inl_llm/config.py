@@ -49,7 +49,9 @@ from typing import Optional
 
 from .data import ByteTokenizer
 
-BACKEND_CHOICES = ("auto", "reference", "triton", "cpu", "cuda")
+from inl_kernels import BACKENDS
+
+BACKEND_CHOICES = ("auto",) + BACKENDS
 
 
 @dataclass

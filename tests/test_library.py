@@ -1,0 +1,132 @@
+"""Our ops as first-class PyTorch ops: every compiled kernel is a torch.library op that passes
+`torch.library.opcheck` (schema, fake tensors, autograd registration, AOT dispatch), and the
+model traces without a graph break, compiles with fullgraph=True to the eager result (logits and
+every gradient), and exports with torch.export."""
+import pytest
+import torch
+
+import inl_kernels
+import inl_llm
+from tests.iterate_cases import make_args
+
+CPU = pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built")
+
+
+def folded(h, x, kw, dtype=torch.float32, requires_grad=False):
+    """The cpu_iterate op's tensor arguments for make_args()' case."""
+    from inl_kernels.common import fold_parameters, iterate_bundle
+
+    _, _, v, params, settings = iterate_bundle(h, x, **kw)
+    f = fold_parameters(params, settings, x.shape[1], torch.float32)
+    tensors = [h, x, v, params.w_h, params.w_x, params.w_v, params.w_o, f.bias, params.b_o, f.mod, params.mu, f.table]
+    tensors = [None if t is None else t.detach().to(dtype if i < 3 else torch.float32).requires_grad_(requires_grad)
+               for i, t in enumerate(tensors)]
+    return tensors, settings
+
+
+@CPU
+@pytest.mark.parametrize("case", ["inference", "early_exit", "trajectory", "training", "no_v_no_table"])
+def test_opcheck_cpu_iterate(case):
+    from inl_kernels.cpu.iterate import cpu_iterate_op
+
+    h, x, kw = make_args(n=5, d=12, H=8, E=0 if case == "no_v_no_table" else 2, T=3, dtype=torch.float32,
+                         with_v=case != "no_v_no_table")
+    tensors, s = folded(h, x, kw, requires_grad=case == "training")
+    tol = 1e-2 if case == "early_exit" else None
+    args = (*tensors, s.dt, s.kappa, s.num_iterations, tol, 1, case == "trajectory", case == "training")
+    torch.library.opcheck(cpu_iterate_op, args)
+
+
+@CPU
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cpu_rms_norm(residual, dtype):
+    from inl_kernels.cpu.rms_norm import cpu_rms_norm_op
+
+    x = torch.randn(4, 3, 16).to(dtype).requires_grad_(True)
+    w = torch.randn(16).to(dtype).requires_grad_(True)
+    r = torch.randn(4, 3, 16).to(dtype).requires_grad_(True) if residual else None
+    torch.library.opcheck(cpu_rms_norm_op, (x, w, 1e-6, r))
+
+
+def _model(backend):
+    torch.manual_seed(0)
+    return inl_llm.create_model("tiny", backend=backend, num_layers=2)  # two blocks trace as well as four
+
+
+def _loss(model, ids):
+    return model(ids)[0].float().logsumexp(-1).mean()
+
+
+BACKENDS = ["reference"] + (["auto"] if "cpu" in inl_kernels.backends() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_traces_without_graph_breaks(backend):
+    model = _model(backend)
+    ids = torch.randint(0, 259, (2, 9))
+    model.train()
+    train = torch._dynamo.explain(lambda ids: _loss(model, ids))(ids)
+    model.eval()
+    with torch.no_grad():
+        evaluate = torch._dynamo.explain(lambda ids: model(ids)[0])(ids)
+    for what, e in (("training step", train), ("eval forward", evaluate)):
+        assert e.graph_break_count == 0 and e.graph_count == 1, (what, [str(b.reason) for b in e.break_reasons])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile_gives_the_eager_result(backend):
+    """aot_eager runs the traced forward and backward graphs without inductor's fusions, so the
+    only difference from eager would be a wrong fake function or autograd formula: the results
+    must be equal bit for bit."""
+    model = _model(backend)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 259, (2, 9))
+    model.train()
+    grads = []
+    for m in (model, compiled):
+        loss = _loss(m, ids)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], compiled(ids)[0])
+
+
+@pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built")
+def test_inductor_compile_of_our_model_matches_eager():
+    """With inductor's code generation around our ops (what users run): within fp32 rounding."""
+    model = _model("auto")
+    compiled = torch.compile(model, fullgraph=True)
+    ids = torch.randint(0, 259, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_captures_the_eval_forward(backend):
+    model = _model(backend).eval()
+    ids = torch.randint(0, 259, (2, 9))
+    with torch.no_grad():
+        exported = torch.export.export(_Logits(model), (ids,))
+        targets = {str(n.target) for n in exported.graph.nodes}
+        if backend == "auto":  # the compiled kernels stay single ops in the graph
+            assert {"inl.cpu_iterate.default", "inl.cpu_rms_norm.default"} <= targets, targets
+        other = torch.randint(0, 259, (2, 9))
+        assert torch.equal(exported.module()(other), model(other)[0])
