@@ -128,11 +128,18 @@ def one_process(tmp_path_factory):
     return out, run_training(out, checkpoint_every=3)
 
 
+@pytest.fixture(scope="module")
+def fsdp_two_ranks(tmp_path_factory):
+    """The same run on two FSDP2 ranks, with a sharded checkpoint after step 3."""
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, on_two_ranks(out, parallel="fsdp", checkpoint_every=3)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_give_the_losses_of_one_process(one_process, tmp_path, parallel):
+def test_two_ranks_give_the_losses_of_one_process(one_process, fsdp_two_ranks, tmp_path, parallel):
     """Default config (shared controller, learnable hierarchical mu) under FSDP2 per block + root."""
     _, single = one_process
-    both = on_two_ranks(tmp_path, parallel=parallel, checkpoint_every=None)
+    both = fsdp_two_ranks[1] if parallel == "fsdp" else on_two_ranks(tmp_path, parallel=parallel)
     torch.testing.assert_close(losses(both), losses(single), rtol=1e-5, atol=0)
     assert losses(both)[0] != losses(both)[5]  # it trained
     assert_states_close(both["state"], single["state"], rtol=1e-4)
@@ -141,14 +148,13 @@ def test_two_ranks_give_the_losses_of_one_process(one_process, tmp_path, paralle
         assert both["memory"]["params"] < 0.6 * full
 
 
-def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process_and_exports(one_process, tmp_path):
+def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process_and_exports(fsdp_two_ranks, tmp_path):
     """2 ranks -> 1: the sharded DCP checkpoint of step 3 resumes in one process (world 1 reads
     both data shards) and ends where the two-rank run ends; its gathered model.safetensors and
     its DCP shards each load as a plain model holding the ranks' weights."""
-    _, single = one_process
-    both = on_two_ranks(tmp_path / "two", parallel="fsdp", checkpoint_every=3)
-    torch.testing.assert_close(losses(both), losses(single), rtol=1e-5, atol=0)
-    step3 = tmp_path / "two" / "step3"
+    import shutil
+    out, both = fsdp_two_ranks
+    step3 = out / "step3"
     assert sorted(p.name for p in (step3 / TRAIN_DIR).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
     with pytest.warns(UserWarning, match="saved by 2 ranks and is resumed on 1: the per-rank RNG"):
@@ -156,11 +162,12 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process_and_exports(one_proce
     torch.testing.assert_close(losses(resumed), losses(both)[3:], rtol=1e-5, atol=0)
     assert_states_close(resumed["state"], both["state"], rtol=1e-5)
 
-    final = load_checkpoint(tmp_path / "two" / "step6")  # model.safetensors, gathered from the shards
+    final = load_checkpoint(out / "step6")  # model.safetensors, gathered from the shards
     assert_states_close(final.state_dict(), both["state"], rtol=0)
-    (tmp_path / "two" / "step6" / WEIGHTS).unlink()
-    (tmp_path / "two" / "step6" / "manifest.json").unlink()
-    from_shards = load_checkpoint(tmp_path / "two" / "step6")  # the DCP shards read into one process
+    shutil.copytree(out / "step6", tmp_path / "sharded_only")
+    (tmp_path / "sharded_only" / WEIGHTS).unlink()
+    (tmp_path / "sharded_only" / "manifest.json").unlink()
+    from_shards = load_checkpoint(tmp_path / "sharded_only")  # the DCP shards read into one process
     assert_states_close(from_shards.state_dict(), both["state"], rtol=0)
 
 
@@ -173,9 +180,9 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(one_process, tmp_pat
     assert_states_close(resumed["state"], single["state"], rtol=1e-5)
 
 
-def test_killed_and_resumed_on_two_ranks_matches_the_straight_run(tmp_path):
+def test_killed_and_resumed_on_two_ranks_matches_the_straight_run(fsdp_two_ranks, tmp_path):
     """6 steps straight against 3 steps, SIGKILL of both ranks, resume, 3 more: within 1e-6."""
-    straight = on_two_ranks(tmp_path / "straight", parallel="fsdp", checkpoint_every=None)
+    straight = fsdp_two_ranks[1]
     on_two_ranks(tmp_path / "killed", expect_kill=True, parallel="fsdp", checkpoint_every=3, kill_after=3)
     resumed = on_two_ranks(tmp_path / "resumed", parallel="fsdp",
                            resume_from=str(tmp_path / "killed" / "step3"))
@@ -184,18 +191,25 @@ def test_killed_and_resumed_on_two_ranks_matches_the_straight_run(tmp_path):
     assert [h["step"] for h in resumed["history"]] == [0, 3, 6]  # the history carries over
 
 
-def test_gradient_accumulation_bf16_policy_and_activation_checkpointing_under_fsdp(tmp_path):
-    """Two FSDP ranks × 2 micro-batches with activation checkpointing equal one process with the
-    whole batch (a loss linear in the rows); the bf16 policy trains close to fp32."""
-    single = run_training(tmp_path / "one", steps=4, checkpoint_every=None, task_loss_only=True)
-    accumulated = run_training(tmp_path / "acc", steps=4, checkpoint_every=None, task_loss_only=True,
-                               grad_accum_steps=4)
+@pytest.fixture(scope="module")
+def task_loss_run(tmp_path_factory):
+    return run_training(tmp_path_factory.mktemp("task"), steps=4, task_loss_only=True)
+
+
+def test_gradient_accumulation_and_activation_checkpointing_under_fsdp(task_loss_run, tmp_path):
+    """One process × 4 micro-batches, and two FSDP ranks × 2 micro-batches with activation
+    checkpointing, equal one process with the whole batch (a loss linear in the rows)."""
+    single = task_loss_run
+    accumulated = run_training(tmp_path / "acc", steps=4, task_loss_only=True, grad_accum_steps=4)
     torch.testing.assert_close(losses(accumulated), losses(single), rtol=1e-5, atol=0)
-    both = on_two_ranks(tmp_path / "two", parallel="fsdp", steps=4, checkpoint_every=None, task_loss_only=True,
-                        grad_accum_steps=2, activation_checkpointing=True)
+    both = on_two_ranks(tmp_path / "two", parallel="fsdp", steps=4, task_loss_only=True, grad_accum_steps=2,
+                        activation_checkpointing=True)
     torch.testing.assert_close(losses(both), losses(single), rtol=1e-5, atol=0)
-    bf16 = on_two_ranks(tmp_path / "bf16", parallel="fsdp", steps=4, checkpoint_every=None, task_loss_only=True,
-                        precision="bf16")
+
+
+def test_the_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(task_loss_run, tmp_path):
+    single = task_loss_run
+    bf16 = on_two_ranks(tmp_path / "bf16", parallel="fsdp", steps=4, task_loss_only=True, precision="bf16")
     assert all(v.dtype == torch.float32 for v in bf16["state"].values() if v.is_floating_point())  # fp32 masters
     torch.testing.assert_close(losses(bf16), losses(single), rtol=2e-2, atol=0)
     assert not torch.equal(losses(bf16), losses(single))  # it did compute in bf16
@@ -205,7 +219,7 @@ def test_one_process_resume_after_sigkill_is_bit_exact(tmp_path):
     """N = 6 steps straight == 3 steps + SIGKILL + resume + 3 steps, bit for bit: weights,
     optimizer-driven updates, budgets, losses."""
     import multiprocessing
-    straight = run_training(tmp_path / "straight", checkpoint_every=None)
+    straight = run_training(tmp_path / "straight")
     ctx = multiprocessing.get_context("spawn")
     child = ctx.Process(target=run_training, args=(str(tmp_path / "killed"),),
                         kwargs=dict(checkpoint_every=3, kill_after=3))
