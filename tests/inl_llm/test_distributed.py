@@ -142,6 +142,10 @@ def test_two_ranks_give_the_losses_of_one_process(one_process, fsdp_two_ranks, t
     both = fsdp_two_ranks[1] if parallel == "fsdp" else on_two_ranks(tmp_path, parallel=parallel)
     torch.testing.assert_close(losses(both), losses(single), rtol=1e-5, atol=0)
     assert losses(both)[0] != losses(both)[5]  # it trained
+    # evaluations (every rank reads its share of the windows) and the budgets they set agree too
+    assert [h["budgets"] for h in both["history"]] == [h["budgets"] for h in single["history"]]
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in both["history"]]),
+                               torch.tensor([h["loss"] for h in single["history"]]), rtol=1e-5, atol=0)
     assert_states_close(both["state"], single["state"], rtol=1e-4)
     if parallel == "fsdp":  # each rank holds half of every sharded parameter and of its optimizer state
         full = sum(v.numel() * v.element_size() for k, v in single["state"].items() if "budget" not in k)
