@@ -230,7 +230,7 @@ def rope_args(q, k, cos, sin, position_offset):
     rope_tables_args(cos, sin, D // 2, position_offset + S, q.device)
 
 
-def attention_args(q, k, v, causal, scale, rope):
+def attention_args(q, k, v, causal, scale, rope, kv_lens=None, kv_starts=None):
     tensor("q", q, shape=(None, None, None, None), contiguous="last")
     B, Hq, Sq, D = q.shape
     tensor("k", k, shape=(B, None, None, D), dtypes=(q.dtype,), device=q.device, contiguous="last")
@@ -251,3 +251,15 @@ def attention_args(q, k, v, causal, scale, rope):
         if D % 2:
             raise ValueError(f"q head dim must be even for rotate-half RoPE, got {D}")
         rope_tables_args(rope[0], rope[1], D // 2, Skv, q.device)
+    for name, t in (("kv_lens", kv_lens), ("kv_starts", kv_starts)):
+        if t is not None:
+            tensor(name, t, shape=(B,), dtypes=INDEX_DTYPES, device=q.device)
+    # the values bound what the kernels index: read where that costs no sync (CPU, eager)
+    if q.device.type == "cpu" and _eager() and B > 0:
+        lens = kv_lens if kv_lens is not None else None
+        if lens is not None and (int(lens.min()) < Sq or int(lens.max()) > Skv):
+            raise ValueError(f"kv_lens values must lie in [Sq, Skv] = [{Sq}, {Skv}] (the queries sit at the end of "
+                             f"each row's keys), got values in [{int(lens.min())}, {int(lens.max())}]")
+        if kv_starts is not None and (int(kv_starts.min()) < 0 or int(kv_starts.max()) > Skv):
+            raise ValueError(f"kv_starts values must lie in [0, {Skv}], got values in "
+                             f"[{int(kv_starts.min())}, {int(kv_starts.max())}]")

@@ -71,16 +71,23 @@ def rope(q, k, cos, sin, position_offset=0, backend="auto"):
         return fn(q, k, cos, sin, int(position_offset))
 
 
-def gqa_attention(q, k, v, causal=True, scale=None, rope=None, backend="auto"):
+def gqa_attention(q, k, v, causal=True, scale=None, rope=None, backend="auto", kv_lens=None, kv_starts=None):
     """Grouped-query attention: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], Hq % Hkv == 0. Queries
     sit at the end of the keys (Sq < Skv is KV-cache decode). rope=(cos, sin) rotates q and k
-    inside the op at their positions. Returns [B, Hq, Sq, D]."""
-    check.attention_args(q, k, v, causal, scale, rope)
+    inside the op at their positions. Returns [B, Hq, Sq, D].
+
+    kv_lens, kv_starts: optional int tensors [B] on q's device. Row b's keys are then
+    [kv_starts[b], kv_lens[b]) of k/v: a static KV cache passes its full buffers and the filled
+    length as a device tensor (nothing on the host changes per token, so decode can be captured
+    in a CUDA graph), a left-padded batch passes each row's padding as kv_starts (positions then
+    count from there, and the row computes what it computes alone). Queries end at kv_lens[b];
+    a query that sees no key (padding) returns zeros."""
+    check.attention_args(q, k, v, causal, scale, rope, kv_lens, kv_starts)
     scale = None if scale is None else float(scale)
     rope = None if rope is None else tuple(rope)
     with _op_range("inl::attention"):
-        fn = resolve("attention", backend, q.device.type, q, k, v, causal, scale, rope)
-        return fn(q, k, v, causal, scale, rope)
+        fn = resolve("attention", backend, q.device.type, q, k, v, causal, scale, rope, kv_lens, kv_starts)
+        return fn(q, k, v, causal, scale, rope, kv_lens, kv_starts)
 
 
 def swiglu(x, w_gate, w_up, w_down, backend="auto"):

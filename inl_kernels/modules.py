@@ -151,6 +151,13 @@ class IntegratorLayer(nn.Module):
         recomputing = bool(self.mu_ema_rate) and torch._C._current_graph_task_id() != -1
         if not recomputing:
             self.apply_mu_ema()
+        for name, t in (("h", h), ("x", x), ("v", v)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[-1] != self.d):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have the layer's width d={self.d} as its last dimension, got {got}")
+        if x.shape != h.shape or (v is not None and v.shape != x.shape):
+            raise ValueError(f"h, x (and v) must have one shape, got h {list(h.shape)}, x {list(x.shape)}"
+                             + ("" if v is None else f", v {list(v.shape)}"))
         shape = x.shape
         # the op wants contiguous rows; a layer accepts any layout (a no-op when already so)
         h2, x2 = h.reshape(-1, self.d).contiguous(), x.reshape(-1, self.d).contiguous()
@@ -185,13 +192,16 @@ class RMSNorm(nn.Module):
 class GQAttention(nn.Module):
     """Causal grouped-query self-attention with RoPE applied inside the attention op.
 
-    forward(x [B, S, d], past_key_value=None, use_cache=False) -> (out [B, S, d], present),
-    where present = (k, v) [B, Hkv, S_past + S, D] holds *unrotated* keys (the op rotates keys
-    at their positions as it reads them) when use_cache, else None.
+    forward(x [B, S, d], past_key_value=None, use_cache=False, kv_starts=None) -> (out [B, S, d],
+    present). Keys are cached *unrotated* (the op rotates keys at their positions as it reads them).
 
-    past_key_value may instead be a static cache: an object whose `update(k, v)` writes the new
-    keys and values into preallocated buffers and returns the filled prefix (views); it is then
-    returned as `present`, so decoding never reallocates."""
+    past_key_value may be
+    - a (k, v) pair [B, Hkv, S_past, D]: the new keys are appended (a new tensor per call) and
+      present = (k, v) of all positions when use_cache;
+    - a static cache: an object whose `update(k, v)` writes the new keys and values into
+      preallocated buffers and returns (k_buffer, v_buffer, kv_lens, kv_starts) for the op (see
+      inl_llm.cache); it is returned as `present`, and decoding never reallocates.
+    kv_starts [B] (without a static cache): each row's left padding (gqa_attention's kv_starts)."""
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope_base: float = 10000.0, max_seq_len: int = 2048,
@@ -221,15 +231,15 @@ class GQAttention(nn.Module):
             self.cos, self.sin = rope_tables(self.max_seq_len, self.head_dim, self.rope_base, device=self.cos.device)
         return self
 
-    def forward(self, x, past_key_value=None, use_cache=False):
+    def forward(self, x, past_key_value=None, use_cache=False, kv_starts=None):
         B, S, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, S, self.num_heads, D).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, D).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, D).transpose(1, 2)
-        present = None
+        present, kv_lens = None, None
         if hasattr(past_key_value, "update"):
-            k, v = past_key_value.update(k, v)
+            k, v, kv_lens, kv_starts = past_key_value.update(k, v)
             present = past_key_value
         elif past_key_value is not None:
             k = torch.cat((past_key_value[0], k), dim=2)
@@ -237,7 +247,7 @@ class GQAttention(nn.Module):
         if use_cache and present is None:
             present = (k, v)
         out = F_inl.gqa_attention(q, k, v, causal=True, rope=(self.cos, self.sin),
-                                  backend=preferred(self.backend, "attention"))
+                                  backend=preferred(self.backend, "attention"), kv_lens=kv_lens, kv_starts=kv_starts)
         out = self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * D))
         return out, (present if use_cache else None)
 

@@ -144,15 +144,14 @@ class INLForCausalLM(PreTrainedModel, GenerationMixin):
                 return_dict: Optional[bool] = None, **kwargs) -> CausalLMOutputWithPast:
         """logits [B, S, V]; with labels [B, S], the mean next-token cross-entropy
         (labels shifted by one inside, -100 ignored); with use_cache, our KVCache (new, or the one
-        passed as `cache` / `past_key_values`) filled with these tokens."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("attention_mask with padding is not supported: INL-LLM batches share one length "
-                             "(no padding)")
+        passed as `cache` / `past_key_values`) filled with these tokens. attention_mask: 0 marks
+        padding at the start (left) or end (right) of a row, as the model takes it."""
         past = cache if cache is not None else past_key_values
         if past is not None and not isinstance(past, KVCache):
             past = None  # a transformers cache object: unused, ours is created below
         use_cache = bool(use_cache) or past is not None
-        logits, _, present = self.model(input_ids, past_key_values=past, use_cache=use_cache)
+        logits, _, present = self.model(input_ids, past_key_values=past, use_cache=use_cache,
+                                        attention_mask=attention_mask)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -166,11 +165,12 @@ class INLForCausalLM(PreTrainedModel, GenerationMixin):
                                       attention_mask=None, use_cache=True, **kwargs) -> dict:
         """The tokens our cache has not seen yet: the whole prompt first, then one token a step."""
         past = cache if cache is not None else past_key_values
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache}
         if not isinstance(past, KVCache) or not use_cache:
             if use_cache:
                 past = self.model.new_cache(input_ids.shape[0])
-            return {"input_ids": input_ids, "cache": past if use_cache else None, "use_cache": use_cache}
-        return {"input_ids": input_ids[:, past.length:], "cache": past, "use_cache": True}
+            return {**inputs, "input_ids": input_ids, "cache": past if use_cache else None}
+        return {**inputs, "input_ids": input_ids[:, past.length:], "cache": past}
 
     # ---- our checkpoint directories ---------------------------------------------------------
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU
+from inl_kernels._validate import token_ids as check_token_ids
 
 from .cache import KVCache
 from .config import INLConfig
@@ -168,10 +169,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
         self.ffn = SwiGLU(d, cfg.feedforward_dim, cfg.backend)
 
-    def forward(self, x: torch.Tensor, num_iterations: int, cache=None):
-        """x [B, S, d] -> (x, [IntegratorStats], router balance or None)."""
+    def forward(self, x: torch.Tensor, num_iterations: int, cache=None, kv_starts=None):
+        """x [B, S, d] -> (x, [IntegratorStats], router balance or None). kv_starts [B]: each row's
+        left padding (no cache); a static cache carries its own."""
         B, S, d = x.shape
-        a, _ = self.attn(self.attn_norm(x), past_key_value=cache)
+        a, _ = self.attn(self.attn_norm(x), past_key_value=cache, kv_starts=kv_starts)
         state, x = self.integrator_norm(a, residual=x)  # rms_norm(x + a), x + a in one pass
         h, state = a.reshape(-1, d), state.reshape(-1, d)
         if isinstance(self.integrator, MixtureOfIntegrators):
@@ -298,11 +300,15 @@ class IntegratorLanguageModel(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = False,
-                return_aux: bool = False):
+                return_aux: bool = False, attention_mask: Optional[torch.Tensor] = None):
         """input_ids [B, S] -> (logits [B, S, V], aux or None, cache or None).
 
         With use_cache, a KVCache (new one of max_seq_len positions when past_key_values is
         None) is filled and returned; the tokens sit at positions cache.length … + S − 1.
+        attention_mask [B, S] (or [B, cached + S]): 1 for real tokens, 0 for padding, which must
+        sit at the start of a row (left padding: each row then computes what it computes alone)
+        or at its end (right padding: causal attention never lets a real token see it). With a
+        cache, the prompt's left padding is kept for every later step.
         aux: "iterations" [L] mean steps per row per layer, "energy" / "distance" (per layer,
         [T_l] means over rows after each step), "mu" (per layer, [d]; [E, d] for a mixture),
         "integrators" (every IntegratorStats, what IntegratorLoss reads) and "router_balance"
@@ -312,12 +318,20 @@ class IntegratorLanguageModel(nn.Module):
             raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(input_ids.shape[0])
-        start = past_key_values.length if past_key_values is not None else 0
-        if start + input_ids.shape[1] > cfg.max_seq_len:
-            raise ValueError(f"positions up to {start + input_ids.shape[1] - 1} exceed max_seq_len={cfg.max_seq_len}")
+        if not torch.compiler.is_compiling():  # a compiled decode step leaves the host count to its caller
+            start = past_key_values.length if past_key_values is not None else 0
+            if start + input_ids.shape[1] > cfg.max_seq_len:
+                raise ValueError(f"positions up to {start + input_ids.shape[1] - 1} exceed max_seq_len="
+                                 f"{cfg.max_seq_len}")
+        kv_starts = None if attention_mask is None else left_padding(attention_mask, input_ids)
+        if past_key_values is not None:
+            past_key_values.begin(input_ids.shape[1], kv_starts)
+            kv_starts = None  # the cache carries it
 
         # under autocast the blocks compute in its dtype from the embedding on (fp32 weights,
         # low-precision activations); otherwise in the parameters' dtype
+        if isinstance(self.embed, nn.Embedding):  # the low-rank embedding checks its ids itself
+            check_token_ids("input_ids", input_ids, cfg.vocab_size)
         x = self.embed(input_ids).to(self.activation_dtype())
         checkpointing = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         budgets = self.iteration_budgets()
@@ -325,9 +339,9 @@ class IntegratorLanguageModel(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = past_key_values.layers[i] if past_key_values is not None else None
             if checkpointing:
-                x, stats, balance = checkpoint(block, x, budgets[i], cache, use_reentrant=False)
+                x, stats, balance = checkpoint(block, x, budgets[i], cache, kv_starts, use_reentrant=False)
             else:
-                x, stats, balance = block(x, budgets[i], cache)
+                x, stats, balance = block(x, budgets[i], cache, kv_starts)
             if not self.training:
                 with torch.no_grad():
                     self._steps_run[i] += sum(s.iterations.sum(dtype=torch.int64) for s in stats)
@@ -336,6 +350,8 @@ class IntegratorLanguageModel(nn.Module):
             if balance is not None:
                 balances.append(balance)
 
+        if past_key_values is not None:
+            past_key_values.commit()
         x = self.norm(x)
         if self.lm_head is not None:
             logits = self.lm_head(x)
@@ -363,12 +379,40 @@ class IntegratorLanguageModel(nn.Module):
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, repetition_penalty: float = 1.0, do_sample: bool = True,
-                 eos_token_id: Optional[int] = None, use_cache: bool = True, generator=None):
+                 eos_token_id: Optional[int] = None, use_cache: bool = True, generator=None,
+                 attention_mask: Optional[torch.Tensor] = None, compile: bool = False, cuda_graph: bool = False,
+                 eos_check_every: int = 8):
         """See inl_llm.generate.generate."""
         from .generate import generate
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, do_sample=do_sample, eos_token_id=eos_token_id,
-                        use_cache=use_cache, generator=generator)
+                        use_cache=use_cache, generator=generator, attention_mask=attention_mask, compile=compile,
+                        cuda_graph=cuda_graph, eos_check_every=eos_check_every)
+
+
+def left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's count of leading padding positions ([B], int32) from an attention mask of 1s for
+    real tokens and 0s for padding (its last S columns cover input_ids). The mask must be a run of
+    0s then 1s (left padding) or of 1s then 0s (right padding, which needs nothing: causal
+    attention never shows a real token what follows it); checked on CPU tensors, where reading
+    them costs no device sync."""
+    B, S = input_ids.shape
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < S:
+        raise ValueError(f"attention_mask must have shape [batch, seq] = [{B}, >= {S}] like input_ids, got "
+                         f"{list(attention_mask.shape)}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask must be on {input_ids.device} like input_ids, got {attention_mask.device}")
+    mask = attention_mask.to(torch.int32)
+    starts = (mask.cumsum(1) == 0).sum(1, dtype=torch.int32)
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        ones = mask.sum(1)
+        left = torch.arange(mask.shape[1])[None, :] >= starts[:, None]
+        right = torch.arange(mask.shape[1])[None, :] < ones[:, None]
+        if not bool(((mask == 0) | (mask == 1)).all()) or not bool(((mask == left.int()) | (mask == right.int()))
+                                                                    .all(1).all()):
+            raise ValueError("attention_mask must hold 1s for tokens and 0s for padding, the padding at the start "
+                             "(left padding) or at the end (right padding) of each row")
+    return starts
 
 
 def create_model(size: str = "tiny", vocab_size: Optional[int] = None, device=None, dtype=None,

@@ -83,6 +83,20 @@ def test_transformers_greedy_generate_gives_our_tokens():
     assert torch.equal(uncached, greedy[:, :10])
 
 
+def test_left_padded_prompts_generate_as_ours():
+    model = hf.INLForCausalLM(hf.INLLLMConfig(**CONFIG))
+    model.model = trained_model()
+    ids = torch.tensor([[258, 258, 256, 100, 101], [256, 105, 109, 112, 111]])
+    mask = (ids != 258).long()
+    ours = model.model.generate(ids, 8, do_sample=False, attention_mask=mask)
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                            generation_config=transformers.GenerationConfig(eos_token_id=None, pad_token_id=258))
+    assert torch.equal(theirs, ours)
+    # the padded row continues as its prompt alone does
+    alone = model.model.generate(ids[:1, 2:], 8, do_sample=False)
+    assert torch.equal(theirs[0, 5:], alone[0, 3:])
+
+
 def test_labels_give_the_shifted_loss_and_the_trainer_trains(tmp_path):
     model = hf.INLForCausalLM(hf.INLLLMConfig(**CONFIG))
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
