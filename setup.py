@@ -87,8 +87,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pyarrow", "matplotlib"],
+        # transformers in the test extra so that CI runs the Hugging Face tests (the core package never needs it)
+        "test": ["pytest", "pytest-benchmark", "pyarrow", "matplotlib", "transformers", "accelerate"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "data": ["pyarrow"],
+        "hf": ["transformers", "accelerate"],  # inl_llm.hf: the Hugging Face model; accelerate for transformers.Trainer
     },
 )
