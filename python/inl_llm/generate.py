@@ -135,18 +135,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     eos_token_id it keeps emitting it; generation stops when every row has (checked every
     `eos_check_every` tokens, the only reads back to the host). Without the cache each step
     re-runs the whole sequence (same tokens as with it: the test checks greedy). The prompt plus
-    the new tokens must fit in max_seq_len. attention_mask [B, S]: left padding of batched prompts
-    (1 = token, 0 = padding). compile / cuda_graph: see the module docstring (both need the cache)."""
+    the new tokens but the last (never fed back) must fit in max_seq_len. attention_mask [B, S]:
+    left padding of batched prompts (1 = token, 0 = padding). compile / cuda_graph: see the module docstring (both need the cache)."""
     _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     batch, length = input_ids.shape
     if length < 1:
         raise ValueError("input_ids must hold at least one token (a prompt; e.g. the BOS id)")
-    limit = model.config.max_seq_len
-    if length + max_new_tokens > limit:
-        raise ValueError(f"the prompt ({length} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                         f"max_seq_len={limit}")
+    # the last new token is sampled, never fed back: the model sees length + max_new_tokens - 1 positions
+    limit, seen = model.config.max_seq_len, length + max(max_new_tokens - 1, 0)
+    if seen > limit:
+        raise ValueError(f"the prompt ({length} tokens) plus max_new_tokens ({max_new_tokens}) needs {seen} positions "
+                         f"(the last new token is not fed back), more than max_seq_len={limit}")
     if (compile or cuda_graph) and not use_cache:
         raise ValueError("compile and cuda_graph decode through the static KV cache: use_cache must be True")
     if cuda_graph and input_ids.device.type != "cuda":
@@ -162,7 +163,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             return input_ids
         out = torch.empty(batch, length + max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
         out[:, :length] = input_ids
-        cache = model.new_cache(batch, length + max_new_tokens) if use_cache else None
+        cache = model.new_cache(batch, seen) if use_cache else None
         if use_cache:
             logits = prefill(model, input_ids, cache, attention_mask)
         else:

@@ -41,7 +41,7 @@ class IntegratorStats(NamedTuple):
 
 
 def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
-    return IntegratorLayer(
+    layer = IntegratorLayer(
         cfg.d_model, controller, num_iterations=cfg.num_iterations, dt=cfg.dt,
         kappa=cfg.alpha_kappa if cfg.dynamic_alpha else None,
         excitation_sparsity=cfg.excitation_sparsity if cfg.sparse_excitation else 1.0,
@@ -49,6 +49,19 @@ def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
         mu_group_size=cfg.mu_group_size if cfg.hierarchical_mu else None, mu_init=cfg.mu_init,
         learnable_mu=cfg.learnable_mu, mu_ema_rate=cfg.mu_ema_rate,
         tol=cfg.tol if cfg.adaptive_stopping else None, min_iterations=cfg.min_iterations, backend=cfg.backend)
+    # the global mu as shape [1], not a 0-dim scalar: FSDP2 shards every parameter along dim 0
+    # and refuses scalars (it broadcasts in equilibrium() the same way); checkpoints saved with
+    # the scalar still load (_mu_global_as_vector)
+    layer.mu_global.data = layer.mu_global.data.reshape(1)
+    return layer
+
+
+def _mu_global_as_vector(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook: a checkpoint written before mu_global became [1] holds it as a
+    0-dim tensor."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key.endswith("mu_global") and value.dim() == 0:
+            state_dict[key] = value.reshape(1)
 
 
 def _iterate_with_trajectory(layer: IntegratorLayer, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
@@ -234,6 +247,7 @@ class IntegratorLanguageModel(nn.Module):
         self.register_buffer("_steps_run", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
         self.register_buffer("_rows_seen", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
         self._init_weights()
+        self.register_load_state_dict_pre_hook(_mu_global_as_vector)
 
     @torch.no_grad()
     def _init_weights(self):
