@@ -24,6 +24,7 @@ BAD_VALUES = {
     "alpha_kappa": [0.0, -1.0],
     "budget_momentum": [-0.1, 1.5],
     "mu_ema_rate": [0.0, 1.5],
+    "dropout": [-0.1, 1.0],
     "mu_init": [],
 }
 FLOAT_FIELDS = [f.name for f in dataclasses.fields(INLConfig) if f.type in ("float", "Optional[float]")]
