@@ -1,10 +1,12 @@
-"""A stand-in for the hub tokenizer the original example scripts load
+"""A stand-in for the hub tokenizer that scripts written for the original package load
 (`transformers.AutoTokenizer.from_pretrained("gpt2")`), which cannot be downloaded here: the
-same calls, over inl_llm's byte tokenizer (bytes 0–255, BOS 256, EOS 257, PAD 258; lossless).
+same calls, over inl_llm's byte tokenizer (bytes 0-255, BOS 256, EOS 257, PAD 258; lossless).
+The scripts beside it use it; a script of the original's runs with its tokenizer import
+pointed here (`from byte_tokenizer import AutoTokenizer`).
 
-Only what the scripts use: from_pretrained / save_pretrained, encode (max_length, truncation,
-return_tensors="pt"), decode (skip_special_tokens), vocab_size and the special tokens (the pad
-token can be set to the EOS token, as the scripts do with GPT-2's).
+Only the calls those scripts make: from_pretrained / save_pretrained, encode (max_length,
+truncation, return_tensors="pt"), decode (skip_special_tokens), vocab_size and the special
+tokens (the pad token can be set to the EOS token, as is usual with GPT-2's).
 """
 from __future__ import annotations
 

@@ -1,134 +1,57 @@
-"""
-Load trained INL-LLM model and tokenizer for text generation.
+"""Reload the checkpoint simple_training.py saved and continue a few prompts, through the
+original package's API: the tokenizer from its saved config, the model rebuilt from its saved
+keyword arguments, the state dict loaded into it, then `generate` with temperature and top-p.
 
-Usage:
-    python load_and_generate.py
-"""
+    python examples/simple_training.py                 # writes examples/checkpoints/inl_small
+    python examples/load_and_generate.py --prompt "import " --prompt "class "
 
-import sys
+Each prompt is sampled after torch.manual_seed(--seed), as simple_training.py draws its own
+sample: the same prompt, seed and length give the same text from the reloaded model.
+"""
+import argparse
+import json
 import os
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sys
 
 import torch
+
 from byte_tokenizer import AutoTokenizer
 from inl_llm.models import UltraOptimizedIntegratorLanguageModel
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--checkpoint", default=os.path.join(HERE, "checkpoints", "inl_small"))
+p.add_argument("--prompt", action="append", help="repeatable (default: three code openings)")
+p.add_argument("--max-new-tokens", type=int, default=60)
+p.add_argument("--temperature", type=float, default=0.8)
+p.add_argument("--top-p", type=float, default=0.9)
+p.add_argument("--seed", type=int, default=0)
+args = p.parse_args()
+prompts = args.prompt or ["def ", "import ", "class "]
+device = "cuda" if torch.cuda.is_available() else "cpu"
 
-def load_model_and_tokenizer(checkpoint_dir='checkpoints/inl_1b_model'):
-    """Load model and tokenizer from checkpoint directory."""
+weights = os.path.join(args.checkpoint, "pytorch_model.pt")
+if not os.path.isfile(weights):
+    sys.exit(f"no checkpoint at {args.checkpoint}: run simple_training.py first (or pass --checkpoint)")
 
-    print(f"Loading from: {checkpoint_dir}")
+tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+with open(os.path.join(args.checkpoint, "model_args.json")) as f:
+    model_args = json.load(f)
+model = UltraOptimizedIntegratorLanguageModel(**model_args)
+model.load_state_dict(torch.load(weights, map_location="cpu"))
+model.to(device).eval()
+print(f"loaded: {weights} ({model.get_num_params():,} parameters, d_model {model_args['d_model']}, "
+      f"layers {model_args['num_layers']}, vocab {tokenizer.vocab_size})")
 
-    # Load tokenizer
-    print("\n1. Loading tokenizer...")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-    print(f"   ✅ Tokenizer loaded (vocab_size={tokenizer.vocab_size})")
-
-    # Create model architecture (same as training)
-    print("\n2. Creating model architecture...")
-    model = UltraOptimizedIntegratorLanguageModel(
-        vocab_size=tokenizer.vocab_size,
-        d_model=1600,
-        num_layers=28,
-        num_heads=25,
-        num_iterations_per_layer=10,
-        feedforward_dim=6400,
-        max_seq_len=2048,
-        use_lowrank_embeddings=True,
-        lowrank_ratio=0.125,
-        use_gradient_checkpointing=False,  # Disable for inference
-        use_shared_controllers=True,
-        hierarchical_group_size=64,
-        excitation_sparsity=0.1
-    )
-    print(f"   ✅ Model created ({model.get_num_params():,} parameters)")
-
-    # Load weights
-    print("\n3. Loading model weights...")
-    model_path = os.path.join(checkpoint_dir, 'pytorch_model.pt')
-    state_dict = torch.load(model_path, map_location='cpu')
-    model.load_state_dict(state_dict)
-    print(f"   ✅ Weights loaded from {model_path}")
-
-    # Set to eval mode
-    model.eval()
-
-    return model, tokenizer
-
-
-def generate_text(model, tokenizer, prompt, max_new_tokens=100, temperature=0.8, top_p=0.9, device='cpu'):
-    """Generate text from a prompt."""
-
-    # Move model to device
-    model = model.to(device)
-
-    # Tokenize prompt
-    input_ids = tokenizer.encode(prompt, return_tensors='pt').to(device)
-
-    # Generate
+for prompt in prompts:
+    torch.manual_seed(args.seed)
+    ids = tokenizer.encode(prompt, return_tensors="pt").to(device)
     with torch.no_grad():
-        output_ids = model.generate(
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            do_sample=True
-        )
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, do_sample=True)
+    print(f"sample: {prompt!r} + {out.shape[1] - ids.shape[1]} tokens -> "
+          f"{tokenizer.decode(out[0], skip_special_tokens=True)!r}")
 
-    # Decode
-    generated_text = tokenizer.decode(output_ids[0], skip_special_tokens=True)
-
-    return generated_text
-
-
-def main():
-    print("="*70)
-    print("INL-LLM TEXT GENERATION")
-    print("="*70)
-
-    # Device
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    print(f"\nDevice: {device}")
-
-    # Load model and tokenizer
-    checkpoint_dir = 'checkpoints/inl_1b_model'
-
-    if not os.path.exists(checkpoint_dir):
-        print(f"\n❌ Checkpoint not found: {checkpoint_dir}")
-        print("   Please train the model first: python simple_training.py")
-        return
-
-    model, tokenizer = load_model_and_tokenizer(checkpoint_dir)
-
-    # Test prompts
-    prompts = [
-        "Once upon a time",
-        "The quick brown fox",
-        "In a galaxy far, far away",
-    ]
-
-    print("\n" + "="*70)
-    print("GENERATING TEXT")
-    print("="*70)
-
-    for i, prompt in enumerate(prompts, 1):
-        print(f"\n[{i}/{len(prompts)}] Prompt: '{prompt}'")
-        print("-" * 50)
-
-        generated = generate_text(
-            model, tokenizer, prompt,
-            max_new_tokens=50,
-            temperature=0.8,
-            top_p=0.9,
-            device=device
-        )
-
-        print(f"Generated:\n{generated}\n")
-
-    print("="*70)
-    print("✅ Generation complete!")
-    print("="*70)
-
-
-if __name__ == '__main__':
-    main()
+stats = model.get_inference_stats()
+print(f"inference: {stats['avg_iterations']:.2f} integrator steps per row on average "
+      f"(at most {model_args['num_iterations_per_layer']} per layer)")

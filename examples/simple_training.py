@@ -1,340 +1,150 @@
+"""Train a small INL-LLM through the original package's API, then save it and sample from it.
+
+The corpus is the Python standard library's own source (read from this interpreter, nothing
+downloaded), as bytes. Each step runs the model with return_aux=True so that every layer's x/v
+trajectory comes back, and IntegratorLoss adds its three trajectory terms to the cross-entropy.
+The cycle scheduler decides, epoch by epoch, whether the run is in an equilibrium or an
+exploration phase: the loss relaxes its pull toward mu in exploration, and the integrators'
+excitation amplitude follows the phase. An "epoch" here is --steps-per-epoch random windows.
+
+    python examples/simple_training.py                 # 128-wide, 2 layers: about 2 minutes on 2 CPU cores
+    python examples/simple_training.py --d-model 32 --layers 1 --epochs 4 --steps-per-epoch 1
+
+The checkpoint directory (--out) gets pytorch_model.pt (the state dict), model_args.json (the
+constructor's keyword arguments) and the tokenizer's config: load_and_generate.py reads them.
 """
-Simple training example for INL-LLM
-
-This script demonstrates basic training with:
-- Optimized model (Level 1 + 2)
-- Real text data from parquet file (785 samples)
-- Equilibrium-exploration cycles
-- Adaptive early stopping (3× faster inference)
-
-Dataset: part_000000.parquet
-- Contains 785 real text samples
-- Tokenized using GPT-2 BPE tokenizer
-- Sequence length: 64 tokens
-"""
-
-import sys
+import argparse
+import json
 import os
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import time
 
 import torch
-import torch.nn as nn
-from torch.utils.data import Dataset, DataLoader
-from inl_llm.models import UltraOptimizedIntegratorLanguageModel
+
+from byte_tokenizer import ByteLevelTokenizer
 from inl_llm.core import IntegratorLoss, create_cycle_scheduler
-import pandas as pd
+from inl_llm.data import load_stdlib, random_batch, split
+from inl_llm.models import UltraOptimizedIntegratorLanguageModel
 
-# Import tokenizer
-try:
-    from byte_tokenizer import AutoTokenizer
-    TOKENIZER_AVAILABLE = True
-except ImportError:
-    TOKENIZER_AVAILABLE = False
-    print("⚠️ transformers not installed. Install with: pip install transformers")
+HERE = os.path.dirname(os.path.abspath(__file__))
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--d-model", type=int, default=128)
+p.add_argument("--layers", type=int, default=2)
+p.add_argument("--heads", type=int, default=4)
+p.add_argument("--iterations", type=int, default=5, help="integrator steps per layer")
+p.add_argument("--seq-len", type=int, default=64)
+p.add_argument("--batch-size", type=int, default=16)
+p.add_argument("--epochs", type=int, default=8)
+p.add_argument("--steps-per-epoch", type=int, default=40)
+p.add_argument("--warmup-epochs", type=int, default=2, help="the scheduler's warmup (equilibrium settings)")
+p.add_argument("--phase-epochs", type=int, default=2, help="length of each equilibrium / exploration phase")
+p.add_argument("--lr", type=float, default=2e-3)
+p.add_argument("--corpus-bytes", type=int, default=2_000_000, help="stdlib source to read (whole files)")
+p.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
+p.add_argument("--sample-tokens", type=int, default=60)
+p.add_argument("--out", default=os.path.join(HERE, "checkpoints", "inl_small"))
+p.add_argument("--seed", type=int, default=0)
+args = p.parse_args()
+torch.manual_seed(args.seed)
+device = "cuda" if torch.cuda.is_available() else "cpu"
 
+# data: byte tokens of stdlib files (each file between BOS and EOS), the last 5 % held out
+tokenizer = ByteLevelTokenizer()
+tokens = load_stdlib(max_bytes=args.corpus_bytes)
+train_tokens, eval_tokens = split(tokens, eval_fraction=0.05)
+print(f"corpus: {len(tokens):,} byte tokens of stdlib source ({len(train_tokens):,} train, "
+      f"{len(eval_tokens):,} held out), vocab {tokenizer.vocab_size}")
 
-class ParquetTextDataset(Dataset):
-    """Dataset loader for parquet files with text data."""
+# the model, with the original's keyword constructor; the arguments are saved with the weights
+model_args = dict(
+    vocab_size=tokenizer.vocab_size, d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
+    num_iterations_per_layer=args.iterations, feedforward_dim=4 * args.d_model, max_seq_len=512,
+    dropout=0.0,                       # a short run on a small model does not overfit
+    use_lowrank_embeddings=True, lowrank_ratio=0.125, use_shared_controllers=True,
+    hierarchical_group_size=64, excitation_sparsity=0.1,
+    use_adaptive_stopping=True, adaptive_convergence_threshold=1e-3,
+    use_gradient_checkpointing=False,  # it trades compute for memory; a small model needs no saving
+)
+model = UltraOptimizedIntegratorLanguageModel(**model_args).to(device)
+print(f"model: {model.get_num_params():,} parameters (d_model {args.d_model}, layers {args.layers}, "
+      f"integrator steps per layer {args.iterations})")
 
-    def __init__(self, parquet_path, seq_len=128, tokenizer=None):
-        self.seq_len = seq_len
-        self.tokenizer = tokenizer
-
-        if tokenizer is None:
-            raise ValueError("Tokenizer is required for ParquetTextDataset")
-
-        print(f"  📂 Loading dataset from {parquet_path}...")
-        df = pd.read_parquet(parquet_path)
-
-        if 'text' not in df.columns:
-            raise ValueError("Parquet file must contain a 'text' column")
-
-        print(f"  📊 Dataset contains {len(df)} text samples")
-        print(f"  🔤 Tokenizing text samples...")
-
-        self.samples = []
-        for idx, text in enumerate(df['text']):
-            if pd.notna(text) and len(str(text).strip()) > 0:
-                # Tokenize the text
-                tokens = self.tokenizer.encode(
-                    str(text),
-                    max_length=self.seq_len + 1,
-                    truncation=True
-                )
-
-                # Only keep samples with enough tokens
-                if len(tokens) > 10:  # Minimum length
-                    # Pad if needed
-                    if len(tokens) < self.seq_len + 1:
-                        tokens = tokens + [self.tokenizer.pad_token_id] * (self.seq_len + 1 - len(tokens))
-
-                    self.samples.append(torch.tensor(tokens[:self.seq_len + 1]))
-
-            if (idx + 1) % 100 == 0:
-                print(f"    Processed {idx + 1}/{len(df)} samples...")
-
-        print(f"  ✅ Dataset ready: {len(self.samples)} valid samples")
-        self.num_samples = len(self.samples)
-
-    def __len__(self):
-        return self.num_samples
-
-    def __getitem__(self, idx):
-        seq = self.samples[idx]
-        return seq[:-1], seq[1:]
+# the integrator loss: cross-entropy plus the pull of x toward mu (annealed over the epochs),
+# fast convergence along the trajectory, and a small velocity energy
+loss_fn = IntegratorLoss(target_value=0.0, lambda_mean_init=0.1, lambda_speed=0.01, lambda_energy=0.001,
+                         annealing_epochs=args.epochs, variance_weighted=True, task_loss_type="ce")
+scheduler = create_cycle_scheduler(preset="balanced", warmup_epochs=args.warmup_epochs,
+                                   equilibrium_config={"duration_epochs": args.phase_epochs},
+                                   exploration_config={"duration_epochs": args.phase_epochs})
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
 
 
-def train_epoch(model, dataloader, loss_fn, optimizer, scheduler, device='cpu', epoch=0):
-    """Train for one epoch."""
+def set_excitation(amplitude):
+    for layer in model.layers:
+        layer.inl.excitation_amplitude = amplitude
+
+
+INFERENCE_EXCITATION = model.config.excitation_amplitude  # what a freshly built (or reloaded) model runs with
+
+
+@torch.no_grad()
+def held_out_loss(batches=4):
+    """Cross-entropy on fixed windows of the held-out tokens (the same ones every call), at the
+    inference excitation: after the last call the model runs as it will once reloaded."""
+    model.eval()
+    set_excitation(INFERENCE_EXCITATION)
+    g = torch.Generator().manual_seed(1234)
+    losses = []
+    for _ in range(batches):
+        x, y = random_batch(eval_tokens, args.batch_size, args.seq_len, generator=g)
+        logits, _ = model(x.to(device))
+        losses.append(loss_fn.compute_L_task(logits, y.to(device)).item())
     model.train()
-    total_loss = 0
-    num_batches = 0
+    return sum(losses) / len(losses)
 
-    for batch_idx, (inputs, targets) in enumerate(dataloader):
-        inputs, targets = inputs.to(device), targets.to(device)
 
-        # Forward
-        logits, trajectory = model(inputs, return_aux=True)
+before = held_out_loss()
+print(f"held-out loss before training: {before:.4f}")
+model.train()
+for epoch in range(args.epochs):
+    phase = scheduler.step(epoch)
+    loss_fn.set_exploration_phase(phase["phase_name"] == "exploration")
+    set_excitation(phase["excitation_amplitude"])
 
-        # Reshape for loss computation
-        logits_flat = logits.view(-1, logits.size(-1))
-        targets_flat = targets.view(-1)
-
-        # ✅ Use full IntegratorLoss with trajectory-based regularization
-        # Model now returns x/v trajectories compatible with IntegratorLoss
-        if loss_fn is not None and trajectory is not None:
-            # Get last layer's trajectory (list of dicts, one per layer)
-            last_layer_traj = trajectory[-1] if isinstance(trajectory, list) and len(trajectory) > 0 else trajectory
-
-            # Use full IntegratorLoss with all components (L_task + L_mean + L_speed + L_energy)
-            loss_components = loss_fn(
-                predictions=logits_flat,
-                targets=targets_flat,
-                trajectory=last_layer_traj,
-                epoch=epoch
-            )
-            loss = loss_components['total']
-
-            # Log detailed loss components
-            if batch_idx % 10 == 0:
-                L_task = loss_components.get('L_task', torch.tensor(0.0)).item()
-                L_mean = loss_components.get('L_mean', torch.tensor(0.0)).item()
-                L_speed = loss_components.get('L_speed', torch.tensor(0.0)).item()
-                L_energy = loss_components.get('L_energy', torch.tensor(0.0)).item()
-                print(f'  Batch {batch_idx}/{len(dataloader)}, Loss: {loss.item():.4f} '
-                      f'[Task: {L_task:.4f}, Mean: {L_mean:.4f}, Speed: {L_speed:.4f}, Energy: {L_energy:.4f}]')
-        else:
-            # Fallback to simple CrossEntropy
-            loss = nn.CrossEntropyLoss()(logits_flat, targets_flat)
-            if batch_idx % 10 == 0:
-                print(f'  Batch {batch_idx}/{len(dataloader)}, Loss: {loss.item():.4f} [Fallback CE]')
-
-        # Backward
-        optimizer.zero_grad()
-        loss.backward()
+    sums = dict.fromkeys(("total", "L_task", "L_mean", "L_speed", "L_energy"), 0.0)
+    start = time.perf_counter()
+    for _ in range(args.steps_per_epoch):
+        x, y = random_batch(train_tokens, args.batch_size, args.seq_len)
+        logits, aux = model(x.to(device), return_aux=True)  # aux: one dict per layer, with 'x' and 'v'
+        losses = loss_fn(predictions=logits, targets=y.to(device), trajectory=aux, epoch=epoch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        for k in sums:
+            sums[k] += losses[k].item() / args.steps_per_epoch
+    ms = 1000 * (time.perf_counter() - start) / args.steps_per_epoch
+    print(f"epoch {epoch + 1}/{args.epochs} {phase['phase_name']:<11} lambda_mean {losses['lambda_mean'].item():.4f}"
+          f" excitation {phase['excitation_amplitude']:.2f} | loss {sums['total']:.4f} = task {sums['L_task']:.4f}"
+          f" + mean {sums['L_mean']:.4f} + speed {sums['L_speed']:.4f} + energy {sums['L_energy']:.4f}"
+          f" | {ms:.0f} ms/step")
 
-        # ✅ FIX #3: Update learning rate scheduler
-        if scheduler is not None:
-            scheduler.step()
+after = held_out_loss()
+print(f"held-out loss after training: {after:.4f} (before: {before:.4f})")
+stats = model.get_inference_stats()  # counts the eval-mode forwards of held_out_loss
+print(f"inference: {stats['avg_iterations']:.2f} integrator steps per row on average "
+      f"(at most {args.iterations}; early exit at |x' - x| < 1e-3)")
 
-        total_loss += loss.item()
-        num_batches += 1
+os.makedirs(args.out, exist_ok=True)
+torch.save(model.state_dict(), os.path.join(args.out, "pytorch_model.pt"))
+with open(os.path.join(args.out, "model_args.json"), "w") as f:
+    json.dump(model_args, f, indent=1)
+tokenizer.save_pretrained(args.out)
+print(f"saved: {args.out} (pytorch_model.pt, model_args.json, tokenizer_config.json)")
 
-    return total_loss / num_batches
-
-
-def main():
-    print("="*70)
-    print("SIMPLE TRAINING EXAMPLE - INL-LLM")
-    print("="*70)
-
-    # Load tokenizer (GPT-2 BPE tokenizer, same as used by many LLMs)
-    print("\nLoading tokenizer...")
-    if TOKENIZER_AVAILABLE:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained("gpt2")
-            tokenizer.pad_token = tokenizer.eos_token
-            vocab_size = tokenizer.vocab_size
-            print(f"✅ Tokenizer loaded: GPT-2 BPE (vocab_size={vocab_size})")
-            print(f"   Example: 'Hello' -> {tokenizer.encode('Hello')}")
-        except Exception as e:
-            print(f"❌ Failed to load tokenizer: {e}")
-            tokenizer = None
-            vocab_size = 50000
-            print(f"⚠️ Falling back to synthetic data (vocab_size={vocab_size})")
-    else:
-        tokenizer = None
-        vocab_size = 50000
-        print(f"⚠️ transformers not installed. Using synthetic data (vocab_size={vocab_size})")
-        print(f"   Install with: pip install transformers")
-
-    # Configuration
-    batch_size = 2
-    num_epochs = 10  # ✅ Increased from 3 to 20 for better convergence
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-
-    print(f"\nConfiguration:")
-    print(f"  Model size: 1B parameters")
-    print(f"  Vocab size: {vocab_size}")
-    print(f"  Batch size: {batch_size}")
-    print(f"  Epochs: {num_epochs}")
-    print(f"  Device: {device}")
-
-    # Create custom 1B parameter model
-    print("\nCreating custom 1B parameter model (all optimizations enabled)...")
-    model = UltraOptimizedIntegratorLanguageModel(
-        vocab_size=vocab_size,
-        d_model=1600,           # Dimension du modèle (augmenté de 1536 à 1600)
-        num_layers=28,          # Nombre de couches
-        num_heads=25,           # Nombre de têtes d'attention (1600/25 = 64 dim par tête)
-        num_iterations_per_layer=10,  # Itérations par couche
-        feedforward_dim=6400,   # Dimension FFN (4x d_model)
-        max_seq_len=2048,
-        # Toutes les optimizations activées
-        use_lowrank_embeddings=True,
-        lowrank_ratio=0.125,
-        use_gradient_checkpointing=True,
-        use_shared_controllers=True,
-        hierarchical_group_size=64,
-        excitation_sparsity=0.1
-    )
-    model = model.to(device)
-
-    print(f"Model parameters: {model.get_num_params():,}")
-
-    # Create dataset and dataloader
-    print("\nCreating dataset...")
-    parquet_path = os.path.join(os.path.dirname(__file__), 'part_000000.parquet')
-
-    if not os.path.exists(parquet_path):
-        raise FileNotFoundError(f"Dataset not found at {parquet_path}")
-
-    dataset = ParquetTextDataset(
-        parquet_path=parquet_path,
-        seq_len=64,
-        tokenizer=tokenizer
-    )
-    dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
-
-    # ✅ FIX #3: Lower learning rate for large model (was 3e-4, too high)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-
-    # Add learning rate scheduler with warmup
-    from torch.optim.lr_scheduler import OneCycleLR
-    total_steps = num_epochs * len(dataloader)
-    lr_scheduler = OneCycleLR(
-        optimizer,
-        max_lr=5e-5,
-        total_steps=total_steps,
-        pct_start=0.1,  # 10% warmup
-        anneal_strategy='cos'
-    )
-    print(f"✅ Optimizer: AdamW with lr=5e-5, warmup={int(0.1*total_steps)} steps")
-
-    # ✅ FIX #1: Create IntegratorLoss (was not being used at all)
-    integrator_loss_fn = IntegratorLoss(
-        target_value=0.0,  # ✅ Use 0.0 for normalized hidden states (not 5.0!)
-        lambda_mean_init=0.1,  # ✅ Reduced weight (was 1.0, too high)
-        lambda_speed=0.01,  # ✅ Reduced (was 0.1)
-        lambda_energy=0.001,  # ✅ Reduced (was 0.01)
-        annealing_epochs=num_epochs,
-        variance_weighted=True,
-        task_loss_type='ce'  # ✅ Use CrossEntropy for language modeling (not MSE)
-    )
-    print(f"✅ Loss function: IntegratorLoss with CrossEntropy + trajectory regularization")
-
-    # Create scheduler (optional)
-    cycle_scheduler = create_cycle_scheduler(preset='balanced')
-
-    # Training loop
-    print("\nStarting training...")
-    print("="*70)
-
-    for epoch in range(num_epochs):
-        print(f"\nEpoch {epoch+1}/{num_epochs}")
-
-        # Update phase
-        phase_info = cycle_scheduler.step(epoch)
-        print(f"  Phase: {phase_info['phase_name']}")
-
-        # Update IntegratorLoss phase
-        integrator_loss_fn.set_exploration_phase(phase_info['phase_name'] == 'exploration')
-
-        # Train with IntegratorLoss
-        avg_loss = train_epoch(model, dataloader, integrator_loss_fn, optimizer, lr_scheduler, device, epoch)
-        print(f"  Average Loss: {avg_loss:.4f}")
-        print(f"  Current LR: {optimizer.param_groups[0]['lr']:.2e}")
-
-        # Get inference stats (adaptive early stopping)
-        if epoch % 2 == 0:
-            stats = model.get_inference_stats()
-            if stats:
-                print(f"  Inference stats: {stats}")
-
-    print("\n" + "="*70)
-    print("TRAINING COMPLETE!")
-    print("="*70)
-
-    # Save model AND tokenizer
-    save_dir = 'checkpoints/inl_1b_model'
-    os.makedirs(save_dir, exist_ok=True)
-
-    # Save model weights
-    model_path = os.path.join(save_dir, 'pytorch_model.pt')
-    torch.save(model.state_dict(), model_path)
-    print(f"\n💾 Model saved to: {model_path}")
-
-    # Save tokenizer (if available)
-    if tokenizer:
-        tokenizer.save_pretrained(save_dir)
-        print(f"💾 Tokenizer saved to: {save_dir}")
-        print(f"   Files: vocab.json, merges.txt, tokenizer_config.json")
-
-    print(f"\n✅ Complete checkpoint saved to: {save_dir}")
-
-    # Test generation
-    print("\nTesting generation...")
-    model.eval()
-    with torch.no_grad():
-        if tokenizer:
-            # Test with real text
-            prompt_text = "Once upon a time"
-            print(f"\n📝 Prompt: '{prompt_text}'")
-
-            # Tokenize
-            prompt_ids = tokenizer.encode(prompt_text, return_tensors='pt').to(device)
-            print(f"   Tokenized: {prompt_ids.shape}")
-
-            # Generate
-            output = model.generate(
-                prompt_ids,
-                max_new_tokens=50,
-                temperature=0.8,
-                top_p=0.9,
-                do_sample=True
-            )
-
-            # Decode
-            generated_text = tokenizer.decode(output[0], skip_special_tokens=True)
-            print(f"\n🎯 Generated text:")
-            print(f"   {generated_text}")
-        else:
-            # Test with synthetic data
-            prompt = torch.randint(0, vocab_size, (1, 10)).to(device)
-            output = model.generate(
-                prompt,
-                max_new_tokens=50,
-                temperature=0.8,
-                top_p=0.9,
-                do_sample=True
-            )
-            print(f"Generated {output.size(1)} tokens")
-            print(f"Output shape: {output.shape}")
-
-    print("\n✅ Example completed successfully!")
-
-
-if __name__ == '__main__':
-    main()
+model.eval()
+torch.manual_seed(args.seed)  # load_and_generate.py --seed draws the same sample from the reloaded model
+prompt_ids = tokenizer.encode(args.prompt, return_tensors="pt").to(device)
+with torch.no_grad():
+    out = model.generate(prompt_ids, max_new_tokens=args.sample_tokens, temperature=0.8, top_p=0.9, do_sample=True)
+print(f"sample: {args.prompt!r} + {out.shape[1] - prompt_ids.shape[1]} tokens -> "
+      f"{tokenizer.decode(out[0], skip_special_tokens=True)!r}")
