@@ -43,7 +43,8 @@ SHARED_RESERVED_PER_BLOCK = 1024
 ACTIVATION_POINTERS = ("h_ptr", "x0_ptr", "v0_ptr", "xo_ptr", "vo_ptr", "w_h_ptr", "w_x_ptr", "w_v_ptr",
                        "w_o_ptr", "b_o_ptr", "mu_ptr", "trajx_ptr", "trajv_ptr", "gxT_ptr", "gvT_ptr", "dx_ptr",
                        "dv_ptr")
-FLOAT_ARGS = ("dt", "kappa", "tol")
+FLOAT_ARGS = ("dt", "kappa", "tol", "zero")
+INT_POINTERS = ("iters_ptr", "list_ptr", "count_ptr", "flag_ptr")
 COLUMNS = ["kernel", "dtype", "d", "H", "config", "registers", "spill_stores", "spill_loads", "shared_kib",
            "programs_per_sm", "warps_per_sm", "bytes_per_row_step", "flag"]
 
@@ -78,13 +79,27 @@ def signature(fn, constexprs: dict, activation_ptr: str) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "iters_ptr":
+        elif name in INT_POINTERS:
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = activation_ptr if name in ACTIVATION_POINTERS else "*fp32"
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
     return sig
+
+
+def attributes(fn, constexprs: dict, divisible=("N", "D")) -> dict:
+    """What Triton's launcher specializes at the benchmark shapes: every pointer (torch's
+    allocations) and the integer sizes in `divisible` (N, d multiples of 16) are known to be
+    divisible by 16, which is what lets the compiler vectorize the loads and stores. Compiling
+    without it reports the scalar-access code the GPU never runs (more address registers)."""
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            continue
+        if name.endswith("_ptr") or name in divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
 
 
 def _dtypes():

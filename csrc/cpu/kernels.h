@@ -12,10 +12,10 @@ namespace inl {
 
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// The largest num_iterations the CPU iterate accepts (inl_kernels/_validate.py checks the same
-// bound first): far above any use (the seeds run at most 15 steps), and small enough that the
-// [T, d] excitation table, the [N, T] statistics and every step index stay within their types.
-constexpr int64_t kMaxIterations = 65536;
+// The largest num_iterations the CPU iterate accepts (inl_kernels.MAX_ITERATIONS, which the
+// Python validation checks first): far above any use (the seeds run at most 15 steps), and small
+// enough that every step index stays an int and the [T, d] table's size a size_t.
+constexpr int64_t kMaxIterations = int64_t(1) << 20;
 
 // The controller's weights as the iterate's micro-kernel wants them, made once and reused while
 // the weights do not change (inl_kernels/cpu/iterate.py caches it per parameter version).

@@ -5,11 +5,17 @@ softmax in fp32, no [Sq, Skv] score matrix kept; forward and backward).
     out[b, h] = softmax(scale · q[b, h] · k[b, h // G]ᵀ + mask) · v[b, h // G],   G = Hq / Hkv
 
 K/V heads are shared by their group through `enable_gqa` (never repeated in memory). Queries
-sit at the end of the keys: query i has position Skv − Sq + i and, when causal, sees keys
+sit at the end of the keys: query i has index Skv − Sq + i and, when causal, sees keys
 j ≤ Skv − Sq + i. SDPA's own `is_causal` aligns the mask top-left, so it is used only where the
 two agree (Sq = Skv); one query sees every key (decode); otherwise the bottom-right mask is passed
-explicitly. With rope=(cos, sin), q is rotated at positions Skv − Sq … Skv − 1 and k at 0 … Skv − 1
-first (the reference's rotation: the KV cache holds unrotated keys).
+explicitly. With rope=(cos, sin), q and k are rotated at their positions first (the reference's
+rotation: the KV cache holds unrotated keys).
+
+kv_lens / kv_starts (a static KV cache, left padding) as in the reference: row b sees keys
+[kv_starts[b], kv_lens[b]), its queries end at kv_lens[b], positions count from kv_starts[b], and a
+query that sees no key returns zeros. When every row has the same length and no padding (a
+batch decoding one prompt), the cache is cut to that length and the plain path runs (in eager
+mode: the check reads the lengths).
 """
 from __future__ import annotations
 
@@ -18,29 +24,60 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..common import dtype_name
 from ..reference.rope import rotate
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def supports(q, k, v, causal, scale, rope):
+def supports(q, k, v, causal, scale, rope, kv_lens=None, kv_starts=None):
     if q.dtype not in _DTYPES:
-        return f"the cpu attention runs float32, bfloat16 and float16, got {str(q.dtype).replace('torch.', '')}"
+        return f"the cpu attention runs float32, bfloat16 and float16, got {dtype_name(q.dtype)}"
     return None
 
 
-def attention(q, k, v, causal=True, scale=None, rope=None):
-    Sq, Skv, D = q.shape[2], k.shape[2], q.shape[3]
+def _sdpa(q, k, v, mask, is_causal, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def attention(q, k, v, causal=True, scale=None, rope=None, kv_lens=None, kv_starts=None):
+    B, Hq, Sq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if not torch.compiler.is_compiling():  # CPU tensors: reading them costs no device sync
+        if kv_starts is not None and not bool(kv_starts.any()):
+            kv_starts = None
+        if kv_lens is not None and kv_starts is None:
+            lens = kv_lens.tolist()
+            if lens and all(n == lens[0] for n in lens):
+                k, v, kv_lens = k[:, :, :lens[0]], v[:, :, :lens[0]], None
+    Skv = k.shape[2]
+    if kv_lens is None and kv_starts is None:
+        if rope is not None:
+            cos, sin = rope
+            q = rotate(q, cos, sin, torch.arange(Skv - Sq, Skv, device=q.device))
+            k = rotate(k, cos, sin, torch.arange(Skv, device=q.device))
+        if causal and Sq == Skv:
+            return _sdpa(q, k, v, None, True, scale)
+        mask = None
+        if causal and Sq > 1:
+            mask = torch.ones(Sq, Skv, dtype=torch.bool, device=q.device).tril(diagonal=Skv - Sq)
+        return _sdpa(q, k, v, mask, False, scale)
+    dev = q.device
+    lens = kv_lens.long() if kv_lens is not None else torch.full((B,), Skv, device=dev, dtype=torch.long)
+    starts = kv_starts.long() if kv_starts is not None else torch.zeros(B, device=dev, dtype=torch.long)
+    qidx = lens[:, None] - Sq + torch.arange(Sq, device=dev)[None, :]  # [B, Sq] key index of each query
+    kidx = torch.arange(Skv, device=dev)
     if rope is not None:
         cos, sin = rope
-        q = rotate(q, cos, sin, torch.arange(Skv - Sq, Skv, device=q.device))
-        k = rotate(k, cos, sin, torch.arange(Skv, device=q.device))
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    mask, is_causal = None, False
-    if causal and Sq == Skv:
-        is_causal = True
-    elif causal and Sq > 1:
-        mask = torch.ones(Sq, Skv, dtype=torch.bool, device=q.device).tril(diagonal=Skv - Sq)
-    gqa = k.shape[1] != q.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=gqa)
+        q = rotate(q, cos, sin, (qidx - starts[:, None]).clamp(min=0)[:, None])
+        k = rotate(k, cos, sin, (kidx[None, :] - starts[:, None]).clamp(min=0)[:, None])
+    visible = (kidx[None, None, :] >= starts[:, None, None]) & (kidx[None, None, :] < lens[:, None, None])
+    if causal:
+        visible = visible & (kidx[None, None, :] <= qidx[:, :, None])  # [B, Sq, Skv]
+    seen = visible.any(-1)  # [B, Sq]
+    # a query that sees no key (padding) attends to key 0 instead, so that no softmax row is all
+    # -inf (NaN, also in the backward), and its output is then zeroed
+    visible = visible | (~seen[:, :, None] & (kidx == 0)[None, None, :])
+    out = _sdpa(q, k, v, visible[:, None], False, scale)
+    return torch.where(seen[:, None, :, None], out, out.new_zeros(()))

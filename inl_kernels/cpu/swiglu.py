@@ -6,37 +6,60 @@ pointwise part runs fused in csrc/cpu/swiglu.cpp.
 
 One pass reads g and u and writes the product (two passes and two temporaries in eager PyTorch:
 silu, then the multiply), and one pass writes both gradients in the backward (five in eager).
-Computed in fp32 for fp32, bf16 and fp16, rounded once to the input dtype.
+Computed in fp32 for fp32, bf16 and fp16, rounded once to the input dtype. The pointwise part is
+the torch.library op `inl::cpu_silu_mul` (its backward `inl::cpu_silu_mul_backward` is the
+op's autograd formula), so torch.compile sees one op.
 """
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
+from ..common import dtype_name
 from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@torch.library.custom_op("inl::cpu_silu_mul", mutates_args=(), device_types="cpu")
+def cpu_silu_mul_op(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate)·up, element by element (gate, up contiguous, one shape and dtype)."""
+    return _C.swiglu_forward(gate, up)
+
+
+@cpu_silu_mul_op.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("inl::cpu_silu_mul_backward", mutates_args=(), device_types="cpu")
+def cpu_silu_mul_backward_op(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """(d gate, d up) from the gradient of silu(gate)·up."""
+    grad_gate, grad_up = _C.swiglu_backward(grad, gate, up)
+    return grad_gate, grad_up
+
+
+@cpu_silu_mul_backward_op.register_fake
+def _(grad, gate, up):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    return cpu_silu_mul_backward_op(grad.contiguous(), gate, up)
+
+
+cpu_silu_mul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def supports(x, w_gate, w_up, w_down):
     if x.dtype not in _DTYPES:
-        return f"the cpu swiglu runs float32, bfloat16 and float16, got {str(x.dtype).replace('torch.', '')}"
+        return f"the cpu swiglu runs float32, bfloat16 and float16, got {dtype_name(x.dtype)}"
     return None
-
-
-class _SiluMul(torch.autograd.Function):
-    """silu(gate)·up, fused."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return _C.swiglu_forward(gate, up)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        grad_gate, grad_up = _C.swiglu_backward(grad.contiguous(), gate, up)
-        return grad_gate, grad_up
 
 
 def swiglu(x, w_gate, w_up, w_down):
@@ -45,8 +68,4 @@ def swiglu(x, w_gate, w_up, w_down):
     gate, up = x @ w_gate.t(), x @ w_up.t()  # contiguous, in the autocast dtype under autocast
     if up.dtype != gate.dtype:
         up = up.to(gate.dtype)
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        hidden = _SiluMul.apply(gate, up)
-    else:
-        hidden = _C.swiglu_forward(gate, up)
-    return hidden @ w_down.t()
+    return cpu_silu_mul_op(gate.contiguous(), up.contiguous()) @ w_down.t()

@@ -59,7 +59,7 @@ is the thing to measure on a GPU). The reverse-time recurrence then runs in two 
 Autograd chains d table to gamma and phi, d bias to b_h, b_x, b_v, d mod to mod_scale and
 mod_bias. Gradients flow through info.energy and info.distance as well, so the integrator
 losses train without a stored trajectory. return_trajectory=True under grad runs on the
-reference (one-time warning). Extra training memory beyond inputs, outputs and gradients:
+reference (auto picks it; `supports` says why). Extra training memory beyond inputs, outputs and gradients:
 c and rms (saved), the phase-1 scratch (2·N·d·4 bytes for bf16/fp16 inputs: 268 MB at
 16384 × 2048), gpre [T, N, H] and the split partials (about SPLITS·(6·d·H + (T+6)·d) floats).
 Compiled for sm_90 without a GPU, both backward kernels sit at 255 registers and spill
@@ -84,15 +84,12 @@ are first guesses to be tuned by benchmarks/bench_iterate.py).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import triton
 import triton.language as tl
 
 from . import interpreting, multiprocessors
-from ..reference.iterate import IterateInfo, compute_dtype, fold_parameters, needs_grad
-from ..reference.iterate import iterate as reference_iterate
+from ..common import IterateInfo, IterateParams, IterateSettings, compute_dtype, fold_parameters, needs_grad
 
 SUPPORTED_HIDDEN = (16, 32, 64, 128)
 # Batches up to this many rows take the decode path (d split across programs).
@@ -192,12 +189,21 @@ def _load_block(ptr, offs, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _block_preact(x, v, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, HAS_V: tl.constexpr, DOT: tl.constexpr,
-                  PREC: tl.constexpr, ACC: tl.constexpr):
+def _dot_from_zero(a, b, zero, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """a·b started from `zero`, a runtime 0.0. From a constant zero, Triton's combiner folds a
+    later `acc + a·b` into tl.dot(a, b, acc), which rounds differently from adding the finished
+    product: the tile path adds each block's share in registers, the decode path adds shares
+    stored by other programs, and both must add the same finished shares (batch invariance)."""
+    return tl.dot(a, b, tl.zeros([BM, BN], dtype=ACC) + zero, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _block_preact(x, v, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, zero, BM: tl.constexpr, H: tl.constexpr,
+                  HAS_V: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """One d-block's share of the next pre-activation, x·w_xᵀ + v·w_vᵀ over the block's columns,
     started from zero. Both paths add these shares block by block in column order (the tile
     path in its loop, the decode path across slices), so they reduce over d in the same order."""
-    pre = tl.dot(x.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC, out_dtype=ACC)
+    pre = _dot_from_zero(x.to(DOT), _load_w_in(w_x_ptr, cols, col_mask, hk, D, DOT), zero, BM, H, PREC, ACC)
     if HAS_V:
         pre = tl.dot(v.to(DOT), _load_w_in(w_v_ptr, cols, col_mask, hk, D, DOT), pre, input_precision=PREC,
                      out_dtype=ACC)
@@ -206,16 +212,18 @@ def _block_preact(x, v, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, HAS_V: tl.const
 
 @triton.jit
 def _advance_block(t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, hk, D, T, dt,
-                   x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
-                   ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
+                   x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr,
+                   trajx_ptr, trajv_ptr, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
                    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr,
-                   HAS_EXC: tl.constexpr, EARLY_EXIT: tl.constexpr, TRAJ: tl.constexpr,
+                   HAS_EXC: tl.constexpr, FREEZE: tl.constexpr, TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
                    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """Step t on one [BM, BD] block of the state, shared by the tile and the decode path: reads
     x, v (the inputs at t = 0, the fp32 state after), runs `_step_block` with row t of the
-    excitation table, keeps frozen rows as they are (early exit), stores x', v' to the state
-    (and entry t+1 of the trajectory). Returns (x, x', v', mu) with masked columns of x', v'
-    zeroed, ready for the caller's row sums."""
+    excitation table, keeps rows outside `active` as they are (FREEZE: the decode path's early
+    exit), stores x', v' to the state, or with FINAL_OUT at the last step straight to the
+    outputs in their dtype (so the state keeps x_{T-1}, v_{T-1}, which the backward reads), and
+    entry t+1 of the trajectory. Returns (x, x', v', mu) with masked columns of x', v' zeroed,
+    ready for the caller's row sums."""
     if t == 0:
         x = _load_block(x0_ptr, offs, m, ACC)
         if HAS_V:
@@ -232,7 +240,7 @@ def _advance_block(t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, h
         exc = tl.zeros([BD], dtype=ACC)
     x_new, v_new = _step_block(c, x, v, x - mu[None, :], alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask,
                                hk, D, dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
-    if EARLY_EXIT:
+    if FREEZE:
         x_new = tl.where(active[:, None], x_new, x)
         v_new = tl.where(active[:, None], v_new, v)
         store_mask = m & active[:, None]
@@ -241,8 +249,16 @@ def _advance_block(t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, h
     # masked columns hold bias-driven values: zero them before any row reduction
     x_new = tl.where(m, x_new, 0.0)
     v_new = tl.where(m, v_new, 0.0)
-    tl.store(xs_ptr + offs, x_new, mask=store_mask)
-    tl.store(vs_ptr + offs, v_new, mask=store_mask)
+    if FINAL_OUT:
+        if t == T - 1:
+            tl.store(xo_ptr + offs, x_new.to(xo_ptr.dtype.element_ty), mask=store_mask)
+            tl.store(vo_ptr + offs, v_new.to(vo_ptr.dtype.element_ty), mask=store_mask)
+        else:
+            tl.store(xs_ptr + offs, x_new, mask=store_mask)
+            tl.store(vs_ptr + offs, v_new, mask=store_mask)
+    else:
+        tl.store(xs_ptr + offs, x_new, mask=store_mask)
+        tl.store(vs_ptr + offs, v_new, mask=store_mask)
     if TRAJ:
         t_offs = rows64[:, None] * (T + 1) * D + (t + 1) * D + cols[None, :]
         tl.store(trajx_ptr + t_offs, x_new.to(trajx_ptr.dtype.element_ty), mask=m)
@@ -251,64 +267,112 @@ def _advance_block(t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, h
 
 
 # ----------------------------------------------------------------------------------------------
-# forward, tile path
+# forward: the prologue of both paths
 
 
 @triton.jit
-def _iterate_fwd_tile(
-    h_ptr, x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr,
-    w_h_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, bias_ptr, mod_ptr, mu_ptr, exc_ptr,
-    energy_ptr, dist_ptr, iters_ptr, c_save_ptr, r_save_ptr, trajx_ptr, trajv_ptr,
-    N, D, T, dt, kappa, tol, min_iterations,
-    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    SAVE: tl.constexpr, TRAJ: tl.constexpr, CAST_OUT: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+def _fwd_prologue(
+    h_ptr, x0_ptr, v0_ptr, w_h_ptr, w_x_ptr, w_v_ptr, bias_ptr, mu_ptr,
+    ctx_ptr, pre_ptr, stat_ptr, trajx_ptr, trajv_ptr,
+    N, D, T, NB, zero,
+    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr, TRAJ: tl.constexpr,
+    SINGLE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """T steps of SPEC §2 for BM rows (formula in the module docstring). x_T, v_T go to
-    (xs, vs) in ACC dtype and, with CAST_OUT, to (xo, vo) in the output dtype; energy[n, t] =
-    Σv'²/D, distance[n, t] = Σ|x'-mu|/D, iterations[n]. With SAVE, c_t [T, N, H] and
-    rms_t [T, N] for the backward."""
-    pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
+    """For BM rows and column blocks blk = g·NB .. g·NB + NB-1 (g = program_id(1)), each
+    block's share of h·w_hᵀ, of step 0's x·w_xᵀ + v·w_vᵀ and of Σ(x - mu)². SINGLE (the tile
+    path, one group over all of d): the shares added in column order and finished, ctx =
+    h·w_hᵀ + bias [N, H], pre [N, H], sq [N]. Else (decode) every block's share is stored:
+    ctx[blk] [NBLK, N, H], pre[blk] [NBLK, N, H], stat[0, blk] [4, NBLK, N], for
+    `_decode_reduce` to add in the same column order."""
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
-    ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
-
-    # prologue: the context term once, step 0's pre-activation and Σ(x - mu)²
     ctx = tl.zeros([BM, H], dtype=ACC)
     pre = tl.zeros([BM, H], dtype=ACC)
     sq = tl.zeros([BM], dtype=ACC)
-    for j0 in range(0, D, BD):
-        cols = j0 + tl.arange(0, BD)
+    for b in range(NB):
+        blk = g * NB + b
+        cols = blk * BD + tl.arange(0, BD)
         col_mask = cols < D
         m = row_mask[:, None] & col_mask[None, :]
         offs = rows64[:, None] * D + cols[None, :]
         hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
-        ctx += tl.dot(hb, _load_w_in(w_h_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC, out_dtype=ACC)
+        ctx_share = _dot_from_zero(hb, _load_w_in(w_h_ptr, cols, col_mask, hk, D, DOT), zero, BM, H, PREC, ACC)
         xb = _load_block(x0_ptr, offs, m, ACC)
         if HAS_V:
             vb = _load_block(v0_ptr, offs, m, ACC)
         else:
             vb = tl.zeros([BM, BD], dtype=ACC)
-        pre += _block_preact(xb, vb, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, HAS_V, DOT, PREC, ACC)
+        pre_share = _block_preact(xb, vb, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, zero, BM, H, HAS_V, DOT, PREC,
+                                  ACC)
         mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         err = tl.where(m, xb - mu[None, :], 0.0)
-        sq += tl.sum(err * err, axis=1)
+        sq_share = tl.sum(err * err, axis=1)
         if TRAJ:
             t_offs = rows64[:, None] * (T + 1) * D + cols[None, :]
             tl.store(trajx_ptr + t_offs, xb.to(trajx_ptr.dtype.element_ty), mask=m)
             tl.store(trajv_ptr + t_offs, vb.to(trajv_ptr.dtype.element_ty), mask=m)
-    ctx += tl.load(bias_ptr + hk).to(ACC)[None, :]
+        if SINGLE:
+            ctx += ctx_share
+            pre += pre_share
+            sq += sq_share
+        else:
+            share_offs = (blk * N + rows64)[:, None] * H + hk[None, :]
+            in_d = row_mask & (tl.zeros([BM], dtype=tl.int32) + blk * BD < D)  # the last group may end past d
+            tl.store(ctx_ptr + share_offs, ctx_share, mask=in_d[:, None])
+            tl.store(pre_ptr + share_offs, pre_share, mask=in_d[:, None])
+            tl.store(stat_ptr + blk * N + rows64, sq_share, mask=in_d)
+    if SINGLE:
+        ctx += tl.load(bias_ptr + hk).to(ACC)[None, :]
+        tl.store(ctx_ptr + rows64[:, None] * H + hk[None, :], ctx, mask=row_mask[:, None])
+        tl.store(pre_ptr + rows64[:, None] * H + hk[None, :], pre, mask=row_mask[:, None])
+        tl.store(stat_ptr + rows64, sq, mask=row_mask)
 
-    active = row_mask
-    iters = tl.zeros([BM], dtype=tl.int32) + T
-    t = 0
-    n_active = tl.sum(active.to(tl.int32), axis=0)
-    while (t < T) & (n_active > 0):
+
+# ----------------------------------------------------------------------------------------------
+# forward, tile path: one launch per step, rows re-formed into tiles between steps
+
+
+@triton.jit(do_not_specialize=["t"])
+def _tile_step(
+    x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr,
+    w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
+    ctx_ptr, pre_ptr, sq_ptr, list_ptr, count_ptr, flag_ptr,
+    energy_ptr, dist_ptr, iters_ptr, c_save_ptr, r_save_ptr, trajx_ptr, trajv_ptr,
+    t, N, D, T, zero, dt, kappa, tol, min_iterations,
+    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    SAVE: tl.constexpr, TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Step t of SPEC §2 (formula in the module docstring) for BM rows over all of d: reads
+    c = relu(ctx + pre_t) and Σ(x_t - mu)² of its rows, then one pass over the d-blocks updates
+    x, v and accumulates, from x', v' in the same pass, pre_{t+1} (in place), Σ(x' - mu)²,
+    energy Σv'²/D, distance Σ|x' - mu|/D and ‖x' - x‖². With EARLY_EXIT the rows are entries
+    pos < count of the list `list_ptr` (the rows still running, in row order): converged rows
+    get iterations = t+1 and flag 0, and `_compact_rows` re-forms the list for step t+1, so a
+    converged row costs nothing after its last step. With SAVE, c_t and rms_t for the backward."""
+    pid = tl.program_id(0)
+    pos = pid * BM + tl.arange(0, BM)
+    if EARLY_EXIT:
+        count = tl.load(count_ptr)
+        row_mask = pos < count
+        rows = tl.load(list_ptr + pos, mask=row_mask, other=0)
+    else:
+        count = N
+        row_mask = pos < N
+        rows = pos
+    if pid * BM < count:
+        rows64 = rows.to(tl.int64)
+        hk = tl.arange(0, H)
+        h_offs = rows64[:, None] * H + hk[None, :]
+        ctx = tl.load(ctx_ptr + h_offs, mask=row_mask[:, None], other=0.0)
+        pre = tl.load(pre_ptr + h_offs, mask=row_mask[:, None], other=0.0)
         c = tl.maximum(ctx + pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as in torch
-        rms = tl.sqrt(sq / D)
+        rms = tl.sqrt(tl.load(sq_ptr + rows64, mask=row_mask, other=0.0) / D)
         if SAVE:
             tl.store(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], c, mask=row_mask[:, None])
             tl.store(r_save_ptr + t * N + rows64, rms, mask=row_mask)
@@ -316,6 +380,7 @@ def _iterate_fwd_tile(
             alpha_scale = 1.0 - tl.exp(-kappa * rms)
         else:
             alpha_scale = tl.full([BM], 1.0, dtype=ACC)
+        ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
         pre = tl.zeros([BM, H], dtype=ACC)
         sq = tl.zeros([BM], dtype=ACC)
         dx2 = tl.zeros([BM], dtype=ACC)
@@ -327,193 +392,205 @@ def _iterate_fwd_tile(
             m = row_mask[:, None] & col_mask[None, :]
             offs = rows64[:, None] * D + cols[None, :]
             x, x_new, v_new, mu = _advance_block(
-                t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, hk, D, T, dt,
-                x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
-                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, EARLY_EXIT, TRAJ, DOT, PREC, ACC)
+                t, c, alpha_scale, row_mask, rows64, offs, m, cols, col_mask, hk, D, T, dt,
+                x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr,
+                trajv_ptr, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, False, TRAJ,
+                FINAL_OUT, DOT, PREC, ACC)
             if t + 1 < T:
-                pre += _block_preact(x_new, v_new, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, True, DOT, PREC, ACC)
+                pre += _block_preact(x_new, v_new, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, zero, BM, H, True,
+                                     DOT, PREC, ACC)
             err_new = tl.where(m, x_new - mu[None, :], 0.0)
             sq += tl.sum(err_new * err_new, axis=1)
             step = x_new - x
             dx2 += tl.sum(step * step, axis=1)
             e_sum += tl.sum(v_new * v_new, axis=1)
             d_sum += tl.sum(tl.abs(err_new), axis=1)
+        if t + 1 < T:
+            tl.store(pre_ptr + h_offs, pre, mask=row_mask[:, None])
+            tl.store(sq_ptr + rows64, sq, mask=row_mask)
         tl.store(energy_ptr + rows64 * T + t, e_sum / D, mask=row_mask)
         tl.store(dist_ptr + rows64 * T + t, d_sum / D, mask=row_mask)
         if EARLY_EXIT:
-            converged = active & (tl.sqrt(dx2) < tol) & (t + 1 >= min_iterations)
-            iters = tl.where(converged, t + 1, iters)
-            active = active & (converged == 0)
-        n_active = tl.sum(active.to(tl.int32), axis=0)
-        t += 1
-        # the next step reads state this program's other threads wrote
-        tl.debug_barrier()
-    tl.store(iters_ptr + rows, iters, mask=row_mask)
+            steps = tl.zeros([BM], dtype=tl.int32) + t + 1
+            converged = row_mask & (tl.sqrt(dx2) < tol) & (steps >= min_iterations)
+            tl.store(iters_ptr + rows64, steps, mask=converged)
+            tl.store(flag_ptr + rows64, tl.zeros([BM], dtype=tl.int32), mask=converged)
 
-    if CAST_OUT:
-        for j0 in range(0, D, BD):
-            cols = j0 + tl.arange(0, BD)
-            m = row_mask[:, None] & (cols < D)[None, :]
-            offs = rows64[:, None] * D + cols[None, :]
-            tl.store(xo_ptr + offs, tl.load(xs_ptr + offs, mask=m).to(xo_ptr.dtype.element_ty), mask=m)
-            tl.store(vo_ptr + offs, tl.load(vs_ptr + offs, mask=m).to(vo_ptr.dtype.element_ty), mask=m)
+
+@triton.jit
+def _compact_rows(flag_ptr, list_ptr, count_ptr, N, CHUNK: tl.constexpr):
+    """list = the rows whose flag is set, in row order; count = how many: the tiles of the
+    next step hold only rows still running. One program, a running prefix sum over chunks."""
+    base = tl.load(count_ptr) * 0
+    for c0 in range(0, N, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        keep = tl.load(flag_ptr + idx, mask=idx < N, other=0)
+        pos = base + tl.cumsum(keep, axis=0) - keep
+        tl.store(list_ptr + pos, idx, mask=keep != 0)
+        base += tl.sum(keep, axis=0)
+    tl.store(count_ptr, base)
+
+
+def _block_shape(d, H):
+    """(BM, BD, num_warps) of both forward paths, a fixed function of the shape: no autotuning,
+    because BD sets the order of the row reductions over d, and a configuration picked by
+    timing could differ between processes and break 'same input, same bits'. Both paths use
+    the same shape, so a row meets the same tl.dot instructions (wgmma, M = 64 for one warp
+    group) and the same block order whichever path its batch size picks.
+
+    Chosen from the static sm_90 compile (benchmarks/kernel_report.py, at H = 64): BD = 16
+    leaves ptxas headroom under 255 registers without spills for every dtype and variant at
+    4 warps, i.e. 2 programs (8 warps) per multiprocessor; BD = 32 needs ~225 registers in
+    bf16 and spills for fp32 and in the early-exit variant. BM = 64 is the smallest wgmma
+    tile and keeps the weight bytes re-read per row (6·d·H / BM per step) where they were."""
+    if interpreting():  # Python runs every program one by one: few, small tiles
+        return 16, 32, 4
+    return 64, 16, 4
 
 
 def _tile_config(d, H):
-    """Block sizes of the tile path, a fixed function of (d, H): no autotuning, because the
-    column block sets the order of the row reductions over d, and a config picked by timing
-    could differ between processes and break 'same input, same bits'. BD is the decode path's
-    column slice, so both paths reduce over d block by block in the same order. Compiled for
-    sm_90 without a GPU (H = 64, bf16) these sit at the 255-register cap and spill 32 B (16×32)
-    to ~1 KB (128×64); the [BD, H] weight tiles dominate. First guesses, to be tuned on a GPU
-    with benchmarks/bench_iterate.py."""
-    if interpreting():
-        return dict(BM=16, BD=_decode_block(d), num_warps=4, num_stages=1)
-    bm = 64 if H <= 64 else 32
-    return dict(BM=bm, BD=_decode_block(d), num_warps=8 if bm >= 64 else 4, num_stages=1)
+    """Block sizes of the tile path (see `_block_shape`)."""
+    BM, BD, warps = _block_shape(d, H)
+    return dict(BM=BM, BD=BD, num_warps=warps, num_stages=1)
+
+
+def _decode_config(d, H):
+    """Block sizes of the decode path: the tile path's block shape (the same reduction order and
+    dot instructions), NB column blocks per program, so 64 rows × d = 2048 keep 64 programs busy."""
+    BM, BD, warps = _block_shape(d, H)
+    return dict(BM=BM, BD=BD, NB=2, num_warps=warps, num_stages=1)
 
 
 # ----------------------------------------------------------------------------------------------
 # forward, decode path (d split across programs, one launch per step)
 
 
-@triton.jit
-def _decode_prologue(
-    h_ptr, x0_ptr, v0_ptr, w_h_ptr, w_x_ptr, w_v_ptr, mu_ptr,
-    ctx_part_ptr, pre_part_ptr, stat_part_ptr, trajx_ptr, trajv_ptr,
-    N, D, T, S,
-    H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr, TRAJ: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+@triton.jit(do_not_specialize=["t"])
+def _decode_reduce(
+    ctx_part_ptr, pre_part_ptr, stat_part_ptr, bias_ptr, ctx_ptr, c_ptr, scale_ptr,
+    energy_ptr, dist_ptr, iters_ptr,
+    t, N, D, T, NBLK, kappa, tol, min_iterations,
+    H: tl.constexpr, BM: tl.constexpr, HC: tl.constexpr, BATCH: tl.constexpr,
+    USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Per-slice partials of h·w_hᵀ (ctx_part[s]), of step 0's x·w_xᵀ + v·w_vᵀ (pre_part[0, s])
-    and of Σ(x - mu)² (stat_part[0, s, 0]) for slice s = columns [s·BD, (s+1)·BD)."""
+    """Launch t (0 <= t <= T) of the decode path's row reductions, for BM rows and hidden units
+    hc·HC .. hc·HC + HC-1: adds the NBLK per-block shares of step t-1 (the prologue's at t = 0)
+    one block after the other in column order, exactly as the tile path does, and writes what
+    step t needs: c = relu(ctx + pre) [N, H] and the alpha scale 1 - exp(-kappa·rms) [N]
+    (ctx = Σ shares of h·w_hᵀ + bias, stored at t = 0). Programs with hc = 0 also write step
+    t-1's energy and distance and decide its convergence (iterations = t)."""
     pid_m = tl.program_id(0)
-    sid = tl.program_id(1)
+    hc = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
-    hk = tl.arange(0, H)
-    cols = sid * BD + tl.arange(0, BD)
-    col_mask = cols < D
-    m = row_mask[:, None] & col_mask[None, :]
-    offs = rows64[:, None] * D + cols[None, :]
-    hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
-    ctx = tl.dot(hb, _load_w_in(w_h_ptr, cols, col_mask, hk, D, DOT), input_precision=PREC, out_dtype=ACC)
-    xb = _load_block(x0_ptr, offs, m, ACC)
-    if HAS_V:
-        vb = _load_block(v0_ptr, offs, m, ACC)
-    else:
-        vb = tl.zeros([BM, BD], dtype=ACC)
-    pre = _block_preact(xb, vb, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, HAS_V, DOT, PREC, ACC)
-    mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    err = tl.where(m, xb - mu[None, :], 0.0)
-    part_offs = (sid * N + rows64)[:, None] * H + hk[None, :]
-    tl.store(ctx_part_ptr + part_offs, ctx, mask=row_mask[:, None])
-    tl.store(pre_part_ptr + part_offs, pre, mask=row_mask[:, None])  # parity 0
-    tl.store(stat_part_ptr + (sid * 4) * N + rows64, tl.sum(err * err, axis=1), mask=row_mask)
-    if TRAJ:
-        t_offs = rows64[:, None] * (T + 1) * D + cols[None, :]
-        tl.store(trajx_ptr + t_offs, xb.to(trajx_ptr.dtype.element_ty), mask=m)
-        tl.store(trajv_ptr + t_offs, vb.to(trajv_ptr.dtype.element_ty), mask=m)
+    if t < T:
+        hk = hc * HC + tl.arange(0, HC)
+        offs = rows64[:, None] * H + hk[None, :]
+        m = row_mask[:, None]
+        pre = tl.zeros([BM, HC], dtype=ACC)
+        for b0 in range(0, NBLK, BATCH):
+            # BATCH independent loads before their adds: the latency is paid once per batch;
+            # padding adds -0.0, which leaves every sum (+0.0 too) as it is
+            for i in tl.static_range(BATCH):
+                mk = m & ((tl.zeros([BM], dtype=tl.int32) + b0 + i) < NBLK)[:, None]
+                pre += tl.load(pre_part_ptr + (b0 + i) * N * H + offs, mask=mk, other=-0.0)
+        if t == 0:
+            ctx = tl.zeros([BM, HC], dtype=ACC)
+            for b0 in range(0, NBLK, BATCH):
+                for i in tl.static_range(BATCH):
+                    mk = m & ((tl.zeros([BM], dtype=tl.int32) + b0 + i) < NBLK)[:, None]
+                    ctx += tl.load(ctx_part_ptr + (b0 + i) * N * H + offs, mask=mk, other=-0.0)
+            ctx += tl.load(bias_ptr + hk).to(ACC)[None, :]
+            tl.store(ctx_ptr + offs, ctx, mask=m)
+        else:
+            ctx = tl.load(ctx_ptr + offs, mask=m, other=0.0)
+        tl.store(c_ptr + offs, tl.maximum(ctx + pre, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=m)
+    if hc == 0:
+        sq = tl.zeros([BM], dtype=ACC)
+        dx2 = tl.zeros([BM], dtype=ACC)
+        e_sum = tl.zeros([BM], dtype=ACC)
+        d_sum = tl.zeros([BM], dtype=ACC)
+        for b0 in range(0, NBLK, BATCH):
+            for i in tl.static_range(BATCH):
+                mk = row_mask & ((tl.zeros([BM], dtype=tl.int32) + b0 + i) < NBLK)
+                base = stat_part_ptr + (b0 + i) * N + rows64
+                sq += tl.load(base, mask=mk, other=-0.0)
+                if t > 0:
+                    dx2 += tl.load(base + NBLK * N, mask=mk, other=-0.0)
+                    e_sum += tl.load(base + 2 * NBLK * N, mask=mk, other=-0.0)
+                    d_sum += tl.load(base + 3 * NBLK * N, mask=mk, other=-0.0)
+        if t > 0:
+            tl.store(energy_ptr + rows64 * T + t - 1, e_sum / D, mask=row_mask)
+            tl.store(dist_ptr + rows64 * T + t - 1, d_sum / D, mask=row_mask)
+            if EARLY_EXIT:
+                # a row still running has iterations == T; it stops after t steps
+                was_active = row_mask & (tl.load(iters_ptr + rows64, mask=row_mask, other=0) == T)
+                steps = tl.zeros([BM], dtype=tl.int32) + t
+                converged = was_active & (tl.sqrt(dx2) < tol) & (steps >= min_iterations)
+                tl.store(iters_ptr + rows64, steps, mask=converged)
+        if t < T:
+            if USE_KAPPA:
+                scale = 1.0 - tl.exp(-kappa * tl.sqrt(sq / D))
+            else:
+                scale = tl.full([BM], 1.0, dtype=ACC)
+            tl.store(scale_ptr + rows64, scale, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _decode_step(
     x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr,
-    w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, bias_ptr, mod_ptr, mu_ptr, exc_ptr,
-    ctx_part_ptr, ctx_ptr, pre_part_ptr, stat_part_ptr,
-    energy_ptr, dist_ptr, iters_ptr, trajx_ptr, trajv_ptr,
-    t, N, D, T, S, dt, kappa, tol, min_iterations,
+    w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
+    c_ptr, scale_ptr, pre_part_ptr, stat_part_ptr, iters_ptr, trajx_ptr, trajv_ptr,
+    t, N, D, T, NB, NBLK, zero, dt,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    TRAJ: tl.constexpr, CAST_OUT: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Launch t (0 <= t <= T) for one (row tile, column slice): sums the per-slice partials
-    of step t-1 in slice order, writes its statistics (slice 0) and decides convergence, then
-    (t < T) runs step t on the slice and writes its partials for launch t+1: pre_part[q] =
-    x'·w_xᵀ + v'·w_vᵀ and stat_part[q] = (Σ(x'-mu)², Σ(x'-x)², Σv'², Σ|x'-mu|), q = (t+1)%2.
-    Launch T only finishes: the last statistics and the cast of the state to the output."""
+    """Step t of the decode path for BM rows and the NB column blocks blk = g·NB .. (g =
+    program_id(1)): reads c and the alpha scale that `_decode_reduce` made, advances x, v on
+    its blocks (rows that stopped keep their state) and stores each block's shares for launch
+    t+1 of the reduce: pre[blk] = x'·w_xᵀ + v'·w_vᵀ and stat[:, blk] = (Σ(x'-mu)², Σ(x'-x)²,
+    Σv'², Σ|x'-mu|). The same block code as the tile path, at the same block sizes."""
     pid_m = tl.program_id(0)
-    sid = tl.program_id(1)
+    g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
-    cols = sid * BD + tl.arange(0, BD)
-    col_mask = cols < D
-    m = row_mask[:, None] & col_mask[None, :]
-    offs = rows64[:, None] * D + cols[None, :]
-    p = t % 2
-    q = 1 - p
-    SN = S * N
-
-    active = row_mask
-    if t > 0:
-        dx2 = tl.zeros([BM], dtype=ACC)
-        e_sum = tl.zeros([BM], dtype=ACC)
-        d_sum = tl.zeros([BM], dtype=ACC)
-        for s in range(S):
-            base = stat_part_ptr + (p * S + s) * 4 * N + rows64
-            dx2 += tl.load(base + N, mask=row_mask, other=0.0)
-            e_sum += tl.load(base + 2 * N, mask=row_mask, other=0.0)
-            d_sum += tl.load(base + 3 * N, mask=row_mask, other=0.0)
-        if EARLY_EXIT:
-            # iters > t-1 <=> the row still ran step t-1; slice 0 may set iters = t in this
-            # very launch, which keeps that test true, so reading it is race free
-            was_active = row_mask & (tl.load(iters_ptr + rows, mask=row_mask, other=0) > t - 1)
-            converged = was_active & (tl.sqrt(dx2) < tol) & (tl.zeros([BM], dtype=tl.int32) + t >= min_iterations)
-            active = was_active & (converged == 0)
-            if sid == 0:
-                tl.store(iters_ptr + rows, tl.zeros([BM], dtype=tl.int32) + t, mask=converged)
-        if sid == 0:
-            tl.store(energy_ptr + rows64 * T + t - 1, e_sum / D, mask=row_mask)
-            tl.store(dist_ptr + rows64 * T + t - 1, d_sum / D, mask=row_mask)
-
-    if t == T:
-        if CAST_OUT:
-            tl.store(xo_ptr + offs, tl.load(xs_ptr + offs, mask=m).to(xo_ptr.dtype.element_ty), mask=m)
-            tl.store(vo_ptr + offs, tl.load(vs_ptr + offs, mask=m).to(vo_ptr.dtype.element_ty), mask=m)
+    if EARLY_EXIT:
+        active = row_mask & (tl.load(iters_ptr + rows64, mask=row_mask, other=0) == T)
     else:
-        n_active = tl.sum(active.to(tl.int32), axis=0)
-        if n_active > 0:
-            ctx = tl.zeros([BM, H], dtype=ACC)
-            if t == 0:
-                for s in range(S):
-                    ctx += tl.load(ctx_part_ptr + (s * N + rows64)[:, None] * H + hk[None, :],
-                                   mask=row_mask[:, None], other=0.0)
-                ctx += tl.load(bias_ptr + hk).to(ACC)[None, :]
-                if sid == 0:
-                    tl.store(ctx_ptr + rows64[:, None] * H + hk[None, :], ctx, mask=row_mask[:, None])
-            else:
-                ctx = tl.load(ctx_ptr + rows64[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
-            pre = tl.zeros([BM, H], dtype=ACC)
-            sq = tl.zeros([BM], dtype=ACC)
-            for s in range(S):
-                pre += tl.load(pre_part_ptr + (p * SN + s * N + rows64)[:, None] * H + hk[None, :],
-                               mask=row_mask[:, None], other=0.0)
-                sq += tl.load(stat_part_ptr + (p * S + s) * 4 * N + rows64, mask=row_mask, other=0.0)
-            c = tl.maximum(ctx + pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as in torch
-            ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
-            if USE_KAPPA:
-                alpha_scale = 1.0 - tl.exp(-kappa * tl.sqrt(sq / D))
-            else:
-                alpha_scale = tl.full([BM], 1.0, dtype=ACC)
+        active = row_mask
+    n_active = tl.sum(active.to(tl.int32), axis=0)
+    if n_active > 0:
+        c = tl.load(c_ptr + rows64[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+        alpha_scale = tl.load(scale_ptr + rows64, mask=row_mask, other=0.0)
+        ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
+        for b in range(NB):
+            blk = g * NB + b
+            cols = blk * BD + tl.arange(0, BD)
+            col_mask = cols < D
+            m = row_mask[:, None] & col_mask[None, :]
+            offs = rows64[:, None] * D + cols[None, :]
             x, x_new, v_new, mu = _advance_block(
                 t, c, alpha_scale, active, rows64, offs, m, cols, col_mask, hk, D, T, dt,
-                x0_ptr, v0_ptr, xs_ptr, vs_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr, trajv_ptr,
-                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, EARLY_EXIT, TRAJ, DOT, PREC, ACC)
+                x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr,
+                trajv_ptr, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, EARLY_EXIT, TRAJ,
+                FINAL_OUT, DOT, PREC, ACC)
+            in_d = row_mask & (tl.zeros([BM], dtype=tl.int32) + blk < NBLK)  # the last group may end past d
             if t + 1 < T:
-                pre = _block_preact(x_new, v_new, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, True, DOT, PREC, ACC)
-                tl.store(pre_part_ptr + (q * SN + sid * N + rows64)[:, None] * H + hk[None, :], pre,
-                         mask=row_mask[:, None])
+                pre = _block_preact(x_new, v_new, w_x_ptr, w_v_ptr, cols, col_mask, hk, D, zero, BM, H, True, DOT,
+                                    PREC, ACC)
+                tl.store(pre_part_ptr + (blk * N + rows64)[:, None] * H + hk[None, :], pre, mask=in_d[:, None])
             err_new = tl.where(m, x_new - mu[None, :], 0.0)
             step = x_new - x
-            base = stat_part_ptr + (q * S + sid) * 4 * N + rows64
-            tl.store(base, tl.sum(err_new * err_new, axis=1), mask=row_mask)
-            tl.store(base + N, tl.sum(step * step, axis=1), mask=row_mask)
-            tl.store(base + 2 * N, tl.sum(v_new * v_new, axis=1), mask=row_mask)
-            tl.store(base + 3 * N, tl.sum(tl.abs(err_new), axis=1), mask=row_mask)
+            base = stat_part_ptr + blk * N + rows64
+            tl.store(base, tl.sum(err_new * err_new, axis=1), mask=in_d)
+            tl.store(base + NBLK * N, tl.sum(step * step, axis=1), mask=in_d)
+            tl.store(base + 2 * NBLK * N, tl.sum(v_new * v_new, axis=1), mask=in_d)
+            tl.store(base + 3 * NBLK * N, tl.sum(tl.abs(err_new), axis=1), mask=in_d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,25 +698,28 @@ def _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_ne
 
 
 @triton.jit
-def _iterate_bwd_rows(
-    x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_save_ptr, r_save_ptr,
-    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx_ptr, gv_ptr, gpre_ptr, rc_ptr,
+def _bwd_rows(
+    x0_ptr, v0_ptr, xs_ptr, vs_ptr, gx_ptr, gv_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
+    c_save_ptr, r_save_ptr, gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr,
     N, D, T, dt, kappa,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    LAST_SAVED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Backward phase 1, one program per BM rows, t = T-1 .. 0: the parts of the reverse
-    recurrence that reduce over a row. Per step, one pass over the d-blocks replays the block's
-    state (`_replay`), pulls the upstream gradient through the step (`_step_grads`) and
-    accumulates dL/dc_t = Σ_q g_q·w_o[q] (tl.dot) and dL/df_t = Σ_j g_alpha·alpha0. Then
+    recurrence that reduce over a row. Per step, one pass over the d-blocks gets the block's
+    state x_t, v_t (LAST_SAVED at t = T-1: the forward's fp32 state (xs, vs), which its last
+    step left at x_{T-1}, v_{T-1}; else replayed from x_0, v_0 by `_replay`), pulls the upstream
+    gradient through the step (`_step_grads`) and accumulates dL/dc_t = Σ_q g_q·w_o[q] (tl.dot)
+    and dL/df_t = Σ_j g_alpha·alpha0. Then
 
         gpre_t = dL/dc_t · [c_t > 0]                      -> gpre [T, N, H]
         rc_t   = dL/df_t · kappa·exp(-kappa·rms_t) / (D·rms_t)   (d rms/d err = err/(D·rms))  -> rc [T, N]
 
-    The direct gradients (gx, gv) of x_t, v_t go to an fp32 scratch [N, D] for step t-1, which
-    adds step t's row-coupled terms (`_upstream`)."""
+    The direct gradients (gx, gv) of x_t, v_t go to the fp32 carry (gx, gv) [N, D] for step
+    t-1, which adds step t's row-coupled terms (`_upstream`). With LAST_SAVED the carry is the
+    forward's state buffer itself: read at t = T-1, then overwritten block by block."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     row_mask = rows < N
@@ -668,9 +748,18 @@ def _iterate_bwd_rows(
                 exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
             else:
                 exc = tl.zeros([BD], dtype=ACC)
-            x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
-                           r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
-                           mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            if LAST_SAVED:
+                if t == T - 1:
+                    x = _load_block(xs_ptr, offs, m, ACC)
+                    v = _load_block(vs_ptr, offs, m, ACC)
+                else:
+                    x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                                   r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0,
+                                   mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            else:
+                x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                               r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
+                               mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
             a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
                 c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
@@ -695,6 +784,10 @@ def _iterate_bwd_rows(
             gc = tl.dot((g_vc * ms3).to(DOT), _load_w_out_rows(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT), gc,
                         input_precision=PREC, out_dtype=ACC)
             if t > 0:
+                if LAST_SAVED:
+                    if t == T - 1:
+                        # the carry goes where this block's state was read, by other threads
+                        tl.debug_barrier()
                 tl.store(gx_ptr + offs, gx_direct, mask=m)
                 tl.store(gv_ptr + offs, gv_direct, mask=m)
         gpre = tl.where(c > 0, gc, 0.0)
@@ -707,14 +800,14 @@ def _iterate_bwd_rows(
         tl.store(rc_ptr + t * N + rows64, rc, mask=row_mask)
         gpre_next = gpre
         rc_next = rc
-        # step t-1 reads the scratch that this program's other threads wrote
+        # step t-1 reads the carry that this program's other threads wrote
         tl.debug_barrier()
 
 
 @triton.jit
-def _iterate_bwd_cols(
+def _bwd_cols(
     x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_save_ptr, r_save_ptr,
-    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr, dx_ptr, dv_ptr,
+    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr, dx_ptr, dv_ptr, replay_ptr,
     dwo_ptr, dbo_ptr, dwx_ptr, dwv_ptr, dmu_ptr, dtab_ptr, dmod_ptr,
     N, D, T, dt, kappa, SPLITS,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr,
@@ -724,15 +817,19 @@ def _iterate_bwd_cols(
 ):
     """Backward phase 2, one program per (BD columns, row split): with gpre_t and rc_t known,
     the whole reverse recurrence is column-local, so each program reruns it for its columns
-    over the row tiles of its split (tiles split, split + SPLITS, ...), carrying (gx, gv) in
-    registers, and writes dL/dx_0, dL/dv_0 and its split's partial weight gradients:
+    over the row tiles of its split (tiles split, split + SPLITS, ...). Per tile it replays the
+    forward once, keeping x_t, v_t (t = 1 .. T-1) in its own slice of `replay` (fp32,
+    [programs, 2(T-1), BM, BD]: a few MB, resident in L2), then walks t = T-1 .. 0 carrying
+    (gx, gv) in registers, and writes dL/dx_0, dL/dv_0 and its split's partial weight gradients:
 
         dw_o[q·D + j] += Σ_t g_q,tᵀ·c_t      db_o[q·D + j] += Σ g_q,t       (g_q = g_zq·ms_q)
         dw_x[:, j]    += Σ_t gpre_tᵀ·x_t     dw_v[:, j]    += Σ_t gpre_tᵀ·v_t
         dmu[j]        -= Σ (every gradient that reached err = x - mu)
         dtable[t, j]  += Σ_rows gv~_t        dmod          += (Σ g_zq·q, Σ g_zq) for q = a, b, g, u
 
-    Partials are summed over splits by torch in a fixed order: no atomics, same bits every run."""
+    The weight gradients accumulate transposed, [H, BD] = c_tᵀ·g (M = H), so the tensor-core
+    tile is H rows whatever BD is. Partials are summed over splits by torch in a fixed order:
+    no atomics, same bits every run."""
     jb = tl.program_id(0)
     sp = tl.program_id(1)
     cols = jb * BD + tl.arange(0, BD)
@@ -741,10 +838,13 @@ def _iterate_bwd_cols(
     tk = tl.arange(0, TP)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
     mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    dwo_a = tl.zeros([BD, H], dtype=ACC)
-    dwo_b = tl.zeros([BD, H], dtype=ACC)
-    dwo_g = tl.zeros([BD, H], dtype=ACC)
-    dwo_u = tl.zeros([BD, H], dtype=ACC)
+    BLOCK: tl.constexpr = BM * BD
+    replay = replay_ptr + (sp * tl.num_programs(0) + jb).to(tl.int64) * (2 * (T - 1) * BLOCK)
+    here = tl.arange(0, BM)[:, None] * BD + tl.arange(0, BD)[None, :]
+    dwo_a = tl.zeros([H, BD], dtype=ACC)
+    dwo_b = tl.zeros([H, BD], dtype=ACC)
+    dwo_g = tl.zeros([H, BD], dtype=ACC)
+    dwo_u = tl.zeros([H, BD], dtype=ACC)
     dwx = tl.zeros([H, BD], dtype=ACC)
     dwv = tl.zeros([H, BD], dtype=ACC)
     dz_a = tl.zeros([BD], dtype=ACC)  # Σ_rows g_zq: db_o = ms_q·dz_q, d mod_bias_q = Σ_j dz_q
@@ -763,6 +863,29 @@ def _iterate_bwd_cols(
         rows64 = rows.to(tl.int64)
         m = row_mask[:, None] & col_mask[None, :]
         offs = rows64[:, None] * D + cols[None, :]
+        # the forward once, its states kept for the reverse walk (after the previous tile's
+        # reads of the same scratch, by other threads, are done)
+        tl.debug_barrier()
+        x = _load_block(x0_ptr, offs, m, ACC)
+        if HAS_V:
+            v = _load_block(v0_ptr, offs, m, ACC)
+        else:
+            v = tl.zeros([BM, BD], dtype=ACC)
+        for s in range(T - 1):
+            c = tl.load(c_save_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+            if USE_KAPPA:
+                scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
+            else:
+                scale = tl.full([BM], 1.0, dtype=ACC)
+            if HAS_EXC:
+                exc = tl.load(exc_ptr + s * D + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                exc = tl.zeros([BD], dtype=ACC)
+            x, v = _step_block(c, x, v, x - mu[None, :], scale, exc, w_o_ptr, b_o_ptr, cols, col_mask, hk, D,
+                               dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
+            tl.store(replay + (2 * s) * BLOCK + here, x)
+            tl.store(replay + (2 * s + 1) * BLOCK + here, v)
+        tl.debug_barrier()
         gx = tl.zeros([BM, BD], dtype=ACC)
         gv = tl.zeros([BM, BD], dtype=ACC)
         gpre_next = tl.zeros([BM, H], dtype=ACC)
@@ -779,9 +902,15 @@ def _iterate_bwd_cols(
                 exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
             else:
                 exc = tl.zeros([BD], dtype=ACC)
-            x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
-                           r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
-                           mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            if t == 0:
+                x = _load_block(x0_ptr, offs, m, ACC)
+                if HAS_V:
+                    v = _load_block(v0_ptr, offs, m, ACC)
+                else:
+                    v = tl.zeros([BM, BD], dtype=ACC)
+            else:
+                x = tl.load(replay + (2 * t - 2) * BLOCK + here)
+                v = tl.load(replay + (2 * t - 1) * BLOCK + here)
             a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
                 c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
@@ -797,15 +926,11 @@ def _iterate_bwd_cols(
                               * sign, axis=0)
             gvt, g_za, g_zb, g_zg, g_vc, gx, gv, f_term = _step_grads(
                 gx, gv, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt)
-            cd = c.to(DOT)
-            ga = g_za * ms0
-            gb = g_zb * ms1
-            gg = g_zg * ms2
-            gu = g_vc * ms3
-            dwo_a = tl.dot(ga.to(DOT).trans(), cd, dwo_a, input_precision=PREC, out_dtype=ACC)
-            dwo_b = tl.dot(gb.to(DOT).trans(), cd, dwo_b, input_precision=PREC, out_dtype=ACC)
-            dwo_g = tl.dot(gg.to(DOT).trans(), cd, dwo_g, input_precision=PREC, out_dtype=ACC)
-            dwo_u = tl.dot(gu.to(DOT).trans(), cd, dwo_u, input_precision=PREC, out_dtype=ACC)
+            ct = tl.trans(c.to(DOT))
+            dwo_a = tl.dot(ct, (g_za * ms0).to(DOT), dwo_a, input_precision=PREC, out_dtype=ACC)
+            dwo_b = tl.dot(ct, (g_zb * ms1).to(DOT), dwo_b, input_precision=PREC, out_dtype=ACC)
+            dwo_g = tl.dot(ct, (g_zg * ms2).to(DOT), dwo_g, input_precision=PREC, out_dtype=ACC)
+            dwo_u = tl.dot(ct, (g_vc * ms3).to(DOT), dwo_u, input_precision=PREC, out_dtype=ACC)
             dz_a += tl.sum(g_za, axis=0)
             dz_b += tl.sum(g_zb, axis=0)
             dz_g += tl.sum(g_zg, axis=0)
@@ -818,7 +943,7 @@ def _iterate_bwd_cols(
             dtab = tl.where(tk[:, None] == t, dtab + tl.sum(gvt, axis=0)[None, :], dtab)
             gpre = tl.load(gpre_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
                            other=0.0)
-            gpre_t = gpre.to(DOT).trans()
+            gpre_t = tl.trans(gpre.to(DOT))
             dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
             dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
             gpre_next = gpre
@@ -836,8 +961,9 @@ def _iterate_bwd_cols(
             gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
             tl.store(dv_ptr + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
 
-    wo_offs = (sp * 4 * D + cols[:, None]).to(tl.int64) * H + hk[None, :]
-    wo_mask = col_mask[:, None]
+    # dw_o partial [SPLITS, 4D, H], written from the transposed [H, BD] accumulators
+    wo_offs = (sp * 4 * D + cols[None, :]).to(tl.int64) * H + hk[:, None]
+    wo_mask = col_mask[None, :]
     tl.store(dwo_ptr + wo_offs, dwo_a, mask=wo_mask)
     tl.store(dwo_ptr + wo_offs + D * H, dwo_b, mask=wo_mask)
     tl.store(dwo_ptr + wo_offs + 2 * D * H, dwo_g, mask=wo_mask)
@@ -880,14 +1006,12 @@ def _dot_types(dtype):
     return tl.float32, ("ieee" if interpreting() else "tf32x3"), tl.float32
 
 
-def _decode_block(d):
-    return min(64, max(16, triton.next_power_of_2(d)))
-
-
 def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, tol, min_iterations,
              save=False, trajectory=False, path=None, config=None):
     """Launches the forward. Returns x_T, v_T, energy, distance, iterations, trajectory (x, v)
-    or (None, None), and with `save` the per-step controller hidden c [T, N, H] and rms [T, N]."""
+    or (None, None), the fp32 state (xs, vs) (which holds x_{T-1}, v_{T-1} when the last step
+    wrote the outputs directly: `last_saved`), and with `save` the per-step controller hidden
+    c [T, N, H] and rms [T, N]."""
     n, d = x.shape
     H = w_h.shape[0]
     dev, out_dtype = x.device, x.dtype
@@ -901,6 +1025,8 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         raise ValueError(f"path must be 'tile' or 'decode', got {path!r}")
     if save and path != "tile":
         raise ValueError("the decode path does not save the backward's tensors; use path='tile'")
+    # the last step writes the outputs in their dtype, so the fp32 state keeps x_{T-1}, v_{T-1}
+    final_out = cast_out and not early_exit
 
     x_out = torch.empty_like(x)
     v_out = torch.empty_like(x)
@@ -915,43 +1041,72 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     traj_v = torch.empty(n, T + 1, d, device=dev, dtype=out_dtype) if trajectory else x_out
     v_in = v if v is not None else x
     exc = table if table is not None else bias
-    scalars = dict(dt=float(dt), kappa=float(kappa) if kappa is not None else 0.0,
+    scalars = dict(zero=0.0, dt=float(dt), kappa=float(kappa) if kappa is not None else 0.0,
                    tol=float(tol) if tol is not None else 0.0, min_iterations=int(min_iterations))
+    types = dict(DOT=DOT, PREC=PREC, ACC=ACC)
     flags = dict(HAS_V=v is not None, HAS_EXC=table is not None, USE_KAPPA=kappa is not None,
-                 EARLY_EXIT=early_exit, TRAJ=trajectory, CAST_OUT=cast_out, DOT=DOT, PREC=PREC, ACC=ACC)
+                 EARLY_EXIT=early_exit, TRAJ=trajectory, FINAL_OUT=final_out, **types)
 
-    config = {k: val for k, val in (config or {}).items() if k in ("BM", "BD", "num_warps", "num_stages")} or None
+    config = {k: val for k, val in (config or {}).items() if k in ("BM", "BD", "NB", "num_warps", "num_stages")}
+    cfg = dict(_tile_config(d, H) if path == "tile" else _decode_config(d, H), **config)
+    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    BM, BD = cfg["BM"], cfg["BD"]
+    tiles = triton.cdiv(n, BM)
     if path == "tile":
-        args = (h, x, v_in, xs, vs, x_out, v_out, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, exc,
-                energy, distance, iterations, c_save, r_save, traj_x, traj_v, n, d, T)
-        cfg = _tile_config(d, H)
-        cfg.update(config or {})
-        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-        grid = (triton.cdiv(n, cfg["BM"]),)
-        _iterate_fwd_tile[grid](*args, **scalars, H=H, SAVE=save, **flags, **cfg, **launch)
+        cfg.pop("NB", None)
+    if path == "tile":
+        ctx = torch.empty(n, H, device=dev, dtype=acc)
+        pre = torch.empty(n, H, device=dev, dtype=acc)
+        sq = torch.empty(n, device=dev, dtype=acc)
+        _fwd_prologue[(tiles, 1)](h, x, v_in, w_h, w_x, w_v, bias, mu, ctx, pre, sq, traj_x, traj_v, n, d, T,
+                                  triton.cdiv(d, BD), 0.0, H=H, BM=BM, BD=BD, HAS_V=v is not None,
+                                  TRAJ=trajectory, SINGLE=True, **types, **launch)
+        # early exit: the step's tiles are formed from the rows still running (list[:count])
+        row_list = torch.arange(n, device=dev, dtype=torch.int32) if early_exit else iterations
+        count = torch.full((1,), n, device=dev, dtype=torch.int32) if early_exit else iterations
+        running = torch.ones(n, device=dev, dtype=torch.int32) if early_exit else iterations
+        for t in range(T):
+            _tile_step[(tiles,)](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, ctx, pre, sq,
+                                 row_list, count, running, energy, distance, iterations, c_save, r_save,
+                                 traj_x, traj_v, t, n, d, T, **scalars, H=H, BM=BM, BD=BD, SAVE=save, **flags,
+                                 **launch)
+            if early_exit and t + 1 < T:
+                _compact_rows[(1,)](running, row_list, count, n, CHUNK=1024)
+        if early_exit and cast_out:
+            x_out.copy_(xs)
+            v_out.copy_(vs)
     else:
-        cfg = dict(BM=16, BD=_decode_block(d))
-        if config:
-            cfg.update(config)
-        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-        BM, BD = cfg["BM"], cfg["BD"]
-        S = triton.cdiv(d, BD)
-        grid = (triton.cdiv(n, BM), S)
-        ctx_part = torch.empty(S, n, H, device=dev, dtype=acc)
-        ctx_full = torch.empty(n, H, device=dev, dtype=acc)
-        pre_part = torch.empty(2, S, n, H, device=dev, dtype=acc)
-        stat_part = torch.empty(2, S, 4, n, device=dev, dtype=acc)
-        common = dict(H=H, BM=BM, BD=BD, DOT=DOT, PREC=PREC, ACC=ACC, **launch)
-        _decode_prologue[grid](h, x, v_in, w_h, w_x, w_v, mu, ctx_part, pre_part, stat_part, traj_x, traj_v,
-                               n, d, T, S, HAS_V=flags["HAS_V"], TRAJ=trajectory, **common)
-        step_flags = {k: flags[k] for k in ("HAS_V", "HAS_EXC", "USE_KAPPA", "EARLY_EXIT", "TRAJ", "CAST_OUT")}
+        nblk = triton.cdiv(d, BD)
+        NB = cfg.get("NB", 1)
+        grid = (tiles, triton.cdiv(nblk, NB))
+        ctx_part = torch.empty(nblk, n, H, device=dev, dtype=acc)
+        pre_part = torch.empty(nblk, n, H, device=dev, dtype=acc)
+        stat_part = torch.empty(4, nblk, n, device=dev, dtype=acc)
+        ctx = torch.empty(n, H, device=dev, dtype=acc)
+        c = torch.empty(n, H, device=dev, dtype=acc)
+        scale = torch.empty(n, device=dev, dtype=acc)
+        _fwd_prologue[grid](h, x, v_in, w_h, w_x, w_v, bias, mu, ctx_part, pre_part, stat_part, traj_x, traj_v,
+                            n, d, T, NB, 0.0, H=H, BM=BM, BD=BD, HAS_V=v is not None, TRAJ=trajectory,
+                            SINGLE=False, **types, **launch)
+        # the reduce: one thread per (row, hidden unit) and 16 loads in flight on a GPU; any HC
+        # and BATCH add the shares in the same order
+        HC, batch = (H, 1) if interpreting() else (2, 16)
+        reduce = dict(H=H, BM=BM, HC=HC, BATCH=batch, USE_KAPPA=kappa is not None, EARLY_EXIT=early_exit, ACC=ACC)
+        step_flags = {k: flags[k] for k in ("HAS_V", "HAS_EXC", "EARLY_EXIT", "TRAJ", "FINAL_OUT")}
         for t in range(T + 1):
-            _decode_step[grid](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, bias, mod, mu, exc,
-                               ctx_part, ctx_full, pre_part, stat_part, energy, distance, iterations,
-                               traj_x, traj_v, t, n, d, T, S, **scalars, **step_flags, **common)
+            _decode_reduce[(tiles, H // HC)](ctx_part, pre_part, stat_part, bias, ctx, c, scale, energy, distance,
+                                             iterations, t, n, d, T, nblk, scalars["kappa"], scalars["tol"],
+                                             scalars["min_iterations"], **reduce)
+            if t < T:
+                _decode_step[grid](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, c, scale,
+                                   pre_part, stat_part, iterations, traj_x, traj_v, t, n, d, T, NB, nblk, 0.0,
+                                   scalars["dt"], H=H, BM=BM, BD=BD, **step_flags, **types, **launch)
+        if early_exit and cast_out:
+            x_out.copy_(xs)
+            v_out.copy_(vs)
 
     if early_exit:
-        # a tile that stopped early left the later statistics (and trajectory) unwritten:
+        # rows that stopped early left the later statistics (and trajectory) unwritten:
         # a frozen row repeats its state from its last step on
         steps = torch.arange(T, device=dev)
         last = torch.minimum(steps[None, :], iterations[:, None].long() - 1)
@@ -963,18 +1118,19 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
             traj_x, traj_v = traj_x.gather(1, index), traj_v.gather(1, index)
     trajectories = (traj_x, traj_v) if trajectory else (None, None)
     saved = (c_save, r_save) if save else (None, None)
-    return x_out, v_out, energy, distance, iterations, trajectories, saved
+    return x_out, v_out, energy, distance, iterations, trajectories, (xs, vs), saved
 
 
 def _backward_config(n, d, H, device, config):
-    """Block sizes of the two backward kernels and the row splits of phase 2."""
+    """Block sizes of the two backward kernels and the row splits of phase 2: the forward's
+    block shape (M = 64 rows for wgmma, BD = 16 columns: see kernel_report for what ptxas
+    gives them); SPLITS so that phase 2 runs about 4 programs per multiprocessor."""
     if config is not None:
         cfg = dict(config)
     elif interpreting():
         cfg = dict(BM=16, BD=32)
     else:
-        # phase 2 holds six [BD, H] fp32 accumulators (dw_o ×4, dw_x, dw_v): keep BD·H <= 2048
-        cfg = dict(BM=32, BD=max(16, min(64, 2048 // H)), num_warps=8)
+        cfg = dict(BM=64, BD=16, num_warps=4)
     if "SPLITS" not in cfg:
         tiles = triton.cdiv(n, cfg["BM"])
         sms = multiprocessors(device) if device.type == "cuda" else 1
@@ -983,10 +1139,21 @@ def _backward_config(n, d, H, device, config):
     return cfg
 
 
+def _halves(buffer, dtype, n, d):
+    """Two [n, d] tensors of a 2-byte dtype in the storage of one fp32 [n, d] buffer."""
+    flat = buffer.view(dtype).view(-1)
+    return flat[: n * d].view(n, d), flat[n * d:].view(n, d)
+
+
 def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     """Launches the two backward kernels; returns the gradients of (h, x, v, w_h, w_x, w_v, w_o,
-    b_o, bias, mod, mu, table), before the casts to the inputs' dtypes."""
-    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save = saved
+    b_o, bias, mod, mu, table), before the casts to the inputs' dtypes.
+
+    Memory: for bf16/fp16 inputs phase 1 carries its fp32 gradients in the forward's fp32
+    state buffers (xs, vs), which the backward owns; once phase 1 is done their storage holds
+    dL/dh and dL/dx (and dL/dv) in the input dtype. For fp32 inputs the carry is dL/dx itself
+    (phase 2 writes it only after phase 1 is done and never reads it) and one fp32 [N, d]."""
+    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save, xs, vs = saved
     gx_T, gv_T, g_energy, g_distance = (None if g is None else g.contiguous() for g in grads)
     n, d = x.shape
     H = w_h.shape[0]
@@ -996,12 +1163,15 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     splits = cfg.pop("SPLITS")
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     BM, BD = cfg["BM"], cfg["BD"]
-    dx = torch.empty_like(x)
-    dv = torch.empty_like(x) if v is not None else None
-    # phase 1's carried gradients: fp32 scratch, or the fp32 outputs themselves (phase 2 only
-    # writes them after phase 1 is done and never reads them)
-    gx_s = dx if x.dtype == acc else torch.empty(n, d, device=dev, dtype=acc)
-    gv_s = dv if (dv is not None and x.dtype == acc) else torch.empty(n, d, device=dev, dtype=acc)
+    cast = x.dtype != acc
+    last_saved = cast and T >= 2  # the forward's last step left x_{T-1}, v_{T-1} in (xs, vs)
+    if cast:
+        gx_s, gv_s = xs, vs
+    else:
+        dx = torch.empty_like(x)
+        dv = torch.empty_like(x) if v is not None else None
+        gx_s = dx
+        gv_s = dv if dv is not None else torch.empty(n, d, device=dev, dtype=acc)
     gpre = torch.empty(T, n, H, device=dev, dtype=acc)
     rc = torch.empty(T, n, device=dev, dtype=acc)
     v_in = v if v is not None else x
@@ -1012,13 +1182,19 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
                  HAS_GD=g_distance is not None, DOT=DOT, PREC=PREC, ACC=ACC)
     upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
     kappa_f = float(kappa) if kappa is not None else 0.0
-    _iterate_bwd_rows[(triton.cdiv(n, BM),)](
-        x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gx_s, gv_s, gpre, rc,
-        n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, **flags, **launch)
+    _bwd_rows[(triton.cdiv(n, BM),)](
+        x, v_in, xs, vs, gx_s, gv_s, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
+        n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, LAST_SAVED=last_saved, **flags, **launch)
 
+    if cast:  # the carry is dead: its storage takes the input-dtype gradients
+        dh, dx = _halves(xs, x.dtype, n, d)
+        dv = _halves(vs, x.dtype, n, d)[0] if v is not None else None
     gpre_sum = gpre.sum(0)
     mm_dtype = h.dtype if h.dtype in (torch.float16, torch.bfloat16) else acc
-    dh = gpre_sum.to(mm_dtype) @ w_h.to(mm_dtype)
+    if cast and h.dtype == x.dtype:
+        torch.mm(gpre_sum.to(mm_dtype), w_h.to(mm_dtype), out=dh)
+    else:
+        dh = gpre_sum.to(mm_dtype) @ w_h.to(mm_dtype)
     dw_h = gpre_sum.t().to(mm_dtype) @ h.to(mm_dtype)
     dbias = gpre_sum.sum(0)
     if not needs_phase2:
@@ -1032,9 +1208,11 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     dmu = torch.empty(splits, d, device=dev, dtype=acc)
     dtab = torch.empty(splits, T, d, device=dev, dtype=acc)
     dmod = torch.empty(splits, nj, 8, device=dev, dtype=acc)
-    _iterate_bwd_cols[(nj, splits)](
+    # each program's replayed x_t, v_t (t = 1 .. T-1) of its current tile
+    replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM * BD), device=dev, dtype=acc)
+    _bwd_cols[(nj, splits)](
         x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
-        dx, dv if dv is not None else dx, dwo, dbo, dwx, dwv, dmu, dtab, dmod,
+        dx, dv if dv is not None else dx, replay, dwo, dbo, dwx, dwv, dmu, dtab, dmod,
         n, d, T, float(dt), kappa_f, splits, H=H, BM=BM, BD=BD, TP=triton.next_power_of_2(T), **flags, **launch)
     # the splits' partials, summed in a fixed order: the same bits on every run
     return (dh, dx, dv, dw_h, dwx.sum(0), dwv.sum(0), dwo.sum(0), dbo.sum(0), dbias, dmod.sum((0, 1)),
@@ -1042,19 +1220,23 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
 
 
 class _IterateFunction(torch.autograd.Function):
-    """The iterate with a Triton backward. Saved for the backward: the inputs and, per step,
-    the controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (fp32): 21 MB at
-    16384 × 2048, T = 5, H = 64, no trajectory. With them the state of any d-block at any step
-    replays column-locally from x_0, v_0 (O(T²) cheap steps, no extra memory), so the backward
-    needs only an fp32 [N, d] scratch pair for phase 1 (none for fp32 inputs), gpre [T, N, H],
-    rc [T, N] and the weight-gradient partials of phase 2's row splits."""
+    """The iterate with a Triton backward. Saved for the backward: the inputs, per step the
+    controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (fp32: 21 MB at
+    16384 × 2048, T = 5, H = 64), and for bf16/fp16 inputs the forward's fp32 state buffers,
+    which hold x_{T-1}, v_{T-1}. With c and rms the state of any d-block at any step replays
+    column-locally from x_0, v_0, so the backward needs no trajectory: phase 1 replays up to
+    step T-2 (x_{T-1} is read), phase 2 once per tile. Extra memory beyond inputs, outputs and
+    gradients (16384 × 2048, T = 5, bf16): the state pair (256 MiB, which then holds dL/dh and
+    dL/dx), c and rms, gpre [T, N, H], rc [T, N], phase 2's split partials and replay scratch."""
 
     @staticmethod
     def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, config):
-        x_out, v_out, energy, distance, iterations, _, (c_save, r_save) = _forward(
+        x_out, v_out, energy, distance, iterations, _, (xs, vs), (c_save, r_save) = _forward(
             h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, None, 0, save=True,
             path="tile", config=config)
-        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save)
+        cast = xs.data_ptr() != x_out.data_ptr()
+        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save,
+                              xs if cast else None, vs if cast else None)
         ctx.constants = (dt, kappa, T, config)
         ctx.mark_non_differentiable(iterations)
         ctx.set_materialize_grads(False)
@@ -1078,57 +1260,35 @@ class _IterateFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # the backend entry points
 
-_warned = set()
 
-
-def _warn_once(key, message):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
-
-
-def supports(h, x, *, w_h, **kwargs):
+def supports(h, x, v, params: IterateParams, settings: IterateSettings):
     """None when the triton kernels run these arguments, else why not."""
-    H = w_h.shape[0]
+    H = params.hidden
     if H not in SUPPORTED_HIDDEN:
         return f"controller hidden size H={H} is not one of {SUPPORTED_HIDDEN} (tl.dot tiles)"
     if x.dtype == torch.float64 and not interpreting():
         return "float64 runs only under the Triton interpreter (TRITON_INTERPRET=1)"
+    if settings.return_trajectory and needs_grad(h, x, v, params):
+        return "the triton iterate does not differentiate a returned trajectory (it runs on the reference)"
     return None
 
 
-def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma,
-            phi, amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3,
-            return_trajectory=False, _path=None, _config=None):
+def iterate(h, x, v, params: IterateParams, settings: IterateSettings, _path=None, _config=None):
     """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
     `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS for the
     backward) are for tests and benchmarks."""
-    kwargs = dict(w_h=w_h, b_h=b_h, w_x=w_x, b_x=b_x, w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o, mod_scale=mod_scale,
-                  mod_bias=mod_bias, mu=mu, exc_index=exc_index, gamma=gamma, phi=phi, amplitude=amplitude,
-                  dt=dt, kappa=kappa, num_iterations=num_iterations, v=v, tol=tol,
-                  min_iterations=min_iterations, return_trajectory=return_trajectory)
-    grad = needs_grad(h, x, *kwargs.values())
-    if grad and return_trajectory:
-        _warn_once("trajectory", "the triton iterate does not differentiate a returned trajectory: "
-                                 "return_trajectory=True with inputs that require grad runs on the reference")
-        return reference_iterate(h, x, **kwargs)
-
-    T = num_iterations
+    p, s = params, settings
+    T = s.num_iterations
     acc = compute_dtype(x.dtype)
-
-    def folded():
-        return fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude, T,
-                               x.shape[1], acc)
-
-    if grad:  # every step runs (tol is ignored) on the tile path
-        table, bias, mod = folded()
+    if needs_grad(h, x, v, params):  # every step runs (tol is ignored) on the tile path
+        table, bias, mod = fold_parameters(params, s, x.shape[1], acc)
         x_out, v_out, energy, distance, iterations = _IterateFunction.apply(
-            h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, _config)
+            h, x, v, p.w_h, p.w_x, p.w_v, p.w_o, p.b_o, bias, mod, p.mu, table, s.dt, s.kappa, T, _config)
         return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance)
     with torch.no_grad():
-        table, bias, mod = folded()
-        x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _ = _forward(
-            h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, tol, min_iterations,
-            trajectory=return_trajectory, path=_path, config=_config)
+        table, bias, mod = fold_parameters(params, s, x.shape[1], acc)
+        x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _, _ = _forward(
+            h, x, v, p.w_h, p.w_x, p.w_v, p.w_o, p.b_o, bias, mod, p.mu, table, s.dt, s.kappa, T, s.tol,
+            s.min_iterations, trajectory=s.return_trajectory, path=_path, config=_config)
     return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance,
                               trajectory_x=traj_x, trajectory_v=traj_v)

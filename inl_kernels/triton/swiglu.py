@@ -6,13 +6,17 @@ autograd.Function that launches it; the three projections are torch matmuls (cuB
 
 One kernel reads g and u once and writes h (eager PyTorch: silu, then a multiply); one kernel
 reads g, u, dh once and writes dg and du. Math in fp32 (fp64 for fp64, which only the
-interpreter runs), rounded once to the activations' dtype.
+interpreter runs), rounded once to the activations' dtype. The pointwise part is the
+torch.library op `inl::triton_silu_mul` (torch.library.triton_op, so torch.compile traces into
+the kernel), its backward `inl::triton_silu_mul_backward` the op's autograd formula.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 from . import interpreting
 
@@ -47,27 +51,38 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-class _SiluMul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        h = torch.empty_like(gate)
-        n = gate.numel()
-        if n:
-            _swiglu_forward[(triton.cdiv(n, BLOCK),)](gate, up, h, n, BLOCK=BLOCK, ACC=_acc(gate.dtype), num_warps=4)
-        ctx.save_for_backward(gate, up)
-        return h
+@torch.library.triton_op("inl::triton_silu_mul", mutates_args=())
+def triton_silu_mul_op(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate)·up, element by element (gate, up contiguous, one shape and dtype)."""
+    h = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        wrap_triton(_swiglu_forward)[(triton.cdiv(n, BLOCK),)](gate, up, h, n, BLOCK=BLOCK, ACC=_acc(gate.dtype),
+                                                             num_warps=4)
+    return h
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dh):
-        gate, up = ctx.saved_tensors
-        dh = dh.contiguous()
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        if n:
-            _swiglu_backward[(triton.cdiv(n, BLOCK),)](gate, up, dh, dg, du, n, BLOCK=BLOCK, ACC=_acc(gate.dtype),
-                                                       num_warps=4)
-        return dg, du
+
+@torch.library.triton_op("inl::triton_silu_mul_backward", mutates_args=())
+def triton_silu_mul_backward_op(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """(d gate, d up) from the gradient dh of silu(gate)·up."""
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        wrap_triton(_swiglu_backward)[(triton.cdiv(n, BLOCK),)](gate, up, dh, dg, du, n, BLOCK=BLOCK,
+                                                               ACC=_acc(gate.dtype), num_warps=4)
+    return dg, du
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dh):
+    gate, up = ctx.saved_tensors
+    return triton_silu_mul_backward_op(dh.contiguous(), gate, up)
+
+
+triton_silu_mul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def supports(x, w_gate, w_up, w_down):
@@ -82,4 +97,4 @@ def swiglu(x, w_gate, w_up, w_down):
     gate, up = x @ w_gate.t(), x @ w_up.t()  # contiguous; the autocast dtype under autocast
     if up.dtype != gate.dtype:
         up = up.to(gate.dtype)
-    return _SiluMul.apply(gate, up) @ w_down.t()
+    return triton_silu_mul_op(gate.contiguous(), up.contiguous()) @ w_down.t()

@@ -68,9 +68,9 @@ def test_low_precision_within_the_references_own_error(dtype):
 
 def test_module_with_and_without_the_kv_cache():
     """GQAttention on the cpu backend: a sequence at once, and the same sequence as a prompt then
-    token by token through a static KV cache (unrotated keys, rotated inside the op), both equal
-    to the reference module's full-sequence output."""
-    from inl_llm.cache import LayerKVCache
+    token by token through the model's static KV cache (unrotated keys, rotated inside the op),
+    both equal to the reference module's full-sequence output."""
+    from inl_llm.cache import KVCache
 
     torch.manual_seed(0)
     cpu = GQAttention(32, 8, 2, max_seq_len=16, backend="cpu")
@@ -80,8 +80,34 @@ def test_module_with_and_without_the_kv_cache():
     want, _ = ref(x)
     full, _ = cpu(x)
     torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-5)
-    cache = LayerKVCache(None, None, shape=(2, 2, 16, 4))
-    pieces = [cpu(x[:, :6], past_key_value=cache, use_cache=True)[0]]
-    for t in range(6, 11):
-        pieces.append(cpu(x[:, t:t + 1], past_key_value=cache, use_cache=True)[0])
+    cache = KVCache(1, 2, 2, 4, 16, dtype=torch.float32)
+    pieces = []
+    for start, end in [(0, 6)] + [(t, t + 1) for t in range(6, 11)]:
+        cache.begin(end - start)
+        pieces.append(cpu(x[:, start:end], past_key_value=cache.layers[0], use_cache=True)[0])
+        cache.commit()
     torch.testing.assert_close(torch.cat(pieces, dim=1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_cache_lengths_and_left_padding_match_reference(causal, use_rope):
+    """kv_lens (a static cache's filled length per row, unequal here) and kv_starts (left
+    padding): the masked path against the reference, forward and gradients; a query that sees no
+    key (inside the padding) returns zeros and no NaN reaches any gradient."""
+    q, k, v = make(3, 4, 2, 3, 12, 8, seed=4)
+    kv_lens = torch.tensor([12, 7, 9], dtype=torch.int32)
+    kv_starts = torch.tensor([0, 2, 7], dtype=torch.int32)  # row 2: its first query sees no key
+    rope = rope_tables(16, 8) if use_rope else None
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    kw = dict(causal=causal, rope=rope, kv_lens=kv_lens, kv_starts=kv_starts)
+    got = run("cpu", q, k, v, do, **kw)
+    want = run("reference", q, k, v, do, **kw)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    if causal:
+        assert torch.equal(got[0][2, :, 0], torch.zeros_like(got[0][2, :, 0]))
+    same = run("cpu", q, k, v, do, causal=causal, rope=rope, kv_lens=torch.full((3,), 10, dtype=torch.int32))
+    plain = run("cpu", q, k[:, :, :10], v[:, :, :10], do, causal=causal, rope=rope)
+    torch.testing.assert_close(same[0], plain[0], rtol=0, atol=0)  # equal lengths: the cut cache

@@ -84,3 +84,13 @@ def test_pointwise_kernel_keeps_nan_and_infinities():
     finite = ~torch.isnan(want)
     # vexp is within |x|·5e-8 relative (csrc/cpu/simd.h): 1.5e-6 at g = -30
     torch.testing.assert_close(got[finite], want[finite], rtol=3e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    """The pointwise op as a torch.library op: schema, fake function, autograd registration."""
+    from inl_kernels.cpu.swiglu import cpu_silu_mul_op
+    g = torch.Generator().manual_seed(6)
+    gate = torch.randn(3, 5, 7, generator=g).to(dtype).requires_grad_(True)
+    up = torch.randn(3, 5, 7, generator=g).to(dtype).requires_grad_(True)
+    torch.library.opcheck(cpu_silu_mul_op, (gate, up))

@@ -97,3 +97,14 @@ def compile_cases():
 def test_kernels_compile_for_sm90():
     """See tests/triton/sm90.py."""
     compile_in_child("tests.triton.test_swiglu:compile_cases", 4)
+
+
+@pytest.mark.cuda
+def test_opcheck():
+    """The pointwise op as a torch.library op (triton_op): schema, fake function, autograd (on a
+    GPU: the interpreter cannot run opcheck's fake-tensor pass)."""
+    from inl_kernels.triton.swiglu import triton_silu_mul_op
+    g = torch.Generator().manual_seed(7)
+    gate = torch.randn(4, 37, generator=g).to(DEVICE).requires_grad_(True)
+    up = torch.randn(4, 37, generator=g).to(DEVICE).requires_grad_(True)
+    torch.library.opcheck(triton_silu_mul_op, (gate, up))
