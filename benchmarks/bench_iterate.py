@@ -47,6 +47,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the C++ ops would drop to one thread on a contended machine: a benchmark keeps the count it set
 os.environ.setdefault("INL_KERNELS_ADAPTIVE_THREADS", "0")
+# inductor compiles in worker processes that stay busy after the first compile: on a small CPU
+# they take the cores from the calls being timed (eager timed 15× slower beside them)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 COLUMNS = ["shape", "dtype", "mode", "early_exit", "impl", "ms", "vs_eager", "vs_compile", "vs_exit_off",
            "floor_frac", "max_err", "peak_mib", "note"]
@@ -369,10 +372,9 @@ def main(argv=None):
     print("implementations:", ", ".join(impls))
     machine = {}
     if device == "cpu":
-        import platform
-
         import inl_kernels
-        machine = dict(cpu_model=_cpu_model() or platform.processor(), cpu_threads=torch.get_num_threads())
+        from inl_kernels.profile import cpu_model
+        machine = dict(cpu_model=cpu_model(), cpu_threads=torch.get_num_threads())
         if "cpu" in inl_kernels.backends():
             from inl_kernels.cpu import info
             machine["cpu_path"] = info()["capability"]
@@ -390,18 +392,6 @@ def main(argv=None):
         write_json(args.json, "iterate", [dict(r, copy_gbs=bandwidth, peak_tflops=args.peak_tflops, **machine)
                                           for r in rows])
     return rows
-
-
-def _cpu_model():
-    """The CPU's model name (lscpu's), or None."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
