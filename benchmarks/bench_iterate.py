@@ -18,8 +18,8 @@ reference's own step norms on a sample of rows so that rows stop at different st
 CPU: the same shapes plus the early-exit case of issue 15 (2048 × 512, T = 8: 75 % of rows
 converge after 2 steps, 25 % run all 8, 3.5 steps on average), where each backend is timed with
 early exit on and off on the same inputs ("vs_exit_off": time on / time off). The floor is the
-FLOPs below at the rate of `torch.mm` on 2048³ fp32 measured in the same run ("floor_frac",
-"gemm_gflops"). On a CPU the implementations of a mode (and the GEMM) are timed in interleaved
+FLOPs below (with early exit, at the steps the rows run) at the rate of `torch.mm` on 2048³ fp32
+measured in the same run ("floor_frac", "gemm_gflops"). On a CPU the implementations of a mode (and the GEMM) are timed in interleaved
 rounds, so that the shared machine's slow periods hit them alike.
 The run pins the thread count (INL_KERNELS_ADAPTIVE_THREADS=0 unless set: the C++ ops would
 otherwise drop to one thread on a contended machine, csrc/cpu/entry.cpp) and records the CPU path
@@ -134,8 +134,6 @@ def make_split_inputs(n, d, T, dtype, device, hidden=64, fast=0.75, fast_steps=2
 def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat):
     """Forward with early exit on and off on the early-exit case's inputs, each backend but eager
     and compile (whose early exit saves nothing: they run every step on every row)."""
-    from benchmarks.common import time_fn
-
     h, x, kw = make_split_inputs(n, d, T, dtype, device, hidden=hidden)
     off = {k: v for k, v in kw.items() if k not in ("tol", "min_iterations")}
     rows = []
@@ -157,8 +155,9 @@ def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat):
                              early_exit="split", impl=name, note=f"failed: {type(e).__name__}: {str(e)[:160]}"))
             continue
         base = dict(shape=f"{n}x{d}x{T}", dtype=str(dtype).replace("torch.", ""), mode="fwd", impl=name)
-        flops = 2.0 * n * hidden * (d + 6 * d * T)
-        for early_exit, t in (("off", off_ms), ("split", on)):
+        steps = info.iterations.float().mean().item()
+        for early_exit, t, ran in (("off", off_ms, T), ("split", on, steps)):
+            flops = 2.0 * n * hidden * (d + 6 * d * ran)  # the steps the rows run
             row = dict(base, early_exit=early_exit, ms=t, note=note if early_exit == "split" else None,
                        floor_frac=flops / rate * 1e3 / t, gemm_gflops=rate / 1e9)
             if early_exit == "split":
@@ -318,7 +317,8 @@ def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmu
             if pending:
                 *times, gemm_ms = interleaved_ms([c for _, _, c in pending] + [_gemm_call()], warmup, repeat)
                 rate = 2 * 2048**3 / (gemm_ms / 1e3)
-                flops = 2.0 * n * hidden * (d + 6 * d * T) * (3 if mode == "fwd+bwd" else 1)
+                ran = want.iterations.float().mean().item() if early_exit else T  # the steps rows run
+                flops = 2.0 * n * hidden * (d + 6 * d * ran) * (3 if mode == "fwd+bwd" else 1)
                 for (name, row, _), ms in zip(pending, times):
                     row.update(ms=ms, floor_frac=flops / rate * 1e3 / ms, gemm_gflops=rate / 1e9)
                     timed[name] = row
