@@ -42,7 +42,7 @@ SHARED_RESERVED_PER_BLOCK = 1024
 # pointer arguments of the iterate kernels that carry the activations' dtype; the rest are fp32
 ACTIVATION_POINTERS = ("h_ptr", "x0_ptr", "v0_ptr", "xo_ptr", "vo_ptr", "w_h_ptr", "w_x_ptr", "w_v_ptr",
                        "w_o_ptr", "b_o_ptr", "mu_ptr", "trajx_ptr", "trajv_ptr", "gxT_ptr", "gvT_ptr", "dx_ptr",
-                       "dv_ptr")
+                       "dv_ptr", "c_dot_ptr", "gpre_dot_ptr", "gq_ptr")
 FLOAT_ARGS = ("dt", "kappa", "tol", "zero")
 INT_POINTERS = ("iters_ptr", "list_ptr", "count_ptr", "flag_ptr")
 COLUMNS = ["kernel", "dtype", "d", "H", "config", "registers", "spill_stores", "spill_loads", "shared_kib",

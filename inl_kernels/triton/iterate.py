@@ -119,6 +119,16 @@ def _softplus(z):
 
 
 @triton.jit
+def _softplus_sigmoid(z):
+    """(softplus(z), sigmoid(z)) from one exp(-|z|): sigmoid(z) = 1/(1+y) for z >= 0 and
+    y/(1+y) below, y = exp(-|z|)."""
+    y = tl.exp(-tl.abs(z))
+    u = 1.0 + y
+    lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(z, 0.0) + lp, tl.where(z >= 0, 1.0, y) / u
+
+
+@triton.jit
 def _load_mod(mod_ptr, ACC: tl.constexpr):
     return (tl.load(mod_ptr + 0).to(ACC), tl.load(mod_ptr + 1).to(ACC), tl.load(mod_ptr + 2).to(ACC),
             tl.load(mod_ptr + 3).to(ACC), tl.load(mod_ptr + 4).to(ACC), tl.load(mod_ptr + 5).to(ACC),
@@ -344,11 +354,11 @@ def _tile_step(
     x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr,
     w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
     ctx_ptr, pre_ptr, sq_ptr, list_ptr, count_ptr, flag_ptr,
-    energy_ptr, dist_ptr, iters_ptr, c_save_ptr, r_save_ptr, trajx_ptr, trajv_ptr,
+    energy_ptr, dist_ptr, iters_ptr, c_save_ptr, c_dot_ptr, r_save_ptr, trajx_ptr, trajv_ptr,
     t, N, D, T, zero, dt, kappa, tol, min_iterations,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    SAVE: tl.constexpr, TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
+    SAVE: tl.constexpr, SAVE_DOT: tl.constexpr, TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Step t of SPEC §2 (formula in the module docstring) for BM rows over all of d: reads
@@ -357,7 +367,8 @@ def _tile_step(
     energy Σv'²/D, distance Σ|x' - mu|/D and ‖x' - x‖². With EARLY_EXIT the rows are entries
     pos < count of the list `list_ptr` (the rows still running, in row order): converged rows
     get iterations = t+1 and flag 0, and `_compact_rows` re-forms the list for step t+1, so a
-    converged row costs nothing after its last step. With SAVE, c_t and rms_t for the backward."""
+    converged row costs nothing after its last step. With SAVE, c_t and rms_t for the backward
+    (and SAVE_DOT: c_t in the dot dtype as well)."""
     pid = tl.program_id(0)
     pos = pid * BM + tl.arange(0, BM)
     if EARLY_EXIT:
@@ -379,6 +390,8 @@ def _tile_step(
         if SAVE:
             tl.store(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], c, mask=row_mask[:, None])
             tl.store(r_save_ptr + t * N + rows64, rms, mask=row_mask)
+            if SAVE_DOT:  # the backward's dots read c in their dtype: half the bytes, no conversion
+                tl.store(c_dot_ptr + (t * N + rows64)[:, None] * H + hk[None, :], c.to(DOT), mask=row_mask[:, None])
         if USE_KAPPA:
             alpha_scale = 1.0 - tl.exp(-kappa * rms)
         else:
@@ -602,7 +615,7 @@ def _decode_step(
 
 @triton.jit
 def _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t,
-            c_save_ptr, r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa,
+            c_dot_ptr, r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa,
             ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
             H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr, HAS_EXC: tl.constexpr,
             USE_KAPPA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
@@ -614,7 +627,8 @@ def _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t
     else:
         v = tl.zeros([BM, BD], dtype=ACC)
     for s in range(t):
-        c = tl.load(c_save_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+        c = tl.load(c_dot_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
+                    other=0.0).to(DOT)
         if USE_KAPPA:
             alpha_scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
         else:
@@ -703,12 +717,12 @@ def _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_ne
 @triton.jit
 def _bwd_rows(
     x0_ptr, v0_ptr, xs_ptr, vs_ptr, gx_ptr, gv_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
-    c_save_ptr, r_save_ptr, gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr,
+    c_save_ptr, c_dot_ptr, r_save_ptr, gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, gpre_dot_ptr, rc_ptr,
     N, D, T, dt, kappa,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    LAST_SAVED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    LAST_SAVED: tl.constexpr, SAVE_DOT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Backward phase 1, one program per BM rows, t = T-1 .. 0: the parts of the reverse
     recurrence that reduce over a row. Per step, one pass over the d-blocks gets the block's
@@ -729,11 +743,13 @@ def _bwd_rows(
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
-    gpre_next = tl.zeros([BM, H], dtype=ACC)
+    gpre_next = tl.zeros([BM, H], dtype=DOT)
     rc_next = tl.zeros([BM], dtype=ACC)
     for tt in range(T):
         t = T - 1 - tt
-        c = tl.load(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+        c_offs = (t * N + rows64)[:, None] * H + hk[None, :]
+        # the dots take c in their dtype; only the relu mask below needs it in fp32
+        c = tl.load(c_dot_ptr + c_offs, mask=row_mask[:, None], other=0.0).to(DOT)
         rms = tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0)
         if USE_KAPPA:
             alpha_scale = 1.0 - tl.exp(-kappa * rms)
@@ -756,11 +772,11 @@ def _bwd_rows(
                     x = _load_block(xs_ptr, offs, m, ACC)
                     v = _load_block(vs_ptr, offs, m, ACC)
                 else:
-                    x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                    x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_dot_ptr,
                                    r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0,
                                    mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
             else:
-                x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_dot_ptr,
                                r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
                                mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
             a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
@@ -793,25 +809,38 @@ def _bwd_rows(
                         tl.debug_barrier()
                 tl.store(gx_ptr + offs, gx_direct, mask=m)
                 tl.store(gv_ptr + offs, gv_direct, mask=m)
-        gpre = tl.where(c > 0, gc, 0.0)
-        tl.store(gpre_ptr + (t * N + rows64)[:, None] * H + hk[None, :], gpre, mask=row_mask[:, None])
+        c_full = tl.load(c_save_ptr + c_offs, mask=row_mask[:, None], other=0.0)
+        gpre = tl.where(c_full > 0, gc, 0.0)
+        tl.store(gpre_ptr + c_offs, gpre, mask=row_mask[:, None])
+        if SAVE_DOT:  # phase 2's dots read gpre in their dtype
+            tl.store(gpre_dot_ptr + c_offs, gpre.to(DOT), mask=row_mask[:, None])
         if USE_KAPPA:
             g_rms = gf * kappa * tl.exp(-kappa * rms)
             rc = tl.where(rms > 0, g_rms / (D * tl.where(rms > 0, rms, 1.0)), 0.0)
         else:
             rc = tl.zeros([BM], dtype=ACC)
         tl.store(rc_ptr + t * N + rows64, rc, mask=row_mask)
-        gpre_next = gpre
+        gpre_next = gpre.to(DOT)
         rc_next = rc
         # step t-1 reads the carry that this program's other threads wrote
         tl.debug_barrier()
 
 
 @triton.jit
+def _z_at(cd, w_o_tile, zb_q, ms_q, PREC: tl.constexpr, ACC: tl.constexpr):
+    """z_q = ms_q·(cd·w_o_qᵀ + b_o_q) + mb_q on a block whose weight tile is at hand, as
+    ms_q·(cd·w_o_qᵀ) + zb_q with zb_q = ms_q·b_o_q + mb_q per column: no bias tile rides in the
+    dot's accumulator (which, loop-invariant, would stay in registers for the whole program).
+    It rounds differently from the forward's order, by an ulp: the backward's replay is not
+    bit-identical to the forward, which only a gradient's last bits could notice."""
+    return ms_q * tl.dot(cd, w_o_tile, input_precision=PREC, out_dtype=ACC) + zb_q[None, :]
+
+
+@triton.jit
 def _bwd_cols(
-    x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_save_ptr, r_save_ptr,
-    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr, dx_ptr, dv_ptr, replay_ptr,
-    dwo_ptr, dbo_ptr, dwx_ptr, dwv_ptr, dmu_ptr, dtab_ptr, dmod_ptr,
+    x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_dot_ptr, r_save_ptr,
+    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_dot_ptr, rc_ptr, dx_ptr, dv_ptr, replay_ptr, gq_ptr,
+    pwo_ptr, dz_ptr, dwx_ptr, dwv_ptr, dmu_ptr, dtab_ptr,
     N, D, T, dt, kappa, SPLITS,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
@@ -820,19 +849,27 @@ def _bwd_cols(
 ):
     """Backward phase 2, one program per (BD columns, row split): with gpre_t and rc_t known,
     the whole reverse recurrence is column-local, so each program reruns it for its columns
-    over the row tiles of its split (tiles split, split + SPLITS, ...). Per tile it replays the
-    forward once, keeping x_t, v_t (t = 1 .. T-1) in its own slice of `replay` (fp32,
-    [programs, 2(T-1), BM, BD]: a few MB, resident in L2), then walks t = T-1 .. 0 carrying
-    (gx, gv) in registers, and writes dL/dx_0, dL/dv_0 and its split's partial weight gradients:
+    over the row tiles of its split (tiles split, split + SPLITS, ...) and writes dL/dx_0,
+    dL/dv_0 and its split's partial sums
 
-        dw_o[q·D + j] += Σ_t g_q,tᵀ·c_t      db_o[q·D + j] += Σ g_q,t       (g_q = g_zq·ms_q)
+        P_q[q·D + j]  += Σ_t g_zq,tᵀ·c_t     dz[q·D + j]   += Σ g_zq,t       (z_q = ms_q·q + mb_q)
         dw_x[:, j]    += Σ_t gpre_tᵀ·x_t     dw_v[:, j]    += Σ_t gpre_tᵀ·v_t
         dmu[j]        -= Σ (every gradient that reached err = x - mu)
-        dtable[t, j]  += Σ_rows gv~_t        dmod          += (Σ g_zq·q, Σ g_zq) for q = a, b, g, u
+        dtable[t, j]  += Σ_rows gv~_t
 
-    The weight gradients accumulate transposed, [H, BD] = c_tᵀ·g (M = H), so the tensor-core
-    tile is H rows whatever BD is. Partials are summed over splits by torch in a fixed order:
-    no atomics, same bits every run."""
+    from which torch makes dw_o = ms_q·P_q, db_o = ms_q·dz, d mod_bias_q = Σ dz_q and, since
+    q = c·w_oᵀ + b_o, d mod_scale_q = Σ g_zq·q = ⟨w_o_q, P_q⟩ + ⟨b_o_q, dz_q⟩.
+
+    Per tile, three passes over its own slice of two L2-resident scratch buffers (a few MB
+    for all programs): the forward replayed once (x_t, v_t, t = 1 .. T-1, fp32, into
+    `replay`); the reverse recurrence, t = T-1 .. 0, carrying (gx, gv) in registers and
+    parking six tiles of every step in `gq` (dot dtype: the four dL/dz_q, gv~ and the
+    element's share of dL/dmu); then the weight gradients, [H, BD] = c_tᵀ·g_q and gpre_tᵀ·x_t
+    (M = H rows for the tensor cores), added to the program's own slots of P, dw_x, dw_v, and
+    the column sums. So the six accumulators are in registers only in that last pass and the
+    recurrence runs without them or any cross-thread reduction (register pressure). The
+    program's weight tiles are loaded once. Partials are summed over splits by torch in a
+    fixed order: no atomics, same bits every run."""
     jb = tl.program_id(0)
     sp = tl.program_id(1)
     cols = jb * BD + tl.arange(0, BD)
@@ -841,24 +878,29 @@ def _bwd_cols(
     tk = tl.arange(0, TP)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
     mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    w_a = _load_w_out(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT)
+    w_b = _load_w_out(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT)
+    w_g = _load_w_out(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT)
+    w_u = _load_w_out(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT)
+    w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+    w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+    zb_a = ms0 * tl.load(b_o_ptr + cols, mask=col_mask, other=0.0).to(ACC) + mb0
+    zb_b = ms1 * tl.load(b_o_ptr + D + cols, mask=col_mask, other=0.0).to(ACC) + mb1
+    zb_g = ms2 * tl.load(b_o_ptr + 2 * D + cols, mask=col_mask, other=0.0).to(ACC) + mb2
+    zb_u = ms3 * tl.load(b_o_ptr + 3 * D + cols, mask=col_mask, other=0.0).to(ACC) + mb3
     BLOCK: tl.constexpr = BM * BD
-    replay = replay_ptr + (sp * tl.num_programs(0) + jb).to(tl.int64) * (2 * (T - 1) * BLOCK)
+    prog = (sp * tl.num_programs(0) + jb).to(tl.int64)
+    replay = replay_ptr + prog * (2 * (T - 1) * BLOCK)
+    gq = gq_ptr + prog * (6 * T * BLOCK)
     here = tl.arange(0, BM)[:, None] * BD + tl.arange(0, BD)[None, :]
-    dwo_a = tl.zeros([H, BD], dtype=ACC)
-    dwo_b = tl.zeros([H, BD], dtype=ACC)
-    dwo_g = tl.zeros([H, BD], dtype=ACC)
-    dwo_u = tl.zeros([H, BD], dtype=ACC)
-    dwx = tl.zeros([H, BD], dtype=ACC)
-    dwv = tl.zeros([H, BD], dtype=ACC)
-    dz_a = tl.zeros([BD], dtype=ACC)  # Σ_rows g_zq: db_o = ms_q·dz_q, d mod_bias_q = Σ_j dz_q
-    dz_b = tl.zeros([BD], dtype=ACC)
-    dz_g = tl.zeros([BD], dtype=ACC)
-    dz_u = tl.zeros([BD], dtype=ACC)
-    dms_a = tl.zeros([BD], dtype=ACC)
-    dms_b = tl.zeros([BD], dtype=ACC)
-    dms_g = tl.zeros([BD], dtype=ACC)
-    dms_u = tl.zeros([BD], dtype=ACC)
-    dmu = tl.zeros([BD], dtype=ACC)
+    # the program's slots of the weight-gradient partials (zeroed by the launcher)
+    wo_at = pwo_ptr + (sp * 4 * D + cols[None, :]).to(tl.int64) * H + hk[:, None]
+    wx_at = (sp * H + hk[:, None]).to(tl.int64) * D + cols[None, :]
+    # the column sums in two small tiles rather than one [BD] vector each (a [BD] vector is
+    # copied into every thread that holds its columns): rows 0-3 Σ g_za, g_zb, g_zg, g_vc
+    # (dz), row 4 dmu; dtab[t] = Σ gv~_t
+    rk = tl.arange(0, 8)
+    sums = tl.zeros([8, BD], dtype=ACC)
     dtab = tl.zeros([TP, BD], dtype=ACC)
     for tile in range(sp, tl.cdiv(N, BM), SPLITS):
         rows = tile * BM + tl.arange(0, BM)
@@ -866,7 +908,7 @@ def _bwd_cols(
         rows64 = rows.to(tl.int64)
         m = row_mask[:, None] & col_mask[None, :]
         offs = rows64[:, None] * D + cols[None, :]
-        # the forward once, its states kept for the reverse walk (after the previous tile's
+        # 1. the forward once, its states kept for the reverse walk (after the previous tile's
         # reads of the same scratch, by other threads, are done)
         tl.debug_barrier()
         x = _load_block(x0_ptr, offs, m, ACC)
@@ -875,7 +917,8 @@ def _bwd_cols(
         else:
             v = tl.zeros([BM, BD], dtype=ACC)
         for s in range(T - 1):
-            c = tl.load(c_save_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+            cd = tl.load(c_dot_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
+                         other=0.0).to(DOT)
             if USE_KAPPA:
                 scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
             else:
@@ -884,27 +927,24 @@ def _bwd_cols(
                 exc = tl.load(exc_ptr + s * D + cols, mask=col_mask, other=0.0).to(ACC)
             else:
                 exc = tl.zeros([BD], dtype=ACC)
-            x, v = _step_block(c, x, v, x - mu[None, :], scale, exc, w_o_ptr, b_o_ptr, cols, col_mask, hk, D,
-                               dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
+            # `_step_block`'s step
+            alpha = _sigmoid(_z_at(cd, w_a, zb_a, ms0, PREC, ACC)) * scale[:, None]
+            v_cand = _z_at(cd, w_u, zb_u, ms3, PREC, ACC)
+            v_next = alpha * v + (1 - alpha) * v_cand
+            beta = _softplus(_z_at(cd, w_b, zb_b, ms1, PREC, ACC))
+            v_next = v_next - beta * (x - mu[None, :]) + exc[None, :]
+            gate = _sigmoid(_z_at(cd, w_g, zb_g, ms2, PREC, ACC))
+            x = x + dt * gate * v_next
+            v = v_next
             tl.store(replay + (2 * s) * BLOCK + here, x)
             tl.store(replay + (2 * s + 1) * BLOCK + here, v)
         tl.debug_barrier()
+        # 2. the reverse recurrence
         gx = tl.zeros([BM, BD], dtype=ACC)
         gv = tl.zeros([BM, BD], dtype=ACC)
-        gpre_next = tl.zeros([BM, H], dtype=ACC)
         rc_next = tl.zeros([BM], dtype=ACC)
         for tt in range(T):
             t = T - 1 - tt
-            c = tl.load(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
-                        other=0.0)
-            if USE_KAPPA:
-                alpha_scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0))
-            else:
-                alpha_scale = tl.full([BM], 1.0, dtype=ACC)
-            if HAS_EXC:
-                exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
-            else:
-                exc = tl.zeros([BD], dtype=ACC)
             if t == 0:
                 x = _load_block(x0_ptr, offs, m, ACC)
                 if HAS_V:
@@ -914,84 +954,127 @@ def _bwd_cols(
             else:
                 x = tl.load(replay + (2 * t - 2) * BLOCK + here)
                 v = tl.load(replay + (2 * t - 1) * BLOCK + here)
-            a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
-                c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
-                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
-            gx, gv = _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
-                               offs, m, rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
-                               HAS_GX, HAS_GV, HAS_GE, HAS_GD, DOT, PREC, ACC)
-            # what reached x' - mu through step t+1's rms and this step's distance
-            e_new = tl.where(m, x_new - mu[None, :], 0.0)
-            dmu -= tl.sum(rc_next[:, None] * e_new, axis=0)
+            h_offs = (t * N + rows64)[:, None] * H + hk[None, :]
+            cd = tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT)
+            if USE_KAPPA:
+                alpha_scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0))
+            else:
+                alpha_scale = tl.full([BM], 1.0, dtype=ACC)
+            if HAS_EXC:
+                exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                exc = tl.zeros([BD], dtype=ACC)
+            # the step again, keeping only what its gradient takes: err, v - v_cand, alpha0,
+            # beta, sigmoid(zb), gate, v' (x itself is not needed past err)
+            alpha0 = _sigmoid(_z_at(cd, w_a, zb_a, ms0, PREC, ACC))
+            err = x - mu[None, :]
+            v_cand = _z_at(cd, w_u, zb_u, ms3, PREC, ACC)
+            alpha = alpha0 * alpha_scale[:, None]
+            v_new = alpha * v + (1 - alpha) * v_cand
+            dvc = v - v_cand
+            beta, sig_b = _softplus_sigmoid(_z_at(cd, w_b, zb_b, ms1, PREC, ACC))
+            v_new = v_new - beta * err + exc[None, :]
+            gate = _sigmoid(_z_at(cd, w_g, zb_g, ms2, PREC, ACC))
+            e_new = tl.where(m, err + dt * gate * v_new, 0.0)  # x' - mu
+            # (dL/dx', dL/dv'): the loss at t = T-1, else the carry plus step t+1's row-coupled terms
+            if t == T - 1:
+                if HAS_GX:
+                    gx = _load_block(gxT_ptr, offs, m, ACC)
+                if HAS_GV:
+                    gv = _load_block(gvT_ptr, offs, m, ACC)
+            else:
+                gpre_d = tl.load(gpre_dot_ptr + h_offs + N * H, mask=row_mask[:, None], other=0.0).to(DOT)
+                gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e_new
+                gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
+            # what reached x' - mu through step t+1's rms (and through err, beta·err, below)
+            dmu = -rc_next[:, None] * e_new
+            if HAS_GE:
+                gv += (tl.load(gE_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) * 2.0 / D)[:, None] * v_new
             if HAS_GD:
                 sign = tl.where(e_new > 0, 1.0, tl.where(e_new < 0, -1.0, 0.0))
-                dmu -= tl.sum((tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D)[:, None]
-                              * sign, axis=0)
-            gvt, g_za, g_zb, g_zg, g_vc, gx, gv, f_term = _step_grads(
-                gx, gv, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt)
-            ct = tl.trans(c.to(DOT))
-            dwo_a = tl.dot(ct, (g_za * ms0).to(DOT), dwo_a, input_precision=PREC, out_dtype=ACC)
-            dwo_b = tl.dot(ct, (g_zb * ms1).to(DOT), dwo_b, input_precision=PREC, out_dtype=ACC)
-            dwo_g = tl.dot(ct, (g_zg * ms2).to(DOT), dwo_g, input_precision=PREC, out_dtype=ACC)
-            dwo_u = tl.dot(ct, (g_vc * ms3).to(DOT), dwo_u, input_precision=PREC, out_dtype=ACC)
-            dz_a += tl.sum(g_za, axis=0)
-            dz_b += tl.sum(g_zb, axis=0)
-            dz_g += tl.sum(g_zg, axis=0)
-            dz_u += tl.sum(g_vc, axis=0)
-            dms_a += tl.sum(g_za * a, axis=0)
-            dms_b += tl.sum(g_zb * b, axis=0)
-            dms_g += tl.sum(g_zg * g, axis=0)
-            dms_u += tl.sum(g_vc * u, axis=0)
-            dmu += tl.sum(gvt * beta, axis=0)
-            dtab = tl.where(tk[:, None] == t, dtab + tl.sum(gvt, axis=0)[None, :], dtab)
-            gpre = tl.load(gpre_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
-                           other=0.0)
-            gpre_t = tl.trans(gpre.to(DOT))
-            dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
-            dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
-            gpre_next = gpre
+                g_dist = (tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D)[:, None] * sign
+                gx += g_dist
+                dmu -= g_dist
+            gx = tl.where(m, gx, 0.0)
+            gv = tl.where(m, gv, 0.0)
+            # through the step (`_step_grads`); what the weight gradients and the column sums
+            # take goes to the scratch for pass 3: the four dL/dz_q, gv~ (the table) and the
+            # element's share of dL/dmu, all in the dots' dtype
+            at = gq + (6 * t) * BLOCK + here
+            gvt = gv + gx * dt * gate
+            tl.store(at + 4 * BLOCK, gvt.to(DOT))
+            g_zg = gx * dt * v_new * gate * (1 - gate)
+            tl.store(at + 2 * BLOCK, g_zg.to(DOT))
+            g_za = gvt * dvc * alpha_scale[:, None] * alpha0 * (1 - alpha0)
+            tl.store(at, g_za.to(DOT))
+            g_zb = -gvt * err * sig_b
+            tl.store(at + BLOCK, g_zb.to(DOT))
+            alpha = alpha0 * alpha_scale[:, None]
+            g_vc = gvt * (1 - alpha)
+            tl.store(at + 3 * BLOCK, g_vc.to(DOT))
+            tl.store(at + 5 * BLOCK, (dmu + gvt * beta).to(DOT))
+            gx = gx - gvt * beta
+            gv = gvt * alpha
             rc_next = tl.load(rc_ptr + t * N + rows64, mask=row_mask, other=0.0)
         # step 0's own row-coupled terms: they land on x_0, v_0
         x0 = _load_block(x0_ptr, offs, m, ACC)
         e0 = tl.where(m, x0 - mu[None, :], 0.0)
-        gpre_d = gpre_next.to(DOT)
-        w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+        gpre_d = tl.load(gpre_dot_ptr + rows64[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0).to(DOT)
         gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e0
-        dmu -= tl.sum(rc_next[:, None] * e0, axis=0)
+        sums = tl.where(rk[:, None] == 4, sums - tl.sum(rc_next[:, None] * e0, axis=0)[None, :], sums)
         tl.store(dx_ptr + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_V:
-            w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
             gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
             tl.store(dv_ptr + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()
+        # 3. the weight gradients of this tile, into the program's partial slots
+        dwo_a = tl.load(wo_at, mask=col_mask[None, :], other=0.0)
+        dwo_b = tl.load(wo_at + D * H, mask=col_mask[None, :], other=0.0)
+        dwo_g = tl.load(wo_at + 2 * D * H, mask=col_mask[None, :], other=0.0)
+        dwo_u = tl.load(wo_at + 3 * D * H, mask=col_mask[None, :], other=0.0)
+        dwx = tl.load(dwx_ptr + wx_at, mask=col_mask[None, :], other=0.0)
+        dwv = tl.load(dwv_ptr + wx_at, mask=col_mask[None, :], other=0.0)
+        for t in range(T):
+            h_offs = (t * N + rows64)[:, None] * H + hk[None, :]
+            ct = tl.trans(tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
+            at = gq + (6 * t) * BLOCK + here
+            g = tl.load(at).to(DOT)
+            dwo_a = tl.dot(ct, g, dwo_a, input_precision=PREC, out_dtype=ACC)
+            sums = tl.where(rk[:, None] == 0, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
+            g = tl.load(at + BLOCK).to(DOT)
+            dwo_b = tl.dot(ct, g, dwo_b, input_precision=PREC, out_dtype=ACC)
+            sums = tl.where(rk[:, None] == 1, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
+            g = tl.load(at + 2 * BLOCK).to(DOT)
+            dwo_g = tl.dot(ct, g, dwo_g, input_precision=PREC, out_dtype=ACC)
+            sums = tl.where(rk[:, None] == 2, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
+            g = tl.load(at + 3 * BLOCK).to(DOT)
+            dwo_u = tl.dot(ct, g, dwo_u, input_precision=PREC, out_dtype=ACC)
+            sums = tl.where(rk[:, None] == 3, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
+            sums = tl.where(rk[:, None] == 4, sums + tl.sum(tl.load(at + 5 * BLOCK).to(ACC), axis=0)[None, :], sums)
+            dtab = tl.where(tk[:, None] == t, dtab + tl.sum(tl.load(at + 4 * BLOCK).to(ACC), axis=0)[None, :], dtab)
+            gpre_t = tl.trans(tl.load(gpre_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
+            if t == 0:
+                x = _load_block(x0_ptr, offs, m, ACC)
+                if HAS_V:
+                    v = _load_block(v0_ptr, offs, m, ACC)
+                else:
+                    v = tl.zeros([BM, BD], dtype=ACC)
+            else:
+                x = tl.load(replay + (2 * t - 2) * BLOCK + here)
+                v = tl.load(replay + (2 * t - 1) * BLOCK + here)
+            dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
+            dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
+        tl.store(wo_at, dwo_a, mask=col_mask[None, :])
+        tl.store(wo_at + D * H, dwo_b, mask=col_mask[None, :])
+        tl.store(wo_at + 2 * D * H, dwo_g, mask=col_mask[None, :])
+        tl.store(wo_at + 3 * D * H, dwo_u, mask=col_mask[None, :])
+        tl.store(dwx_ptr + wx_at, dwx, mask=col_mask[None, :])
+        tl.store(dwv_ptr + wx_at, dwv, mask=col_mask[None, :])
 
-    # dw_o partial [SPLITS, 4D, H], written from the transposed [H, BD] accumulators
-    wo_offs = (sp * 4 * D + cols[None, :]).to(tl.int64) * H + hk[:, None]
-    wo_mask = col_mask[None, :]
-    tl.store(dwo_ptr + wo_offs, dwo_a, mask=wo_mask)
-    tl.store(dwo_ptr + wo_offs + D * H, dwo_b, mask=wo_mask)
-    tl.store(dwo_ptr + wo_offs + 2 * D * H, dwo_g, mask=wo_mask)
-    tl.store(dwo_ptr + wo_offs + 3 * D * H, dwo_u, mask=wo_mask)
-    bo = dbo_ptr + sp * 4 * D + cols
-    tl.store(bo, ms0 * dz_a, mask=col_mask)
-    tl.store(bo + D, ms1 * dz_b, mask=col_mask)
-    tl.store(bo + 2 * D, ms2 * dz_g, mask=col_mask)
-    tl.store(bo + 3 * D, ms3 * dz_u, mask=col_mask)
-    wx_offs = (sp * H + hk[:, None]).to(tl.int64) * D + cols[None, :]
-    tl.store(dwx_ptr + wx_offs, dwx, mask=col_mask[None, :])
-    tl.store(dwv_ptr + wx_offs, dwv, mask=col_mask[None, :])
-    tl.store(dmu_ptr + sp * D + cols, dmu, mask=col_mask)
+    tl.store(dz_ptr + (sp * 4 + rk[:, None]) * D + cols[None, :], sums, mask=(rk[:, None] < 4) & col_mask[None, :])
+    tl.store(dmu_ptr + sp * D + rk[:, None] * 0 + cols[None, :], sums, mask=(rk[:, None] == 4) & col_mask[None, :])
     tl.store(dtab_ptr + (sp * T + tk[:, None]).to(tl.int64) * D + cols[None, :], dtab,
              mask=(tk[:, None] < T) & col_mask[None, :])
-    # the modulation's 8 scalars: (Σ g_za·a, Σ g_zb·b, Σ g_zg·g, Σ g_vc·u, Σ g_za, Σ g_zb, Σ g_zg, Σ g_vc)
-    mod_base = dmod_ptr + (sp * tl.num_programs(0) + jb) * 8
-    tl.store(mod_base + 0, tl.sum(tl.where(col_mask, dms_a, 0.0), axis=0))
-    tl.store(mod_base + 1, tl.sum(tl.where(col_mask, dms_b, 0.0), axis=0))
-    tl.store(mod_base + 2, tl.sum(tl.where(col_mask, dms_g, 0.0), axis=0))
-    tl.store(mod_base + 3, tl.sum(tl.where(col_mask, dms_u, 0.0), axis=0))
-    tl.store(mod_base + 4, tl.sum(tl.where(col_mask, dz_a, 0.0), axis=0))
-    tl.store(mod_base + 5, tl.sum(tl.where(col_mask, dz_b, 0.0), axis=0))
-    tl.store(mod_base + 6, tl.sum(tl.where(col_mask, dz_g, 0.0), axis=0))
-    tl.store(mod_base + 7, tl.sum(tl.where(col_mask, dz_u, 0.0), axis=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1013,8 +1096,8 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
              save=False, trajectory=False, path=None, config=None):
     """Launches the forward. Returns x_T, v_T, energy, distance, iterations, trajectory (x, v)
     or (None, None), the fp32 state (xs, vs) (which holds x_{T-1}, v_{T-1} when the last step
-    wrote the outputs directly: `last_saved`), and with `save` the per-step controller hidden
-    c [T, N, H] and rms [T, N]."""
+    wrote the outputs directly), and with `save` the per-step controller hidden c [T, N, H]
+    (fp32, and in the dot dtype) and rms [T, N]."""
     n, d = x.shape
     H = w_h.shape[0]
     dev, out_dtype = x.device, x.dtype
@@ -1040,6 +1123,8 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     iterations = torch.full((n,), T, device=dev, dtype=torch.int32)
     c_save = torch.empty(T, n, H, device=dev, dtype=acc) if save else energy
     r_save = torch.empty(T, n, device=dev, dtype=acc) if save else energy
+    save_dot = save and DOT != ACC  # c also in the dtype the backward's dots take
+    c_dot = torch.empty(T, n, H, device=dev, dtype=out_dtype) if save_dot else c_save
     traj_x = torch.empty(n, T + 1, d, device=dev, dtype=out_dtype) if trajectory else x_out
     traj_v = torch.empty(n, T + 1, d, device=dev, dtype=out_dtype) if trajectory else x_out
     v_in = v if v is not None else x
@@ -1070,9 +1155,9 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         running = torch.ones(n, device=dev, dtype=torch.int32) if early_exit else iterations
         for t in range(T):
             _tile_step[(tiles,)](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, ctx, pre, sq,
-                                 row_list, count, running, energy, distance, iterations, c_save, r_save,
-                                 traj_x, traj_v, t, n, d, T, **scalars, H=H, BM=BM, BD=BD, SAVE=save, **flags,
-                                 **launch)
+                                 row_list, count, running, energy, distance, iterations, c_save, c_dot, r_save,
+                                 traj_x, traj_v, t, n, d, T, **scalars, H=H, BM=BM, BD=BD, SAVE=save,
+                                 SAVE_DOT=save_dot, **flags, **launch)
             if early_exit and t + 1 < T:
                 _compact_rows[(1,)](running, row_list, count, n, CHUNK=1024)
         if early_exit and cast_out:
@@ -1120,7 +1205,7 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
             index = states[:, :, None].expand(n, T + 1, d)
             traj_x, traj_v = traj_x.gather(1, index), traj_v.gather(1, index)
     trajectories = (traj_x, traj_v) if trajectory else (None, None)
-    saved = (c_save, r_save) if save else (None, None)
+    saved = (c_save, c_dot, r_save) if save else (None, None, None)
     return x_out, v_out, energy, distance, iterations, trajectories, (xs, vs), saved
 
 
@@ -1156,7 +1241,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     state buffers (xs, vs), which the backward owns; once phase 1 is done their storage holds
     dL/dh and dL/dx (and dL/dv) in the input dtype. For fp32 inputs the carry is dL/dx itself
     (phase 2 writes it only after phase 1 is done and never reads it) and one fp32 [N, d]."""
-    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save, xs, vs = saved
+    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, c_dot, r_save, xs, vs = saved
     gx_T, gv_T, g_energy, g_distance = (None if g is None else g.contiguous() for g in grads)
     n, d = x.shape
     H = w_h.shape[0]
@@ -1176,6 +1261,8 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
         gx_s = dx
         gv_s = dv if dv is not None else torch.empty(n, d, device=dev, dtype=acc)
     gpre = torch.empty(T, n, H, device=dev, dtype=acc)
+    save_dot = c_dot.dtype != acc  # phase 2 reads c and gpre in the dots' dtype
+    gpre_dot = torch.empty(T, n, H, device=dev, dtype=x.dtype) if save_dot else gpre
     rc = torch.empty(T, n, device=dev, dtype=acc)
     v_in = v if v is not None else x
     exc = table if table is not None else mod
@@ -1186,8 +1273,9 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
     kappa_f = float(kappa) if kappa is not None else 0.0
     _bwd_rows[(triton.cdiv(n, BM),)](
-        x, v_in, xs, vs, gx_s, gv_s, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
-        n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, LAST_SAVED=last_saved, **flags, **launch)
+        x, v_in, xs, vs, gx_s, gv_s, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre,
+        gpre_dot, rc, n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, LAST_SAVED=last_saved, SAVE_DOT=save_dot,
+        **flags, **launch)
 
     if cast:  # the carry is dead: its storage takes the input-dtype gradients
         dh, dx = _halves(xs, x.dtype, n, d)
@@ -1204,21 +1292,30 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
         return dh, None, None, dw_h, None, None, None, None, dbias, None, None, None
 
     nj = triton.cdiv(d, BD)
-    dwo = torch.empty(splits, 4 * d, H, device=dev, dtype=acc)
-    dbo = torch.empty(splits, 4 * d, device=dev, dtype=acc)
-    dwx = torch.empty(splits, H, d, device=dev, dtype=acc)
-    dwv = torch.empty(splits, H, d, device=dev, dtype=acc)
+    # the weight-gradient partials: every tile adds to its program's slots
+    pwo = torch.zeros(splits, 4 * d, H, device=dev, dtype=acc)
+    dwx = torch.zeros(splits, H, d, device=dev, dtype=acc)
+    dwv = torch.zeros(splits, H, d, device=dev, dtype=acc)
+    dz = torch.empty(splits, 4 * d, device=dev, dtype=acc)
     dmu = torch.empty(splits, d, device=dev, dtype=acc)
     dtab = torch.empty(splits, T, d, device=dev, dtype=acc)
-    dmod = torch.empty(splits, nj, 8, device=dev, dtype=acc)
     # each program's replayed x_t, v_t (t = 1 .. T-1) of its current tile
     replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM * BD), device=dev, dtype=acc)
+    # and six gradient tiles of every step, in the dots' dtype
+    gq = torch.empty(nj * splits * 6 * T * BM * BD, device=dev, dtype=c_dot.dtype)
     _bwd_cols[(nj, splits)](
-        x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
-        dx, dv if dv is not None else dx, replay, dwo, dbo, dwx, dwv, dmu, dtab, dmod,
+        x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_dot, r_save, *upstream, gpre_dot, rc,
+        dx, dv if dv is not None else dx, replay, gq, pwo, dz, dwx, dwv, dmu, dtab,
         n, d, T, float(dt), kappa_f, splits, H=H, BM=BM, BD=BD, TP=triton.next_power_of_2(T), **flags, **launch)
     # the splits' partials, summed in a fixed order: the same bits on every run
-    return (dh, dx, dv, dw_h, dwx.sum(0), dwv.sum(0), dwo.sum(0), dbo.sum(0), dbias, dmod.sum((0, 1)),
+    pwo, dz = pwo.sum(0).view(4, d, H), dz.sum(0).view(4, d)
+    ms = mod[:4]
+    dwo = (ms[:, None, None] * pwo).view(4 * d, H)
+    dbo = (ms[:, None] * dz).view(4 * d)
+    # z_q = ms_q·q + mb_q and q = c·w_oᵀ + b_o: Σ g_zq·q = <w_o_q, P_q> + <b_o_q, dz_q>
+    dms = (w_o.to(acc).view(4, d, H) * pwo).sum((1, 2)) + (b_o.to(acc).view(4, d) * dz).sum(1)
+    dmod = torch.cat((dms, dz.sum(1)))
+    return (dh, dx, dv, dw_h, dwx.sum(0), dwv.sum(0), dwo, dbo, dbias, dmod,
             dmu.sum(0), dtab.sum(0) if table is not None else None)
 
 
@@ -1234,11 +1331,11 @@ class _IterateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, config):
-        x_out, v_out, energy, distance, iterations, _, (xs, vs), (c_save, r_save) = _forward(
+        x_out, v_out, energy, distance, iterations, _, (xs, vs), (c_save, c_dot, r_save) = _forward(
             h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, None, 0, save=True,
             path="tile", config=config)
         cast = xs.data_ptr() != x_out.data_ptr()
-        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save,
+        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, c_dot, r_save,
                               xs if cast else None, vs if cast else None)
         ctx.constants = (dt, kappa, T, config)
         ctx.mark_non_differentiable(iterations)
