@@ -157,18 +157,6 @@ def _load_w_out(w_o_ptr, q, cols, col_mask, hk, D, H: tl.constexpr, DOT: tl.cons
 
 
 @triton.jit
-def _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3):
-    """alpha0 = sigmoid(ms0·a + mb0), zb = ms1·b + mb1, beta = softplus(zb),
-    gate = sigmoid(ms2·g + mb2), v_cand = ms3·u + mb3."""
-    alpha0 = _sigmoid(ms0 * a + mb0)
-    zb = ms1 * b + mb1
-    beta = _softplus(zb)
-    gate = _sigmoid(ms2 * g + mb2)
-    v_cand = ms3 * u + mb3
-    return alpha0, zb, beta, gate, v_cand
-
-
-@triton.jit
 def _controller_quarter(cd, w_o_ptr, b_o_ptr, q, cols, col_mask, hk, D,
                         H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """Quarter q of the controller output on columns `cols`: cd·w_o[q·D + cols, :]ᵀ + b_o[q·D + cols]."""
@@ -194,6 +182,16 @@ def _step_block(c, x, v, err, alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask
     gate = _sigmoid(ms2 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC,
                                               ACC) + mb2)
     return x + dt * gate * v_new, v_new
+
+
+@triton.jit
+def _in_range(idx, limit, EVEN: tl.constexpr):
+    """idx < limit, or a constant true when the launcher knows the shape divides into whole
+    blocks (EVEN): the compiler then drops every mask, and the registers they hold."""
+    if EVEN:
+        return tl.full(idx.shape, 1, tl.int1)
+    else:
+        return idx < limit
 
 
 @triton.jit
@@ -289,7 +287,7 @@ def _fwd_prologue(
     ctx_ptr, pre_ptr, stat_ptr, trajx_ptr, trajv_ptr,
     N, D, T, NB, zero,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr, TRAJ: tl.constexpr,
-    SINGLE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    SINGLE: tl.constexpr, EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """For BM rows and column blocks blk = g·NB .. g·NB + NB-1 (g = program_id(1)), each
     block's share of h·w_hᵀ, of step 0's x·w_xᵀ + v·w_vᵀ and of Σ(x - mu)². SINGLE (the tile
@@ -300,7 +298,7 @@ def _fwd_prologue(
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
-    row_mask = rows < N
+    row_mask = _in_range(rows, N, EVEN)
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
     ctx = tl.zeros([BM, H], dtype=ACC)
@@ -309,7 +307,7 @@ def _fwd_prologue(
     for b in range(NB):
         blk = g * NB + b
         cols = blk * BD + tl.arange(0, BD)
-        col_mask = cols < D
+        col_mask = _in_range(cols, D, EVEN)
         m = row_mask[:, None] & col_mask[None, :]
         offs = rows64[:, None] * D + cols[None, :]
         hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
@@ -359,7 +357,7 @@ def _tile_step(
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
     SAVE: tl.constexpr, SAVE_DOT: tl.constexpr, TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Step t of SPEC §2 (formula in the module docstring) for BM rows over all of d: reads
     c = relu(ctx + pre_t) and Σ(x_t - mu)² of its rows, then one pass over the d-blocks updates
@@ -377,7 +375,7 @@ def _tile_step(
         rows = tl.load(list_ptr + pos, mask=row_mask, other=0)
     else:
         count = N
-        row_mask = pos < N
+        row_mask = _in_range(pos, N, EVEN)
         rows = pos
     if pid * BM < count:
         rows64 = rows.to(tl.int64)
@@ -404,7 +402,7 @@ def _tile_step(
         d_sum = tl.zeros([BM], dtype=ACC)
         for j0 in range(0, D, BD):
             cols = j0 + tl.arange(0, BD)
-            col_mask = cols < D
+            col_mask = _in_range(cols, D, EVEN)
             m = row_mask[:, None] & col_mask[None, :]
             offs = rows64[:, None] * D + cols[None, :]
             x, x_new, v_new, mu = _advance_block(
@@ -562,7 +560,7 @@ def _decode_step(
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, EARLY_EXIT: tl.constexpr,
     TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Step t of the decode path for BM rows and the NB column blocks blk = g·NB .. (g =
     program_id(1)): reads c and the alpha scale that `_decode_reduce` made, advances x, v on
@@ -572,7 +570,7 @@ def _decode_step(
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
-    row_mask = rows < N
+    row_mask = _in_range(rows, N, EVEN)
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
     if EARLY_EXIT:
@@ -587,7 +585,7 @@ def _decode_step(
         for b in range(NB):
             blk = g * NB + b
             cols = blk * BD + tl.arange(0, BD)
-            col_mask = cols < D
+            col_mask = _in_range(cols, D, EVEN)
             m = row_mask[:, None] & col_mask[None, :]
             offs = rows64[:, None] * D + cols[None, :]
             x, x_new, v_new, mu = _advance_block(
@@ -646,27 +644,30 @@ def _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t
 def _step_full(c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
                H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """`_step_block` keeping every intermediate the gradient needs."""
+    """`_step_block` keeping what the gradient needs: (alpha0, beta, sigmoid(zb), gate, v_cand,
+    alpha, err, x', v')."""
     cd = c.to(DOT)
-    a = _controller_quarter(cd, w_o_ptr, b_o_ptr, 0, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-    b = _controller_quarter(cd, w_o_ptr, b_o_ptr, 1, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-    g = _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-    u = _controller_quarter(cd, w_o_ptr, b_o_ptr, 3, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-    alpha0, zb, beta, gate, v_cand = _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3)
+    alpha0 = _sigmoid(ms0 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 0, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+                      + mb0)
+    v_cand = ms3 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 3, cols, col_mask, hk, D, H, DOT, PREC, ACC) + mb3
+    beta, sig_b = _softplus_sigmoid(
+        ms1 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 1, cols, col_mask, hk, D, H, DOT, PREC, ACC) + mb1)
+    gate = _sigmoid(ms2 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+                    + mb2)
     alpha = alpha0 * alpha_scale[:, None]
     err = x - mu[None, :]
     v_new = alpha * v + (1 - alpha) * v_cand - beta * err + exc[None, :]
     x_new = x + dt * gate * v_new
-    return a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new
+    return alpha0, beta, sig_b, gate, v_cand, alpha, err, x_new, v_new
 
 
 @triton.jit
-def _step_grads(gx_new, gv_new, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt):
+def _step_grads(gx_new, gv_new, m, v, alpha_scale, alpha0, sig_b, beta, gate, v_cand, alpha, err, v_new, dt):
     """Pulls (gx', gv') = (dL/dx', dL/dv') back through one step, elementwise:
 
         gv~ = gv' + gx'·dt·gate                                  (x' = x + dt·gate·v')
         g_alpha = gv~·(v - v_cand),  g_za = g_alpha·f·alpha0·(1 - alpha0)   (f = 1 - exp(-kappa·rms))
-        g_zb = -gv~·err·sigmoid(zb),  g_zg = gx'·dt·v'·gate·(1 - gate),  g_vc = gv~·(1 - alpha)
+        g_zb = -gv~·err·sigmoid(zb) (sig_b),  g_zg = gx'·dt·v'·gate·(1 - gate),  g_vc = gv~·(1 - alpha)
         gx (direct) = gx' - gv~·beta,  gv (direct) = gv~·alpha
 
     and g_alpha·alpha0, whose row sum is dL/df. Entries outside `m` get zero gradients."""
@@ -675,21 +676,22 @@ def _step_grads(gx_new, gv_new, m, v, alpha_scale, alpha0, zb, beta, gate, v_can
     gvt = gv_new + gx_new * dt * gate
     g_alpha = gvt * (v - v_cand)
     g_za = g_alpha * alpha_scale[:, None] * alpha0 * (1 - alpha0)
-    g_zb = -gvt * err * _sigmoid(zb)
+    g_zb = -gvt * err * sig_b
     g_zg = gx_new * dt * v_new * gate * (1 - gate)
     g_vc = gvt * (1 - alpha)
     return gvt, g_za, g_zb, g_zg, g_vc, gx_new - gvt * beta, gvt * alpha, g_alpha * alpha0
 
 
 @triton.jit
-def _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu, offs, m,
-              rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
+def _upstream(gxT_ptr, gvT_ptr, ge, gd, gx, gv, gpre_next, rc_next, x_new, v_new, mu, offs, m,
+              cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
               HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
               DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """(dL/dx_{t+1}, dL/dv_{t+1}) on a block: the loss's gradient of x_T, v_T at the last step,
     else the direct part carried back from step t+1 (gx, gv) plus step t+1's terms that need its
     row reductions, added here where x_{t+1} = x' is at hand: gpre_{t+1}·w_x, gpre_{t+1}·w_v and
-    rc_{t+1}·(x' - mu) (rms). Plus this step's statistics: energy (2v'/D), distance (sign/D)."""
+    rc_{t+1}·(x' - mu) (rms). Plus this step's statistics: energy (ge·v' with ge = 2·gE/D),
+    distance (gd·sign with gd = gD/D), the per-row factors loaded once per step by the caller."""
     if t == T - 1:
         if HAS_GX:
             gx = _load_block(gxT_ptr, offs, m, ACC)
@@ -706,11 +708,11 @@ def _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_ne
         gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * (x_new - mu[None, :])
         gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
     if HAS_GE:
-        gv += (tl.load(gE_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) * 2.0 / D)[:, None] * v_new
+        gv += ge[:, None] * v_new
     if HAS_GD:
         e = x_new - mu[None, :]
         sign = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
-        gx += (tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D)[:, None] * sign
+        gx += gd[:, None] * sign
     return gx, gv
 
 
@@ -722,7 +724,7 @@ def _bwd_rows(
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    LAST_SAVED: tl.constexpr, SAVE_DOT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    LAST_SAVED: tl.constexpr, SAVE_DOT: tl.constexpr, EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Backward phase 1, one program per BM rows, t = T-1 .. 0: the parts of the reverse
     recurrence that reduce over a row. Per step, one pass over the d-blocks gets the block's
@@ -739,18 +741,43 @@ def _bwd_rows(
     forward's state buffer itself: read at t = T-1, then overwritten block by block."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
-    row_mask = rows < N
+    row_mask = _in_range(rows, N, EVEN)
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
-    gpre_next = tl.zeros([BM, H], dtype=DOT)
+    # [N, D] tensors through the tile's base pointer and int32 offsets inside the tile: a
+    # 64-bit offset per element would hold twice the registers through the loops
+    tile0 = (pid * BM).to(tl.int64) * D
+    x0_ptr += tile0
+    v0_ptr += tile0
+    xs_ptr += tile0
+    vs_ptr += tile0
+    gx_ptr += tile0
+    gv_ptr += tile0
+    gxT_ptr += tile0
+    gvT_ptr += tile0
+    rloc = tl.arange(0, BM)
+    h_loc = rloc[:, None] * H + hk[None, :]
     rc_next = tl.zeros([BM], dtype=ACC)
     for tt in range(T):
         t = T - 1 - tt
-        c_offs = (t * N + rows64)[:, None] * H + hk[None, :]
+        c_offs = (t * N + pid * BM).to(tl.int64) * H + h_loc
+        # step t+1's gpre, as this program stored it (read back rather than held in registers:
+        # the dots take it from shared memory); zeros at t = T-1, where it is not used
+        later = row_mask & (tl.zeros([BM], dtype=tl.int32) + t + 1 < T)
+        gpre_next = tl.load(gpre_dot_ptr + c_offs + N * H, mask=later[:, None], other=0.0).to(DOT)
         # the dots take c in their dtype; only the relu mask below needs it in fp32
         c = tl.load(c_dot_ptr + c_offs, mask=row_mask[:, None], other=0.0).to(DOT)
         rms = tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0)
+        # the statistics' upstream gradients of this step, per row
+        if HAS_GE:
+            ge = tl.load(gE_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) * 2.0 / D
+        else:
+            ge = rms
+        if HAS_GD:
+            gd = tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D
+        else:
+            gd = rms
         if USE_KAPPA:
             alpha_scale = 1.0 - tl.exp(-kappa * rms)
         else:
@@ -759,9 +786,9 @@ def _bwd_rows(
         gf = tl.zeros([BM], dtype=ACC)
         for j0 in range(0, D, BD):
             cols = j0 + tl.arange(0, BD)
-            col_mask = cols < D
+            col_mask = _in_range(cols, D, EVEN)
             m = row_mask[:, None] & col_mask[None, :]
-            offs = rows64[:, None] * D + cols[None, :]
+            offs = rloc[:, None] * D + cols[None, :]
             mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
             if HAS_EXC:
                 exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
@@ -779,7 +806,7 @@ def _bwd_rows(
                 x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_dot_ptr,
                                r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
                                mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
-            a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
+            alpha0, beta, sig_b, gate, v_cand, alpha, err, x_new, v_new = _step_full(
                 c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
             if t == T - 1:
@@ -788,12 +815,13 @@ def _bwd_rows(
             else:
                 gx = _load_block(gx_ptr, offs, m, ACC)
                 gv = _load_block(gv_ptr, offs, m, ACC)
-            gx, gv = _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
-                               offs, m, rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
+            gx, gv = _upstream(gxT_ptr, gvT_ptr, ge, gd, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
+                               offs, m, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
                                HAS_GX, HAS_GV, HAS_GE, HAS_GD, DOT, PREC, ACC)
             gvt, g_za, g_zb, g_zg, g_vc, gx_direct, gv_direct, f_term = _step_grads(
-                gx, gv, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt)
-            gf += tl.sum(f_term, axis=1)
+                gx, gv, m, v, alpha_scale, alpha0, sig_b, beta, gate, v_cand, alpha, err, v_new, dt)
+            if USE_KAPPA:
+                gf += tl.sum(f_term, axis=1)
             gc = tl.dot((g_za * ms0).to(DOT), _load_w_out_rows(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT), gc,
                         input_precision=PREC, out_dtype=ACC)
             gc = tl.dot((g_zb * ms1).to(DOT), _load_w_out_rows(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT), gc,
@@ -812,15 +840,14 @@ def _bwd_rows(
         c_full = tl.load(c_save_ptr + c_offs, mask=row_mask[:, None], other=0.0)
         gpre = tl.where(c_full > 0, gc, 0.0)
         tl.store(gpre_ptr + c_offs, gpre, mask=row_mask[:, None])
-        if SAVE_DOT:  # phase 2's dots read gpre in their dtype
-            tl.store(gpre_dot_ptr + c_offs, gpre.to(DOT), mask=row_mask[:, None])
+        # phase 2's dots (and step t-1 here) read gpre in their dtype
+        tl.store(gpre_dot_ptr + c_offs, gpre.to(DOT), mask=row_mask[:, None])
         if USE_KAPPA:
             g_rms = gf * kappa * tl.exp(-kappa * rms)
             rc = tl.where(rms > 0, g_rms / (D * tl.where(rms > 0, rms, 1.0)), 0.0)
         else:
             rc = tl.zeros([BM], dtype=ACC)
         tl.store(rc_ptr + t * N + rows64, rc, mask=row_mask)
-        gpre_next = gpre.to(DOT)
         rc_next = rc
         # step t-1 reads the carry that this program's other threads wrote
         tl.debug_barrier()
@@ -845,7 +872,7 @@ def _bwd_cols(
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Backward phase 2, one program per (BD columns, row split): with gpre_t and rc_t known,
     the whole reverse recurrence is column-local, so each program reruns it for its columns
@@ -873,7 +900,7 @@ def _bwd_cols(
     jb = tl.program_id(0)
     sp = tl.program_id(1)
     cols = jb * BD + tl.arange(0, BD)
-    col_mask = cols < D
+    col_mask = _in_range(cols, D, EVEN)
     hk = tl.arange(0, H)
     tk = tl.arange(0, TP)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
@@ -893,6 +920,10 @@ def _bwd_cols(
     replay = replay_ptr + prog * (2 * (T - 1) * BLOCK)
     gq = gq_ptr + prog * (6 * T * BLOCK)
     here = tl.arange(0, BM)[:, None] * BD + tl.arange(0, BD)[None, :]
+    # [N, D] tensors through each tile's base pointer and int32 offsets inside the tile
+    rloc = tl.arange(0, BM)
+    offs = rloc[:, None] * D + cols[None, :]
+    h_loc = rloc[:, None] * H + hk[None, :]
     # the program's slots of the weight-gradient partials (zeroed by the launcher)
     wo_at = pwo_ptr + (sp * 4 * D + cols[None, :]).to(tl.int64) * H + hk[:, None]
     wx_at = (sp * H + hk[:, None]).to(tl.int64) * D + cols[None, :]
@@ -904,20 +935,22 @@ def _bwd_cols(
     dtab = tl.zeros([TP, BD], dtype=ACC)
     for tile in range(sp, tl.cdiv(N, BM), SPLITS):
         rows = tile * BM + tl.arange(0, BM)
-        row_mask = rows < N
+        row_mask = _in_range(rows, N, EVEN)
         rows64 = rows.to(tl.int64)
         m = row_mask[:, None] & col_mask[None, :]
-        offs = rows64[:, None] * D + cols[None, :]
+        tile0 = tl.cast(tile, tl.int64) * BM * D
+        x0_t = x0_ptr + tile0
+        v0_t = v0_ptr + tile0
         # 1. the forward once, its states kept for the reverse walk (after the previous tile's
         # reads of the same scratch, by other threads, are done)
         tl.debug_barrier()
-        x = _load_block(x0_ptr, offs, m, ACC)
+        x = _load_block(x0_t, offs, m, ACC)
         if HAS_V:
-            v = _load_block(v0_ptr, offs, m, ACC)
+            v = _load_block(v0_t, offs, m, ACC)
         else:
             v = tl.zeros([BM, BD], dtype=ACC)
         for s in range(T - 1):
-            cd = tl.load(c_dot_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
+            cd = tl.load(c_dot_ptr + (tl.cast(tile, tl.int64) * BM + s * N) * H + h_loc, mask=row_mask[:, None],
                          other=0.0).to(DOT)
             if USE_KAPPA:
                 scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
@@ -946,15 +979,15 @@ def _bwd_cols(
         for tt in range(T):
             t = T - 1 - tt
             if t == 0:
-                x = _load_block(x0_ptr, offs, m, ACC)
+                x = _load_block(x0_t, offs, m, ACC)
                 if HAS_V:
-                    v = _load_block(v0_ptr, offs, m, ACC)
+                    v = _load_block(v0_t, offs, m, ACC)
                 else:
                     v = tl.zeros([BM, BD], dtype=ACC)
             else:
                 x = tl.load(replay + (2 * t - 2) * BLOCK + here)
                 v = tl.load(replay + (2 * t - 1) * BLOCK + here)
-            h_offs = (t * N + rows64)[:, None] * H + hk[None, :]
+            h_offs = (tl.cast(tile, tl.int64) * BM + t * N) * H + h_loc
             cd = tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT)
             if USE_KAPPA:
                 alpha_scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0))
@@ -979,9 +1012,9 @@ def _bwd_cols(
             # (dL/dx', dL/dv'): the loss at t = T-1, else the carry plus step t+1's row-coupled terms
             if t == T - 1:
                 if HAS_GX:
-                    gx = _load_block(gxT_ptr, offs, m, ACC)
+                    gx = _load_block(gxT_ptr + tile0, offs, m, ACC)
                 if HAS_GV:
-                    gv = _load_block(gvT_ptr, offs, m, ACC)
+                    gv = _load_block(gvT_ptr + tile0, offs, m, ACC)
             else:
                 gpre_d = tl.load(gpre_dot_ptr + h_offs + N * H, mask=row_mask[:, None], other=0.0).to(DOT)
                 gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e_new
@@ -1017,15 +1050,15 @@ def _bwd_cols(
             gv = gvt * alpha
             rc_next = tl.load(rc_ptr + t * N + rows64, mask=row_mask, other=0.0)
         # step 0's own row-coupled terms: they land on x_0, v_0
-        x0 = _load_block(x0_ptr, offs, m, ACC)
+        x0 = _load_block(x0_t, offs, m, ACC)
         e0 = tl.where(m, x0 - mu[None, :], 0.0)
-        gpre_d = tl.load(gpre_dot_ptr + rows64[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0).to(DOT)
+        gpre_d = tl.load(gpre_dot_ptr + tl.cast(tile, tl.int64) * BM * H + h_loc, mask=row_mask[:, None], other=0.0).to(DOT)
         gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e0
         sums = tl.where(rk[:, None] == 4, sums - tl.sum(rc_next[:, None] * e0, axis=0)[None, :], sums)
-        tl.store(dx_ptr + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
+        tl.store(dx_ptr + tile0 + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_V:
             gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
-            tl.store(dv_ptr + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
+            tl.store(dv_ptr + tile0 + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
         tl.debug_barrier()
         # 3. the weight gradients of this tile, into the program's partial slots
         dwo_a = tl.load(wo_at, mask=col_mask[None, :], other=0.0)
@@ -1035,7 +1068,7 @@ def _bwd_cols(
         dwx = tl.load(dwx_ptr + wx_at, mask=col_mask[None, :], other=0.0)
         dwv = tl.load(dwv_ptr + wx_at, mask=col_mask[None, :], other=0.0)
         for t in range(T):
-            h_offs = (t * N + rows64)[:, None] * H + hk[None, :]
+            h_offs = (tl.cast(tile, tl.int64) * BM + t * N) * H + h_loc
             ct = tl.trans(tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
             at = gq + (6 * t) * BLOCK + here
             g = tl.load(at).to(DOT)
@@ -1054,9 +1087,9 @@ def _bwd_cols(
             dtab = tl.where(tk[:, None] == t, dtab + tl.sum(tl.load(at + 4 * BLOCK).to(ACC), axis=0)[None, :], dtab)
             gpre_t = tl.trans(tl.load(gpre_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
             if t == 0:
-                x = _load_block(x0_ptr, offs, m, ACC)
+                x = _load_block(x0_t, offs, m, ACC)
                 if HAS_V:
-                    v = _load_block(v0_ptr, offs, m, ACC)
+                    v = _load_block(v0_t, offs, m, ACC)
                 else:
                     v = tl.zeros([BM, BD], dtype=ACC)
             else:
@@ -1146,9 +1179,10 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         ctx = torch.empty(n, H, device=dev, dtype=acc)
         pre = torch.empty(n, H, device=dev, dtype=acc)
         sq = torch.empty(n, device=dev, dtype=acc)
+        even = n % BM == 0 and d % BD == 0  # no masks
         _fwd_prologue[(tiles, 1)](h, x, v_in, w_h, w_x, w_v, bias, mu, ctx, pre, sq, traj_x, traj_v, n, d, T,
                                   triton.cdiv(d, BD), 0.0, H=H, BM=BM, BD=BD, HAS_V=v is not None,
-                                  TRAJ=trajectory, SINGLE=True, **types, **launch)
+                                  TRAJ=trajectory, SINGLE=True, EVEN=even, **types, **launch)
         # early exit: the step's tiles are formed from the rows still running (list[:count])
         row_list = torch.arange(n, device=dev, dtype=torch.int32) if early_exit else iterations
         count = torch.full((1,), n, device=dev, dtype=torch.int32) if early_exit else iterations
@@ -1157,7 +1191,7 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
             _tile_step[(tiles,)](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, ctx, pre, sq,
                                  row_list, count, running, energy, distance, iterations, c_save, c_dot, r_save,
                                  traj_x, traj_v, t, n, d, T, **scalars, H=H, BM=BM, BD=BD, SAVE=save,
-                                 SAVE_DOT=save_dot, **flags, **launch)
+                                 SAVE_DOT=save_dot, EVEN=even, **flags, **launch)
             if early_exit and t + 1 < T:
                 _compact_rows[(1,)](running, row_list, count, n, CHUNK=1024)
         if early_exit and cast_out:
@@ -1173,9 +1207,10 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         ctx = torch.empty(n, H, device=dev, dtype=acc)
         c = torch.empty(n, H, device=dev, dtype=acc)
         scale = torch.empty(n, device=dev, dtype=acc)
+        even = n % BM == 0 and d % (BD * NB) == 0  # no masks: every program's blocks lie inside d
         _fwd_prologue[grid](h, x, v_in, w_h, w_x, w_v, bias, mu, ctx_part, pre_part, stat_part, traj_x, traj_v,
                             n, d, T, NB, 0.0, H=H, BM=BM, BD=BD, HAS_V=v is not None, TRAJ=trajectory,
-                            SINGLE=False, **types, **launch)
+                            SINGLE=False, EVEN=even, **types, **launch)
         # the reduce: one thread per (row, hidden unit) and 16 loads in flight on a GPU; any HC
         # and BATCH add the shares in the same order
         HC, batch = (H, 1) if interpreting() else (2, 16)
@@ -1188,7 +1223,7 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
             if t < T:
                 _decode_step[grid](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, c, scale,
                                    pre_part, stat_part, iterations, traj_x, traj_v, t, n, d, T, NB, nblk, 0.0,
-                                   scalars["dt"], H=H, BM=BM, BD=BD, **step_flags, **types, **launch)
+                                   scalars["dt"], H=H, BM=BM, BD=BD, EVEN=even, **step_flags, **types, **launch)
         if early_exit and cast_out:
             x_out.copy_(xs)
             v_out.copy_(vs)
@@ -1210,20 +1245,27 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
 
 
 def _backward_config(n, d, H, device, config):
-    """Block sizes of the two backward kernels and the row splits of phase 2: the forward's
-    block shape (M = 64 rows for wgmma, BD = 16 columns: see kernel_report for what ptxas
-    gives them); SPLITS so that phase 2 runs about 4 programs per multiprocessor."""
+    """Block sizes of the two backward kernels, a fixed function of the shape, and the row
+    splits of phase 2. Phase 1 (`_bwd_rows`): BM rows × BD columns, num_warps; phase 2
+    (`_bwd_cols`): BM2 × BD2, num_warps2 (the phase-1 values when a config omits them).
+    Chosen from the static sm_90 compile (benchmarks/kernel_report.py): phase 1 at 128 rows
+    over 8 warps (two warp groups of 64 rows: no tile is replicated across warps) and 16
+    columns; phase 2 at 64 rows, 32 columns and 8 warps, where Triton splits the columns over
+    the two warp groups. SPLITS: phase 2 runs about 4 programs per multiprocessor."""
     if config is not None:
         cfg = dict(config)
     elif interpreting():
         cfg = dict(BM=16, BD=32)
     else:
-        cfg = dict(BM=64, BD=16, num_warps=4)
+        cfg = dict(BM=128, BD=16, num_warps=8, BM2=64, BD2=32, num_warps2=8)
+    for key in ("BM", "BD", "num_warps", "num_stages"):
+        if key in cfg:
+            cfg.setdefault(key + "2", cfg[key])
     if "SPLITS" not in cfg:
-        tiles = triton.cdiv(n, cfg["BM"])
+        tiles = triton.cdiv(n, cfg["BM2"])
         sms = multiprocessors(device) if device.type == "cuda" else 1
         programs = 4 * sms
-        cfg["SPLITS"] = max(1, min(tiles, programs // triton.cdiv(d, cfg["BD"])))
+        cfg["SPLITS"] = max(1, min(tiles, programs // triton.cdiv(d, cfg["BD2"])))
     return cfg
 
 
@@ -1248,9 +1290,10 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     dev, acc = x.device, c_save.dtype
     DOT, PREC, ACC = _dot_types(x.dtype)
     cfg = _backward_config(n, d, H, dev, config)
-    splits = cfg.pop("SPLITS")
-    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-    BM, BD = cfg["BM"], cfg["BD"]
+    splits = cfg["SPLITS"]
+    launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    launch2 = {k: cfg[k + "2"] for k in ("num_warps", "num_stages") if k + "2" in cfg}
+    BM, BD, BM2, BD2 = cfg["BM"], cfg["BD"], cfg["BM2"], cfg["BD2"]
     cast = x.dtype != acc
     last_saved = cast and T >= 2  # the forward's last step left x_{T-1}, v_{T-1} in (xs, vs)
     if cast:
@@ -1273,9 +1316,9 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
     kappa_f = float(kappa) if kappa is not None else 0.0
     _bwd_rows[(triton.cdiv(n, BM),)](
-        x, v_in, xs, vs, gx_s, gv_s, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre,
+        x, v_in, xs if xs is not None else gx_s, vs if vs is not None else gv_s, gx_s, gv_s, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre,
         gpre_dot, rc, n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, LAST_SAVED=last_saved, SAVE_DOT=save_dot,
-        **flags, **launch)
+        EVEN=n % BM == 0 and d % BD == 0, **flags, **launch)
 
     if cast:  # the carry is dead: its storage takes the input-dtype gradients
         dh, dx = _halves(xs, x.dtype, n, d)
@@ -1291,7 +1334,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     if not needs_phase2:
         return dh, None, None, dw_h, None, None, None, None, dbias, None, None, None
 
-    nj = triton.cdiv(d, BD)
+    nj = triton.cdiv(d, BD2)
     # the weight-gradient partials: every tile adds to its program's slots
     pwo = torch.zeros(splits, 4 * d, H, device=dev, dtype=acc)
     dwx = torch.zeros(splits, H, d, device=dev, dtype=acc)
@@ -1300,13 +1343,14 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     dmu = torch.empty(splits, d, device=dev, dtype=acc)
     dtab = torch.empty(splits, T, d, device=dev, dtype=acc)
     # each program's replayed x_t, v_t (t = 1 .. T-1) of its current tile
-    replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM * BD), device=dev, dtype=acc)
+    replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM2 * BD2), device=dev, dtype=acc)
     # and six gradient tiles of every step, in the dots' dtype
-    gq = torch.empty(nj * splits * 6 * T * BM * BD, device=dev, dtype=c_dot.dtype)
+    gq = torch.empty(nj * splits * 6 * T * BM2 * BD2, device=dev, dtype=c_dot.dtype)
     _bwd_cols[(nj, splits)](
         x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_dot, r_save, *upstream, gpre_dot, rc,
         dx, dv if dv is not None else dx, replay, gq, pwo, dz, dwx, dwv, dmu, dtab,
-        n, d, T, float(dt), kappa_f, splits, H=H, BM=BM, BD=BD, TP=triton.next_power_of_2(T), **flags, **launch)
+        n, d, T, float(dt), kappa_f, splits, H=H, BM=BM2, BD=BD2, TP=triton.next_power_of_2(T),
+        EVEN=n % BM2 == 0 and d % BD2 == 0, **flags, **launch2)
     # the splits' partials, summed in a fixed order: the same bits on every run
     pwo, dz = pwo.sum(0).view(4, d, H), dz.sum(0).view(4, d)
     ms = mod[:4]
