@@ -445,7 +445,23 @@ def _compact_rows(flag_ptr, list_ptr, count_ptr, N, CHUNK: tl.constexpr):
     tl.store(count_ptr, base)
 
 
-def _block_shape(d, H):
+@triton.jit
+def _copy_stopped(xs_ptr, vs_ptr, xo_ptr, vo_ptr, iters_ptr, N, D, T, BM: tl.constexpr, BD: tl.constexpr):
+    """The outputs of rows that stopped before the last step (iterations < T), cast from the
+    fp32 state; the last step wrote every other row's itself. Rows that ran all T steps are
+    masked off, so they cost their iteration count's read and nothing else."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    stopped = (rows < N) & (tl.load(iters_ptr + rows, mask=rows < N, other=T) < T)
+    rows64 = rows.to(tl.int64)
+    for j0 in range(0, D, BD):
+        cols = j0 + tl.arange(0, BD)
+        m = stopped[:, None] & (cols < D)[None, :]
+        offs = rows64[:, None] * D + cols[None, :]
+        tl.store(xo_ptr + offs, tl.load(xs_ptr + offs, mask=m).to(xo_ptr.dtype.element_ty), mask=m)
+        tl.store(vo_ptr + offs, tl.load(vs_ptr + offs, mask=m).to(vo_ptr.dtype.element_ty), mask=m)
+
+
+def _block_shape(d, H, gpu=None):
     """(BM, BD, num_warps) of both forward paths, a fixed function of the shape: no autotuning,
     because BD sets the order of the row reductions over d, and a configuration picked by
     timing could differ between processes and break 'same input, same bits'. Both paths use
@@ -457,21 +473,22 @@ def _block_shape(d, H):
     4 warps, i.e. 2 programs (8 warps) per multiprocessor; BD = 32 needs ~225 registers in
     bf16 and spills for fp32 and in the early-exit variant. BM = 64 is the smallest wgmma
     tile and keeps the weight bytes re-read per row (6·d·H / BM per step) where they were."""
-    if interpreting():  # Python runs every program one by one: few, small tiles
+    if not (gpu if gpu is not None else not interpreting()):  # the interpreter: few, small tiles
         return 16, 32, 4
     return 64, 16, 4
 
 
-def _tile_config(d, H):
-    """Block sizes of the tile path (see `_block_shape`)."""
-    BM, BD, warps = _block_shape(d, H)
+def _tile_config(d, H, gpu=None):
+    """Block sizes of the tile path (see `_block_shape`; `gpu`: the GPU's choice even under the
+    interpreter, for the kernel report)."""
+    BM, BD, warps = _block_shape(d, H, gpu)
     return dict(BM=BM, BD=BD, num_warps=warps, num_stages=1)
 
 
-def _decode_config(d, H):
+def _decode_config(d, H, gpu=None):
     """Block sizes of the decode path: the tile path's block shape (the same reduction order and
     dot instructions), NB column blocks per program, so 64 rows × d = 2048 keep 64 programs busy."""
-    BM, BD, warps = _block_shape(d, H)
+    BM, BD, warps = _block_shape(d, H, gpu)
     return dict(BM=BM, BD=BD, NB=2, num_warps=warps, num_stages=1)
 
 
@@ -887,14 +904,14 @@ def _bwd_cols(
     from which torch makes dw_o = ms_q·P_q, db_o = ms_q·dz, d mod_bias_q = Σ dz_q and, since
     q = c·w_oᵀ + b_o, d mod_scale_q = Σ g_zq·q = ⟨w_o_q, P_q⟩ + ⟨b_o_q, dz_q⟩.
 
-    Per tile, three passes over its own slice of two L2-resident scratch buffers (a few MB
-    for all programs): the forward replayed once (x_t, v_t, t = 1 .. T-1, fp32, into
-    `replay`); the reverse recurrence, t = T-1 .. 0, carrying (gx, gv) in registers and
-    parking six tiles of every step in `gq` (dot dtype: the four dL/dz_q, gv~ and the
-    element's share of dL/dmu); then the weight gradients, [H, BD] = c_tᵀ·g_q and gpre_tᵀ·x_t
-    (M = H rows for the tensor cores), added to the program's own slots of P, dw_x, dw_v, and
-    the column sums. So the six accumulators are in registers only in that last pass and the
-    recurrence runs without them or any cross-thread reduction (register pressure). The
+    Per tile, three passes over its own slice of two scratch buffers (the running programs'
+    slices stay in L2): the forward replayed once (x_t, v_t, t = 1 .. T-1, fp32, into `replay`),
+    adding gpre_tᵀ·x_t, gpre_tᵀ·v_t to dw_x, dw_v on the way; the reverse recurrence,
+    t = T-1 .. 0, carrying (gx, gv) in registers and parking the four dL/dz_q of every step in
+    `gq` (dot dtype); then dw_o's share, [H, BD] = c_tᵀ·g_q, and the dz sums. The weight
+    gradients accumulate transposed (M = H rows for the tensor cores) in the program's own
+    slots of P, dw_x, dw_v, read and written once per tile, so the recurrence runs without six
+    accumulators in registers (register pressure: it spills with them). The
     program's weight tiles are loaded once. Partials are summed over splits by torch in a
     fixed order: no atomics, same bits every run."""
     jb = tl.program_id(0)
@@ -918,7 +935,7 @@ def _bwd_cols(
     BLOCK: tl.constexpr = BM * BD
     prog = (sp * tl.num_programs(0) + jb).to(tl.int64)
     replay = replay_ptr + prog * (2 * (T - 1) * BLOCK)
-    gq = gq_ptr + prog * (6 * T * BLOCK)
+    gq = gq_ptr + prog * (4 * T * BLOCK)
     here = tl.arange(0, BM)[:, None] * BD + tl.arange(0, BD)[None, :]
     # [N, D] tensors through each tile's base pointer and int32 offsets inside the tile
     rloc = tl.arange(0, BM)
@@ -942,16 +959,21 @@ def _bwd_cols(
         x0_t = x0_ptr + tile0
         v0_t = v0_ptr + tile0
         # 1. the forward once, its states kept for the reverse walk (after the previous tile's
-        # reads of the same scratch, by other threads, are done)
+        # reads of the same scratch, by other threads, are done), and dw_x, dw_v on the way
         tl.debug_barrier()
         x = _load_block(x0_t, offs, m, ACC)
         if HAS_V:
             v = _load_block(v0_t, offs, m, ACC)
         else:
             v = tl.zeros([BM, BD], dtype=ACC)
+        dwx = tl.load(dwx_ptr + wx_at, mask=col_mask[None, :], other=0.0)
+        dwv = tl.load(dwv_ptr + wx_at, mask=col_mask[None, :], other=0.0)
         for s in range(T - 1):
-            cd = tl.load(c_dot_ptr + (tl.cast(tile, tl.int64) * BM + s * N) * H + h_loc, mask=row_mask[:, None],
-                         other=0.0).to(DOT)
+            h_offs = (tl.cast(tile, tl.int64) * BM + s * N) * H + h_loc
+            gpre_t = tl.trans(tl.load(gpre_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
+            dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
+            dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
+            cd = tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT)
             if USE_KAPPA:
                 scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
             else:
@@ -971,6 +993,12 @@ def _bwd_cols(
             v = v_next
             tl.store(replay + (2 * s) * BLOCK + here, x)
             tl.store(replay + (2 * s + 1) * BLOCK + here, v)
+        gpre_t = tl.trans(tl.load(gpre_dot_ptr + (tl.cast(tile, tl.int64) * BM + (T - 1) * N) * H + h_loc,
+                                  mask=row_mask[:, None], other=0.0).to(DOT))
+        dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
+        dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
+        tl.store(dwx_ptr + wx_at, dwx, mask=col_mask[None, :])
+        tl.store(dwv_ptr + wx_at, dwv, mask=col_mask[None, :])
         tl.debug_barrier()
         # 2. the reverse recurrence
         gx = tl.zeros([BM, BD], dtype=ACC)
@@ -1030,12 +1058,10 @@ def _bwd_cols(
                 dmu -= g_dist
             gx = tl.where(m, gx, 0.0)
             gv = tl.where(m, gv, 0.0)
-            # through the step (`_step_grads`); what the weight gradients and the column sums
-            # take goes to the scratch for pass 3: the four dL/dz_q, gv~ (the table) and the
-            # element's share of dL/dmu, all in the dots' dtype
-            at = gq + (6 * t) * BLOCK + here
+            # through the step (`_step_grads`); the four dL/dz_q go to the scratch for pass 3
+            # (dot dtype), the table's and mu's column sums are taken here
+            at = gq + (4 * t) * BLOCK + here
             gvt = gv + gx * dt * gate
-            tl.store(at + 4 * BLOCK, gvt.to(DOT))
             g_zg = gx * dt * v_new * gate * (1 - gate)
             tl.store(at + 2 * BLOCK, g_zg.to(DOT))
             g_za = gvt * dvc * alpha_scale[:, None] * alpha0 * (1 - alpha0)
@@ -1045,7 +1071,8 @@ def _bwd_cols(
             alpha = alpha0 * alpha_scale[:, None]
             g_vc = gvt * (1 - alpha)
             tl.store(at + 3 * BLOCK, g_vc.to(DOT))
-            tl.store(at + 5 * BLOCK, (dmu + gvt * beta).to(DOT))
+            sums = tl.where(rk[:, None] == 4, sums + tl.sum(dmu + gvt * beta, axis=0)[None, :], sums)
+            dtab = tl.where(tk[:, None] == t, dtab + tl.sum(gvt, axis=0)[None, :], dtab)
             gx = gx - gvt * beta
             gv = gvt * alpha
             rc_next = tl.load(rc_ptr + t * N + rows64, mask=row_mask, other=0.0)
@@ -1060,17 +1087,15 @@ def _bwd_cols(
             gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
             tl.store(dv_ptr + tile0 + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
         tl.debug_barrier()
-        # 3. the weight gradients of this tile, into the program's partial slots
+        # 3. dw_o of this tile (P), and the dz column sums, into the program's partial slots
         dwo_a = tl.load(wo_at, mask=col_mask[None, :], other=0.0)
         dwo_b = tl.load(wo_at + D * H, mask=col_mask[None, :], other=0.0)
         dwo_g = tl.load(wo_at + 2 * D * H, mask=col_mask[None, :], other=0.0)
         dwo_u = tl.load(wo_at + 3 * D * H, mask=col_mask[None, :], other=0.0)
-        dwx = tl.load(dwx_ptr + wx_at, mask=col_mask[None, :], other=0.0)
-        dwv = tl.load(dwv_ptr + wx_at, mask=col_mask[None, :], other=0.0)
         for t in range(T):
             h_offs = (tl.cast(tile, tl.int64) * BM + t * N) * H + h_loc
             ct = tl.trans(tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
-            at = gq + (6 * t) * BLOCK + here
+            at = gq + (4 * t) * BLOCK + here
             g = tl.load(at).to(DOT)
             dwo_a = tl.dot(ct, g, dwo_a, input_precision=PREC, out_dtype=ACC)
             sums = tl.where(rk[:, None] == 0, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
@@ -1083,26 +1108,10 @@ def _bwd_cols(
             g = tl.load(at + 3 * BLOCK).to(DOT)
             dwo_u = tl.dot(ct, g, dwo_u, input_precision=PREC, out_dtype=ACC)
             sums = tl.where(rk[:, None] == 3, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
-            sums = tl.where(rk[:, None] == 4, sums + tl.sum(tl.load(at + 5 * BLOCK).to(ACC), axis=0)[None, :], sums)
-            dtab = tl.where(tk[:, None] == t, dtab + tl.sum(tl.load(at + 4 * BLOCK).to(ACC), axis=0)[None, :], dtab)
-            gpre_t = tl.trans(tl.load(gpre_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
-            if t == 0:
-                x = _load_block(x0_t, offs, m, ACC)
-                if HAS_V:
-                    v = _load_block(v0_t, offs, m, ACC)
-                else:
-                    v = tl.zeros([BM, BD], dtype=ACC)
-            else:
-                x = tl.load(replay + (2 * t - 2) * BLOCK + here)
-                v = tl.load(replay + (2 * t - 1) * BLOCK + here)
-            dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
-            dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
         tl.store(wo_at, dwo_a, mask=col_mask[None, :])
         tl.store(wo_at + D * H, dwo_b, mask=col_mask[None, :])
         tl.store(wo_at + 2 * D * H, dwo_g, mask=col_mask[None, :])
         tl.store(wo_at + 3 * D * H, dwo_u, mask=col_mask[None, :])
-        tl.store(dwx_ptr + wx_at, dwx, mask=col_mask[None, :])
-        tl.store(dwv_ptr + wx_at, dwv, mask=col_mask[None, :])
 
     tl.store(dz_ptr + (sp * 4 + rk[:, None]) * D + cols[None, :], sums, mask=(rk[:, None] < 4) & col_mask[None, :])
     tl.store(dmu_ptr + sp * D + rk[:, None] * 0 + cols[None, :], sums, mask=(rk[:, None] == 4) & col_mask[None, :])
@@ -1144,8 +1153,9 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         raise ValueError(f"path must be 'tile' or 'decode', got {path!r}")
     if save and path != "tile":
         raise ValueError("the decode path does not save the backward's tensors; use path='tile'")
-    # the last step writes the outputs in their dtype, so the fp32 state keeps x_{T-1}, v_{T-1}
-    final_out = cast_out and not early_exit
+    # the last step writes the outputs in their dtype, so the fp32 state keeps x_{T-1}, v_{T-1};
+    # with early exit, rows that stopped before it are copied afterwards (`_copy_stopped`)
+    final_out = cast_out
 
     x_out = torch.empty_like(x)
     v_out = torch.empty_like(x)
@@ -1194,9 +1204,6 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
                                  SAVE_DOT=save_dot, EVEN=even, **flags, **launch)
             if early_exit and t + 1 < T:
                 _compact_rows[(1,)](running, row_list, count, n, CHUNK=1024)
-        if early_exit and cast_out:
-            x_out.copy_(xs)
-            v_out.copy_(vs)
     else:
         nblk = triton.cdiv(d, BD)
         NB = cfg.get("NB", 1)
@@ -1224,10 +1231,9 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
                 _decode_step[grid](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, c, scale,
                                    pre_part, stat_part, iterations, traj_x, traj_v, t, n, d, T, NB, nblk, 0.0,
                                    scalars["dt"], H=H, BM=BM, BD=BD, EVEN=even, **step_flags, **types, **launch)
-        if early_exit and cast_out:
-            x_out.copy_(xs)
-            v_out.copy_(vs)
 
+    if early_exit and cast_out:
+        _copy_stopped[(triton.cdiv(n, 16),)](xs, vs, x_out, v_out, iterations, n, d, T, BM=16, BD=128)
     if early_exit:
         # rows that stopped early left the later statistics (and trajectory) unwritten:
         # a frozen row repeats its state from its last step on
@@ -1244,20 +1250,20 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     return x_out, v_out, energy, distance, iterations, trajectories, (xs, vs), saved
 
 
-def _backward_config(n, d, H, device, config):
+def _backward_config(n, d, H, device, config, gpu=None):
     """Block sizes of the two backward kernels, a fixed function of the shape, and the row
     splits of phase 2. Phase 1 (`_bwd_rows`): BM rows × BD columns, num_warps; phase 2
     (`_bwd_cols`): BM2 × BD2, num_warps2 (the phase-1 values when a config omits them).
     Chosen from the static sm_90 compile (benchmarks/kernel_report.py): phase 1 at 128 rows
     over 8 warps (two warp groups of 64 rows: no tile is replicated across warps) and 16
-    columns; phase 2 at 64 rows, 32 columns and 8 warps, where Triton splits the columns over
-    the two warp groups. SPLITS: phase 2 runs about 4 programs per multiprocessor."""
+    columns; phase 2 at 64 rows, 16 columns (8 at H = 128) and 8 warps, where Triton splits the
+    columns over the two warp groups. SPLITS: phase 2 runs about 4 programs per multiprocessor."""
     if config is not None:
         cfg = dict(config)
-    elif interpreting():
+    elif not (gpu if gpu is not None else not interpreting()):
         cfg = dict(BM=16, BD=32)
     else:
-        cfg = dict(BM=128, BD=16, num_warps=8, BM2=64, BD2=32, num_warps2=8)
+        cfg = dict(BM=128, BD=16, num_warps=8, BM2=64, BD2=16 if H <= 64 else 8, num_warps2=8)
     for key in ("BM", "BD", "num_warps", "num_stages"):
         if key in cfg:
             cfg.setdefault(key + "2", cfg[key])
@@ -1344,8 +1350,8 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     dtab = torch.empty(splits, T, d, device=dev, dtype=acc)
     # each program's replayed x_t, v_t (t = 1 .. T-1) of its current tile
     replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM2 * BD2), device=dev, dtype=acc)
-    # and six gradient tiles of every step, in the dots' dtype
-    gq = torch.empty(nj * splits * 6 * T * BM2 * BD2, device=dev, dtype=c_dot.dtype)
+    # and the four dL/dz_q tiles of every step, in the dots' dtype
+    gq = torch.empty(nj * splits * 4 * T * BM2 * BD2, device=dev, dtype=c_dot.dtype)
     _bwd_cols[(nj, splits)](
         x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_dot, r_save, *upstream, gpre_dot, rc,
         dx, dv if dv is not None else dx, replay, gq, pwo, dz, dwx, dwv, dmu, dtab,

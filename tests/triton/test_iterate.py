@@ -180,6 +180,80 @@ def test_both_paths_give_the_same_bits():
     assert torch.equal(small, big[:5])
 
 
+def test_compaction_lists_running_rows_in_order():
+    """`_compact_rows` lists the rows whose flag is set, in row order, and counts them (across
+    several chunks of its prefix sum): what the next step's tiles are formed from."""
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 37, 2500):
+        flags = (torch.rand(n, generator=g) < 0.4).to(torch.int32)
+        row_list = torch.full((n,), -1, dtype=torch.int32)
+        count = torch.full((1,), -1, dtype=torch.int32)
+        triton_iterate._compact_rows[(1,)](flags, row_list, count, n, CHUNK=1024)
+        want = flags.nonzero().flatten().to(torch.int32)
+        assert count.item() == want.numel()
+        assert torch.equal(row_list[:want.numel()], want)
+
+
+def test_tile_step_touches_only_listed_rows():
+    """With early exit the tile step works on the listed rows only: rows off the list (the
+    converged ones) keep their state, statistics and count bit for bit, so a converged row costs
+    nothing after its last step."""
+    h, x, kw = converging_args(n=21, d=24)
+    c = cast(kw, torch.float32, DEVICE)
+    h, x = h.to(DEVICE, torch.float32), x.to(DEVICE, torch.float32)
+    n, d = x.shape
+    T = kw["num_iterations"]
+    H = c["w_h"].shape[0]
+    table, bias, mod = triton_iterate.fold_parameters(c["b_h"], c["b_x"], c["b_v"], c["mod_scale"], c["mod_bias"],
+                                                      c["exc_index"], c["gamma"], c["phi"], c["amplitude"], T, d,
+                                                      torch.float32)
+    ctx, pre = torch.empty(n, H), torch.empty(n, H)
+    sq = torch.empty(n)
+    cfg = triton_iterate._tile_config(d, H)
+    BM, BD = cfg["BM"], cfg["BD"]
+    triton_iterate._fwd_prologue[(triton_iterate.triton.cdiv(n, BM), 1)](
+        h, x, x, c["w_h"], c["w_x"], c["w_v"], bias, c["mu"], ctx, pre, sq, x, x, n, d, T, 1, 0.0,
+        H=H, BM=BM, BD=BD, HAS_V=False, TRAJ=False, SINGLE=True, EVEN=False, DOT=triton_iterate.tl.float32,
+        PREC="ieee", ACC=triton_iterate.tl.float32)
+    listed = torch.tensor([1, 4, 5, 11, 20], dtype=torch.int32)
+    row_list = torch.cat([listed, torch.full((n - len(listed),), -1, dtype=torch.int32)])
+    count = torch.tensor([len(listed)], dtype=torch.int32)
+    running = torch.ones(n, dtype=torch.int32)
+    xs, vs = torch.full((n, d), 7.0), torch.full((n, d), 8.0)
+    energy, distance = torch.full((n, T), 9.0), torch.full((n, T), 9.0)
+    iterations = torch.full((n,), T, dtype=torch.int32)
+    f32 = triton_iterate.tl.float32
+    triton_iterate._tile_step[(triton_iterate.triton.cdiv(n, BM),)](
+        x, x, xs, vs, xs, vs, c["w_x"], c["w_v"], c["w_o"], c["b_o"], mod, c["mu"], table, ctx, pre, sq,
+        row_list, count, running, energy, distance, iterations, energy, energy, energy, xs, xs,
+        0, n, d, T, zero=0.0, dt=float(c["dt"]), kappa=0.0, tol=1e9, min_iterations=0,
+        H=H, BM=BM, BD=BD, HAS_V=False, HAS_EXC=table is not None, USE_KAPPA=False, EARLY_EXIT=True, SAVE=False,
+        SAVE_DOT=False, TRAJ=False, FINAL_OUT=False, EVEN=False, DOT=f32, PREC="ieee", ACC=f32)
+    others = torch.ones(n, dtype=torch.bool)
+    others[listed.long()] = False
+    assert (xs[others] == 7.0).all() and (vs[others] == 8.0).all() and (energy[others] == 9.0).all()
+    assert (iterations[others] == T).all() and (running[others] == 1).all()
+    assert not (xs[listed.long()] == 7.0).any()
+    assert (iterations[listed.long()] == 1).all() and (running[listed.long()] == 0).all()  # tol = 1e9: all stop
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_half_precision_early_exit(path):
+    """Early exit in fp16: rows that stop before the last step reach the outputs through the
+    copy of the stopped rows, the others through the last step; both paths give the same bits
+    and counts, and stay near the fp64 reference."""
+    h, x, kw = converging_args(n=19, d=24)
+    extra = dict(tol=CONVERGE_TOL, min_iterations=0)
+    ref_x, ref = reference_iterate(h, x, **kw, **extra)
+    out_x, out = run_triton(h, x, kw, torch.float16, path, config=None, **extra)
+    other_x, other = run_triton(h, x, kw, torch.float16, "decode" if path == "tile" else "tile", config=None,
+                                **extra)
+    assert torch.equal(out_x, other_x) and torch.equal(out.v, other.v)
+    assert torch.equal(out.iterations, other.iterations)
+    assert len(set(out.iterations.tolist())) >= 3 and out.iterations.min() < kw["num_iterations"]
+    assert rel_err(out_x, ref_x) <= 5e-3 and rel_err(out.v, ref.v) <= 2e-2  # v is small here: fp16 ulps
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", NAN_CASES, ids=lambda c: str(c))
 def test_nan_propagates_like_the_reference(path, case):
