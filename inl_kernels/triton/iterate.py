@@ -661,42 +661,23 @@ def _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t
 def _step_full(c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
                H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """`_step_block` keeping what the gradient needs: (alpha0, beta, sigmoid(zb), gate, v_cand,
-    alpha, err, x', v')."""
+    """`_step_block` keeping what the gradient needs: (alpha0, beta, zb, gate, v_cand, alpha,
+    err, x', v')."""
     cd = c.to(DOT)
+    # this order of the four quarters is the one ptxas fits in 255 registers without spills
+    # (bwd_rows, bf16, H = 64); the quarters are independent, the arithmetic is the same
+    gate = _sigmoid(ms2 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+                    + mb2)
     alpha0 = _sigmoid(ms0 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 0, cols, col_mask, hk, D, H, DOT, PREC, ACC)
                       + mb0)
     v_cand = ms3 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 3, cols, col_mask, hk, D, H, DOT, PREC, ACC) + mb3
-    beta, sig_b = _softplus_sigmoid(
-        ms1 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 1, cols, col_mask, hk, D, H, DOT, PREC, ACC) + mb1)
-    gate = _sigmoid(ms2 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-                    + mb2)
+    zb = ms1 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 1, cols, col_mask, hk, D, H, DOT, PREC, ACC) + mb1
+    beta = _softplus(zb)
     alpha = alpha0 * alpha_scale[:, None]
     err = x - mu[None, :]
     v_new = alpha * v + (1 - alpha) * v_cand - beta * err + exc[None, :]
     x_new = x + dt * gate * v_new
-    return alpha0, beta, sig_b, gate, v_cand, alpha, err, x_new, v_new
-
-
-@triton.jit
-def _step_grads(gx_new, gv_new, m, v, alpha_scale, alpha0, sig_b, beta, gate, v_cand, alpha, err, v_new, dt):
-    """Pulls (gx', gv') = (dL/dx', dL/dv') back through one step, elementwise:
-
-        gv~ = gv' + gx'·dt·gate                                  (x' = x + dt·gate·v')
-        g_alpha = gv~·(v - v_cand),  g_za = g_alpha·f·alpha0·(1 - alpha0)   (f = 1 - exp(-kappa·rms))
-        g_zb = -gv~·err·sigmoid(zb) (sig_b),  g_zg = gx'·dt·v'·gate·(1 - gate),  g_vc = gv~·(1 - alpha)
-        gx (direct) = gx' - gv~·beta,  gv (direct) = gv~·alpha
-
-    and g_alpha·alpha0, whose row sum is dL/df. Entries outside `m` get zero gradients."""
-    gx_new = tl.where(m, gx_new, 0.0)
-    gv_new = tl.where(m, gv_new, 0.0)
-    gvt = gv_new + gx_new * dt * gate
-    g_alpha = gvt * (v - v_cand)
-    g_za = g_alpha * alpha_scale[:, None] * alpha0 * (1 - alpha0)
-    g_zb = -gvt * err * sig_b
-    g_zg = gx_new * dt * v_new * gate * (1 - gate)
-    g_vc = gvt * (1 - alpha)
-    return gvt, g_za, g_zb, g_zg, g_vc, gx_new - gvt * beta, gvt * alpha, g_alpha * alpha0
+    return alpha0, beta, zb, gate, v_cand, alpha, err, x_new, v_new
 
 
 @triton.jit
@@ -747,8 +728,14 @@ def _bwd_rows(
     recurrence that reduce over a row. Per step, one pass over the d-blocks gets the block's
     state x_t, v_t (LAST_SAVED at t = T-1: the forward's fp32 state (xs, vs), which its last
     step left at x_{T-1}, v_{T-1}; else replayed from x_0, v_0 by `_replay`), pulls the upstream
-    gradient through the step (`_step_grads`) and accumulates dL/dc_t = Σ_q g_q·w_o[q] (tl.dot)
-    and dL/df_t = Σ_j g_alpha·alpha0. Then
+    gradient (gx', gv') = (dL/dx', dL/dv') through the step, elementwise,
+
+        gv~ = gv' + gx'·dt·gate                                  (x' = x + dt·gate·v')
+        g_alpha = gv~·(v - v_cand),  g_za = g_alpha·f·alpha0·(1 - alpha0)   (f = 1 - exp(-kappa·rms))
+        g_zb = -gv~·err·sigmoid(zb),  g_zg = gx'·dt·v'·gate·(1 - gate),  g_vc = gv~·(1 - alpha)
+        gx (direct) = gx' - gv~·beta,  gv (direct) = gv~·alpha
+
+    and accumulates dL/dc_t = Σ_q ms_q·g_zq·w_o[q] (tl.dot) and dL/df_t = Σ_j g_alpha·alpha0. Then
 
         gpre_t = dL/dc_t · [c_t > 0]                      -> gpre [T, N, H]
         rc_t   = dL/df_t · kappa·exp(-kappa·rms_t) / (D·rms_t)   (d rms/d err = err/(D·rms))  -> rc [T, N]
@@ -823,7 +810,7 @@ def _bwd_rows(
                 x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_dot_ptr,
                                r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
                                mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
-            alpha0, beta, sig_b, gate, v_cand, alpha, err, x_new, v_new = _step_full(
+            alpha0, beta, zb, gate, v_cand, _, err, x_new, v_new = _step_full(
                 c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
             if t == T - 1:
@@ -835,18 +822,28 @@ def _bwd_rows(
             gx, gv = _upstream(gxT_ptr, gvT_ptr, ge, gd, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
                                offs, m, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
                                HAS_GX, HAS_GV, HAS_GE, HAS_GD, DOT, PREC, ACC)
-            gvt, g_za, g_zb, g_zg, g_vc, gx_direct, gv_direct, f_term = _step_grads(
-                gx, gv, m, v, alpha_scale, alpha0, sig_b, beta, gate, v_cand, alpha, err, v_new, dt)
-            if USE_KAPPA:
-                gf += tl.sum(f_term, axis=1)
-            gc = tl.dot((g_za * ms0).to(DOT), _load_w_out_rows(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT), gc,
-                        input_precision=PREC, out_dtype=ACC)
-            gc = tl.dot((g_zb * ms1).to(DOT), _load_w_out_rows(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT), gc,
-                        input_precision=PREC, out_dtype=ACC)
+            # through the step (formulas in the docstring), each piece into dL/dc once made
+            gx = tl.where(m, gx, 0.0)
+            gv = tl.where(m, gv, 0.0)
+            gvt = gv + gx * dt * gate
+            g_zg = gx * dt * v_new * gate * (1 - gate)
             gc = tl.dot((g_zg * ms2).to(DOT), _load_w_out_rows(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT), gc,
                         input_precision=PREC, out_dtype=ACC)
+            g_alpha = gvt * (v - v_cand)
+            if USE_KAPPA:
+                gf += tl.sum(g_alpha * alpha0, axis=1)
+            g_za = g_alpha * alpha_scale[:, None] * alpha0 * (1 - alpha0)
+            gc = tl.dot((g_za * ms0).to(DOT), _load_w_out_rows(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT), gc,
+                        input_precision=PREC, out_dtype=ACC)
+            g_zb = -gvt * err * _sigmoid(zb)
+            gc = tl.dot((g_zb * ms1).to(DOT), _load_w_out_rows(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT), gc,
+                        input_precision=PREC, out_dtype=ACC)
+            alpha = alpha0 * alpha_scale[:, None]
+            g_vc = gvt * (1 - alpha)
             gc = tl.dot((g_vc * ms3).to(DOT), _load_w_out_rows(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT), gc,
                         input_precision=PREC, out_dtype=ACC)
+            gx_direct = gx - gvt * beta
+            gv_direct = gvt * alpha
             if t > 0:
                 if LAST_SAVED:
                     if t == T - 1:
@@ -1058,7 +1055,7 @@ def _bwd_cols(
                 dmu -= g_dist
             gx = tl.where(m, gx, 0.0)
             gv = tl.where(m, gv, 0.0)
-            # through the step (`_step_grads`); the four dL/dz_q go to the scratch for pass 3
+            # through the step (see `_bwd_rows`); the four dL/dz_q go to the scratch for pass 3
             # (dot dtype), the table's and mu's column sums are taken here
             at = gq + (4 * t) * BLOCK + here
             gvt = gv + gx * dt * gate
