@@ -357,7 +357,7 @@ def _tile_step(
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
     SAVE: tl.constexpr, SAVE_DOT: tl.constexpr, TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
-    EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EVEN: tl.constexpr, I32: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Step t of SPEC §2 (formula in the module docstring) for BM rows over all of d: reads
     c = relu(ctx + pre_t) and Σ(x_t - mu)² of its rows, then one pass over the d-blocks updates
@@ -404,7 +404,10 @@ def _tile_step(
             cols = j0 + tl.arange(0, BD)
             col_mask = _in_range(cols, D, EVEN)
             m = row_mask[:, None] & col_mask[None, :]
-            offs = rows64[:, None] * D + cols[None, :]
+            if I32:  # N·D < 2³¹: 32-bit offsets hold half the registers of 64-bit ones
+                offs = rows[:, None] * D + cols[None, :]
+            else:
+                offs = rows64[:, None] * D + cols[None, :]
             x, x_new, v_new, mu = _advance_block(
                 t, c, alpha_scale, row_mask, rows64, offs, m, cols, col_mask, hk, D, T, dt,
                 x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr,
@@ -1198,7 +1201,7 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
             _tile_step[(tiles,)](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, ctx, pre, sq,
                                  row_list, count, running, energy, distance, iterations, c_save, c_dot, r_save,
                                  traj_x, traj_v, t, n, d, T, **scalars, H=H, BM=BM, BD=BD, SAVE=save,
-                                 SAVE_DOT=save_dot, EVEN=even, **flags, **launch)
+                                 SAVE_DOT=save_dot, EVEN=even, I32=n * d < 2**31, **flags, **launch)
             if early_exit and t + 1 < T:
                 _compact_rows[(1,)](running, row_list, count, n, CHUNK=1024)
     else:

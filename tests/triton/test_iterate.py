@@ -228,7 +228,7 @@ def test_tile_step_touches_only_listed_rows():
         row_list, count, running, energy, distance, iterations, energy, energy, energy, xs, xs,
         0, n, d, T, zero=0.0, dt=float(c["dt"]), kappa=0.0, tol=1e9, min_iterations=0,
         H=H, BM=BM, BD=BD, HAS_V=False, HAS_EXC=table is not None, USE_KAPPA=False, EARLY_EXIT=True, SAVE=False,
-        SAVE_DOT=False, TRAJ=False, FINAL_OUT=False, EVEN=False, DOT=f32, PREC="ieee", ACC=f32)
+        SAVE_DOT=False, TRAJ=False, FINAL_OUT=False, EVEN=False, I32=True, DOT=f32, PREC="ieee", ACC=f32)
     others = torch.ones(n, dtype=torch.bool)
     others[listed.long()] = False
     assert (xs[others] == 7.0).all() and (vs[others] == 8.0).all() and (energy[others] == 9.0).all()

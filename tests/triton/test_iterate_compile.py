@@ -35,7 +35,7 @@ def cases():
             ("_fwd_prologue", dict(H=64, BM=dec["BM"], BD=dec["BD"], HAS_V=True, TRAJ=True, SINGLE=False,
                                    EVEN=False, **types), ptr, dec["num_warps"]),
             ("_tile_step", dict(H=64, BM=tile["BM"], BD=tile["BD"], EARLY_EXIT=True, SAVE=True, SAVE_DOT=cast,
-                                TRAJ=True, FINAL_OUT=cast, **flags), ptr, tile["num_warps"]),
+                                TRAJ=True, FINAL_OUT=cast, I32=False, **flags), ptr, tile["num_warps"]),
             ("_compact_rows", dict(CHUNK=1024), ptr, 4),
             ("_copy_stopped", dict(BM=16, BD=128), ptr, 4),
             ("_decode_reduce", dict(H=64, BM=dec["BM"], HC=2, BATCH=16, USE_KAPPA=True, EARLY_EXIT=True,
