@@ -12,75 +12,92 @@ The launcher does in torch what autograd should see: the excitation as a [T, d] 
 (`reference.iterate.excitation_table`), the combined bias b_h + b_x + b_v and the 8 modulation
 scalars (mod_scale, mod_bias) as one vector. The kernels never evaluate a sine.
 
-Two forward paths; rows never meet in either, so results are batch invariant:
+Block shapes (issue 17) are chosen from the static sm_90 compile, `benchmarks/kernel_report.py`,
+whose table (benchmarks/results/kernel-report-sm90.json) lists registers, spills, programs per
+multiprocessor and bytes per row and step of every kernel at every configuration: for bf16 and
+fp16 at H <= 64 no kernel spills and the forward tile kernel runs 2 programs (8 warps) per
+multiprocessor; the misses (H = 128 backward, fp32 at H = 128) are listed there with reasons.
 
-* tile path (`_iterate_fwd_tile`, N > DECODE_MAX_ROWS or any training call): one program per
-  BLOCK_M rows. A prologue pass over the d-blocks computes h·w_hᵀ + bias once (kept in
-  registers for every step), the step-0 pre-activation and Σ(x-mu)². Each step is then ONE pass
-  over the d-blocks that computes the four controller outputs with tl.dot, updates x, v,
-  stores them and, in the same pass, accumulates the next step's pre-activation x'·w_xᵀ +
-  v'·w_vᵀ, Σ(x'-mu)² (next rms), Σ(x'-x)² (convergence), Σv'² and Σ|x'-mu| (statistics). So
-  each step reads the state once and writes it once (instead of twice reading and once writing,
-  which put a first fused version below torch.compile on an H100). The state lives
-  in fp32: the outputs themselves for fp32 inputs, an fp32 scratch plus a final cast pass for
-  bf16/fp16. Step 0 reads the inputs directly.
-* decode path (`_decode_prologue` + `_decode_step`, small N): the d columns are split across
-  programs (grid = row tiles × d-slices of BLOCK_D columns), so 64 rows × 2048 columns keep
-  ~128 programs busy instead of 4. The row reductions (pre-activation, Σerr², Σdx², the
-  statistics) cross slices, so every step is its own launch: each program first sums the
-  previous launch's per-slice partials in a fixed slice order (deterministic, no atomics),
-  decides convergence, then updates its slice and writes its partials (double-buffered by
-  step parity). T + 2 launches in all, no host synchronisation, so the whole call can be
-  captured in a CUDA graph (which is what the 50 µs decode target needs: without a graph the
-  Python launch overhead of T + 2 launches dominates).
+Forward: a prologue launch (`_fwd_prologue`: h·w_hᵀ, step 0's x·w_xᵀ + v·w_vᵀ and Σ(x-mu)²), then
+one launch per step. Rows never meet, so results are batch invariant:
 
-Early exit: each row is frozen (tl.where) once ‖x' − x‖₂ < tol after at least
-min_iterations steps, exactly as the reference compares it; a tile program leaves its step
-loop when all of its rows are frozen, a decode program skips its launch. Statistics and
-trajectory entries a stopped tile did not write are filled on the host by a gather over
-clamp(t, max=iterations) (a frozen row repeats its frozen state).
+* tile path (`_tile_step`, N > DECODE_MAX_ROWS or any training call): one program per BM = 64
+  rows walks all of d in BD = 16 column blocks: it forms c = relu(ctx + pre_t) from the
+  [N, H] row vectors of the previous launch, and ONE pass over the blocks computes the four
+  controller outputs with tl.dot (M = 64: one wgmma warp group), updates x, v, stores them and,
+  from x', v' in the same pass, accumulates the next step's pre-activation and the row sums
+  (next rms, ‖x'-x‖², energy, distance). So a step reads the state once and writes it once; the
+  state lives in fp32 (an fp32 scratch for bf16/fp16 inputs, the outputs themselves for fp32),
+  and the last step writes the outputs in their dtype directly (no cast pass; the scratch keeps
+  x_{T-1}, v_{T-1}, which the backward reads). Per-step launches keep the kernel small (no
+  context tile held through the call) and let early exit save time: see below.
+* decode path (`_decode_step` + `_decode_reduce`, small N): the tile path's block shape, with
+  the d blocks spread over programs (NB = 2 blocks each: 64 rows × d = 2048 is 64 programs).
+  Every block's shares of the row reductions are stored and one ordered reduce launch a step
+  adds them, block after block in column order, exactly as the tile path adds them, and
+  decides convergence. 2T + 2 launches, no host synchronisation: the call can be captured in a
+  CUDA graph (the 50 µs decode target needs one).
 
-Backward (`_IterateFunction`): the forward saves the inputs and, per step, only the
-controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (21 MB at 16384 × 2048,
-T = 5, H = 64; no trajectory). Given those, the state recurrence is column-local: any d-block's
-x_t, v_t replays from x_0, v_0 with 4 small dots per step and no row reduction (O(T²) replayed
-steps per block, no memory; a per-program trajectory scratch would trade memory for that and
-is the thing to measure on a GPU). The reverse-time recurrence then runs in two launches:
-* phase 1 (`_iterate_bwd_rows`, row tiles): per step t, one pass over the d-blocks replays the
-  block, pulls the gradient through the step and accumulates the row-coupled pieces: dL/dc_t
-  (tl.dot with w_o) -> gpre_t = dL/dpre_t [T, N, H], and dL/drms_t -> rc_t [T, N]. The direct
-  gradient of x_t, v_t waits in an fp32 [N, d] scratch pair for step t-1 (the grad outputs
-  themselves for fp32 inputs), which adds gpre_t·w_x, gpre_t·w_v and rc_t·(x_t - mu).
+Both paths add the same per-block shares in the same column order, with the same dot
+instructions (both M = 64 tiles): a row has the same bits on either side of DECODE_MAX_ROWS
+(tested under the interpreter; on a GPU the cuda-marked run checks it). The shares start from
+a runtime zero (`_dot_from_zero`): from a constant zero Triton's combiner would fold the tile
+path's `acc + share` into tl.dot(..., acc), which rounds differently.
+
+Early exit (issue 15): after each step a row whose ‖x' − x‖₂ < tol after at least
+min_iterations steps is converged, exactly as the reference compares it. The tile path then
+re-forms its tiles from the rows still running (`_compact_rows`: a prefix sum over the rows'
+flags, one small program, no host synchronisation), so the next step's grid does work only
+for those rows and a converged row costs nothing after its last step; its bits are those it
+would have had in any batch (its row is computed alone either way). Rows that stopped before
+the last step reach the outputs through `_copy_stopped`. The decode path keeps stopped rows
+frozen (tl.where) and skips tiles with none running. Statistics and trajectory entries a
+stopped row did not write are filled on the host by a gather over clamp(t, max=iterations).
+
+Backward (`_IterateFunction`): the forward saves the inputs, per step the controller hidden
+c_t [T, N, H] (fp32, and in the dots' dtype) and the row rms_t [T, N], and for bf16/fp16 inputs
+its fp32 state buffers, which hold x_{T-1}, v_{T-1}. Given c and rms the state recurrence is
+column-local: any d-block's x_t, v_t replays from x_0, v_0 with 4 small dots a step and no row
+reduction. The reverse-time recurrence then runs in two kernels:
+* phase 1 (`_bwd_rows`, BM = 128 rows over 8 warps): per step t, one pass over the d-blocks
+  gets the block's state (x_{T-1} read from the saved state; earlier steps replayed, O(T²)
+  steps in all but the last's T-1 saved), pulls the gradient through the step and accumulates
+  the row-coupled pieces: dL/dc_t (tl.dot with w_o) -> gpre_t [T, N, H], dL/drms_t -> rc_t [T, N].
+  The direct gradients of x_t, v_t wait for step t-1 in an fp32 carry, which for bf16/fp16 is
+  the forward's state buffer itself (no extra memory); once phase 1 is done its storage holds
+  dL/dh and dL/dx in the input dtype.
 * torch: dh = (Σ_t gpre_t)·w_h, dw_h = (Σ_t gpre_t)ᵀ·h, d bias = Σ gpre.
-* phase 2 (`_iterate_bwd_cols`, column blocks × row splits): with gpre and rc known the whole
-  reverse recurrence is column-local, so each program reruns it for its columns with (gx, gv)
-  in registers and writes dx_0, dv_0 and its split's partials of dw_o, db_o, dw_x, dw_v, dmu,
-  d table and d mod; torch sums the splits in a fixed order. No atomics: same bits every run.
+* phase 2 (`_bwd_cols`, 64 rows × 16 columns over 8 warps, row splits): with gpre and rc known
+  the reverse recurrence is column-local. Per tile each program replays the forward ONCE into
+  its own slice of an L2-sized scratch (adding dw_x, dw_v on the way), runs the recurrence with
+  (gx, gv) in registers, parking the four dL/dz_q per step in a second scratch, then adds
+  dw_o's share; the weight-gradient accumulators are read and written once per tile in the
+  program's partial slots, so the recurrence runs without them in registers. torch sums the
+  splits in a fixed order (no atomics: same bits every run) and forms d mod_scale from
+  P_q = Σ g_zqᵀ·c and dz_q (q = c·w_oᵀ + b_o).
 Autograd chains d table to gamma and phi, d bias to b_h, b_x, b_v, d mod to mod_scale and
 mod_bias. Gradients flow through info.energy and info.distance as well, so the integrator
 losses train without a stored trajectory. return_trajectory=True under grad runs on the
-reference (one-time warning). Extra training memory beyond inputs, outputs and gradients:
-c and rms (saved), the phase-1 scratch (2·N·d·4 bytes for bf16/fp16 inputs: 268 MB at
-16384 × 2048), gpre [T, N, H] and the split partials (about SPLITS·(6·d·H + (T+6)·d) floats).
-Compiled for sm_90 without a GPU, both backward kernels sit at 255 registers and spill
-(1-5 KB): the first thing to tune once a GPU measures them.
+reference (one-time warning). Memory during training, 16384 × 2048, T = 5, H = 64, bf16, besides
+inputs and outputs: the fp32 state pair (256 MiB, which then holds dL/dh and dL/dx), c in fp32
+and bf16 and rms (30 MiB), gpre in fp32 and bf16 (30 MiB), phase 2's partials and scratch
+(~50 MiB) — about 500 MiB peak by benchmarks/bench_iterate.py's count, estimated, not measured.
 
 Precision: x, v, every accumulation and reduction in fp32 (fp64 when given fp64, which only
 the interpreter runs: the fp64 gradcheck). Matmul operands go to the tensor cores in the
 activation dtype (DOT constexpr: bf16/fp16 on a GPU; the interpreter multiplies bf16 dots
 wrongly, so there it uses fp32); fp32 dots on a GPU use tf32x3 (about fp32 accuracy on
-tensor cores) rather than plain tf32, which would miss fp32 tolerances.
+tensor cores) rather than plain tf32, which would miss fp32 tolerances. The backward replays
+in the form ms_q·(c·w_oᵀ) + (ms_q·b_o + mb_q), an ulp away from the forward's rounding.
 
-Batch invariance is bit for bit: rows never meet, and both paths add the same per-block
-shares of every row reduction in the same column order, so a row gives the same bits on
-either side of DECODE_MAX_ROWS (tested under the interpreter; on a GPU it also needs the
-compiler to reduce inside a block alike for both tile shapes, which the cuda-marked test
-checks). Determinism: same
-inputs, same bits, in every process: block sizes are a fixed function of (d, H) (`_tile_config`),
-never picked by timing.
+Determinism: same inputs, same bits, in every process: block sizes are a fixed function of the
+shape (`_block_shape`, `_backward_config`), never picked by timing.
 
-Speed: not yet measured on a GPU (written without one; the block sizes and DECODE_MAX_ROWS
-are first guesses to be tuned by benchmarks/bench_iterate.py).
+Speed: not yet measured on a GPU. What the design expects (to be checked by
+benchmarks/bench_iterate.py and benchmarks/sweep_iterate.py on an H200): the forward bound
+by L2 traffic (~59 KB per row and step at 16384 × 2048 bf16, ~5 GB a call: about 1 ms at
+5 TB/s) rather than by exposed latency and spills as before (5.5 ms measured); the backward
+a few forwards (its tensor-core and transcendental work is ~4.5 forwards').
 """
 from __future__ import annotations
 
