@@ -332,10 +332,20 @@ def goal(row: dict) -> tuple[str, str]:
                       + (": the per-step launches carry ctx and pre [N, H] through memory (3·H·4 B a row "
                          "and step), which the outputs' direct write offsets only for bf16/fp16"
                          if row["kernel"] == "_tile_step" else ""))
-    if row["dtype"] == "fp32" and row["H"] == 128 and row["spill_stores"] > limit:
-        missed.append("fp32 at H = 128: tf32x3 holds the [64, 128] fp32 controller hidden as hi and lo "
-                      "register operands of wgmma (M = 64 is its smallest tile), which alone fill the "
-                      "register file; no block shape fits")
+    if row["spill_stores"] > limit:
+        if row["dtype"] == "fp32" and row["H"] == 128:
+            missed.append("fp32 at H = 128: tf32x3 holds the [64, 128] fp32 controller hidden as hi and lo "
+                          "register operands of wgmma (M = 64 is its smallest tile), which alone fill the "
+                          "register file; no block shape fits")
+        elif row["kernel"] in ("_bwd_rows", "_bwd_cols") and row["dtype"] == "fp32":
+            missed.append("fp32 backward: tf32x3 splits every dot operand into hi and lo halves (three wgmma "
+                          "a dot), about doubling the operand registers of the recurrence; best reached over "
+                          "the block shapes tried (BM 64/128, BD 8/16/32, 4/8 warps)")
+        elif row["kernel"] in ("_bwd_rows", "_bwd_cols") and row["H"] == 128:
+            missed.append("H = 128: phase 1's dL/dc accumulator [BM, H] in fp32 (64 registers a thread at the "
+                          "smallest two-warp-group tile) or phase 2's [H, BD] accumulators with the recurrence's "
+                          "tiles exceed 255 registers; best reached over the block shapes tried (BM 64/128, "
+                          "BD 8/16, 4/8/16 warps)")
     return ("met" if not missed else "missed"), "; ".join(missed)
 
 
