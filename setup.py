@@ -78,6 +78,7 @@ setup(
     package_dir={"inl_llm": "python/inl_llm"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["inl-profile=inl_kernels.profile:main"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -86,8 +87,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pyarrow"],
+        # transformers in the test extra so that CI runs the Hugging Face tests (the core package never needs it)
+        "test": ["pytest", "pytest-benchmark", "pyarrow", "matplotlib", "transformers", "accelerate"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "data": ["pyarrow"],
+        "hf": ["transformers", "accelerate"],  # inl_llm.hf: the Hugging Face model; accelerate for transformers.Trainer
     },
 )

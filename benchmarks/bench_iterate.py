@@ -79,8 +79,6 @@ def make_inputs(n, d, T, dtype, device, hidden=64, early_exit=False, seed=0):
 def _spread_tol(h, x, kw, sample=256):
     """A tol that stops about half of the rows by the middle step, from the reference's step
     norms on a sample of rows."""
-    from inl_kernels.reference.iterate import iterate as reference_iterate
-
     rows = torch.linspace(0, x.shape[0] - 1, min(sample, x.shape[0])).long().to(x.device)
     with torch.no_grad():
         _, info = reference_iterate(h[rows], x[rows], **kw, return_trajectory=True)
@@ -100,11 +98,18 @@ def floor_ms(n, d, T, hidden, dtype, mode, bandwidth_gbs, peak_tflops):
     return max(flops / (peak_tflops * 1e12), moved / (bandwidth_gbs * 1e9)) * 1e3
 
 
+def reference_iterate(h, x, **kw):
+    """The eager reference with inl_iterate's keyword arguments (what "eager" times)."""
+    from inl_kernels import reference
+    from inl_kernels.common import iterate_bundle
+
+    return reference.iterate(*iterate_bundle(h, x, **kw))
+
+
 def implementations(device, use_compile):
     """name -> iterate(h, x, **kw) returning (x_T, info)."""
     import inl_kernels
     from inl_kernels import inl_iterate
-    from inl_kernels.reference.iterate import iterate as reference_iterate
 
     impls = {"eager": reference_iterate}
     if use_compile:

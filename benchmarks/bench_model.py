@@ -105,13 +105,16 @@ def bench_train(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
     return _timed(call, device, warmup, repeat), call
 
 
-def bench_decode(model, prompt, new_tokens, device, warmup, repeat):
+def bench_decode(model, prompt, new_tokens, device, warmup, repeat, **how):
+    """ms per new token of greedy generation at batch 1; `how`: generate's compile / cuda_graph."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
     model.eval()
-    t_one = _timed(lambda: model.generate(ids, 1, do_sample=False), device, warmup, repeat)
-    t_all = _timed(lambda: model.generate(ids, new_tokens, do_sample=False), device, warmup, max(1, repeat // 2))
-    return (t_all - t_one) / (new_tokens - 1)
+    # two new tokens: prefill, the first token and (compiled / captured ways) the step's warm-up
+    t_two = _timed(lambda: model.generate(ids, 2, do_sample=False, **how), device, warmup, repeat)
+    t_all = _timed(lambda: model.generate(ids, new_tokens, do_sample=False, **how), device, warmup,
+                   max(1, repeat // 2))
+    return (t_all - t_two) / (new_tokens - 2)
 
 
 def bench_block(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
@@ -161,13 +164,23 @@ def run(args):
                         floor = forward_flops(cfg, args.batch, args.seq) / rate * 1e3
                         rows.append(dict(base, mode="forward", tokens=args.batch * args.seq, ms=ms,
                                          tokens_per_s=args.batch * args.seq / ms * 1e3, floor_frac=floor / ms))
-                    if "decode" in args.modes and not compiled:
-                        ms = bench_decode(model, args.prompt, args.new_tokens, device, warmup, repeat)
+                    if "decode" in args.modes:
+                        # a compiled decode is generate(compile=True) (fullgraph, reduce-overhead on
+                        # CUDA); on CUDA ours also replays a hand-captured CUDA graph
+                        ways = [(name, dict(compile=True) if compiled else {})]
+                        if device == "cuda" and not compiled and impl == "ours":
+                            ways.append(("ours+cuda_graph", dict(cuda_graph=True)))
                         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
                         floor = weight_bytes / (bandwidth * 1e9) * 1e3
-                        rows.append(dict(base, mode="decode", tokens=1, ms=ms, tokens_per_s=1e3 / ms,
-                                         floor_frac=floor / ms,
-                                         note=f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy"))
+                        for way, how in ways:
+                            try:
+                                ms = bench_decode(model, args.prompt, args.new_tokens, device, warmup, repeat, **how)
+                                rows.append(dict(base, impl=way, mode="decode", tokens=1, ms=ms,
+                                                 tokens_per_s=1e3 / ms, floor_frac=floor / ms,
+                                                 note=f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy"))
+                            except Exception as e:  # noqa: BLE001 - one way failing must not hide the others
+                                rows.append(dict(base, impl=way, mode="decode",
+                                                 note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
                     del model, runner
                     if "train" in args.modes or "block" in args.modes:
                         model = build(size, backend, device, torch.float32)
@@ -226,7 +239,7 @@ def main(argv=None):
     args.batch = args.batch or (1 if args.quick else 8 if cuda else 4)
     args.seq = args.seq or (16 if args.quick else 1024 if cuda else 256)
     if args.quick:
-        args.prompt, args.new_tokens = 4, 3
+        args.prompt, args.new_tokens = 4, 4
     from benchmarks.common import print_table, write_json
 
     t0 = time.perf_counter()

@@ -17,8 +17,11 @@ import torch
 
 def environment() -> dict:
     """What produced a result: device, versions and the command line."""
+    from inl_kernels.profile import cpu_model
+
     env = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cpu_model": cpu_model(),  # what lscpu calls "Model name"
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -32,6 +35,7 @@ def environment() -> dict:
         env["triton"] = None
     if torch.cuda.is_available():
         env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name()
     return env
 
 

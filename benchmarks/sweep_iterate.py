@@ -62,6 +62,7 @@ def main(argv=None):
         p.error("the sweep needs a CUDA GPU")
     from benchmarks.bench_iterate import make_inputs, parse_shape
     from benchmarks.common import print_table, time_fn, write_json
+    from inl_kernels.common import iterate_bundle
     from inl_kernels.triton import iterate as triton_iterate
 
     dtype = DTYPES[args.dtype]
@@ -79,12 +80,12 @@ def main(argv=None):
             dy = torch.randn_like(x)
 
             def run(config):
-                out, _ = triton_iterate.iterate(h, xg, **dict(kw, **params), _config=config)
+                out, _ = triton_iterate.iterate(*iterate_bundle(h, xg, **dict(kw, **params)), _config=config)
                 return torch.autograd.grad(out, (xg,), dy)[0]
         else:
             def run(config):
                 with torch.no_grad():
-                    return triton_iterate.iterate(h, x, **kw, _path=path, _config=config)[0]
+                    return triton_iterate.iterate(*iterate_bundle(h, x, **kw), _path=path, _config=config)[0]
         reference = run(None).float()
         kind_start = time.perf_counter()
         for config in [None] + list(candidates(kind, n)):

@@ -4,18 +4,18 @@ Functional ops (SPEC §2–3) with one dispatch point (`backend="auto"` picks th
 this machine can run for the inputs' device), the eager reference of every op, and drop-in
 nn.Modules.
 """
-from ._dispatch import BackendUnavailableError, backends
+from ._dispatch import BACKENDS, BackendUnavailableError, backends
 from ._validate import set_debug
-from .functional import IterateInfo, gqa_attention, inl_iterate, low_rank_embedding, rms_norm, rope, swiglu
+from .common import MAX_ITERATIONS, IterateInfo, IterateParams, IterateSettings, excitation_table
+from .functional import gqa_attention, inl_iterate, low_rank_embedding, rms_norm, rope, swiglu
 from .modules import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU
-from .reference.iterate import excitation_table
 from .reference.rope import rope_tables
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backends", "BackendUnavailableError", "set_debug",
-    "inl_iterate", "IterateInfo", "rms_norm", "rope", "gqa_attention", "swiglu", "low_rank_embedding",
+    "backends", "BACKENDS", "BackendUnavailableError", "set_debug",
+    "inl_iterate", "IterateInfo", "IterateParams", "IterateSettings", "MAX_ITERATIONS", "rms_norm", "rope", "gqa_attention", "swiglu", "low_rank_embedding",
     "excitation_table", "rope_tables",
     "Controller", "IntegratorLayer", "RMSNorm", "GQAttention", "SwiGLU", "LowRankEmbedding",
 ]

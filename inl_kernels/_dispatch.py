@@ -2,10 +2,14 @@
 
 Every backend lives in its own package (`inl_kernels/reference`, `inl_kernels/triton`,
 `inl_kernels/cpu`, `inl_kernels/cuda`) with one module per op, named after the op. A module
-defines a function with the op's name and may define `supports(*args, **kwargs)`, which
-returns None when it can run those arguments and otherwise the reason it cannot. A backend
-package may define `unavailable_reason()`, which returns None when the backend can run on
-this machine at all.
+defines a function with the op's name and may define `supports(*args)`, which returns None when
+it can run those arguments and otherwise the reason it cannot. A backend package may define
+`unavailable_reason()`, which returns None when the backend can run on this machine at all.
+
+The table of (backend, op) -> (function, supports) is built once, when inl_kernels is imported,
+so choosing a backend is a few dict lookups and `supports()` calls on metadata: nothing on the
+call path imports, reads the environment or touches tensor values, which keeps the public ops
+traceable by torch.compile.
 
 `backend="auto"` takes, for the inputs' device, the first backend in `AUTO_ORDER` that is
 available, implements the op and supports the arguments; the reference always can. A backend
@@ -13,11 +17,11 @@ asked for by name that cannot run raises an error that says why.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
+# every backend, declared once (inl_llm's config choices derive from it)
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 
 # op name -> the backends that implement it (each as module inl_kernels.<backend>.<op>)
@@ -41,7 +45,11 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run on this machine."""
 
 
-@functools.lru_cache(maxsize=None)
+class _Entry(NamedTuple):
+    fn: Callable
+    supports: Optional[Callable]
+
+
 def _package_unavailable(backend: str) -> Optional[str]:
     if backend == "reference":
         return None
@@ -53,16 +61,39 @@ def _package_unavailable(backend: str) -> Optional[str]:
     return check() if check is not None else None
 
 
-@functools.lru_cache(maxsize=None)
-def _module(backend: str, op: str):
-    if op not in OPS or backend not in OPS[op]:
-        return None
+def _load_entry(backend: str, op: str) -> Optional[_Entry]:
     try:
-        return importlib.import_module(f"inl_kernels.{backend}.{op}")
+        module = importlib.import_module(f"inl_kernels.{backend}.{op}")
     except ModuleNotFoundError as e:
         if e.name == f"inl_kernels.{backend}.{op}":
             return None  # this backend does not implement the op (yet)
         raise
+    return _Entry(getattr(module, op), getattr(module, "supports", None))
+
+
+def _build():
+    unavailable = {b: _package_unavailable(b) for b in BACKENDS}
+    table = {}
+    for op, names in OPS.items():
+        for backend in names:
+            if unavailable[backend] is None:
+                table[(backend, op)] = _load_entry(backend, op)
+    return unavailable, table
+
+
+_UNAVAILABLE, _TABLE = _build()
+# the Triton kernels run CPU tensors only through the interpreter, which is chosen at import
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends() -> list[str]:
+    """The backends this machine can run, best first for CUDA, then CPU."""
+    return [b for b in ("triton", "cuda", "cpu", "reference") if _UNAVAILABLE[b] is None]
+
+
+def implements(backend: str, op: str) -> bool:
+    """Whether `backend` is available here and has a kernel for `op`."""
+    return _TABLE.get((backend, op)) is not None
 
 
 def _device_mismatch(backend: str, device_type: str) -> Optional[str]:
@@ -70,44 +101,47 @@ def _device_mismatch(backend: str, device_type: str) -> Optional[str]:
         return f"the cpu backend runs CPU tensors, got {device_type} tensors"
     if backend == "cuda" and device_type != "cuda":
         return f"the cuda backend runs CUDA tensors, got {device_type} tensors"
-    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device_type != "cuda" and not _INTERPRETING:
         return (f"the triton backend runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
                 f"got {device_type} tensors")
     return None
 
 
-def backends() -> list[str]:
-    """The backends this machine can run, best first for CUDA, then CPU."""
-    return [b for b in ("triton", "cuda", "cpu", "reference") if _package_unavailable(b) is None]
-
-
-def _why_not(backend: str, op: str, device_type: str, args, kwargs) -> Optional[str]:
-    reason = _package_unavailable(backend)
+def _why_not(backend: str, op: str, device_type: str, args) -> Optional[str]:
+    reason = _UNAVAILABLE[backend]
     if reason is not None:
         return reason
-    module = _module(backend, op)
-    if module is None:
+    entry = _TABLE.get((backend, op))
+    if entry is None:
         return f"the {backend} backend has no {op} kernel"
     reason = _device_mismatch(backend, device_type)
     if reason is not None:
         return reason
-    supports = getattr(module, "supports", None)
-    return supports(*args, **kwargs) if supports is not None else None
+    return entry.supports(*args) if entry.supports is not None else None
 
 
-def resolve(op: str, backend: str, device_type: str, *args, **kwargs) -> Callable:
+def resolve(op: str, backend: str, device_type: str, *args) -> Callable:
     """Returns the function that runs `op` for these (already validated) arguments."""
-    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, ()) + ("reference",):
-            if name in OPS[op] and _why_not(name, op, device_type, args, kwargs) is None:
-                return getattr(_module(name, op), op)
+            if _why_not(name, op, device_type, args) is None:
+                return _TABLE[(name, op)].fn
         raise AssertionError("unreachable: the reference runs everything")
-    reason = _package_unavailable(backend)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    reason = _UNAVAILABLE[backend]
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} is not available on this machine: {reason}")
-    reason = _why_not(backend, op, device_type, args, kwargs)
+    reason = _why_not(backend, op, device_type, args)
     if reason is not None:
         raise ValueError(f"backend {backend!r} cannot run this {op}: {reason}")
-    return getattr(_module(backend, op), op)
+    return _TABLE[(backend, op)].fn
+
+
+def preferred(backend: str, op: str) -> str:
+    """The backend a module configured with `backend` uses for `op`: that backend where it has a
+    kernel for the op, "auto" for the ops it has none for (a model built with backend="cpu" runs
+    the C++ iterate and RMSNorm and lets auto pick attention, swiglu and the embedding)."""
+    if backend == "auto" or backend not in BACKENDS or implements(backend, op):
+        return backend
+    return "auto"

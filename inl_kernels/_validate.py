@@ -1,9 +1,14 @@
 """Argument checks shared by every public op, run before any backend is chosen.
 
-They read shapes, dtypes, devices and strides only. Two exceptions, both kept off the hot path:
-- `exc_index` must be sorted, unique and in range; reading it costs one device sync, so the
-  result is remembered on the tensor (keyed on its version counter) and a buffer that is not
-  modified in place is read once, ever. During CUDA graph capture the check is skipped.
+They read shapes, dtypes, devices and strides only. The exceptions read values, and run in
+eager mode only (torch.compile traces them away: a compiled graph keeps the metadata checks):
+- `exc_index` must be sorted, unique and in range. On CPU tensors reading it costs no device
+  sync, so it is checked on every call. On a GPU reading it synchronises, so the result is
+  remembered on the tensor, keyed on its version counter: a buffer that is not modified in
+  place is read once, ever. An in-place edit that bypasses the version counter (writing
+  through a numpy view or `.data`) is then not seen on a GPU. During CUDA graph capture the
+  check is skipped.
+- token ids are range-checked on CPU tensors always, on GPU tensors only when debugging.
 - NaN/Inf checks on every input run only when debugging is on (`set_debug(True)` or
   `INL_KERNELS_DEBUG=1`).
 """
@@ -15,6 +20,8 @@ import os
 
 import torch
 
+from .common import MAX_ITERATIONS, IterateSettings
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -25,6 +32,12 @@ def set_debug(enabled: bool = True) -> None:
     """Turns value checks (NaN/Inf in every input) on or off. They synchronise the device."""
     global _debug
     _debug = bool(enabled)
+
+
+def _eager() -> bool:
+    """Value checks run only here: while torch.compile traces, reading a tensor's values would
+    break the graph (the compiled graph keeps the metadata checks)."""
+    return not torch.compiler.is_compiling()
 
 
 def _shape(t):
@@ -51,7 +64,7 @@ def tensor(name, t, shape=None, dtypes=FLOAT_DTYPES, device=None, contiguous=Tru
                              f"{tuple(t.stride())}")
     elif contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first), got strides {tuple(t.stride())}")
-    if _debug and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if _debug and t.is_floating_point() and _eager() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return t
 
@@ -77,11 +90,13 @@ def real(name, value, *, minimum=None, allow_none=False):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def integer(name, value, *, minimum=None):
+def integer(name, value, *, minimum=None, maximum=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
 
 
 def flag(name, value):
@@ -90,15 +105,15 @@ def flag(name, value):
 
 
 def sorted_unique_index(name, index, size):
-    """index values must be strictly increasing and in [0, size). Checked once per tensor version."""
-    if index.numel() == 0:
+    """index values must be strictly increasing and in [0, size): on every call for CPU tensors,
+    once per tensor version on a GPU (see the module docstring)."""
+    if index.numel() == 0 or index.is_meta or not _eager():
         return
     if index.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if index.is_meta:  # no values to read: shape-only runs (models built on the meta device)
-        return
-    # an inference tensor has no version counter: it is checked on every call
-    key = None if index.is_inference() else (index._version, size)
+    # a CPU check costs no sync: done every time. On a GPU the result is remembered per version
+    # (an inference tensor has no version counter: it is checked on every call)
+    key = None if (index.device.type == "cpu" or index.is_inference()) else (index._version, size)
     if key is not None and getattr(index, "_inl_checked", None) == key:
         return
     lo, hi = int(index.min()), int(index.max())
@@ -110,9 +125,9 @@ def sorted_unique_index(name, index, size):
         index._inl_checked = key
 
 
-def iterate_args(h, x, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu,
-                 exc_index, gamma, phi, amplitude, dt, kappa, num_iterations, v, tol,
-                 min_iterations, return_info, return_trajectory):
+def iterate_args(h, x, v, params, amplitude, dt, kappa, num_iterations, tol, min_iterations, return_info,
+                 return_trajectory) -> IterateSettings:
+    """Checks inl_iterate's arguments; returns its scalars as a normalised IterateSettings."""
     tensor("h", h, shape=(None, None))
     n, d = h.shape
     if d < 1:
@@ -122,46 +137,68 @@ def iterate_args(h, x, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bi
     tensor("x", x, shape=(n, d), dtypes=acts, device=dev)
     if v is not None:
         tensor("v", v, shape=(n, d), dtypes=acts, device=dev)
-    tensor("w_h", w_h, shape=(None, d), device=dev)
-    H = w_h.shape[0]
+    tensor("w_h", params.w_h, shape=(None, d), device=dev)
+    H = params.w_h.shape[0]
     if H < 1:
         raise ValueError("w_h must have at least one row (controller hidden size H >= 1)")
-    for name, t, shape in (("b_h", b_h, (H,)), ("w_x", w_x, (H, d)), ("b_x", b_x, (H,)),
-                           ("w_v", w_v, (H, d)), ("b_v", b_v, (H,)), ("w_o", w_o, (4 * d, H)),
-                           ("b_o", b_o, (4 * d,)), ("mod_scale", mod_scale, (4,)),
-                           ("mod_bias", mod_bias, (4,)), ("mu", mu, (d,))):
-        tensor(name, t, shape=shape, device=dev)
-    for name, t in (("w_h", w_h), ("b_h", b_h), ("w_x", w_x), ("b_x", b_x), ("w_v", w_v), ("b_v", b_v),
-                    ("w_o", w_o), ("b_o", b_o), ("mod_scale", mod_scale), ("mod_bias", mod_bias), ("mu", mu)):
-        param_dtype(name, t, act)
-    tensor("exc_index", exc_index, shape=(None,), dtypes=INDEX_DTYPES, device=dev)
-    E = exc_index.shape[0]
-    tensor("gamma", gamma, shape=(E,), device=dev)
-    tensor("phi", phi, shape=(E,), device=dev)
-    param_dtype("gamma", gamma, act)
-    param_dtype("phi", phi, act)
+    shapes = dict(b_h=(H,), w_x=(H, d), b_x=(H,), w_v=(H, d), b_v=(H,), w_o=(4 * d, H), b_o=(4 * d,),
+                  mod_scale=(4,), mod_bias=(4,), mu=(d,))
+    for name, shape in shapes.items():
+        tensor(name, getattr(params, name), shape=shape, device=dev)
+    for name in ("w_h",) + tuple(shapes):
+        param_dtype(name, getattr(params, name), act)
+    tensor("exc_index", params.exc_index, shape=(None,), dtypes=INDEX_DTYPES, device=dev)
+    E = params.exc_index.shape[0]
+    for name in ("gamma", "phi"):
+        tensor(name, getattr(params, name), shape=(E,), device=dev)
+        param_dtype(name, getattr(params, name), act)
     real("amplitude", amplitude)
     real("dt", dt)
     real("kappa", kappa, allow_none=True)
-    integer("num_iterations", num_iterations, minimum=1)
+    integer("num_iterations", num_iterations, minimum=1, maximum=MAX_ITERATIONS)
     real("tol", tol, minimum=0, allow_none=True)
     integer("min_iterations", min_iterations, minimum=0)
     flag("return_info", return_info)
     flag("return_trajectory", return_trajectory)
-    sorted_unique_index("exc_index", exc_index, d)
+    sorted_unique_index("exc_index", params.exc_index, d)
+    return IterateSettings(amplitude=float(amplitude), dt=float(dt), kappa=None if kappa is None else float(kappa),
+                           num_iterations=int(num_iterations), tol=None if tol is None else float(tol),
+                           min_iterations=int(min_iterations), return_trajectory=return_trajectory)
 
 
 def token_ids(name, ids, vocab_size):
     """Token ids must lie in [0, vocab_size): an id outside would fault the device in the
     embedding gather. Checked always for CPU tensors (no sync) and, for device tensors, only
     when debugging (it synchronises)."""
-    if ids.numel() == 0 or ids.is_meta or (ids.device.type != "cpu" and not _debug):
+    if ids.numel() == 0 or ids.is_meta or (ids.device.type != "cpu" and not _debug) or not _eager():
         return
     if ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{name} values must lie in [0, {vocab_size}) (the vocabulary), got values in [{lo}, {hi}]")
+
+
+def swiglu_args(x, w_gate, w_up, w_down):
+    tensor("x", x, contiguous=False)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the model width last), got a 0-dim tensor")
+    d = x.shape[-1]
+    tensor("w_gate", w_gate, shape=(None, d), device=x.device, contiguous=False)
+    f = w_gate.shape[0]
+    tensor("w_up", w_up, shape=(f, d), device=x.device, contiguous=False)
+    tensor("w_down", w_down, shape=(d, f), device=x.device, contiguous=False)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        param_dtype(name, w, x.dtype)
+
+
+def embedding_args(ids, embed_low, project_up):
+    tensor("ids", ids, dtypes=INDEX_DTYPES, contiguous=False)
+    tensor("embed_low", embed_low, shape=(None, None), device=ids.device, contiguous=False)
+    r = embed_low.shape[1]
+    tensor("project_up", project_up, shape=(None, r), device=ids.device, contiguous=False)
+    param_dtype("embed_low", embed_low, project_up.dtype)
+    token_ids("ids", ids, embed_low.shape[0])
 
 
 def rms_norm_args(x, weight, eps, residual):
@@ -193,7 +230,7 @@ def rope_args(q, k, cos, sin, position_offset):
     rope_tables_args(cos, sin, D // 2, position_offset + S, q.device)
 
 
-def attention_args(q, k, v, causal, scale, rope):
+def attention_args(q, k, v, causal, scale, rope, kv_lens=None, kv_starts=None):
     tensor("q", q, shape=(None, None, None, None), contiguous="last")
     B, Hq, Sq, D = q.shape
     tensor("k", k, shape=(B, None, None, D), dtypes=(q.dtype,), device=q.device, contiguous="last")
@@ -214,3 +251,15 @@ def attention_args(q, k, v, causal, scale, rope):
         if D % 2:
             raise ValueError(f"q head dim must be even for rotate-half RoPE, got {D}")
         rope_tables_args(rope[0], rope[1], D // 2, Skv, q.device)
+    for name, t in (("kv_lens", kv_lens), ("kv_starts", kv_starts)):
+        if t is not None:
+            tensor(name, t, shape=(B,), dtypes=INDEX_DTYPES, device=q.device)
+    # the values bound what the kernels index: read where that costs no sync (CPU, eager)
+    if q.device.type == "cpu" and _eager() and B > 0:
+        lens = kv_lens if kv_lens is not None else None
+        if lens is not None and (int(lens.min()) < Sq or int(lens.max()) > Skv):
+            raise ValueError(f"kv_lens values must lie in [Sq, Skv] = [{Sq}, {Skv}] (the queries sit at the end of "
+                             f"each row's keys), got values in [{int(lens.min())}, {int(lens.max())}]")
+        if kv_starts is not None and (int(kv_starts.min()) < 0 or int(kv_starts.max()) > Skv):
+            raise ValueError(f"kv_starts values must lie in [0, {Skv}], got values in "
+                             f"[{int(kv_starts.min())}, {int(kv_starts.max())}]")

@@ -1,4 +1,8 @@
-"""Drop-in nn.Modules: they hold parameters and call the functional ops, nothing more."""
+"""Drop-in nn.Modules: they hold parameters and call the functional ops, nothing more.
+
+Every module takes `backend`: "auto", or a backend name, which then runs the ops it has kernels
+for while "auto" picks the rest (a module built with backend="cpu" runs the C++ iterate and
+RMSNorm and the best available attention, swiglu and embedding)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +12,7 @@ import torch
 from torch import nn
 
 from . import functional as F_inl
+from ._dispatch import preferred
 from .reference.rope import rope_tables
 
 
@@ -141,10 +146,18 @@ class IntegratorLayer(nn.Module):
                 return_info: bool = False, num_iterations: Optional[int] = None):
         """h, x (and v): [..., d]. Returns x_T, or (x_T, IterateInfo) with return_info."""
         # a forward inside a backward pass is a checkpoint recomputation: it must see the mu the
-        # original forward saw (the test used by torch's own module tracker)
-        recomputing = torch._C._current_graph_task_id() != -1
+        # original forward saw (the test used by torch's own module tracker; only asked when the
+        # EMA is on, so a compiled forward without it has nothing to break its graph)
+        recomputing = bool(self.mu_ema_rate) and torch._C._current_graph_task_id() != -1
         if not recomputing:
             self.apply_mu_ema()
+        for name, t in (("h", h), ("x", x), ("v", v)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[-1] != self.d):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have the layer's width d={self.d} as its last dimension, got {got}")
+        if x.shape != h.shape or (v is not None and v.shape != x.shape):
+            raise ValueError(f"h, x (and v) must have one shape, got h {list(h.shape)}, x {list(x.shape)}"
+                             + ("" if v is None else f", v {list(v.shape)}"))
         shape = x.shape
         # the op wants contiguous rows; a layer accepts any layout (a no-op when already so)
         h2, x2 = h.reshape(-1, self.d).contiguous(), x.reshape(-1, self.d).contiguous()
@@ -155,7 +168,7 @@ class IntegratorLayer(nn.Module):
             amplitude=self.excitation_amplitude, dt=self.dt, kappa=self.kappa,
             num_iterations=num_iterations or self.num_iterations, v=v2,
             tol=None if self.training else self.tol, min_iterations=self.min_iterations,
-            backend=self.backend, return_info=return_info)
+            backend=preferred(self.backend, "iterate"), return_info=return_info)
         if self.training and self.mu_ema_rate and not recomputing and h2.shape[0] > 0:
             self._mu_target = h2.detach().float().mean(0)
         if return_info:
@@ -173,19 +186,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x, residual=None):
-        return F_inl.rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
+        return F_inl.rms_norm(x, self.weight, self.eps, residual, backend=preferred(self.backend, "rms_norm"))
 
 
 class GQAttention(nn.Module):
     """Causal grouped-query self-attention with RoPE applied inside the attention op.
 
-    forward(x [B, S, d], past_key_value=None, use_cache=False) -> (out [B, S, d], present),
-    where present = (k, v) [B, Hkv, S_past + S, D] holds *unrotated* keys (the op rotates keys
-    at their positions as it reads them) when use_cache, else None.
+    forward(x [B, S, d], past_key_value=None, use_cache=False, kv_starts=None) -> (out [B, S, d],
+    present). Keys are cached *unrotated* (the op rotates keys at their positions as it reads them).
 
-    past_key_value may instead be a static cache: an object whose `update(k, v)` writes the new
-    keys and values into preallocated buffers and returns the filled prefix (views); it is then
-    returned as `present`, so decoding never reallocates."""
+    past_key_value may be
+    - a (k, v) pair [B, Hkv, S_past, D]: the new keys are appended (a new tensor per call) and
+      present = (k, v) of all positions when use_cache;
+    - a static cache: an object whose `update(k, v)` writes the new keys and values into
+      preallocated buffers and returns (k_buffer, v_buffer, kv_lens, kv_starts) for the op (see
+      inl_llm.cache); it is returned as `present`, and decoding never reallocates.
+    kv_starts [B] (without a static cache): each row's left padding (gqa_attention's kv_starts)."""
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, rope_base: float = 10000.0, max_seq_len: int = 2048,
@@ -215,22 +231,23 @@ class GQAttention(nn.Module):
             self.cos, self.sin = rope_tables(self.max_seq_len, self.head_dim, self.rope_base, device=self.cos.device)
         return self
 
-    def forward(self, x, past_key_value=None, use_cache=False):
+    def forward(self, x, past_key_value=None, use_cache=False, kv_starts=None):
         B, S, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, S, self.num_heads, D).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, D).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, D).transpose(1, 2)
-        present = None
+        present, kv_lens = None, None
         if hasattr(past_key_value, "update"):
-            k, v = past_key_value.update(k, v)
+            k, v, kv_lens, kv_starts = past_key_value.update(k, v)
             present = past_key_value
         elif past_key_value is not None:
             k = torch.cat((past_key_value[0], k), dim=2)
             v = torch.cat((past_key_value[1], v), dim=2)
         if use_cache and present is None:
             present = (k, v)
-        out = F_inl.gqa_attention(q, k, v, causal=True, rope=(self.cos, self.sin), backend=self.backend)
+        out = F_inl.gqa_attention(q, k, v, causal=True, rope=(self.cos, self.sin),
+                                  backend=preferred(self.backend, "attention"), kv_lens=kv_lens, kv_starts=kv_starts)
         out = self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * D))
         return out, (present if use_cache else None)
 
@@ -246,7 +263,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x):
-        return F_inl.swiglu(x, self.gate.weight, self.up.weight, self.down.weight, backend=self.backend)
+        return F_inl.swiglu(x, self.gate.weight, self.up.weight, self.down.weight,
+                            backend=preferred(self.backend, "swiglu"))
 
 
 class LowRankEmbedding(nn.Module):
@@ -261,4 +279,5 @@ class LowRankEmbedding(nn.Module):
         nn.init.normal_(self.project_up, std=1.0 / math.sqrt(rank))
 
     def forward(self, ids):
-        return F_inl.low_rank_embedding(ids, self.embed_low, self.project_up, backend=self.backend)
+        return F_inl.low_rank_embedding(ids, self.embed_low, self.project_up,
+                                        backend=preferred(self.backend, "embedding"))

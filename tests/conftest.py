@@ -1,5 +1,6 @@
 """Test setup. Without a GPU, Triton kernels run through the interpreter: TRITON_INTERPRET
-must be set before triton is first imported, so it is set here, at collection time."""
+must be set before triton is first imported, so it is set here, at collection time. Every test
+is seeded (the `seeded` fixture)."""
 import os
 
 import torch
@@ -7,7 +8,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# every test starts from the same RNG state; INL_TEST_SEED=k runs the suite under another seed
+# (how a test's verdict is checked not to hang on one lucky draw)
+SEED = int(os.environ.get("INL_TEST_SEED", "0"))
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Seeds torch, numpy and random before every test."""
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
+    random.seed(SEED)
 
 
 def pytest_collection_modifyitems(config, items):

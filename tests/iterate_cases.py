@@ -4,7 +4,21 @@ from __future__ import annotations
 import torch
 
 from inl_kernels import inl_iterate
+from inl_kernels.common import iterate_bundle
 from inl_kernels.modules import spread_indices
+from inl_kernels.reference import iterate as _reference
+
+
+def call_backend(fn, h, x, **kw):
+    """A backend's `iterate(h, x, v, params, settings, **options)` called with inl_iterate's
+    keyword arguments (test-only hooks such as `_path`, `_config` pass through)."""
+    options = {k: kw.pop(k) for k in list(kw) if k.startswith("_")}
+    return fn(*iterate_bundle(h, x, **kw), **options)
+
+
+def reference_iterate(h, x, **kw):
+    """The fp64-capable reference oracle with inl_iterate's keyword arguments."""
+    return call_backend(_reference, h, x, **kw)
 
 
 def make_args(n=6, d=20, H=16, E=3, T=4, dtype=torch.float64, seed=0, with_v=True, kappa=0.7,

@@ -7,7 +7,7 @@ import torch
 
 import inl_kernels
 from inl_kernels import inl_iterate
-from inl_kernels.reference.iterate import excitation_table
+from inl_kernels.common import excitation_table
 from tests.iterate_cases import CONVERGE_TOL, GRAD_NAMES, converging_args, make_args
 
 

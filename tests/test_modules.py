@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 import inl_kernels.modules as modules
 from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU, rms_norm
 from inl_kernels import reference
+from tests.iterate_cases import reference_iterate
 from inl_kernels.reference import attention
 
 
@@ -65,14 +66,14 @@ def test_layer_calls_the_op_with_its_parameters(monkeypatch):
     common = dict(**weights, mod_scale=layer.mod_scale.detach().double(), mod_bias=layer.mod_bias.detach().double(),
                   mu=mu.double(), exc_index=exc_index, gamma=layer.gamma.detach().double(),
                   phi=layer.phi.detach().double(), amplitude=0.05, dt=0.2, kappa=0.7, num_iterations=3)
-    expected, _ = reference.iterate(h.reshape(-1, d).double(), x.reshape(-1, d).double(), **common)
+    expected, _ = reference_iterate(h.reshape(-1, d).double(), x.reshape(-1, d).double(), **common)
     torch.testing.assert_close(out.detach(), expected.view(2, 5, d).float(), rtol=1e-5, atol=1e-5)
 
     layer.eval()  # early exit switches on at inference only
     with torch.no_grad():
         out, info = layer(h, x, return_info=True, num_iterations=2)
     assert calls[-1]["tol"] == 1e-2 and calls[-1]["min_iterations"] == 1 and calls[-1]["num_iterations"] == 2
-    expected, ref_info = reference.iterate(h.reshape(-1, d).double(), x.reshape(-1, d).double(),
+    expected, ref_info = reference_iterate(h.reshape(-1, d).double(), x.reshape(-1, d).double(),
                                            **{**common, "num_iterations": 2}, tol=1e-2, min_iterations=1)
     assert info.iterations.shape == (10,)
     assert torch.equal(info.iterations, ref_info.iterations)

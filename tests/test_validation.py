@@ -139,8 +139,12 @@ def test_zero_head_dim():
 def test_swiglu_and_embedding_arguments():
     x = torch.randn(3, 8).bfloat16()
     w, wd = torch.randn(16, 8), torch.randn(8, 16)
-    ref = swiglu(x.double(), w.bfloat16().double(), w.bfloat16().double(), wd.bfloat16().double())
-    torch.testing.assert_close(swiglu(x, w, w, wd).double(), ref, rtol=3e-2, atol=3e-2)  # fp32 weights, bf16 math
+    # fp32 master weights under bf16 activations: the math runs in bf16, exactly as with the weights
+    # cast first (a tolerance against fp64 would judge bf16's own rounding, not the op)
+    want = swiglu(x, w.bfloat16(), w.bfloat16(), wd.bfloat16())
+    torch.testing.assert_close(swiglu(x, w, w, wd), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        swiglu(torch.tensor(1.0), w, w, wd)
     with pytest.raises(TypeError, match="w_up has dtype float16"):
         swiglu(x, w, w.half(), wd)
     with pytest.raises(ValueError, match=r"w_down must have shape \[8, 16\]"):
@@ -168,3 +172,39 @@ def test_attention_argument_errors():
     cos, sin = rope_tables(4, 8)
     with pytest.raises(ValueError, match="cos/sin hold 4 positions"):
         gqa_attention(q[:, :, :5], k, v, rope=(cos, sin))
+
+
+def test_layer_and_model_inputs_name_the_argument():
+    from inl_kernels import Controller, IntegratorLayer
+    import inl_llm
+
+    layer = IntegratorLayer(16, Controller(16, 8))
+    with pytest.raises(ValueError, match="x must have the layer's width d=16"):
+        layer(torch.randn(2, 16), torch.randn(2, 15))
+    with pytest.raises(ValueError, match="h, x .* must have one shape"):
+        layer(torch.randn(3, 16), torch.randn(2, 16))
+    model = inl_llm.create_model("tiny", num_layers=1, low_rank_embeddings=False)
+    with pytest.raises(ValueError, match=r"input_ids values must lie in \[0, 259\)"):
+        model(torch.tensor([[1, 259]]))
+
+
+def test_exc_index_edited_behind_the_version_counter_is_still_checked():
+    """A write through a numpy view does not bump the tensor's version: on CPU the index is
+    checked on every call, so a duplicate made that way is still refused."""
+    from tests.iterate_cases import make_args
+
+    h, x, kw = make_args(n=2, d=10, E=3, dtype=torch.float32)
+    inl_iterate(h, x, **kw)  # checked and accepted
+    kw["exc_index"].numpy()[1] = kw["exc_index"][0].item()
+    with pytest.raises(ValueError, match="exc_index must be sorted and unique"):
+        inl_iterate(h, x, **kw)
+
+
+def test_iteration_count_has_a_documented_maximum():
+    from inl_kernels import MAX_ITERATIONS
+    from tests.iterate_cases import make_args
+
+    h, x, kw = make_args(n=1, d=4, E=1, dtype=torch.float32)
+    for bad in (2**33, 2**32 + 3, 2**31 + 5, MAX_ITERATIONS + 1):
+        with pytest.raises(ValueError, match=f"num_iterations must be <= {MAX_ITERATIONS}"):
+            inl_iterate(h, x, **dict(kw, num_iterations=bad))

@@ -2,60 +2,128 @@
 
 The kernel takes the controller in fp32 with the three input biases already summed, the
 modulation as 8 scalars (mod_scale, mod_bias) and the sparse excitation as a [T, d] table (None
-without excited dims), all built here in torch (reference.iterate.fold_parameters) so that
-autograd carries their gradients back to b_h, b_x, b_v, gamma, phi and to weights kept in
-another dtype. It computes in fp32 for fp32, bf16 and fp16 inputs.
+without excited dims), all built here in torch (common.fold_parameters) so that autograd
+carries their gradients back to b_h, b_x, b_v, gamma, phi and to weights kept in another dtype.
+It computes in fp32 for fp32, bf16 and fp16 inputs.
+
+The two C++ entry points are registered as the torch.library ops `inl::cpu_iterate` and
+`inl::cpu_iterate_backward` (fake functions state their output shapes; the backward is the
+forward op's registered autograd formula), so torch.compile and torch.export see one op each.
 """
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
-from ..reference.iterate import IterateInfo, fold_parameters, needs_grad
+import torch
+from torch import Tensor
+
+from ..common import IterateInfo, IterateParams, IterateSettings, dtype_name, fold_parameters, needs_grad
 from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def supports(h, x, *, v=None, return_trajectory=False, **kw):
+def hidden_numel(n: int, T: int, H: int) -> int:
+    """Floats of the controller activations the training forward keeps for the backward: T·H a
+    row, in the kernel's own layout of row blocks of NB = 2 vectors (iterate.cpp's Stash), the
+    hidden size padded to a multiple of NB."""
+    nb = 2 * _C.cpu_vector_width
+    return -(-n // nb) * T * (-(-H // nb) * nb) * nb
+
+
+@torch.library.custom_op("inl::cpu_iterate", mutates_args=(), device_types="cpu")
+def cpu_iterate_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_x: Tensor, w_v: Tensor, w_o: Tensor,
+                   bias: Tensor, b_o: Tensor, mod: Tensor, mu: Tensor, table: Optional[Tensor], dt: float,
+                   kappa: Optional[float], num_iterations: int, tol: Optional[float], min_iterations: int,
+                   trajectory: bool, save_hidden: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                 Tensor, Tensor]:
+    """(x_T, v_T, iterations, energy, distance, trajectory_x, trajectory_v, hidden); the last three
+    are empty unless asked for (`trajectory`, `save_hidden`)."""
+    out = _C.iterate_forward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, tol,
+                             min_iterations, trajectory, save_hidden)
+    x_T, v_T, iterations, energy, distance, traj_x, traj_v, hidden = out
+    # an op returns tensors only, each its own: the ones not asked for are distinct empty tensors
+    return (x_T, v_T, iterations, energy, distance, x.new_empty(0) if traj_x is None else traj_x,
+            x.new_empty(0) if traj_v is None else traj_v,
+            x.new_empty(0, dtype=torch.float32) if hidden is None else hidden.view(-1))
+
+
+@cpu_iterate_op.register_fake
+def _(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, tol, min_iterations,
+      trajectory, save_hidden):
+    n, d = x.shape
+    T = num_iterations
+    f32 = torch.float32
+    traj = x.new_empty(n, T + 1, d) if trajectory else x.new_empty(0)
+    hidden = x.new_empty(hidden_numel(n, T, w_h.shape[0]) if save_hidden else 0, dtype=f32)
+    return (x.new_empty(n, d), x.new_empty(n, d), x.new_empty(n, dtype=torch.int32), x.new_empty(n, T, dtype=f32),
+            x.new_empty(n, T, dtype=f32), traj, traj.clone(), hidden)
+
+
+@torch.library.custom_op("inl::cpu_iterate_backward", mutates_args=(), device_types="cpu")
+def cpu_iterate_backward_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_x: Tensor, w_v: Tensor,
+                            w_o: Tensor, bias: Tensor, b_o: Tensor, mod: Tensor, mu: Tensor, table: Optional[Tensor],
+                            dt: float, kappa: Optional[float], num_iterations: int, grad_x: Tensor, grad_v: Tensor,
+                            grad_energy: Tensor, grad_distance: Tensor, hidden: Tensor) -> list[Tensor]:
+    """The fp32 gradients of h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table (v and table:
+    empty when the forward had none)."""
+    grads = _C.iterate_backward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations,
+                                grad_x, grad_v, grad_energy, grad_distance, hidden if hidden.numel() else None)
+    return [x.new_empty(0, dtype=torch.float32) if g is None or (i == 2 and v is None) else g
+            for i, g in enumerate(grads)]
+
+
+@cpu_iterate_backward_op.register_fake
+def _(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, grad_x, grad_v,
+      grad_energy, grad_distance, hidden):
+    like = lambda t: t.new_empty(t.shape, dtype=torch.float32)  # noqa: E731
+    empty = lambda: x.new_empty(0, dtype=torch.float32)  # noqa: E731
+    return [like(h), like(x), empty() if v is None else like(v), like(w_h), like(w_x), like(w_v), like(w_o),
+            like(bias), like(b_o), like(mod), like(mu), empty() if table is None else like(table)]
+
+
+def _setup_context(ctx, inputs, output):
+    (h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, _tol, _min, _traj,
+     _save) = inputs
+    ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, output[7])
+    ctx.constants = (dt, kappa, num_iterations)
+    ctx.has = (v is not None, table is not None)
+
+
+def _backward(ctx, grad_x, grad_v, _iterations, grad_energy, grad_distance, _tx, _tv, _hidden):
+    h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, hidden = ctx.saved_tensors
+    gh, gx, gv, *grads = cpu_iterate_backward_op(
+        h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, *ctx.constants, grad_x.contiguous(),
+        grad_v.contiguous(), grad_energy.float().contiguous(), grad_distance.float().contiguous(), hidden)
+    has_v, has_table = ctx.has
+    grads[-1] = grads[-1] if has_table else None
+    return (gh.to(h.dtype), gx.to(x.dtype), gv.to(v.dtype) if has_v else None, *grads,
+            None, None, None, None, None, None, None)
+
+
+cpu_iterate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supports(h, x, v, params: IterateParams, settings: IterateSettings) -> Optional[str]:
     if h.dtype not in _DTYPES:
-        return f"the cpu iterate runs float32, bfloat16 and float16 inputs, got {str(h.dtype).replace('torch.', '')}"
-    if return_trajectory and needs_grad(h, x, v, *kw.values()):
+        return f"the cpu iterate runs float32, bfloat16 and float16 inputs, got {dtype_name(h.dtype)}"
+    if settings.return_trajectory and needs_grad(h, x, v, params):
         return "return_trajectory=True with gradients runs on the reference"
     return None
 
 
-class _Iterate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations):
-        # hidden: the controller's hidden activations of every step (T·H floats a row), so that
-        # the backward's recompute of the forward skips the controller's input layer
-        x_T, v_T, iterations, energy, distance, _, _, hidden = _C.iterate_forward(
-            h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, None, 0, False, True)
-        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, hidden)
-        ctx.constants = (dt, kappa, num_iterations)
-        ctx.mark_non_differentiable(iterations)
-        return x_T, v_T, iterations, energy, distance
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_x, grad_v, _, grad_energy, grad_distance):
-        h, x, v, *weights, hidden = ctx.saved_tensors
-        gh, gx, gv, *grads = _C.iterate_backward(
-            h, x, v, *weights, *ctx.constants, grad_x.contiguous(), grad_v.contiguous(),
-            grad_energy.float().contiguous(), grad_distance.float().contiguous(), hidden)
-        gv = gv.to(v.dtype) if v is not None else None
-        return (gh.to(h.dtype), gx.to(x.dtype), gv, *grads, None, None, None)
-
-
-def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma, phi,
-            amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3, return_trajectory=False):
+def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
     """Runs SPEC §2 on CPU tensors; returns (x_T, IterateInfo) with the reference's dtypes."""
-    table, bias, mod = fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude,
-                                       num_iterations, x.shape[1], torch.float32)
-    weights = (w_h.float(), w_x.float(), w_v.float(), w_o.float(), bias, b_o.float(), mod, mu.float(), table)
-    if not needs_grad(h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, gamma, phi):
-        x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = _C.iterate_forward(
-            h, x, v, *weights, dt, kappa, num_iterations, tol, min_iterations, return_trajectory)
+    s = settings
+    folded = fold_parameters(params, s, x.shape[1], torch.float32)
+    p = params
+    weights = (p.w_h.float(), p.w_x.float(), p.w_v.float(), p.w_o.float(), folded.bias, p.b_o.float(), folded.mod,
+               p.mu.float(), folded.table)
+    grad = needs_grad(h, x, v, params)
+    # under grad every step runs (no early exit) and the forward keeps what its backward needs
+    x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = cpu_iterate_op(
+        h, x, v, *weights, s.dt, s.kappa, s.num_iterations, None if grad else s.tol, s.min_iterations,
+        s.return_trajectory and not grad, grad)
+    if s.return_trajectory and not grad:
         return x_T, IterateInfo(v_T, iterations, energy, distance, traj_x, traj_v)
-    x_T, v_T, iterations, energy, distance = _Iterate.apply(h, x, v, *weights, dt, kappa, num_iterations)
     return x_T, IterateInfo(v_T, iterations, energy, distance)

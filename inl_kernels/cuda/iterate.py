@@ -1,6 +1,7 @@
 """The iterate's forward (SPEC §2) on the hand-written CUDA kernel, csrc/cuda/iterate.cu: a
 persistent cooperative kernel that splits d across the GPU for decode shapes (a few hundred rows
 at most). It has no backward and returns no trajectory; ask for it by name (backend="cuda").
+Registered as the torch.library op `inl::cuda_iterate` (forward only).
 
 The launch plan, how many columns of d each block owns, is made here once per (N, d, H, dtype,
 device) and cached, so that a decode step asks the GPU nothing. `plan` mirrors the kernel's
@@ -14,8 +15,9 @@ import functools
 from typing import Callable, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
-from ..reference.iterate import IterateInfo, fold_parameters, needs_grad
+from ..common import IterateInfo, IterateParams, IterateSettings, dtype_name, fold_parameters, needs_grad
 from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -83,26 +85,46 @@ def _no_plan_reason(N, d, H, dtype, device_index) -> Optional[str]:
     return f"N = {N} rows with H = {H} do not fit the cuda decode kernel: {why}; use backend='triton'"
 
 
-def supports(h, x, *, w_h, v=None, return_trajectory=False, **kw):
+@torch.library.custom_op("inl::cuda_iterate", mutates_args=(), device_types="cuda")
+def cuda_iterate_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_x: Tensor, w_v: Tensor, w_o: Tensor,
+                    bias: Tensor, b_o: Tensor, mod: Tensor, mu: Tensor, table: Optional[Tensor], dt: float,
+                    kappa: Optional[float], num_iterations: int, tol: Optional[float], min_iterations: int,
+                    blocks: int, cols: int, shared_bytes: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x_T, v_T, iterations, energy, distance) with the launch plan (blocks, cols, shared_bytes)."""
+    x_T, v_T, iterations, energy, distance = _C.iterate_forward_cuda(
+        h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, tol, min_iterations,
+        blocks, cols, shared_bytes)
+    return x_T, v_T, iterations, energy, distance
+
+
+@cuda_iterate_op.register_fake
+def _(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, tol, min_iterations, blocks,
+      cols, shared_bytes):
+    n, d = x.shape
+    f32 = torch.float32
+    return (x.new_empty(n, d), x.new_empty(n, d), x.new_empty(n, dtype=torch.int32),
+            x.new_empty(n, num_iterations, dtype=f32), x.new_empty(n, num_iterations, dtype=f32))
+
+
+def supports(h, x, v, params: IterateParams, settings: IterateSettings) -> Optional[str]:
     if h.dtype not in _DTYPES:
-        return f"the cuda iterate runs float32, bfloat16 and float16 inputs, got {str(h.dtype).replace('torch.', '')}"
-    if return_trajectory:
+        return f"the cuda iterate runs float32, bfloat16 and float16 inputs, got {dtype_name(h.dtype)}"
+    if settings.return_trajectory:
         return "the cuda iterate returns no trajectory"
-    if needs_grad(h, x, v, w_h, *kw.values()):
+    if needs_grad(h, x, v, params):
         return "the cuda iterate has no backward (inference only)"
-    return _no_plan_reason(h.shape[0], h.shape[1], w_h.shape[0], h.dtype, h.device.index)
+    return _no_plan_reason(h.shape[0], h.shape[1], params.hidden, h.dtype, h.device.index)
 
 
-def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma, phi,
-            amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3, return_trajectory=False):
+def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
     """Runs SPEC §2 on CUDA tensors; returns (x_T, IterateInfo) with the reference's dtypes."""
     N, d = x.shape
-    launch = decode_plan(N, d, w_h.shape[0], h.dtype, h.device.index)
+    launch = decode_plan(N, d, params.hidden, h.dtype, h.device.index)
     if launch is None:
-        raise ValueError(_no_plan_reason(N, d, w_h.shape[0], h.dtype, h.device.index))
-    table, bias, mod = fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude,
-                                       num_iterations, d, torch.float32)
-    x_T, v_T, iterations, energy, distance = _C.iterate_forward_cuda(
-        h, x, v, w_h.float(), w_x.float(), w_v.float(), w_o.float(), bias, b_o.float(), mod, mu.float(), table,
-        dt, kappa, num_iterations, tol, min_iterations, *launch)
+        raise ValueError(_no_plan_reason(N, d, params.hidden, h.dtype, h.device.index))
+    s, p = settings, params
+    folded = fold_parameters(params, s, d, torch.float32)
+    x_T, v_T, iterations, energy, distance = cuda_iterate_op(
+        h, x, v, p.w_h.float(), p.w_x.float(), p.w_v.float(), p.w_o.float(), folded.bias, p.b_o.float(), folded.mod,
+        p.mu.float(), folded.table, s.dt, s.kappa, s.num_iterations, s.tol, s.min_iterations, *launch)
     return x_T, IterateInfo(v_T, iterations, energy, distance)

@@ -1,7 +1,8 @@
 """Eager PyTorch implementations of every op: clear, slow, and the oracle for every backend."""
 from .attention import attention
 from .embedding import embedding
-from .iterate import IterateInfo, excitation_table, iterate
+from ..common import IterateInfo, excitation_table
+from .iterate import iterate
 from .rms_norm import rms_norm
 from .rope import rope, rope_tables
 from .swiglu import swiglu

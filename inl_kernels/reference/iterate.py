@@ -15,64 +15,19 @@ statistics in the compute dtype.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import torch
 import torch.nn.functional as F
 
-
-class IterateInfo(NamedTuple):
-    """What `inl_iterate(..., return_info=True)` returns beside x_T."""
-
-    v: torch.Tensor  # [N, d] final velocity, dtype of x
-    iterations: torch.Tensor  # [N] int32: steps each row ran (T without early exit)
-    energy: torch.Tensor  # [N, T] mean_j v² after each step (compute dtype)
-    distance: torch.Tensor  # [N, T] mean_j |x - mu| after each step (compute dtype)
-    trajectory_x: Optional[torch.Tensor] = None  # [N, T+1, d], initial state first
-    trajectory_v: Optional[torch.Tensor] = None
+from ..common import IterateInfo, IterateParams, IterateSettings, compute_dtype, needs_grad
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """State and accumulation dtype for an input dtype: fp64 stays fp64, everything else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def needs_grad(*values) -> bool:
-    """True when autograd will want gradients of any of these values (a tensor that requires
-    grad, with grad mode on). It is the test that switches early exit off, in every backend."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in values)
-
-
-def fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude, num_iterations, d,
-                    dtype):
-    """What the fused kernels take instead of the small raw parameters, built in torch so that
-    autograd carries their gradients back: the [T, d] excitation table (None without excited
-    dims), the combined bias b_h + b_x + b_v [H] and the 8 modulation scalars
-    (mod_scale, mod_bias), all in `dtype`."""
-    table = (excitation_table(exc_index, gamma, phi, amplitude, num_iterations, d, dtype=dtype)
-             if exc_index.numel() > 0 else None)
-    bias = b_h.to(dtype) + b_x.to(dtype) + b_v.to(dtype)
-    return table, bias, torch.cat((mod_scale.to(dtype), mod_bias.to(dtype)))
-
-
-def excitation_table(exc_index, gamma, phi, amplitude, num_iterations, d, dtype=None):
-    """[T, d] table of the sparse excitation: row t holds amplitude·sin(gamma_k·t + phi_k) at
-    column exc_index[k] and zeros elsewhere. Differentiable in gamma and phi; fused kernels add
-    one row of it per step instead of evaluating sines per element."""
-    dtype = dtype or compute_dtype(gamma.dtype)
-    steps = torch.arange(num_iterations, device=gamma.device, dtype=dtype)
-    values = amplitude * torch.sin(steps[:, None] * gamma.to(dtype)[None, :] + phi.to(dtype)[None, :])
-    table = torch.zeros(num_iterations, d, device=gamma.device, dtype=dtype)
-    return table.index_copy(1, exc_index.long(), values)
-
-
-def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu,
-            exc_index, gamma, phi, amplitude, dt, kappa, num_iterations, v=None,
-            tol=None, min_iterations=3, return_trajectory=False):
+def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
     """Runs the iterate row by row in plain PyTorch; returns (x_T, IterateInfo)."""
+    w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma, phi = params
+    amplitude, dt, kappa, T = settings.amplitude, settings.dt, settings.kappa, settings.num_iterations
+    tol, min_iterations, return_trajectory = settings.tol, settings.min_iterations, settings.return_trajectory
     cd = compute_dtype(h.dtype)
     n, d = x.shape
-    T = num_iterations
     f = lambda t: t.to(cd)  # noqa: E731
     w_x_, w_v_, w_o_, b_o_, mu_ = f(w_x), f(w_v), f(w_o), f(b_o), f(mu)
     ms, mb = f(mod_scale), f(mod_bias)
@@ -84,8 +39,7 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
     # h enters every step through the same term: compute it once.
     context = f(h) @ f(w_h).t() + f(b_h) + f(b_x) + f(b_v)
 
-    early_exit = tol is not None and not needs_grad(h, x, v, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o,
-                                                    mod_scale, mod_bias, mu, gamma, phi)
+    early_exit = tol is not None and not needs_grad(h, x, v, params)
     active = torch.ones(n, dtype=torch.bool, device=x.device)
     iterations = torch.full((n,), T, dtype=torch.int32, device=x.device)
     energy, distance = [], []
@@ -113,7 +67,7 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
             v_new = torch.where(keep, v_new, vs)
             step = (x_new - xs).norm(dim=-1)
             converged = active & (step < tol) & (t + 1 >= min_iterations)
-            iterations[converged] = t + 1
+            iterations = torch.where(converged, t + 1, iterations)
             active = active & ~converged
 
         xs, vs = x_new, v_new
@@ -122,8 +76,9 @@ def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias
         if return_trajectory:
             traj_x.append(xs)
             traj_v.append(vs)
-        if early_exit and not bool(active.any()):
-            # every row is frozen: the remaining steps would repeat the same state
+        if early_exit and not torch.compiler.is_compiling() and not bool(active.any()):
+            # every row is frozen: the remaining steps would repeat the same state (a shortcut
+            # eager takes; a compiled graph runs every step, with the same result)
             for _ in range(t + 1, T):
                 energy.append(energy[-1])
                 distance.append(distance[-1])

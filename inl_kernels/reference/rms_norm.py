@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .iterate import compute_dtype
+from ..common import compute_dtype
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):

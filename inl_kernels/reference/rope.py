@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .iterate import compute_dtype
+from ..common import compute_dtype
 
 
 def rope_tables(max_seq_len, head_dim, base=10000.0, device=None, dtype=torch.float32):

@@ -1,11 +1,15 @@
 """Causal grouped-query attention in Triton, flash style, forward and backward, with RoPE applied
 to q and k as they are loaded, a split-KV path for short queries against a long KV cache, and
-the autograd.Function that launches them.
+the launchers, registered as the torch.library ops `inl::triton_attention` and
+`inl::triton_attention_backward` (torch.library.triton_op: torch.compile traces into the kernels).
 
     out[b, h] = softmax(scale · rot(q[b, h]) · rot(k[b, h // G])ᵀ + mask) · v[b, h // G]
 
-Query i sits at position Skv − Sq + i and, when causal, sees keys j ≤ Skv − Sq + i; rot rotates
-(rotate-half) q at its positions and key j at j, or is the identity without rope.
+Query i sits at index Skv − Sq + i and, when causal, sees keys j ≤ Skv − Sq + i; rot rotates
+(rotate-half) q at its positions and key j at j, or is the identity without rope. With kv_lens /
+kv_starts (per batch row, device tensors: a static KV cache read without a host sync, left
+padding) row b's keys are [kv_starts[b], kv_lens[b]) of the buffer, its queries end at
+kv_lens[b] and positions count from kv_starts[b] (see reference/attention.py).
 
 Layout of the work: every program belongs to one K/V head and handles "rows", the G query heads
 of that group interleaved by position (row r = i·G + g is query i of head kv·G + g). A K/V tile is
@@ -20,10 +24,13 @@ saves the per-row log-sum-exp so the backward recomputes P tile by tile.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 from . import interpreting, multiprocessors, unit_last
 
@@ -72,16 +79,50 @@ def _store_unrotated(base, row_off, row_ok, pos, cols, g1, g2, COS, SIN, stride_
 
 
 @triton.jit
-def _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_s, Skv, qk_scale,
+def _key_range(LENS, STARTS, b, Skv, HAS_LENS: tl.constexpr, HAS_STARTS: tl.constexpr):
+    """(kv_len, kv_start) of batch row b: its keys are [kv_start, kv_len) of the buffer."""
+    if HAS_LENS:
+        kv_len = tl.load(LENS + b).to(tl.int32)
+    else:
+        kv_len = Skv
+    if HAS_STARTS:
+        kv_start = tl.load(STARTS + b).to(tl.int32)
+    else:
+        kv_start = 0
+    return kv_len, kv_start
+
+
+@triton.jit
+def _key_tiles(qpos_min, qpos_max, kv_start, kv_len, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_STARTS: tl.constexpr):
+    """(lo, full_end, hi): a row tile walks key tiles [lo, full_end) without masks and
+    [full_end, hi) with them. With left padding every tile is masked (full_end = lo)."""
+    if CAUSAL:
+        full_end = (qpos_min + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(qpos_max + 1, kv_len)
+    else:
+        full_end = kv_len // BLOCK_N * BLOCK_N
+        hi = kv_len
+    lo = 0
+    if HAS_STARTS:
+        lo = kv_start // BLOCK_N * BLOCK_N
+        full_end = lo
+    return lo, full_end, hi
+
+
+@triton.jit
+def _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_s, kv_start, kv_len, qk_scale,
                    cols_h, cols_d, COS, SIN, stride_table,
                    D: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    ROPE: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
     """One key tile of the online softmax: s = q·kᵀ·scale·log2 e, m' = max(m, rowmax s),
-    l' = l·2^(m−m') + Σ 2^(s−m'), acc' = acc·2^(m−m') + 2^(s−m')·v. MASK applies the key bound and
-    the causal mask (only the tiles that need them pass MASK)."""
+    l' = l·2^(m−m') + Σ 2^(s−m'), acc' = acc·2^(m−m') + 2^(s−m')·v. Keys [kv_start, kv_len) exist
+    (key j at RoPE position j − kv_start); MASK applies that bound and the causal mask (only the
+    tiles that need them pass MASK)."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < Skv
-    k1, k2 = _load_rotated(K_head, offs_n * sk_s, n_ok, offs_n, cols_h, COS, SIN, stride_table, D, HALF, ROPE, ACC)
+    n_ok = (offs_n < kv_len) & (offs_n >= kv_start)
+    k1, k2 = _load_rotated(K_head, offs_n * sk_s, n_ok, offs_n - kv_start, cols_h, COS, SIN, stride_table, D, HALF,
+                           ROPE, ACC)
     s = tl.dot(q1, tl.trans(k1.to(DOT)), input_precision="ieee", out_dtype=ACC)
     s = tl.dot(q2, tl.trans(k2.to(DOT)), s, input_precision="ieee", out_dtype=ACC)
     s = s * qk_scale
@@ -106,24 +147,27 @@ def _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_
 
 
 @triton.jit
-def _attn_forward(Q, K, V, O, LSE, COS, SIN, O_PART, M_PART, L_PART,
+def _attn_forward(Q, K, V, O, LSE, COS, SIN, O_PART, M_PART, L_PART, LENS, STARTS,
                   sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, stride_table,
                   Hkv, G, Sq, Skv, qk_scale, keys_per_split,
                   D: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
-                  SPLIT: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
+                  SPLIT: tl.constexpr, HAS_LENS: tl.constexpr, HAS_STARTS: tl.constexpr, DOT: tl.constexpr,
+                  ACC: tl.constexpr):
     """Program (row tile, b·Hkv + kv, split): o = softmax(scale·q·kᵀ + mask)·v for BLOCK_M rows of
     the group, lse = log2 Σ_j 2^(scale·log2e·q·k_j) per row. Without SPLIT it walks all visible keys:
     first the tiles every row sees whole (no mask), then the diagonal / last tile (masked). With
     SPLIT it walks keys [split·keys_per_split, …+keys_per_split) and stores the unnormalised
-    (acc, m, l) for _attn_combine."""
+    (acc, m, l) for _attn_combine. HAS_LENS / HAS_STARTS: the row's keys are [STARTS[b], LENS[b])
+    of the buffer (a static KV cache, left padding; see the reference)."""
     pid_m = tl.program_id(0)
     bkv = tl.program_id(1)
     split = tl.program_id(2)
     b = (bkv // Hkv).to(tl.int64)
     kv = bkv % Hkv
     R = G * Sq
-    off = Skv - Sq
+    kv_len, kv_start = _key_range(LENS, STARTS, b, Skv, HAS_LENS, HAS_STARTS)
+    off = kv_len - Sq
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     i = rows // G
@@ -132,8 +176,8 @@ def _attn_forward(Q, K, V, O, LSE, COS, SIN, O_PART, M_PART, L_PART,
     cols_h = tl.arange(0, BLOCK_H)
     cols_d = tl.arange(0, BLOCK_D)
 
-    q1, q2 = _load_rotated(Q + b * sq_b + kv * G * sq_h, g * sq_h + i * sq_s, row_ok, qpos, cols_h, COS, SIN,
-                           stride_table, D, HALF, ROPE, ACC)
+    q1, q2 = _load_rotated(Q + b * sq_b + kv * G * sq_h, g * sq_h + i * sq_s, row_ok, tl.maximum(qpos - kv_start, 0),
+                           cols_h, COS, SIN, stride_table, D, HALF, ROPE, ACC)
     q1 = q1.to(DOT)
     q2 = q2.to(DOT)
     K_head = K + b * sk_b + kv * sk_h
@@ -146,33 +190,31 @@ def _attn_forward(Q, K, V, O, LSE, COS, SIN, O_PART, M_PART, L_PART,
     qpos_max = off + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, R - 1) // G
     if SPLIT:
         lo = split * keys_per_split
-        hi = tl.minimum(lo + keys_per_split, Skv)
+        hi = tl.minimum(lo + keys_per_split, kv_len)
+        if HAS_STARTS:
+            lo = tl.maximum(lo, kv_start // BLOCK_N * BLOCK_N)
         if CAUSAL:
             hi = tl.minimum(hi, qpos_max + 1)
         for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_s, Skv,
-                                           qk_scale, cols_h, cols_d, COS, SIN, stride_table,
+            acc, m_i, l_i = _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_s, kv_start,
+                                           kv_len, qk_scale, cols_h, cols_d, COS, SIN, stride_table,
                                            D, HALF, BLOCK_N, CAUSAL, ROPE, True, DOT, ACC)
         part = (split * tl.num_programs(1) + bkv).to(tl.int64) * R
         tl.store(M_PART + part + rows, m_i, mask=row_ok)
         tl.store(L_PART + part + rows, l_i, mask=row_ok)
         tl.store(O_PART + (part + rows)[:, None] * BLOCK_D + cols_d[None, :], acc, mask=row_ok[:, None])
     else:
-        if CAUSAL:
-            full_end = (qpos_min + 1) // BLOCK_N * BLOCK_N
-            hi = tl.minimum(qpos_max + 1, Skv)
-        else:
-            full_end = Skv // BLOCK_N * BLOCK_N
-            hi = Skv
-        for start in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_s, Skv,
-                                           qk_scale, cols_h, cols_d, COS, SIN, stride_table,
+        lo, full_end, hi = _key_tiles(qpos_min, qpos_max, kv_start, kv_len, BLOCK_N, CAUSAL, HAS_STARTS)
+        for start in range(lo, full_end, BLOCK_N):
+            acc, m_i, l_i = _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_s, kv_start,
+                                           kv_len, qk_scale, cols_h, cols_d, COS, SIN, stride_table,
                                            D, HALF, BLOCK_N, CAUSAL, ROPE, False, DOT, ACC)
         for start in range(full_end, hi, BLOCK_N):
-            acc, m_i, l_i = _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_s, Skv,
-                                           qk_scale, cols_h, cols_d, COS, SIN, stride_table,
+            acc, m_i, l_i = _forward_block(acc, m_i, l_i, q1, q2, qpos, start, K_head, V_head, sk_s, sv_s, kv_start,
+                                           kv_len, qk_scale, cols_h, cols_d, COS, SIN, stride_table,
                                            D, HALF, BLOCK_N, CAUSAL, ROPE, True, DOT, ACC)
-        l_safe = tl.where(row_ok, l_i, 1.0)  # padding rows are never stored; keep them finite
+        # padding rows (never stored) and queries that see no key (left padding: a zero output) stay finite
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         o_ptrs = O + b * so_b + (kv * G + g)[:, None] * so_h + i[:, None] * so_s + cols_d[None, :]
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (cols_d < D)[None, :])
@@ -240,7 +282,7 @@ def _attn_delta(O, DO, DELTA, so_b, so_h, so_s, sdo_b, sdo_h, sdo_s, Hkv, G, Sq,
 
 
 @triton.jit
-def _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, Skv, qk_scale,
+def _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, kv_start, kv_len, qk_scale,
               cols_h, cols_d, COS, SIN, stride_table,
               D: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               ROPE: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
@@ -248,8 +290,9 @@ def _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_
     MASK applies the key bound and the causal mask: a padded key scores 0, and 2^(0 − lse)
     overflows when every real score is far below zero (inf·0 would then reach dq)."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < Skv
-    k1, k2 = _load_rotated(K_head, offs_n * sk_s, n_ok, offs_n, cols_h, COS, SIN, stride_table, D, HALF, ROPE, ACC)
+    n_ok = (offs_n < kv_len) & (offs_n >= kv_start)
+    k1, k2 = _load_rotated(K_head, offs_n * sk_s, n_ok, offs_n - kv_start, cols_h, COS, SIN, stride_table, D, HALF,
+                           ROPE, ACC)
     k1 = k1.to(DOT)
     k2 = k2.to(DOT)
     s = tl.dot(q1, tl.trans(k1), input_precision="ieee", out_dtype=ACC)
@@ -270,12 +313,12 @@ def _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_
 
 
 @triton.jit
-def _attn_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
+def _attn_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, LENS, STARTS,
                       sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                       sdq_b, sdq_h, sdq_s, stride_table, Hkv, G, Sq, Skv, qk_scale, scale,
                       D: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
-                      DOT: tl.constexpr, ACC: tl.constexpr):
+                      HAS_LENS: tl.constexpr, HAS_STARTS: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
     """dq = scale · Σ_j dS_ij · k_j with dS = P·(do·vᵀ − delta), P recomputed from the saved lse;
     then rotated back (the gradient w.r.t. the unrotated q). Padding rows load lse = +inf, so
     their P is 0."""
@@ -284,7 +327,8 @@ def _attn_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
     b = (bkv // Hkv).to(tl.int64)
     kv = bkv % Hkv
     R = G * Sq
-    off = Skv - Sq
+    kv_len, kv_start = _key_range(LENS, STARTS, b, Skv, HAS_LENS, HAS_STARTS)
+    off = kv_len - Sq
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     i = rows // G
@@ -292,8 +336,8 @@ def _attn_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
     qpos = off + i
     cols_h = tl.arange(0, BLOCK_H)
     cols_d = tl.arange(0, BLOCK_D)
-    q1, q2 = _load_rotated(Q + b * sq_b + kv * G * sq_h, g * sq_h + i * sq_s, row_ok, qpos, cols_h, COS, SIN,
-                           stride_table, D, HALF, ROPE, ACC)
+    q1, q2 = _load_rotated(Q + b * sq_b + kv * G * sq_h, g * sq_h + i * sq_s, row_ok, tl.maximum(qpos - kv_start, 0),
+                           cols_h, COS, SIN, stride_table, D, HALF, ROPE, ACC)
     q1 = q1.to(DOT)
     q2 = q2.to(DOT)
     do = tl.load(DO + b * sdo_b + (kv * G + g)[:, None] * sdo_h + i[:, None] * sdo_s + cols_d[None, :],
@@ -304,29 +348,24 @@ def _attn_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
     V_head = V + b * sv_b + kv * sv_h
     dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
     dq2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
-    if CAUSAL:
-        qpos_min = off + (pid_m * BLOCK_M) // G
-        qpos_max = off + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, R - 1) // G
-        full_end = (qpos_min + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(qpos_max + 1, Skv)
-    else:
-        full_end = Skv // BLOCK_N * BLOCK_N
-        hi = Skv
-    for start in range(0, full_end, BLOCK_N):
-        dq1, dq2 = _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, Skv,
-                             qk_scale, cols_h, cols_d, COS, SIN, stride_table, D, HALF, BLOCK_N, CAUSAL, ROPE, False,
-                             DOT, ACC)
+    qpos_min = off + (pid_m * BLOCK_M) // G
+    qpos_max = off + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, R - 1) // G
+    lo, full_end, hi = _key_tiles(qpos_min, qpos_max, kv_start, kv_len, BLOCK_N, CAUSAL, HAS_STARTS)
+    for start in range(lo, full_end, BLOCK_N):
+        dq1, dq2 = _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, kv_start,
+                             kv_len, qk_scale, cols_h, cols_d, COS, SIN, stride_table, D, HALF, BLOCK_N, CAUSAL, ROPE,
+                             False, DOT, ACC)
     for start in range(full_end, hi, BLOCK_N):
-        dq1, dq2 = _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, Skv,
-                             qk_scale, cols_h, cols_d, COS, SIN, stride_table, D, HALF, BLOCK_N, CAUSAL, ROPE, True,
-                             DOT, ACC)
-    _store_unrotated(DQ + b * sdq_b + kv * G * sdq_h, g * sdq_h + i * sdq_s, row_ok, qpos, cols_h,
-                     dq1 * scale, dq2 * scale, COS, SIN, stride_table, D, HALF, ROPE, ACC)
+        dq1, dq2 = _dq_block(dq1, dq2, q1, q2, do, lse, delta, qpos, start, K_head, V_head, sk_s, sv_s, kv_start,
+                             kv_len, qk_scale, cols_h, cols_d, COS, SIN, stride_table, D, HALF, BLOCK_N, CAUSAL, ROPE,
+                             True, DOT, ACC)
+    _store_unrotated(DQ + b * sdq_b + kv * G * sdq_h, g * sdq_h + i * sdq_s, row_ok, tl.maximum(qpos - kv_start, 0),
+                     cols_h, dq1 * scale, dq2 * scale, COS, SIN, stride_table, D, HALF, ROPE, ACC)
 
 
 @triton.jit
 def _dkdv_block(dk1, dk2, dv, k1, k2, v, offs_n, r0, Q_group, DO_group, LSE_row, DELTA_row,
-                sq_h, sq_s, sdo_h, sdo_s, G, R, off, qk_scale, cols_h, cols_d, COS, SIN, stride_table,
+                sq_h, sq_s, sdo_h, sdo_s, G, R, off, kv_start, qk_scale, cols_h, cols_d, COS, SIN, stride_table,
                 D: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
                 MASK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
     """One row tile of dk, dv (transposed scores): Pᵀ = 2^(k·qᵀ·scale·log2e − lse), dv += Pᵀ·do,
@@ -336,8 +375,8 @@ def _dkdv_block(dk1, dk2, dv, k1, k2, v, offs_n, r0, Q_group, DO_group, LSE_row,
     i = rows // G
     g = rows % G
     qpos = off + i
-    q1, q2 = _load_rotated(Q_group, g * sq_h + i * sq_s, row_ok, qpos, cols_h, COS, SIN, stride_table,
-                           D, HALF, ROPE, ACC)
+    q1, q2 = _load_rotated(Q_group, g * sq_h + i * sq_s, row_ok, tl.maximum(qpos - kv_start, 0), cols_h, COS, SIN,
+                           stride_table, D, HALF, ROPE, ACC)
     q1 = q1.to(DOT)
     q2 = q2.to(DOT)
     do = tl.load(DO_group + (g * sdo_h + i * sdo_s)[:, None] + cols_d[None, :],
@@ -358,12 +397,12 @@ def _dkdv_block(dk1, dk2, dv, k1, k2, v, offs_n, r0, Q_group, DO_group, LSE_row,
 
 
 @triton.jit
-def _attn_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
+def _attn_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, LENS, STARTS,
                         sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                         sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s, stride_table, Hkv, G, Sq, Skv, qk_scale, scale,
                         D: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
-                        DOT: tl.constexpr, ACC: tl.constexpr):
+                        HAS_LENS: tl.constexpr, HAS_STARTS: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
     """dv_j = Σ_rows P_rj·do_r and dk_j = scale · Σ_rows dS_rj·q_r over every row of the group (all G
     query heads) that sees key j, in one program: no repeated K/V, no atomics. dk is rotated back
     at the key positions. Causal: row tiles that straddle the diagonal are masked, the rest not."""
@@ -372,14 +411,17 @@ def _attn_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
     b = (bkv // Hkv).to(tl.int64)
     kv = bkv % Hkv
     R = G * Sq
-    off = Skv - Sq
+    kv_len, kv_start = _key_range(LENS, STARTS, b, Skv, HAS_LENS, HAS_STARTS)
+    off = kv_len - Sq
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < Skv
+    n_in = offs_n < Skv
+    # keys outside [kv_start, kv_len) (padding, unwritten cache) are never seen: zero gradients
+    n_ok = n_in & (offs_n < kv_len) & (offs_n >= kv_start)
     cols_h = tl.arange(0, BLOCK_H)
     cols_d = tl.arange(0, BLOCK_D)
-    k1, k2 = _load_rotated(K + b * sk_b + kv * sk_h, offs_n * sk_s, n_ok, offs_n, cols_h, COS, SIN, stride_table,
-                           D, HALF, ROPE, ACC)
+    k1, k2 = _load_rotated(K + b * sk_b + kv * sk_h, offs_n * sk_s, n_ok, offs_n - kv_start, cols_h, COS, SIN,
+                           stride_table, D, HALF, ROPE, ACC)
     k1 = k1.to(DOT)
     k2 = k2.to(DOT)
     v = tl.load(V + b * sv_b + kv * sv_h + offs_n[:, None] * sv_s + cols_d[None, :],
@@ -401,16 +443,20 @@ def _attn_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
         r_full = 0
     for r0 in range(r_lo, r_full, BLOCK_M):
         dk1, dk2, dv = _dkdv_block(dk1, dk2, dv, k1, k2, v, offs_n, r0, Q_group, DO_group, LSE_row, DELTA_row,
-                                   sq_h, sq_s, sdo_h, sdo_s, G, R, off, qk_scale, cols_h, cols_d, COS, SIN,
+                                   sq_h, sq_s, sdo_h, sdo_s, G, R, off, kv_start, qk_scale, cols_h, cols_d, COS, SIN,
                                    stride_table, D, HALF, BLOCK_M, ROPE, True, DOT, ACC)
     for r0 in range(r_full, rows_end, BLOCK_M):
         dk1, dk2, dv = _dkdv_block(dk1, dk2, dv, k1, k2, v, offs_n, r0, Q_group, DO_group, LSE_row, DELTA_row,
-                                   sq_h, sq_s, sdo_h, sdo_s, G, R, off, qk_scale, cols_h, cols_d, COS, SIN,
+                                   sq_h, sq_s, sdo_h, sdo_s, G, R, off, kv_start, qk_scale, cols_h, cols_d, COS, SIN,
                                    stride_table, D, HALF, BLOCK_M, ROPE, False, DOT, ACC)
-    _store_unrotated(DK + b * sdk_b + kv * sdk_h, offs_n * sdk_s, n_ok, offs_n, cols_h, dk1 * scale, dk2 * scale,
-                     COS, SIN, stride_table, D, HALF, ROPE, ACC)
+    # a key nobody sees (padding, unwritten cache) gets zero gradients, whatever its tiles summed
+    dk1 = tl.where(n_ok[:, None], dk1, 0.0)
+    dk2 = tl.where(n_ok[:, None], dk2, 0.0)
+    dv = tl.where(n_ok[:, None], dv, 0.0)
+    _store_unrotated(DK + b * sdk_b + kv * sdk_h, offs_n * sdk_s, n_in, tl.maximum(offs_n - kv_start, 0), cols_h,
+                     dk1 * scale, dk2 * scale, COS, SIN, stride_table, D, HALF, ROPE, ACC)
     tl.store(DV + b * sdv_b + kv * sdv_h + offs_n[:, None] * sdv_s + cols_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None] & (cols_d < D)[None, :])
+             mask=n_in[:, None] & (cols_d < D)[None, :])
 
 
 def _dtypes(dtype):
@@ -442,7 +488,7 @@ def _target_programs(device):
     return 4
 
 
-def _forward(q, k, v, causal, scale, cos, sin, num_splits=None):
+def _forward(q, k, v, causal, scale, cos, sin, lens=None, starts=None, num_splits=None):
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     G, R = Hq // Hkv, (Hq // Hkv) * Sq
@@ -477,21 +523,22 @@ def _forward(q, k, v, causal, scale, cos, sin, num_splits=None):
         l_part = torch.empty_like(m_part)
     else:
         o_part = m_part = l_part = lse
-    _attn_forward[(row_tiles, B * Hkv, num_splits)](
-        q, k, v, o, lse, table[0], table[1], o_part, m_part, l_part,
+    wrap_triton(_attn_forward)[(row_tiles, B * Hkv, num_splits)](
+        q, k, v, o, lse, table[0], table[1], o_part, m_part, l_part, _or(lens, lse), _or(starts, lse),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_table,
         Hkv, G, Sq, Skv, scale * LOG2E, keys_per_split,
         D=D, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d, CAUSAL=causal,
-        ROPE=rope, SPLIT=split, DOT=DOT, ACC=ACC, num_warps=warps, num_stages=stages)
+        ROPE=rope, SPLIT=split, HAS_LENS=lens is not None, HAS_STARTS=starts is not None, DOT=DOT, ACC=ACC,
+        num_warps=warps, num_stages=stages)
     if split:
-        _attn_combine[(row_tiles, B * Hkv)](
+        wrap_triton(_attn_combine)[(row_tiles, B * Hkv)](
             o_part, m_part, l_part, o, lse, o.stride(0), o.stride(1), o.stride(2), Hkv, G, Sq, num_splits,
             D=D, BLOCK_M=block_m, BLOCK_D=block_d, ACC=ACC, num_warps=4)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, scale, cos, sin):
+def _backward(do, q, k, v, o, lse, causal, scale, cos, sin, lens=None, starts=None):
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     G, R = Hq // Hkv, (Hq // Hkv) * Sq
@@ -510,18 +557,20 @@ def _backward(do, q, k, v, o, lse, causal, scale, cos, sin):
     table = (cos, sin) if rope else (q, q)
     stride_table = cos.stride(0) if rope else 0
     delta = torch.empty_like(lse)
-    _attn_delta[(triton.cdiv(R, block_m), B * Hkv)](
+    wrap_triton(_attn_delta)[(triton.cdiv(R, block_m), B * Hkv)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Hkv, G, Sq, D=D, BLOCK_M=block_m, BLOCK_D=block_d, ACC=ACC, num_warps=4)
     common = dict(D=D, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d,
-                  CAUSAL=causal, ROPE=rope, DOT=DOT, ACC=ACC, num_warps=warps, num_stages=stages)
-    _attn_backward_dq[(triton.cdiv(R, block_m), B * Hkv)](
-        q, k, v, do, lse, delta, dq, table[0], table[1],
+                  CAUSAL=causal, ROPE=rope, HAS_LENS=lens is not None, HAS_STARTS=starts is not None, DOT=DOT,
+                  ACC=ACC, num_warps=warps, num_stages=stages)
+    ranges = (_or(lens, lse), _or(starts, lse))
+    wrap_triton(_attn_backward_dq)[(triton.cdiv(R, block_m), B * Hkv)](
+        q, k, v, do, lse, delta, dq, table[0], table[1], *ranges,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), stride_table, Hkv, G, Sq, Skv, scale * LOG2E, scale, **common)
-    _attn_backward_dkdv[(triton.cdiv(Skv, block_n), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, table[0], table[1],
+    wrap_triton(_attn_backward_dkdv)[(triton.cdiv(Skv, block_n), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, table[0], table[1], *ranges,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_table,
@@ -529,23 +578,47 @@ def _backward(do, q, k, v, o, lse, causal, scale, cos, sin):
     return dq, dk, dv
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, cos, sin, num_splits=None):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        o, lse = _forward(q, k, v, causal, scale, cos, sin, num_splits)
-        ctx.save_for_backward(q, k, v, o, lse, cos, sin)
-        ctx.causal, ctx.scale = causal, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cos, sin = ctx.saved_tensors
-        dq, dk, dv = _backward(unit_last(do), q, k, v, o, lse, ctx.causal, ctx.scale, cos, sin)
-        return dq, dk, dv, None, None, None, None, None
+@torch.library.triton_op("inl::triton_attention", mutates_args=())
+def triton_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                        kv_lens: Optional[Tensor], kv_starts: Optional[Tensor], causal: bool, scale: float,
+                        num_splits: int) -> tuple[Tensor, Tensor]:
+    """(o, lse): the attention and each row's log2-sum-exp (saved for the backward); num_splits 0
+    lets the launcher choose the split-KV factor."""
+    return _forward(q, k, v, causal, scale, cos, sin, kv_lens, kv_starts, num_splits or None)
 
 
-def supports(q, k, v, causal, scale, rope):
+@torch.library.triton_op("inl::triton_attention_backward", mutates_args=())
+def triton_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                                 cos: Optional[Tensor], sin: Optional[Tensor], kv_lens: Optional[Tensor],
+                                 kv_starts: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor,
+                                                                                                   Tensor]:
+    """(dq, dk, dv) of the unrotated q and k."""
+    return _backward(unit_last(do), q, k, v, o, lse, causal, scale, cos, sin, kv_lens, kv_starts)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, kv_lens, kv_starts, causal, scale, _splits = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cos, sin, kv_lens, kv_starts)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward_formula(ctx, do, _dlse):
+    q, k, v, o, lse, cos, sin, kv_lens, kv_starts = ctx.saved_tensors
+    dq, dk, dv = triton_attention_backward_op(do, q, k, v, o, lse, cos, sin, kv_lens, kv_starts, ctx.causal,
+                                              ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+triton_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def _or(t, dummy):
+    """t, or any tensor standing in for a pointer the kernel does not read (its HAS_ flag is off)."""
+    return dummy if t is None else t
+
+
+def supports(q, k, v, causal, scale, rope, kv_lens=None, kv_starts=None):
     if q.dtype == torch.float64 and not interpreting():
         return "float64 runs on the reference (the triton kernels compute in fp32 on a GPU)"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -555,7 +628,10 @@ def supports(q, k, v, causal, scale, rope):
     return None
 
 
-def attention(q, k, v, causal, scale, rope):
-    """SPEC §3 gqa_attention: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> [B, Hq, Sq, D]."""
+def attention(q, k, v, causal, scale, rope, kv_lens=None, kv_starts=None, num_splits=None):
+    """SPEC §3 gqa_attention: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> [B, Hq, Sq, D]; kv_lens,
+    kv_starts [B] as in the reference (a static KV cache, left padding). num_splits (tests):
+    the split-KV factor, else the launcher's choice."""
     cos, sin = rope if rope is not None else (None, None)
-    return _Attention.apply(q, k, v, causal, scale, cos, sin)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return triton_attention_op(q, k, v, cos, sin, kv_lens, kv_starts, causal, scale, num_splits or 0)[0]

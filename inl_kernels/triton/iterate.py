@@ -78,10 +78,11 @@ reduction. The reverse-time recurrence then runs in two kernels:
 Autograd chains d table to gamma and phi, d bias to b_h, b_x, b_v, d mod to mod_scale and
 mod_bias. Gradients flow through info.energy and info.distance as well, so the integrator
 losses train without a stored trajectory. return_trajectory=True under grad runs on the
-reference (one-time warning). Memory during training, 16384 × 2048, T = 5, H = 64, bf16, besides
-inputs and outputs: the fp32 state pair (256 MiB, which then holds dL/dh and dL/dx), c in fp32
-and bf16 and rms (30 MiB), gpre in fp32 and bf16 (30 MiB), phase 2's partials and scratch
-(~50 MiB) — about 500 MiB peak by benchmarks/bench_iterate.py's count, estimated, not measured.
+reference (auto picks it; `supports` says why). Memory during training, 16384 × 2048, T = 5,
+H = 64, bf16, besides inputs and outputs: the fp32 state pair (256 MiB, which then holds dL/dh
+and dL/dx), c in fp32 and bf16 and rms (30 MiB), gpre in fp32 and bf16 (30 MiB), phase 2's
+partials and scratch (~50 MiB) — about 500 MiB peak by benchmarks/bench_iterate.py's count,
+estimated, not measured.
 
 Precision: x, v, every accumulation and reduction in fp32 (fp64 when given fp64, which only
 the interpreter runs: the fp64 gradcheck). Matmul operands go to the tensor cores in the
@@ -101,15 +102,12 @@ a few forwards (its tensor-core and transcendental work is ~4.5 forwards').
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import triton
 import triton.language as tl
 
 from . import interpreting, multiprocessors
-from ..reference.iterate import IterateInfo, compute_dtype, fold_parameters, needs_grad
-from ..reference.iterate import iterate as reference_iterate
+from ..common import IterateInfo, IterateParams, IterateSettings, compute_dtype, fold_parameters, needs_grad
 
 SUPPORTED_HIDDEN = (16, 32, 64, 128)
 # Batches up to this many rows take the decode path (d split across programs).
@@ -1427,57 +1425,35 @@ class _IterateFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # the backend entry points
 
-_warned = set()
 
-
-def _warn_once(key, message):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
-
-
-def supports(h, x, *, w_h, **kwargs):
+def supports(h, x, v, params: IterateParams, settings: IterateSettings):
     """None when the triton kernels run these arguments, else why not."""
-    H = w_h.shape[0]
+    H = params.hidden
     if H not in SUPPORTED_HIDDEN:
         return f"controller hidden size H={H} is not one of {SUPPORTED_HIDDEN} (tl.dot tiles)"
     if x.dtype == torch.float64 and not interpreting():
         return "float64 runs only under the Triton interpreter (TRITON_INTERPRET=1)"
+    if settings.return_trajectory and needs_grad(h, x, v, params):
+        return "the triton iterate does not differentiate a returned trajectory (it runs on the reference)"
     return None
 
 
-def iterate(h, x, *, w_h, b_h, w_x, b_x, w_v, b_v, w_o, b_o, mod_scale, mod_bias, mu, exc_index, gamma,
-            phi, amplitude, dt, kappa, num_iterations, v=None, tol=None, min_iterations=3,
-            return_trajectory=False, _path=None, _config=None):
+def iterate(h, x, v, params: IterateParams, settings: IterateSettings, _path=None, _config=None):
     """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
     `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS for the
     backward) are for tests and benchmarks."""
-    kwargs = dict(w_h=w_h, b_h=b_h, w_x=w_x, b_x=b_x, w_v=w_v, b_v=b_v, w_o=w_o, b_o=b_o, mod_scale=mod_scale,
-                  mod_bias=mod_bias, mu=mu, exc_index=exc_index, gamma=gamma, phi=phi, amplitude=amplitude,
-                  dt=dt, kappa=kappa, num_iterations=num_iterations, v=v, tol=tol,
-                  min_iterations=min_iterations, return_trajectory=return_trajectory)
-    grad = needs_grad(h, x, *kwargs.values())
-    if grad and return_trajectory:
-        _warn_once("trajectory", "the triton iterate does not differentiate a returned trajectory: "
-                                 "return_trajectory=True with inputs that require grad runs on the reference")
-        return reference_iterate(h, x, **kwargs)
-
-    T = num_iterations
+    p, s = params, settings
+    T = s.num_iterations
     acc = compute_dtype(x.dtype)
-
-    def folded():
-        return fold_parameters(b_h, b_x, b_v, mod_scale, mod_bias, exc_index, gamma, phi, amplitude, T,
-                               x.shape[1], acc)
-
-    if grad:  # every step runs (tol is ignored) on the tile path
-        table, bias, mod = folded()
+    if needs_grad(h, x, v, params):  # every step runs (tol is ignored) on the tile path
+        table, bias, mod = fold_parameters(params, s, x.shape[1], acc)
         x_out, v_out, energy, distance, iterations = _IterateFunction.apply(
-            h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, _config)
+            h, x, v, p.w_h, p.w_x, p.w_v, p.w_o, p.b_o, bias, mod, p.mu, table, s.dt, s.kappa, T, _config)
         return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance)
     with torch.no_grad():
-        table, bias, mod = folded()
+        table, bias, mod = fold_parameters(params, s, x.shape[1], acc)
         x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _, _ = _forward(
-            h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, tol, min_iterations,
-            trajectory=return_trajectory, path=_path, config=_config)
+            h, x, v, p.w_h, p.w_x, p.w_v, p.w_o, p.b_o, bias, mod, p.mu, table, s.dt, s.kappa, T, s.tol,
+            s.min_iterations, trajectory=s.return_trajectory, path=_path, config=_config)
     return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance,
                               trajectory_x=traj_x, trajectory_v=traj_v)

@@ -1,5 +1,7 @@
 """RMSNorm in Triton: forward with an optional fused residual add, backward with a
-deterministic weight-gradient reduction, and the autograd.Function that launches them.
+deterministic weight-gradient reduction, registered as the torch.library ops
+`inl::triton_rms_norm` and `inl::triton_rms_norm_backward` (torch.library.triton_op: torch.compile
+traces into the kernels; the backward is the forward op's autograd formula).
 
     s = x (+ residual, rounded to x's dtype)     y = s · rstd · w,   rstd = 1 / sqrt(mean(s²) + eps)
 
@@ -8,9 +10,13 @@ Statistics in fp32 (fp64 for fp64 input, which only the interpreter runs).
 from __future__ import annotations
 
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 from . import interpreting, multiprocessors
 
@@ -103,66 +109,81 @@ def _backward_programs(device, num_tiles):
     return max(1, min(num_tiles, target))
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, residual):
-        n = x.shape[-1]
-        x2 = x.reshape(-1, n)
-        m = x2.shape[0]
-        y = torch.empty_like(x2)
-        s = torch.empty_like(x2) if residual is not None else x2
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rstd = torch.empty(m, dtype=acc, device=x.device)
-        if m:
-            r2 = residual.reshape(-1, n) if residual is not None else x2
-            block_m, block_n, num_warps = _tiles(n)
-            _rms_norm_forward[(triton.cdiv(m, block_m),)](
-                x2, r2, weight, y, s, rstd, m, n, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
-                BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, ACC=_acc_dtype(x.dtype),
-                num_warps=num_warps)
-        ctx.save_for_backward(s, weight, rstd)
-        ctx.has_residual = residual is not None
-        ctx.shape = x.shape
-        ctx.set_materialize_grads(False)
-        if residual is not None:
-            return y.view(x.shape), s.view(x.shape)
-        return y.view(x.shape)
+@torch.library.triton_op("inl::triton_rms_norm", mutates_args=())
+def triton_rms_norm_op(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor]) -> tuple[Tensor, Tensor,
+                                                                                                   Tensor]:
+    """(y, x + residual (empty without a residual), rstd [rows] in the accumulation dtype)."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    m = x2.shape[0]
+    y = torch.empty_like(x2)
+    s = torch.empty_like(x2) if residual is not None else x2.new_empty(0)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rstd = torch.empty(m, dtype=acc, device=x.device)
+    if m:
+        r2 = residual.reshape(-1, n) if residual is not None else x2
+        s2 = s if residual is not None else y
+        block_m, block_n, num_warps = _tiles(n)
+        wrap_triton(_rms_norm_forward)[(triton.cdiv(m, block_m),)](
+            x2, r2, weight, y, s2, rstd, m, n, x2.stride(0), r2.stride(0), y.stride(0), s2.stride(0), eps,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, ACC=_acc_dtype(x.dtype),
+            num_warps=num_warps)
+    return y.view(x.shape), (s.view(x.shape) if residual is not None else s), rstd
 
-    @staticmethod
-    def backward(ctx, dy, ds=None):
-        s, weight, rstd = ctx.saved_tensors
-        m, n = s.shape
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_dr = ctx.has_residual and ctx.needs_input_grad[3]
-        if dy is None:
-            dy = torch.zeros(ctx.shape, dtype=s.dtype, device=s.device)
-        dy = dy.reshape(m, n)
-        if dy.stride(-1) != 1:  # e.g. the expanded gradient of a .sum()
-            dy = dy.contiguous()
-        if ds is not None:
-            ds = ds.reshape(m, n)
-            if ds.stride(-1) != 1:
-                ds = ds.contiguous()
-        dx = torch.empty_like(s) if need_dx else None
-        dr = torch.empty_like(s) if need_dr else None
-        dw = None
-        if m and (need_dx or need_dr or need_dw):
-            block_m, block_n, num_warps = _tiles(n)
-            programs = _backward_programs(s.device, triton.cdiv(m, block_m))
-            dw_part = torch.empty(programs, n, dtype=rstd.dtype, device=s.device) if need_dw else rstd
-            _rms_norm_backward[(programs,)](
-                dy, ds if ds is not None else dy, s, weight, rstd,
-                dx if need_dx else s, dr if need_dr else s, dw_part, m, n,
-                dy.stride(0), ds.stride(0) if ds is not None else 0, s.stride(0),
-                dx.stride(0) if need_dx else 0, dr.stride(0) if need_dr else 0, programs,
-                BLOCK_M=block_m, BLOCK_N=block_n, HAS_DS=ds is not None, HAS_DX=need_dx, HAS_DR=need_dr,
-                HAS_DW=need_dw, ACC=_acc_dtype(s.dtype), num_warps=num_warps)
-            if need_dw:
-                dw = dw_part.sum(dim=0).to(weight.dtype)
-        elif need_dw:
-            dw = torch.zeros_like(weight)
-        return (dx.view(ctx.shape) if need_dx else None, dw, None,
-                dr.view(ctx.shape) if need_dr else None)
+
+@torch.library.triton_op("inl::triton_rms_norm_backward", mutates_args=())
+def triton_rms_norm_backward_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, weight: Tensor, rstd: Tensor,
+                                need_dx: bool, need_dr: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight) of y (and s = x + residual) given their gradients dy (ds); `s` is
+    what was normalised. A gradient not asked for comes back empty."""
+    n = s.shape[-1]
+    s2 = s.reshape(-1, n)
+    m = s2.shape[0]
+    dy = dy.reshape(m, n)
+    if dy.stride(-1) != 1:  # e.g. the expanded gradient of a .sum()
+        dy = dy.contiguous()
+    if ds is not None:
+        ds = ds.reshape(m, n)
+        if ds.stride(-1) != 1:
+            ds = ds.contiguous()
+    dx = torch.empty_like(s2) if need_dx else s2.new_empty(0)
+    dr = torch.empty_like(s2) if need_dr else s2.new_empty(0)
+    dw = weight.new_empty(0)
+    if m and (need_dx or need_dr or need_dw):
+        block_m, block_n, num_warps = _tiles(n)
+        programs = _backward_programs(s.device, triton.cdiv(m, block_m))
+        dw_part = torch.empty(programs, n, dtype=rstd.dtype, device=s.device) if need_dw else rstd
+        wrap_triton(_rms_norm_backward)[(programs,)](
+            dy, ds if ds is not None else dy, s2, weight, rstd,
+            dx if need_dx else s2, dr if need_dr else s2, dw_part, m, n,
+            dy.stride(0), ds.stride(0) if ds is not None else 0, s2.stride(0),
+            dx.stride(0) if need_dx else 0, dr.stride(0) if need_dr else 0, programs,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_DS=ds is not None, HAS_DX=need_dx, HAS_DR=need_dr,
+            HAS_DW=need_dw, ACC=_acc_dtype(s.dtype), num_warps=num_warps)
+        if need_dw:
+            dw = dw_part.sum(dim=0).to(weight.dtype)
+    elif need_dw:
+        dw = torch.zeros_like(weight)
+    return (dx.view(s.shape) if need_dx else dx), (dr.view(s.shape) if need_dr else dr), dw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _eps, residual = inputs
+    _y, s, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
+
+
+def _backward(ctx, dy, ds, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_dr = ctx.has_residual and ctx.needs_input_grad[3]
+    dx, dr, dw = triton_rms_norm_backward_op(dy, ds if ctx.has_residual else None, s, weight, rstd, need_dx, need_dr,
+                                             need_dw)
+    return (dx if need_dx else None, dw if need_dw else None, None, dr if need_dr else None)
+
+
+triton_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def supports(x, weight, eps, residual):
@@ -175,4 +196,5 @@ def supports(x, weight, eps, residual):
 
 def rms_norm(x, weight, eps, residual):
     """SPEC §3 rms_norm; with `residual` returns (rms_norm(x + residual), x + residual)."""
-    return _RMSNorm.apply(x, weight, eps, residual)
+    y, s, _ = triton_rms_norm_op(x, weight, eps, residual)
+    return (y, s) if residual is not None else y

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 from . import interpreting, unit_last
 
@@ -65,7 +67,7 @@ def _launch(q, k, cos, sin, offset, inverse):
     block_h = triton.next_power_of_2(max(half, 1))
     block_s = max(1, min(64, triton.next_power_of_2(S), 4096 // block_h))
     grid = (triton.cdiv(S, block_s), B * (Hq + Hkv))
-    _rope_kernel[grid](
+    wrap_triton(_rope_kernel)[grid](
         q, k, qo, ko, cos, sin, S, Hq, Hkv, offset,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2), cos.stride(0),
@@ -74,19 +76,26 @@ def _launch(q, k, cos, sin, offset, inverse):
     return qo, ko
 
 
-class _RoPE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, offset):
-        ctx.save_for_backward(cos, sin)
-        ctx.offset = offset
-        return _launch(q, k, cos, sin, offset, inverse=False)
+@torch.library.triton_op("inl::triton_rope", mutates_args=())
+def triton_rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, offset: int, inverse: bool) -> tuple[Tensor,
+                                                                                                      Tensor]:
+    """Rotated (q, k), new contiguous tensors; `inverse` rotates back (the gradient)."""
+    return _launch(q, k, cos, sin, offset, inverse)
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        dq, dk = unit_last(dq), unit_last(dk)
-        dq, dk = _launch(dq, dk, cos, sin, ctx.offset, inverse=True)
-        return dq, dk, None, None, None
+
+def _setup_context(ctx, inputs, output):
+    _q, _k, cos, sin, offset, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.offset, ctx.inverse = offset, inverse
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq, dk = triton_rope_op(unit_last(dq), unit_last(dk), cos, sin, ctx.offset, not ctx.inverse)
+    return dq, dk, None, None, None, None
+
+
+triton_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def supports(q, k, cos, sin, position_offset):
@@ -101,4 +110,4 @@ def supports(q, k, cos, sin, position_offset):
 
 def rope(q, k, cos, sin, position_offset):
     """SPEC §3 rope: returns rotated (q, k), new contiguous tensors."""
-    return _RoPE.apply(q, k, cos, sin, position_offset)
+    return triton_rope_op(q, k, cos, sin, position_offset, False)

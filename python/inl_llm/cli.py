@@ -1,8 +1,13 @@
-"""`python -m inl_llm train | generate | demo`.
+"""`python -m inl_llm train | generate | demo | export | distill`.
 
 demo (the main job): trains `tiny` on the Python standard library's own source for about two
 minutes, evaluating as it goes, saves a checkpoint, reloads it, generates a sample and prints
 the iterations each layer used (early exit) while generating.
+
+train runs one process, or every rank of a torchrun job:
+    torchrun --nproc_per_node 2 -m inl_llm train --parallel fsdp --size small --out ckpt
+and `--resume ckpt` continues a training checkpoint exactly (or starts a new run from the
+weights of a plain checkpoint).
 """
 from __future__ import annotations
 
@@ -16,17 +21,42 @@ import torch
 import inl_kernels
 
 from . import data
-from .checkpoint import load_checkpoint, read_config
-from .config import SIZES
+from .checkpoint import TRAIN_STATE, export_checkpoint, load_checkpoint, load_weights, read_config, resolve_checkpoint
+from .config import RUNTIME_FIELDS, SIZES, INLConfig
 from .data import ByteTokenizer
-from .model import create_model
-from .train import TrainConfig, evaluate, train
+from .distributed import PARALLEL_MODES, init_from_env, parallelize
+from .model import build_model, create_model
+from .train import PRECISIONS, TrainConfig, evaluate, train
+
+
+def _fail(message: str):
+    raise SystemExit(f"error: {message}")
 
 
 def _device(name: str) -> torch.device:
+    """--device: auto, cpu, cuda or cuda:N, checked against what this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        _fail(f"--device {name!r} is not a device ({e})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__} "
+                  f"{'has CUDA ' + torch.version.cuda if torch.version.cuda else 'is a CPU-only build'}, "
+                  f"{torch.cuda.device_count()} GPUs visible); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            _fail(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        _fail(f"--device {name}: only auto, cpu and cuda[:N] are supported")
+    return device
+
+
+def _printable(text: str) -> str:
+    """Control and other non-printable characters as escapes (newlines and tabs kept), so a
+    sample cannot drive the terminal."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _overrides(pairs) -> dict:
@@ -62,28 +92,108 @@ def _print_iterations(model):
         print(f"  layer {i}: {shown} of {budget} steps on average")
 
 
+def _resume_config(checkpoint: str, size, overrides: dict, say) -> INLConfig:
+    """The checkpoint's config with the runtime overrides applied (each printed). An
+    architecture change (--size or --set of a field outside RUNTIME_FIELDS that differs from the
+    checkpoint) is refused: the checkpoint's weights only fit its own architecture."""
+    saved = read_config(checkpoint)[0].to_dict()
+    unknown = sorted(set(overrides) - set(saved))
+    if unknown:
+        _fail(f"--set {unknown}: not config fields (fields: {', '.join(saved)})")
+    # what the flags ask for: the named size with the --set fields over it
+    asked = [(f"--size {size}", k, v) for k, v in (SIZES[size].items() if size else ()) if k not in overrides]
+    asked += [(f"--set {k}={json.dumps(v)}", k, v) for k, v in overrides.items()]
+    changes = [f"{flag}: the checkpoint has {k}={saved[k]!r}" for flag, k, v in asked
+               if k not in RUNTIME_FIELDS and saved[k] != v]
+    if changes:
+        _fail(f"--resume {checkpoint} keeps the checkpoint's architecture, and these would change it:\n  "
+              + "\n  ".join(changes) + f"\n(runtime fields may be changed: {', '.join(sorted(RUNTIME_FIELDS))}; "
+              f"to train another architecture, start a new run without --resume)")
+    runtime = {k: v for flag, k, v in asked if k in RUNTIME_FIELDS}
+    for key, value in runtime.items():
+        if saved[key] != value:
+            say(f"runtime override: {key} {saved[key]!r} -> {value!r}")
+    try:
+        return INLConfig.from_dict({**saved, **runtime})
+    except (TypeError, ValueError) as e:
+        _fail(f"--set: {e}")
+
+
 def cmd_train(args) -> dict:
-    device = _device(args.device)
+    if args.parallel == "none" and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        _fail("launched by torchrun with several ranks but --parallel none: pass --parallel ddp or fsdp")
+    _device(args.device)  # a clear error before anything starts
+    rank, world, device = init_from_env(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
     overrides = _overrides(args.set)
+    resume_from = None
     if args.resume:
-        model = load_checkpoint(args.resume, device=device)
+        config = _resume_config(args.resume, args.size, overrides, say)
+        model = build_model(config)
+        if (resolve_checkpoint(args.resume) / TRAIN_STATE).exists():
+            resume_from = args.resume  # train() restores everything
+        else:
+            load_weights(model, args.resume)
+            say(f"{args.resume} holds weights only: a new run starts from them at step 0")
     else:
-        model = create_model(args.size, device=device, **overrides)
+        try:
+            config = INLConfig.from_name(args.size or "tiny", **overrides)
+        except (TypeError, ValueError) as e:
+            _fail(f"--set: {e}")
+        model = build_model(config)
+    model = model.to(device)
     tokens = data.load_corpus(args.data, max_bytes=args.max_bytes)
     train_tokens, eval_tokens = data.split(tokens, args.eval_fraction)
-    print(f"{_environment()}\nmodel: {_describe(model)}\ndata: {args.data}, {len(train_tokens):,} train and "
-          f"{len(eval_tokens):,} eval tokens")
+    parallel = f", {args.parallel} over {world} ranks" if args.parallel != "none" else ""
+    say(f"{_environment()}{parallel}\nmodel: {_describe(model)}\ndata: {args.data}, {len(train_tokens):,} train and "
+        f"{len(eval_tokens):,} eval tokens")
+    engine = parallelize(model, args.parallel, precision=args.precision,
+                         activation_checkpointing=args.activation_checkpointing)
     tc = TrainConfig(steps=args.steps, time_budget=args.time_budget, batch_size=args.batch_size, seq_len=args.seq_len,
-                     lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup, eval_every=args.eval_every,
+                     lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup, grad_accum_steps=args.grad_accum,
+                     data_shards=args.data_shards, precision=args.precision, eval_every=args.eval_every,
                      eval_interval_s=args.eval_interval_s, eval_batches=args.eval_batches,
                      preset=None if args.preset == "none" else args.preset, cycle_unit=args.cycle_unit,
                      cycle_scale=args.cycle_scale, checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
-                     seed=args.seed, progress=not args.no_progress)
-    result = train(model, train_tokens, eval_tokens, tc)
+                     export_weights=not args.sharded_checkpoints, seed=args.seed,
+                     progress=not args.no_progress)
+    result = train(engine, train_tokens, eval_tokens, tc, resume_from=resume_from)
     first, last = result["history"][0], result["history"][-1]
-    print(f"eval loss {first['loss']:.3f} -> {last['loss']:.3f} after {result['steps']} steps "
-          f"in {result['elapsed']:.0f} s" + (f"; checkpoint: {args.out}" if args.out else ""))
+    say(f"eval loss {first['loss']:.3f} -> {last['loss']:.3f} after {result['steps']} steps "
+        f"in {result['elapsed']:.0f} s" + (f"; checkpoint: {args.out}" if args.out else ""))
+    if world > 1:
+        reports = [None] * world
+        torch.distributed.all_gather_object(reports, result["memory"])
+        mib = lambda b: f"{b / 2 ** 20:.1f}"  # noqa: E731
+        for r, rep in enumerate(reports):
+            if rep is not None:
+                say(f"rank {r} memory (MiB): parameters {mib(rep['params'])}, gradients {mib(rep['grads'])}, "
+                    f"optimizer {mib(rep['optimizer'])}, resident {mib(rep['rss'] or 0)} "
+                    f"(peak {mib(rep['peak_rss'])})")
+        result["memory_per_rank"] = reports
+        torch.distributed.destroy_process_group()
     return {"model": model, **result}
+
+
+def cmd_convert(args):
+    """Between our checkpoint directory and a Hugging Face one (the [hf] extra), either way."""
+    try:
+        from . import hf
+    except ImportError as e:
+        _fail(f"convert needs transformers (pip install -e \".[hf]\"): {e}")
+    if hf.is_hf_directory(args.source):
+        path = hf.from_hf(args.source, args.destination)
+        print(f"Hugging Face model {args.source} -> checkpoint {path}")
+    else:
+        path = hf.to_hf(args.source, args.destination)
+        print(f"checkpoint {args.source} -> Hugging Face model {path}")
+    return path
+
+
+def cmd_export(args):
+    path = export_checkpoint(args.checkpoint, args.out)
+    print(f"{args.checkpoint} -> {path} ({', '.join(sorted(os.listdir(path)))})")
+    return path
 
 
 def cmd_generate(args, model=None):
@@ -101,7 +211,7 @@ def cmd_generate(args, model=None):
     elapsed = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     print("-" * 72)
-    print(args.prompt + tok.decode(out[0, ids.shape[1]:]))
+    print(_printable(args.prompt + tok.decode(out[0, ids.shape[1]:])))
     print("-" * 72)
     print(f"{new} tokens in {elapsed:.2f} s ({new / max(elapsed, 1e-9):.1f} tokens/s); iterations per layer "
           f"while generating (early exit):")
@@ -185,10 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-batches", type=int, default=8, help="batches of 16 × 128 bytes per evaluation")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
-    tr = sub.add_parser("train", help="train a model (cycle scheduler + IntegratorLoss)")
-    tr.add_argument("--size", default="tiny", choices=list(SIZES))
+    tr = sub.add_parser("train", help="train a model (cycle scheduler + IntegratorLoss); under torchrun on every rank")
+    tr.add_argument("--size", default=None, choices=list(SIZES), help="named size (default tiny)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    tr.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint's weights")
+    tr.add_argument("--resume", metavar="CHECKPOINT",
+                    help="continue a training checkpoint exactly, or start from a plain checkpoint's weights")
+    tr.add_argument("--parallel", default="none", choices=PARALLEL_MODES,
+                    help="data parallelism under torchrun: ddp or fsdp (FSDP2)")
+    tr.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                    help="bf16: FSDP's mixed-precision policy (bf16 compute, fp32 reduce), else autocast")
+    tr.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
+    tr.add_argument("--data-shards", type=int, default=None,
+                    help="shards of the train stream (default: the world size); a run resumes on any world size "
+                         "that divides it")
+    tr.add_argument("--sharded-checkpoints", action="store_true",
+                    help="periodic checkpoints hold only the sharded training state (no gathered "
+                         "model.safetensors; the final one has it)")
     tr.add_argument("--data", default="stdlib", help='"stdlib", a .txt file or directory, or a .parquet file')
     tr.add_argument("--max-bytes", type=int, default=None)
     tr.add_argument("--eval-fraction", type=float, default=0.05)
@@ -210,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="auto")
     tr.add_argument("--no-progress", action="store_true")
 
+    ex = sub.add_parser("export", help="a checkpoint's weights (e.g. a sharded training checkpoint) as a plain "
+                                       "checkpoint directory with model.safetensors")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True)
+
+    cv = sub.add_parser("convert", help="checkpoint <-> Hugging Face model directory (needs the [hf] extra); the "
+                                        "direction follows the source")
+    cv.add_argument("source")
+    cv.add_argument("destination")
+
     gen = sub.add_parser("generate", help="sample from a checkpoint")
     gen.add_argument("--checkpoint", required=True)
     gen.add_argument("--prompt", default="def ")
@@ -222,12 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-cache", action="store_true")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
+
+    from . import distill  # trajectory distillation (python/inl_llm/distill.py)
+    distill.add_subcommand(sub)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate}[args.command](args)
+    if args.command == "distill":
+        from .distill import cmd_distill
+        return cmd_distill(args)
+    return {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "export": cmd_export,
+            "convert": cmd_convert}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -38,17 +38,22 @@ Feature switches, and their defaults as the seeds set them:
 - learnable_mu (on) and mu_ema_rate (None: off; the seeds' EMA rate is 1e-4).
 - mixture_of_integrators (off; a research feature in the seeds): num_experts integrators per
   block, a router picks top_k of them per token.
+- dropout (0.0: off): dropout on the embedding and on each residual branch (attention,
+  integrator, FFN outputs) while training; it holds no parameters.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 from .data import ByteTokenizer
 
-BACKEND_CHOICES = ("auto", "reference", "triton", "cpu", "cuda")
+from inl_kernels import BACKENDS
+
+BACKEND_CHOICES = ("auto",) + BACKENDS
 
 
 @dataclass
@@ -97,17 +102,49 @@ class INLConfig:
     mixture_of_integrators: bool = False
     num_experts: int = 8
     top_k: int = 2
+    dropout: float = 0.0
 
     seed: int = 0  # parameters are a function of this seed alone
     backend: str = "auto"  # every op of the model goes through this backend choice
 
     def __post_init__(self):
+        """Every field is checked once, here: a wrong type raises TypeError, a value outside its
+        domain ValueError, each naming the field (a bad dt would otherwise surface only as NaN
+        logits, and a config that cannot be built could never be loaded back)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_KINDS[f.name]
+            if kind is bool and not isinstance(value, bool):
+                raise TypeError(f"{f.name} must be a bool, got {value!r}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{f.name} must be an int, got {value!r}")
+            if kind is float and not (value is None and f.name in _OPTIONAL) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"{f.name} must be a number, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise TypeError(f"{f.name} must be a str, got {value!r}")
+            if kind is float and value is not None and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "feedforward_dim",
                      "max_seq_len", "num_iterations", "controller_hidden", "min_embedding_rank",
                      "mu_group_size", "num_experts", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name, (low, high, low_open, high_open) in _FLOAT_DOMAINS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value is None:
+                continue
+            below = value <= low if low_open else value < low
+            above = high is not None and (value >= high if high_open else value > high)
+            if below or above:
+                interval = (("(" if low_open else "[") + f"{low}, " + (f"{high}" if high is not None else "inf")
+                            + (")" if high_open or high is None else "]"))
+                raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+        for name in ("budget_slack", "min_iterations"):  # min_iterations 0 behaves as 1
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
         if (self.d_model // self.num_heads) % 2:
@@ -117,13 +154,9 @@ class INLConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
-        if not 0.0 <= self.excitation_sparsity <= 1.0:
-            raise ValueError(f"excitation_sparsity must lie in [0, 1], got {self.excitation_sparsity}")
         if self.min_iterations > self.num_iterations:
             raise ValueError(f"min_iterations ({self.min_iterations}) must be <= num_iterations "
                              f"({self.num_iterations})")
-        if self.mu_ema_rate is not None and not 0.0 < self.mu_ema_rate <= 1.0:
-            raise ValueError(f"mu_ema_rate must be None or in (0, 1], got {self.mu_ema_rate}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 
@@ -156,6 +189,34 @@ class INLConfig:
         return cls(**values)
 
 
+_OPTIONAL = {"mu_ema_rate"}
+# each field's kind (the dataclass annotations are strings under `from __future__ import annotations`)
+_FIELD_KINDS = {f.name: {"int": int, "float": float, "bool": bool, "str": str, "Optional[float]": float}[f.type]
+                for f in dataclasses.fields(INLConfig)}
+# float fields: (low, high or None, low excluded, high excluded). Why each bound: rope_base is
+# raised to fractional powers; norm_eps sits under a square root beside mean(x²) (0 is allowed);
+# dt scales every step (0 freezes the state, < 0 runs it backwards); init_alpha and init_gate pass
+# through a logit and init_beta through softplus⁻¹; kappa 0 would make alpha 0 (dynamic_alpha is
+# the switch for that); a negative amplitude is the same excitation with phase + π; tol is a
+# norm; the EMA rates and the excited fraction are proportions.
+_FLOAT_DOMAINS = {
+    "rope_base": (0.0, None, True, False),
+    "norm_eps": (0.0, None, False, False),
+    "dt": (0.0, None, True, False),
+    "init_alpha": (0.0, 1.0, True, True),
+    "init_beta": (0.0, None, True, False),
+    "init_gate": (0.0, 1.0, True, True),
+    "embedding_rank_ratio": (0.0, None, True, False),
+    "excitation_sparsity": (0.0, 1.0, False, False),
+    "excitation_amplitude": (0.0, None, False, False),
+    "alpha_kappa": (0.0, None, True, False),
+    "tol": (0.0, None, False, False),
+    "budget_momentum": (0.0, 1.0, False, False),
+    "mu_ema_rate": (0.0, 1.0, True, False),
+    "dropout": (0.0, 1.0, False, True),
+}
+
+
 def _size(d, layers, heads, kv_heads, iterations, ff, ctx, **extra):
     return dict(d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, num_iterations=iterations,
                 feedforward_dim=ff, max_seq_len=ctx, **extra)
@@ -177,5 +238,5 @@ SIZES = {
 # fields that change how a model runs but not its parameters: a checkpoint loads under any value
 RUNTIME_FIELDS = frozenset({"tol", "min_iterations", "adaptive_stopping", "gradient_checkpointing", "backend",
                             "seed", "iteration_budgets", "budget_slack", "budget_momentum", "mu_ema_rate",
-                            "excitation_amplitude"})
+                            "excitation_amplitude", "dropout"})
 

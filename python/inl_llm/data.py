@@ -8,6 +8,7 @@ bytes, EOS (so a prompt that starts with BOS starts the way every training docum
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sysconfig
@@ -127,3 +128,59 @@ def random_batch(tokens: torch.Tensor, batch_size: int, seq_len: int,
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
     windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
+
+
+class WindowSampler:
+    """The training windows of every step, a pure function of (seed, step), read shard by shard.
+
+    The train stream is cut into `num_shards` contiguous shards. Step t's global batch is
+    batch_size windows of seq_len + 1 tokens: batch_size / num_shards from each shard, in shard
+    order, at offsets drawn by an RNG seeded from (seed, shard, t). Rank r of a world of W
+    (W dividing num_shards) reads only shards r, r + W, ... and so holds rows of the global batch
+    that no other rank reads. Hence:
+    - a step's global batch is the same on every world size that divides num_shards (one
+      process with num_shards=2 sees exactly what two ranks see together);
+    - the data position is the step number: resuming at step t continues the stream exactly,
+      on any such world size, with no iterator state to carry.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, num_shards: int = 1, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if num_shards < 1 or batch_size % num_shards:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of num_shards ({num_shards})")
+        if world_size < 1 or num_shards % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"num_shards ({num_shards}) must be a multiple of world_size ({world_size}), "
+                             f"rank in [0, world_size), got rank {rank}")
+        self.seq_len, self.batch_size, self.num_shards, self.seed = seq_len, batch_size, num_shards, seed
+        self.rank, self.world_size = rank, world_size
+        n = len(tokens)
+        bounds = [n * s // num_shards for s in range(num_shards + 1)]
+        self.shards = {s: tokens[bounds[s]:bounds[s + 1]] for s in range(rank, num_shards, world_size)}
+        short = [s for s, shard in self.shards.items() if len(shard) < seq_len + 1]
+        if short:
+            raise ValueError(f"the train stream ({n} tokens) cut into {num_shards} shards leaves shard(s) {short} "
+                             f"shorter than seq_len + 1 = {seq_len + 1}")
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.world_size
+
+    def _generator(self, shard: int, step: int) -> torch.Generator:
+        digest = hashlib.sha256(f"inl_llm windows {self.seed} {shard} {step}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of step `step`'s global batch: inputs and next-token targets,
+        [batch_size / world_size, seq_len] each."""
+        per_shard = self.batch_size // self.num_shards
+        windows = []
+        for s, shard in self.shards.items():
+            starts = torch.randint(0, len(shard) - self.seq_len, (per_shard,), generator=self._generator(s, step))
+            windows.extend(shard[i:i + self.seq_len + 1] for i in starts.tolist())
+        windows = torch.stack(windows)
+        return windows[:, :-1], windows[:, 1:]
+
+    def state_dict(self) -> dict:
+        """What must match for a resume to see the same stream (the position is the step)."""
+        return {"seq_len": self.seq_len, "batch_size": self.batch_size, "num_shards": self.num_shards,
+                "seed": self.seed}

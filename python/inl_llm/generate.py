@@ -2,6 +2,19 @@
 `decode_one_token` per new token (gpt-fast's split), in eval mode, so every integrator exits
 early once its state has converged.
 
+The decode step reads and writes only device tensors of fixed shapes (the cache's buffers and
+its filled length), so it can run three ways with the same tokens:
+- eager (default);
+- `compile=True`: torch.compile(fullgraph=True) of the step, mode "reduce-overhead" on CUDA
+  (which captures a CUDA graph under the hood), the default mode on a CPU;
+- `cuda_graph=True` (CUDA): the step captured once in a CUDA graph by hand and replayed per token,
+  without torch.compile.
+No step reads a value back to the host: end-of-sequence is tracked on the device and checked
+every `eos_check_every` tokens.
+
+Batched prompts of different lengths are left-padded, with `attention_mask` marking the real
+tokens (1) and the padding (0): every row then generates what it generates alone.
+
 Sampling, in this order: repetition penalty (CTRL rule: a seen token's logit is divided by the
 penalty when positive, multiplied when negative), then greedy argmax, or temperature → top-k →
 top-p (nucleus: the smallest set of tokens whose probability reaches top_p) → multinomial.
@@ -51,9 +64,9 @@ def next_token(logits: torch.Tensor, history: torch.Tensor, temperature: float =
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, cache, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Runs the prompt through the model, filling the cache; returns the last position's logits."""
-    logits, _, _ = model(input_ids, past_key_values=cache, use_cache=True)
+    logits, _, _ = model(input_ids, past_key_values=cache, use_cache=True, attention_mask=attention_mask)
     return logits[:, -1]
 
 
@@ -63,47 +76,129 @@ def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
     return logits[:, -1]
 
 
+_compiled = {}
+
+
+def _compiled_step(device_type: str):
+    """decode_one_token under torch.compile(fullgraph=True), made once per process and device type
+    (its guards then reuse one graph for every model of the same structure)."""
+    if device_type not in _compiled:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _compiled[device_type] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
+    return _compiled[device_type]
+
+
+class CudaGraphStep:
+    """decode_one_token captured once in a CUDA graph and replayed for every later token: the
+    token goes into a static input buffer, the graph writes the cache and the logits buffer.
+    The first call runs eagerly on a side stream (Triton compiles, cuBLAS and allocator warm
+    up), the second captures and replays."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.graph = None
+        self.token = None
+        self.logits = None
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if self.graph is None and self.token is None:  # warm-up step, eager
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                logits = decode_one_token(self.model, token, self.cache)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.token = token.clone()
+            return logits
+        if self.graph is None:
+            self.token.copy_(token)
+            length = self.cache.length
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = decode_one_token(self.model, self.token, self.cache)
+            self.cache.length = length  # capture ran the Python, not the step
+        else:
+            self.token.copy_(token)
+        self.graph.replay()
+        self.cache.length += token.shape[1]
+        return self.logits
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
              do_sample: bool = True, eos_token_id: Optional[int] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
+             compile: bool = False, cuda_graph: bool = False, eos_check_every: int = 8) -> torch.Tensor:
     """input_ids [B, S] -> [B, S + n] with n <= max_new_tokens new ids.
 
     Runs in eval mode (early exit on) and restores the model's mode after. Once a row emits
-    eos_token_id it keeps emitting it; generation stops when every row has. Without the cache
-    each step re-runs the whole sequence (same tokens as with it: the test checks greedy).
-    The prompt plus the new tokens must fit in max_seq_len."""
+    eos_token_id it keeps emitting it; generation stops when every row has (checked every
+    `eos_check_every` tokens, the only reads back to the host). Without the cache each step
+    re-runs the whole sequence (same tokens as with it: the test checks greedy). The prompt plus
+    the new tokens but the last (never fed back) must fit in max_seq_len. attention_mask [B, S]:
+    left padding of batched prompts (1 = token, 0 = padding). compile / cuda_graph: see the module docstring (both need the cache)."""
     _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     batch, length = input_ids.shape
     if length < 1:
         raise ValueError("input_ids must hold at least one token (a prompt; e.g. the BOS id)")
-    limit = model.config.max_seq_len
-    if length + max_new_tokens > limit:
-        raise ValueError(f"the prompt ({length} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                         f"max_seq_len={limit}")
+    # the last new token is sampled, never fed back: the model sees length + max_new_tokens - 1 positions
+    limit, seen = model.config.max_seq_len, length + max(max_new_tokens - 1, 0)
+    if seen > limit:
+        raise ValueError(f"the prompt ({length} tokens) plus max_new_tokens ({max_new_tokens}) needs {seen} positions "
+                         f"(the last new token is not fed back), more than max_seq_len={limit}")
+    if (compile or cuda_graph) and not use_cache:
+        raise ValueError("compile and cuda_graph decode through the static KV cache: use_cache must be True")
+    if cuda_graph and input_ids.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors, got input_ids on {input_ids.device}")
+    if not isinstance(eos_check_every, int) or eos_check_every < 1:
+        raise ValueError(f"eos_check_every must be an int >= 1, got {eos_check_every!r}")
     sample = lambda logits, ids: next_token(logits, ids, temperature, top_k, top_p,  # noqa: E731
                                             repetition_penalty, do_sample, generator)
     was_training = model.training
     model.eval()
     try:
-        out = input_ids
         if max_new_tokens == 0:
-            return out
-        cache = model.new_cache(batch, length + max_new_tokens) if use_cache else None
-        logits = prefill(model, input_ids, cache) if use_cache else model(input_ids)[0][:, -1]
+            return input_ids
+        out = torch.empty(batch, length + max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
+        out[:, :length] = input_ids
+        cache = model.new_cache(batch, seen) if use_cache else None
+        if use_cache:
+            logits = prefill(model, input_ids, cache, attention_mask)
+        else:
+            logits = model(input_ids, attention_mask=attention_mask)[0][:, -1]
+        if cuda_graph:
+            step = CudaGraphStep(model, cache)
+        elif compile:
+            compiled = _compiled_step(input_ids.device.type)
+            step = lambda token: compiled(model, token, cache)  # noqa: E731
+        else:
+            step = lambda token: decode_one_token(model, token, cache)  # noqa: E731
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            token = sample(logits, out)
+        done = torch.zeros(max_new_tokens, dtype=torch.bool, device=input_ids.device)  # every row finished at step i
+        mask = attention_mask
+        for i in range(max_new_tokens):
+            token = sample(logits, out[:, :length + i])
             if eos_token_id is not None:
                 token = torch.where(finished, torch.full_like(token, eos_token_id), token)
                 finished |= token == eos_token_id
-            out = torch.cat((out, token[:, None]), dim=1)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                done[i] = finished.all()
+            out[:, length + i] = token
+            if i == max_new_tokens - 1:
                 break
-            logits = decode_one_token(model, token[:, None], cache) if use_cache else model(out)[0][:, -1]
-        return out
+            if eos_token_id is not None and (i + 1) % eos_check_every == 0 and bool(finished.all()):
+                break
+            if use_cache:
+                logits = step(token[:, None])
+            else:
+                if mask is not None:
+                    mask = torch.cat((mask, mask.new_ones(batch, 1)), dim=1)
+                logits = model(out[:, :length + i + 1], attention_mask=mask)[0][:, -1]
+        if eos_token_id is not None and bool(done.any()):
+            # stop right after the step at which the last row finished, as a check every step would
+            first = int(done.nonzero()[0])
+            return out[:, :length + first + 1]
+        return out[:, :length + i + 1]
     finally:
         model.train(was_training)

@@ -18,6 +18,11 @@ final states x [n, d], equilibrium mu [d] and per-step statistics energy, distan
 
 The seeds apply the terms to one layer; averaging over every integrator is our extension.
 
+Under data parallelism (`process_group` set, as the trainer does) the batch mean and variance of
+L_mean are taken over the global batch (all ranks' rows, through a differentiable all-reduce), so
+W ranks of n rows give the loss and gradients of one process with all W·n rows. Every other term
+is a mean over rows, which the gradient averaging of DDP/FSDP already makes global.
+
 λ_mean(epoch) = level · (r + (1 − r) · max(0, 1 − epoch / annealing_epochs)), r = final / init:
 the annealing scales the level from 1× down to r× (seeds: 1.0 → 0.1 over 100 epochs). The
 level is lambda_mean_init, or exploration_lambda_mean in an exploration phase, or what the cycle
@@ -37,6 +42,25 @@ from torch import nn
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """fp32 for fp16/bf16/fp32 statistics, fp64 kept."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = Σ_ranks x. Every rank then computes the same loss L(y), so ∂L/∂x on a rank is
+    Σ_ranks ∂L/∂y: the backward sums too. (DDP/FSDP then average the parameter gradients over
+    the W ranks, which gives exactly the gradient of the single-process loss.)"""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.clone()
+        torch.distributed.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class IntegratorLoss(nn.Module):
@@ -59,6 +83,7 @@ class IntegratorLoss(nn.Module):
         self.variance_weighted = variance_weighted
         self.ignore_index = ignore_index
         self.is_exploration = False
+        self.process_group = None  # a torch.distributed group: L_mean's batch statistics span its ranks
         self._phase_lambda_mean: Optional[float] = None
         self._phase_lambda_energy: Optional[float] = None
 
@@ -81,6 +106,19 @@ class IntegratorLoss(nn.Module):
             return self._phase_lambda_energy
         return self.exploration_lambda_energy if self.is_exploration else self.lambda_energy
 
+    def _batch_mean_var(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dim mean (differentiable) and population variance (no gradient) of x [n, d] over
+        the batch: this process's rows, or every rank's rows of process_group."""
+        group = self.process_group
+        if group is None or torch.distributed.get_world_size(group) == 1:
+            return x.mean(dim=0), x.detach().var(dim=0, unbiased=False)
+        rows = torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device)
+        torch.distributed.all_reduce(rows, group=group)
+        mean = _SumOverRanks.apply(x.sum(dim=0), group) / rows
+        squares = ((x.detach() - mean.detach()) ** 2).sum(dim=0)
+        torch.distributed.all_reduce(squares, group=group)
+        return mean, squares / rows
+
     def integrator_terms(self, stats: Sequence, epoch: float = 0) -> dict:
         """L_mean, L_speed, L_energy from a list of IntegratorStats (or anything with x, mu,
         energy, distance)."""
@@ -89,11 +127,9 @@ class IntegratorLoss(nn.Module):
         mean_terms, speed_terms, energy_terms = [], [], []
         for s in stats:
             x = _wide(s.x)
-            if self.variance_weighted:
-                w = 1.0 / (1.0 + x.detach().var(dim=0, unbiased=False))
-            else:
-                w = torch.ones_like(x[0])
-            mean_terms.append((w * (x.mean(dim=0) - _wide(s.mu)) ** 2).sum())
+            mean, var = self._batch_mean_var(x)
+            w = 1.0 / (1.0 + var) if self.variance_weighted else torch.ones_like(mean)
+            mean_terms.append((w * (mean - _wide(s.mu)) ** 2).sum())
             distance = _wide(s.distance)
             decay = torch.exp(-torch.arange(distance.shape[1], device=distance.device, dtype=distance.dtype) / self.tau)
             speed_terms.append((decay * distance.mean(dim=0)).sum())

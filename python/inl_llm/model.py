@@ -21,7 +21,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU
+from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU, inl_iterate
+from inl_kernels._dispatch import preferred
+from inl_kernels._validate import token_ids as check_token_ids
 
 from .cache import KVCache
 from .config import INLConfig
@@ -39,7 +41,7 @@ class IntegratorStats(NamedTuple):
 
 
 def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
-    return IntegratorLayer(
+    layer = IntegratorLayer(
         cfg.d_model, controller, num_iterations=cfg.num_iterations, dt=cfg.dt,
         kappa=cfg.alpha_kappa if cfg.dynamic_alpha else None,
         excitation_sparsity=cfg.excitation_sparsity if cfg.sparse_excitation else 1.0,
@@ -47,6 +49,38 @@ def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
         mu_group_size=cfg.mu_group_size if cfg.hierarchical_mu else None, mu_init=cfg.mu_init,
         learnable_mu=cfg.learnable_mu, mu_ema_rate=cfg.mu_ema_rate,
         tol=cfg.tol if cfg.adaptive_stopping else None, min_iterations=cfg.min_iterations, backend=cfg.backend)
+    # the global mu as shape [1], not a 0-dim scalar: FSDP2 shards every parameter along dim 0
+    # and refuses scalars (it broadcasts in equilibrium() the same way); checkpoints saved with
+    # the scalar still load (_mu_global_as_vector)
+    layer.mu_global.data = layer.mu_global.data.reshape(1)
+    return layer
+
+
+def _mu_global_as_vector(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook: a checkpoint written before mu_global became [1] holds it as a
+    0-dim tensor."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key.endswith("mu_global") and value.dim() == 0:
+            state_dict[key] = value.reshape(1)
+
+
+def _iterate_with_trajectory(layer: IntegratorLayer, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
+    """layer(h, x, return_info=True, num_iterations=...) with the iterate's x/v trajectories kept
+    (info.trajectory_x, info.trajectory_v [rows, T+1, d], the initial state first). It is
+    IntegratorLayer.forward with return_trajectory=True, the same mu EMA bookkeeping included:
+    that module takes no such flag yet (it lives in inl_kernels, outside this layer)."""
+    recomputing = bool(layer.mu_ema_rate) and torch._C._current_graph_task_id() != -1  # a checkpoint recomputation
+    if not recomputing:
+        layer.apply_mu_ema()
+    x_out, info = inl_iterate(
+        h, x, **layer.controller.weights(), mod_scale=layer.mod_scale, mod_bias=layer.mod_bias,
+        mu=layer.equilibrium(), exc_index=layer.exc_index, gamma=layer.gamma, phi=layer.phi,
+        amplitude=layer.excitation_amplitude, dt=layer.dt, kappa=layer.kappa, num_iterations=num_iterations,
+        tol=None if layer.training else layer.tol, min_iterations=layer.min_iterations,
+        backend=preferred(layer.backend, "iterate"), return_trajectory=True)
+    if layer.training and layer.mu_ema_rate and not recomputing and h.shape[0] > 0:
+        layer._mu_target = h.detach().float().mean(0)
+    return x_out, info
 
 
 class MixtureOfIntegrators(nn.Module):
@@ -63,8 +97,10 @@ class MixtureOfIntegrators(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
-        """h, x [N, d] -> (out [N, d], [IntegratorStats per expert that got rows], balance)."""
+    def forward(self, h: torch.Tensor, x: torch.Tensor, num_iterations: int, trajectory: bool = False):
+        """h, x [N, d] -> (out [N, d], [IntegratorStats per expert that got rows], balance), and with
+        `trajectory` the mixture's x and v trajectories [N, T+1, d] (per row, the routing-weighted
+        sum of its experts' trajectories, as `out` is of their final states) as a fourth value."""
         n, E, k = x.shape[0], len(self.experts), self.top_k
         logits = self.router(x)
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [N, E]
@@ -84,14 +120,22 @@ class MixtureOfIntegrators(nn.Module):
             groups = [(s // k, weights[s]) for s in slots]
 
         out = torch.zeros_like(x)
+        if trajectory:
+            path_x, path_v = (x.new_zeros(n, num_iterations + 1, x.shape[1]) for _ in range(2))
         stats = []
         for expert, (rows, w) in zip(self.experts, groups):
             if rows.numel() == 0:
                 continue
-            y, info = expert(h[rows], x[rows], return_info=True, num_iterations=num_iterations)
+            if trajectory:
+                y, info = _iterate_with_trajectory(expert, h[rows], x[rows], num_iterations)
+                w3 = w.to(y.dtype)[:, None, None]
+                path_x = path_x.index_add(0, rows, info.trajectory_x * w3)
+                path_v = path_v.index_add(0, rows, info.trajectory_v * w3)
+            else:
+                y, info = expert(h[rows], x[rows], return_info=True, num_iterations=num_iterations)
             out = out.index_add(0, rows, y * w.to(y.dtype)[:, None])
             stats.append(IntegratorStats(y, expert.equilibrium(), info.energy, info.distance, info.iterations))
-        return out, stats, balance
+        return (out, stats, balance, (path_x, path_v)) if trajectory else (out, stats, balance)
 
 
 class IterationBudget(nn.Module):
@@ -154,21 +198,31 @@ class Block(nn.Module):
             self.integrator = _integrator(cfg, controller)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
         self.ffn = SwiGLU(d, cfg.feedforward_dim, cfg.backend)
+        # on each residual branch (the integrator's context h stays the undropped attention output)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, num_iterations: int, cache=None):
-        """x [B, S, d] -> (x, [IntegratorStats], router balance or None)."""
+    def forward(self, x: torch.Tensor, num_iterations: int, cache=None, kv_starts=None, trajectory: bool = False):
+        """x [B, S, d] -> (x, [IntegratorStats], router balance or None), and with `trajectory`
+        the integrator's (x, v) trajectories [B·S, T+1, d] as a fourth value. kv_starts [B]: each
+        row's left padding (no cache); a static cache carries its own."""
         B, S, d = x.shape
-        a, _ = self.attn(self.attn_norm(x), past_key_value=cache)
-        state, x = self.integrator_norm(a, residual=x)  # rms_norm(x + a), x + a in one pass
+        a, _ = self.attn(self.attn_norm(x), past_key_value=cache, kv_starts=kv_starts)
+        state, x = self.integrator_norm(self.dropout(a), residual=x)  # rms_norm(x + a), x + a in one pass
         h, state = a.reshape(-1, d), state.reshape(-1, d)
+        path = None
         if isinstance(self.integrator, MixtureOfIntegrators):
-            s, stats, balance = self.integrator(h, state, num_iterations)
+            s, stats, balance, *path = self.integrator(h, state, num_iterations, trajectory)
         else:
-            s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations)
+            if trajectory:
+                s, info = _iterate_with_trajectory(self.integrator, h, state, num_iterations)
+                path = [(info.trajectory_x, info.trajectory_v)]
+            else:
+                s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations)
             stats = [IntegratorStats(s, self.integrator.equilibrium(), info.energy, info.distance, info.iterations)]
             balance = None
-        ffn_in, x = self.ffn_norm(s.view(B, S, d), residual=x)
-        return x + self.ffn(ffn_in), stats, balance
+        ffn_in, x = self.ffn_norm(self.dropout(s.view(B, S, d)), residual=x)
+        x = x + self.dropout(self.ffn(ffn_in))
+        return (x, stats, balance, path[0]) if trajectory else (x, stats, balance)
 
 
 class IntegratorLanguageModel(nn.Module):
@@ -186,12 +240,14 @@ class IntegratorLanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, self.controller or new_controller()) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # on the embedding
         self.budget = IterationBudget(cfg.num_layers, cfg.num_iterations, cfg.min_iterations, cfg.budget_slack,
                                       cfg.budget_momentum)
         # inference statistics (early exit), accumulated on the device without a sync
         self.register_buffer("_steps_run", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
         self.register_buffer("_rows_seen", torch.zeros(cfg.num_layers, dtype=torch.int64), persistent=False)
         self._init_weights()
+        self.register_load_state_dict_pre_hook(_mu_global_as_vector)
 
     @torch.no_grad()
     def _init_weights(self):
@@ -284,36 +340,55 @@ class IntegratorLanguageModel(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = False,
-                return_aux: bool = False):
+                return_aux: bool = False, attention_mask: Optional[torch.Tensor] = None,
+                return_trajectories: bool = False):
         """input_ids [B, S] -> (logits [B, S, V], aux or None, cache or None).
 
         With use_cache, a KVCache (new one of max_seq_len positions when past_key_values is
         None) is filled and returned; the tokens sit at positions cache.length … + S − 1.
+        attention_mask [B, S] (or [B, cached + S]): 1 for real tokens, 0 for padding, which must
+        sit at the start of a row (left padding: each row then computes what it computes alone)
+        or at its end (right padding: causal attention never lets a real token see it). With a
+        cache, the prompt's left padding is kept for every later step.
         aux: "iterations" [L] mean steps per row per layer, "energy" / "distance" (per layer,
         [T_l] means over rows after each step), "mu" (per layer, [d]; [E, d] for a mixture),
         "integrators" (every IntegratorStats, what IntegratorLoss reads) and "router_balance"
-        (mean over mixture layers, None without one)."""
+        (mean over mixture layers, None without one). return_trajectories (implies return_aux)
+        adds "trajectory_x" and "trajectory_v": per layer the iterate's states [B, S, T_l+1, d],
+        the initial state first (a row that exited early repeats its final state); they are
+        kept only when asked for."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {list(input_ids.shape)}")
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(input_ids.shape[0])
-        start = past_key_values.length if past_key_values is not None else 0
-        if start + input_ids.shape[1] > cfg.max_seq_len:
-            raise ValueError(f"positions up to {start + input_ids.shape[1] - 1} exceed max_seq_len={cfg.max_seq_len}")
+        if not torch.compiler.is_compiling():  # a compiled decode step leaves the host count to its caller
+            start = past_key_values.length if past_key_values is not None else 0
+            if start + input_ids.shape[1] > cfg.max_seq_len:
+                raise ValueError(f"positions up to {start + input_ids.shape[1] - 1} exceed max_seq_len="
+                                 f"{cfg.max_seq_len}")
+        kv_starts = None if attention_mask is None else left_padding(attention_mask, input_ids)
+        if past_key_values is not None:
+            past_key_values.begin(input_ids.shape[1], kv_starts)
+            kv_starts = None  # the cache carries it
 
         # under autocast the blocks compute in its dtype from the embedding on (fp32 weights,
         # low-precision activations); otherwise in the parameters' dtype
-        x = self.embed(input_ids).to(self.activation_dtype())
+        if isinstance(self.embed, nn.Embedding):  # the low-rank embedding checks its ids itself
+            check_token_ids("input_ids", input_ids, cfg.vocab_size)
+        x = self.dropout(self.embed(input_ids).to(self.activation_dtype()))
         checkpointing = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         budgets = self.iteration_budgets()
-        per_layer, balances = [], []
+        return_aux = return_aux or return_trajectories
+        per_layer, balances, paths = [], [], []
         for i, block in enumerate(self.blocks):
             cache = past_key_values.layers[i] if past_key_values is not None else None
             if checkpointing:
-                x, stats, balance = checkpoint(block, x, budgets[i], cache, use_reentrant=False)
+                x, stats, balance, *path = checkpoint(block, x, budgets[i], cache, kv_starts, return_trajectories,
+                                                      use_reentrant=False)
             else:
-                x, stats, balance = block(x, budgets[i], cache)
+                x, stats, balance, *path = block(x, budgets[i], cache, kv_starts, return_trajectories)
+            paths.extend(path)
             if not self.training:
                 with torch.no_grad():
                     self._steps_run[i] += sum(s.iterations.sum(dtype=torch.int64) for s in stats)
@@ -322,6 +397,8 @@ class IntegratorLanguageModel(nn.Module):
             if balance is not None:
                 balances.append(balance)
 
+        if past_key_values is not None:
+            past_key_values.commit()
         x = self.norm(x)
         if self.lm_head is not None:
             logits = self.lm_head(x)
@@ -345,16 +422,48 @@ class IntegratorLanguageModel(nn.Module):
                 "integrators": [s for stats in per_layer for s in stats],
                 "router_balance": torch.stack(balances).mean() if balances else None,
             }
+            if return_trajectories:
+                B, S = input_ids.shape
+                aux["trajectory_x"] = [px.reshape(B, S, *px.shape[1:]) for px, _ in paths]
+                aux["trajectory_v"] = [pv.reshape(B, S, *pv.shape[1:]) for _, pv in paths]
         return logits, aux, (past_key_values if use_cache else None)
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, repetition_penalty: float = 1.0, do_sample: bool = True,
-                 eos_token_id: Optional[int] = None, use_cache: bool = True, generator=None):
+                 eos_token_id: Optional[int] = None, use_cache: bool = True, generator=None,
+                 attention_mask: Optional[torch.Tensor] = None, compile: bool = False, cuda_graph: bool = False,
+                 eos_check_every: int = 8):
         """See inl_llm.generate.generate."""
         from .generate import generate
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, do_sample=do_sample, eos_token_id=eos_token_id,
-                        use_cache=use_cache, generator=generator)
+                        use_cache=use_cache, generator=generator, attention_mask=attention_mask, compile=compile,
+                        cuda_graph=cuda_graph, eos_check_every=eos_check_every)
+
+
+def left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's count of leading padding positions ([B], int32) from an attention mask of 1s for
+    real tokens and 0s for padding (its last S columns cover input_ids). The mask must be a run of
+    0s then 1s (left padding) or of 1s then 0s (right padding, which needs nothing: causal
+    attention never shows a real token what follows it); checked on CPU tensors, where reading
+    them costs no device sync."""
+    B, S = input_ids.shape
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < S:
+        raise ValueError(f"attention_mask must have shape [batch, seq] = [{B}, >= {S}] like input_ids, got "
+                         f"{list(attention_mask.shape)}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask must be on {input_ids.device} like input_ids, got {attention_mask.device}")
+    mask = attention_mask.to(torch.int32)
+    starts = (mask.cumsum(1) == 0).sum(1, dtype=torch.int32)
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        ones = mask.sum(1)
+        left = torch.arange(mask.shape[1])[None, :] >= starts[:, None]
+        right = torch.arange(mask.shape[1])[None, :] < ones[:, None]
+        if not bool(((mask == 0) | (mask == 1)).all()) or not bool(((mask == left.int()) | (mask == right.int()))
+                                                                    .all(1).all()):
+            raise ValueError("attention_mask must hold 1s for tokens and 0s for padding, the padding at the start "
+                             "(left padding) or at the end (right padding) of each row")
+    return starts
 
 
 def create_model(size: str = "tiny", vocab_size: Optional[int] = None, device=None, dtype=None,

@@ -9,7 +9,8 @@ import torch
 from inl_kernels import inl_iterate
 from inl_kernels._dispatch import resolve
 from inl_kernels.cpu import unavailable_reason
-from tests.iterate_cases import (CONVERGE_TOL, GRAD_NAMES, NAN_CASES, assert_nan_where_reference, cast,
+from inl_kernels.common import iterate_bundle
+from tests.iterate_cases import (call_backend, CONVERGE_TOL, GRAD_NAMES, NAN_CASES, assert_nan_where_reference, cast,
                                  converging_args, make_args, nan_case)
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -104,16 +105,16 @@ def test_empty_batch_and_zero_sizes():
     cpu_iterate = importlib.import_module("inl_kernels.cpu.iterate").iterate
     (h, x, kw), (h64, x64, kw64) = case(n=0, d=8, H=4, E=1, T=2)
     leaves = {k: kw[k].clone().requires_grad_(True) for k in ("w_o", "mu")}
-    out, info = cpu_iterate(h, x, **dict(kw, **leaves))
+    out, info = call_backend(cpu_iterate, h, x, **dict(kw, **leaves))
     assert out.shape == (0, 8) and info.energy.shape == (0, 2) and info.iterations.shape == (0,)
     (out.sum() + info.energy.sum()).backward()
     for k, leaf in leaves.items():
         assert torch.equal(leaf.grad, torch.zeros_like(leaf)), k
     with torch.no_grad():
-        out, info = cpu_iterate(h, x, **kw, tol=1e-3)
+        out, info = call_backend(cpu_iterate, h, x, **kw, tol=1e-3)
     assert out.shape == (0, 8) and info.iterations.shape == (0,)
     with pytest.raises(RuntimeError, match="num_iterations must be at least 1"):
-        cpu_iterate(h, x, **dict(kw, num_iterations=0))
+        call_backend(cpu_iterate, h, x, **dict(kw, num_iterations=0))
 
 
 def test_early_exit_counts_and_frozen_rows():
@@ -230,12 +231,12 @@ def test_auto_dispatch_and_fallbacks():
     cpu_iterate = importlib.import_module("inl_kernels.cpu.iterate")
     reference_iterate = importlib.import_module("inl_kernels.reference.iterate")
     args = dict(kw, amplitude=kw["amplitude"], return_trajectory=False)
-    assert resolve("iterate", "auto", "cpu", h, x, **args) is cpu_iterate.iterate
-    assert resolve("iterate", "auto", "cpu", h.double(), x.double(), **cast(args, torch.float64)) \
+    assert resolve("iterate", "auto", "cpu", *iterate_bundle(h, x, **args)) is cpu_iterate.iterate
+    assert resolve("iterate", "auto", "cpu", *iterate_bundle(h.double(), x.double(), **cast(args, torch.float64))) \
         is reference_iterate.iterate
     x_grad = x.clone().requires_grad_(True)
     traj = dict(args, return_trajectory=True)
-    assert resolve("iterate", "auto", "cpu", h, x_grad, **traj) is reference_iterate.iterate
+    assert resolve("iterate", "auto", "cpu", *iterate_bundle(h, x_grad, **traj)) is reference_iterate.iterate
     with pytest.raises(ValueError, match="cpu.*trajectory"):
         inl_iterate(h, x_grad, **kw, return_trajectory=True, backend="cpu")
     with pytest.raises(ValueError, match="float64"):

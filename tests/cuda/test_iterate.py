@@ -13,7 +13,7 @@ import torch
 from inl_kernels import inl_iterate
 from inl_kernels.cpu import unavailable_reason as extension_missing
 from inl_kernels.cuda import unavailable_reason
-from tests.iterate_cases import (CONVERGE_TOL, NAN_CASES, assert_nan_where_reference, cast, converging_args,
+from tests.iterate_cases import (CONVERGE_TOL, call_backend, NAN_CASES, assert_nan_where_reference, cast, converging_args,
                                  make_args, nan_case)
 
 cuda_iterate = importlib.import_module("inl_kernels.cuda.iterate")
@@ -77,7 +77,7 @@ def test_supports_names_shapes_without_a_plan_and_asks_the_gpu_once(monkeypatch)
     try:
         def why(n, d, H, v=None):
             h, x, kw = make_args(n=n, d=d, H=H, E=1, T=2, dtype=torch.float32, with_v=False)
-            return cuda_iterate.supports(h, x, **dict(kw, v=v), return_trajectory=False)
+            return call_backend(cuda_iterate.supports, h, x, **dict(kw, v=v), return_trajectory=False)
 
         assert why(256, 512, 64) is None
         assert why(256, 512, 64) is None

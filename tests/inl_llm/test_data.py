@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inl_llm import ByteTokenizer, load_corpus, load_parquet, load_stdlib, load_text
-from inl_llm.data import random_batch, split, stdlib_files
+from inl_llm.data import WindowSampler, random_batch, split, stdlib_files
 
 
 def test_tokenizer_round_trip_and_specials():
@@ -76,3 +76,41 @@ def test_batches_and_split():
     assert torch.equal(x, x2)
     with pytest.raises(ValueError, match="seq_len"):
         random_batch(tokens[:10], 1, 16)
+
+
+def test_window_sampler_gives_every_world_size_the_same_global_batch():
+    tokens = torch.arange(1000)  # a token's value is its position: windows show where they were read
+    one = WindowSampler(tokens, 16, 8, num_shards=4, seed=3)
+    two = [WindowSampler(tokens, 16, 8, num_shards=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    four = [WindowSampler(tokens, 16, 8, num_shards=4, seed=3, rank=r, world_size=4) for r in range(4)]
+    for step in (0, 1, 17):
+        x, y = one.batch(step)
+        assert x.shape == (8, 16) and torch.equal(y, x + 1)
+        # shard s holds tokens [250 s, 250 (s + 1)); one process reads its 2 windows in shard order
+        assert [int(w[0]) // 250 for w in x] == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert all(int(w[-1]) + 1 < 250 * (int(w[0]) // 250 + 1) for w in y)  # a window never crosses a shard
+        # rank r of W reads shards r, r + W, ...: together the ranks read the one global batch
+        by_shard = {int(w[0]) // 250: [] for w in x}
+        for w in x:
+            by_shard[int(w[0]) // 250].append(w)
+        for world in (two, four):
+            rows = {int(w[0]) // 250: [] for sampler in world for w in sampler.batch(step)[0]}
+            for sampler in world:
+                local = sampler.batch(step)[0]
+                assert local.shape == (8 // sampler.world_size, 16) and sampler.local_batch_size == len(local)
+                for w in local:
+                    rows[int(w[0]) // 250].append(w)
+            assert all(torch.equal(torch.stack(rows[s]), torch.stack(by_shard[s])) for s in by_shard)
+    assert not torch.equal(one.batch(0)[0], one.batch(1)[0])  # the position is the step
+    assert torch.equal(one.batch(5)[0], WindowSampler(tokens, 16, 8, num_shards=4, seed=3).batch(5)[0])
+    assert not torch.equal(one.batch(5)[0], WindowSampler(tokens, 16, 8, num_shards=4, seed=4).batch(5)[0])
+
+
+def test_window_sampler_rejects_what_cannot_be_split():
+    tokens = torch.arange(100)
+    with pytest.raises(ValueError, match="batch_size .* multiple of num_shards"):
+        WindowSampler(tokens, 8, 6, num_shards=4)
+    with pytest.raises(ValueError, match="num_shards .* multiple of world_size"):
+        WindowSampler(tokens, 8, 8, num_shards=4, rank=0, world_size=3)
+    with pytest.raises(ValueError, match=r"shard\(s\) \[0, 1, 2, 3\] shorter than seq_len"):
+        WindowSampler(tokens, 30, 8, num_shards=4)

@@ -91,7 +91,7 @@ def test_bad_arguments():
     model = micro()
     prompt = torch.tensor([[1, 2, 3]])
     with pytest.raises(ValueError, match="max_seq_len"):
-        model.generate(prompt, 38)
+        model.generate(prompt, 39)  # 3 + 39 - 1 = 41 positions > 40
     with pytest.raises(ValueError, match="temperature"):
         model.generate(prompt, 2, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import inl_kernels.reference as ref
+from tests.iterate_cases import reference_iterate
 from inl_llm import SIZES, INLConfig, KVCache, build_model, create_model
 from inl_llm.model import IterationBudget, MixtureOfIntegrators
 
@@ -103,8 +104,8 @@ def test_block_is_spec_section_4():
     a = ref.attention(q, k, v, True, None, (att.cos, att.sin)).transpose(1, 2).reshape(B, S, d) @ att.o_proj.weight.t()
     x = x + a
     layer = blk.integrator
-    s, _ = ref.iterate(a.reshape(-1, d), norm(x, blk.integrator_norm).reshape(-1, d), **layer.controller.weights(),
-                       mod_scale=layer.mod_scale, mod_bias=layer.mod_bias, mu=layer.equilibrium(),
+    s, _ = reference_iterate(a.reshape(-1, d), norm(x, blk.integrator_norm).reshape(-1, d),
+                       **layer.controller.weights(), mod_scale=layer.mod_scale, mod_bias=layer.mod_bias, mu=layer.equilibrium(),
                        exc_index=layer.exc_index, gamma=layer.gamma, phi=layer.phi, amplitude=0.03, dt=0.1,
                        kappa=1.0, num_iterations=3)
     x = x + s.view(B, S, d)

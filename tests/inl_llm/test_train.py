@@ -46,7 +46,7 @@ def test_training_on_the_stdlib_lowers_eval_loss(corpus, tmp_path):
 def test_every_checkpoint_holds_the_mu_of_the_steps_before_it(corpus, tmp_path, monkeypatch):
     """With the EMA at rate 1 (flat mu), the mu a checkpoint holds is exactly the batch mean of
     block 0's attention output in the last training forward before the save."""
-    from inl_llm.checkpoint import save_checkpoint
+    from inl_llm.checkpoint import save_training_checkpoint
     train_module = importlib.import_module("inl_llm.train")  # the name inl_llm.train is the function
 
     model = small(mu_ema_rate=1.0, hierarchical_mu=False)
@@ -55,12 +55,13 @@ def test_every_checkpoint_holds_the_mu_of_the_steps_before_it(corpus, tmp_path, 
         lambda m, i, out: targets.append(out[0].detach().reshape(-1, 64).mean(0)) if m.training else None)
     saved = []
 
-    def save_and_read(model, directory, extra=None):
-        path = save_checkpoint(model, tmp_path / f"step{extra['step']}", extra)
+    def save_and_read(model, directory, optimizer, train_state, extra=None, export_weights=True):
+        path = save_training_checkpoint(model, tmp_path / f"step{extra['step']}", optimizer, train_state, extra,
+                                        export_weights)
         saved.append((extra["step"], load_checkpoint(path).blocks[0].integrator.equilibrium().detach()))
         return path
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_and_read)
+    monkeypatch.setattr(train_module, "save_training_checkpoint", save_and_read)
     tc = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1, eval_every=100, eval_batches=1,
                      checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=2, progress=False)
     train(model, *corpus, tc, log=lambda _: None)

@@ -88,7 +88,7 @@ def test_split_kv_decode(Sq, num_splits):
     q, k, v = make_inputs(B, Hq, Hkv, Sq, Skv, D, seed=Sq)
     cos, sin = rope_tables(Skv, D, device=DEVICE)
     q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
-    out = tri_attention._Attention.apply(q2, k2, v2, True, None, cos, sin, num_splits)
+    out = tri_attention.attention(q2, k2, v2, True, None, (cos, sin), num_splits=num_splits)
     do = torch.randn_like(out)
     out.backward(do)
     want = run("reference", q, k, v, do, causal=True, rope=(cos, sin))
@@ -109,7 +109,7 @@ def test_scores_far_below_zero(causal, num_splits):
         q += 8
         k -= 8
     q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
-    out = tri_attention._Attention.apply(q2, k2, v2, causal, None, None, None, num_splits)
+    out = tri_attention.attention(q2, k2, v2, causal, None, None, num_splits=num_splits)
     do = torch.randn_like(out)
     out.backward(do)
     want = run("reference", q, k, v, do, causal=causal)
@@ -239,10 +239,10 @@ def compile_cases():
     gpu = type("Device", (), {"type": "cuda"})()
     fp32_ptrs = ("LSE", "DELTA", "COS", "SIN", "O_PART", "M_PART", "L_PART")
     bf16_ptrs = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-    for D, causal, use_rope in ((128, True, True), (64, False, False)):
+    for D, causal, use_rope, ranges in ((128, True, True, True), (64, False, False, False)):
         half, bh, bd = D // 2, max(16, D // 2), D
-        flags = dict(D=D, HALF=half, BLOCK_H=bh, BLOCK_D=bd, CAUSAL=causal, ROPE=use_rope, DOT=tl.bfloat16,
-                     ACC=tl.float32)
+        flags = dict(D=D, HALF=half, BLOCK_H=bh, BLOCK_D=bd, CAUSAL=causal, ROPE=use_rope, HAS_LENS=ranges,
+                     HAS_STARTS=ranges, DOT=tl.bfloat16, ACC=tl.float32)
         bm, bn, warps, stages = tri_attention._config(D, gpu, torch.bfloat16)
         bbm, bbn, bwarps, bstages = tri_attention._config(D, gpu, torch.bfloat16, backward=True)
         cases = [
@@ -262,6 +262,8 @@ def compile_cases():
                     sig[name] = "*fp32"
                 elif name in bf16_ptrs:
                     sig[name] = "*bf16"
+                elif name in ("LENS", "STARTS"):
+                    sig[name] = "*i32"
                 else:
                     sig[name] = "fp32" if "scale" in name else "i32"
             compile_for_sm90(fn, sig, constexprs, num_warps, num_stages, label=D)
@@ -271,3 +273,57 @@ def compile_cases():
 def test_kernels_compile_for_sm90():
     """See tests/triton/sm90.py."""
     compile_in_child("tests.triton.test_attention:compile_cases", 12)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", [
+    # B, Hq, Hkv, Sq, Skv (buffer), kv_lens, kv_starts
+    (2, 4, 2, 1, 40, [17, 33], None),  # static-cache decode: one query, rows filled to different lengths
+    (2, 8, 2, 3, 40, [17, 40], [0, 5]),  # a few queries, a left-padded row
+    (2, 4, 2, 20, 20, None, [0, 7]),  # left-padded prefill: row 1's first 7 queries see nothing
+    (1, 4, 1, 2, 37, [21], [19]),  # padding up to the queries themselves
+], ids=lambda c: "B{}_Hq{}_Hkv{}_Sq{}_Skv{}_lens{}_starts{}".format(*c))
+def test_key_ranges_match_reference(case, causal):
+    """kv_lens / kv_starts (a static KV cache's filled length, left padding) on the tile and the
+    split-KV paths, forward and backward, with RoPE counted from each row's start."""
+    B, Hq, Hkv, Sq, Skv, lens, starts = case
+    q, k, v = make_inputs(B, Hq, Hkv, Sq, Skv, 16, layout="bhsd")
+    do = torch.randn(B, Hq, Sq, 16, device=DEVICE)
+    kw = dict(causal=causal, rope=rope_tables(Skv, 16, device=DEVICE),
+              kv_lens=None if lens is None else torch.tensor(lens, device=DEVICE),
+              kv_starts=None if starts is None else torch.tensor(starts, device=DEVICE))
+    got, want = run("triton", q, k, v, do, **kw), run("reference", q, k, v, do, **kw)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_all_close(got, want, 2e-5)
+
+
+def test_key_ranges_are_the_row_alone():
+    """The reference's own invariant: a left-padded row, or a row in a larger static buffer,
+    computes exactly what the row computes alone (fp64: bit-for-bit is not promised, 1e-12 is)."""
+    torch.manual_seed(3)
+    B, Hq, Hkv, S, D, pad, extra = 2, 4, 2, 9, 8, 4, 6
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64) for H in (Hq, Hkv, Hkv))
+    tables = rope_tables(S + pad + extra, D, dtype=torch.float64)
+    alone = gqa_attention(q, k, v, rope=tables, backend="reference")
+    zeros = lambda H, n: torch.zeros(B, H, n, D, dtype=torch.float64)  # noqa: E731
+    padded = gqa_attention(torch.cat((zeros(Hq, pad), q), 2), torch.cat((zeros(Hkv, pad), k), 2),
+                           torch.cat((zeros(Hkv, pad), v), 2), rope=tables, backend="reference",
+                           kv_starts=torch.full((B,), pad))
+    torch.testing.assert_close(padded[:, :, pad:], alone, rtol=1e-12, atol=1e-12)
+    assert torch.equal(padded[:, :, :pad], zeros(Hq, pad))  # queries that see nothing return zeros
+    buffered = gqa_attention(q[:, :, -2:], torch.cat((k, torch.randn(B, Hkv, extra, D, dtype=torch.float64)), 2),
+                             torch.cat((v, torch.randn(B, Hkv, extra, D, dtype=torch.float64)), 2), rope=tables,
+                             backend="reference", kv_lens=torch.full((B,), S))
+    torch.testing.assert_close(buffered, alone[:, :, -2:], rtol=1e-12, atol=1e-12)
+
+
+def test_key_range_arguments():
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 10, 8)
+    with pytest.raises(ValueError, match=r"kv_lens must have shape \[2\]"):
+        gqa_attention(q, k, k, kv_lens=torch.tensor([5]))
+    with pytest.raises(TypeError, match="kv_starts must have dtype"):
+        gqa_attention(q, k, k, kv_starts=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"kv_lens values must lie in \[Sq, Skv\]"):
+        gqa_attention(q, k, k, kv_lens=torch.tensor([2, 10]))
+    with pytest.raises(ValueError, match=r"kv_starts values must lie in \[0, 10\]"):
+        gqa_attention(q, k, k, kv_starts=torch.tensor([-1, 0]))

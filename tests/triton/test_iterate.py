@@ -8,8 +8,9 @@ import torch
 
 import inl_kernels
 from inl_kernels import inl_iterate
-from inl_kernels.reference.iterate import iterate as reference_iterate
-from tests.iterate_cases import CONVERGE_TOL, GRAD_NAMES, NAN_CASES, cast, converging_args, make_args, nan_case
+from inl_kernels.common import iterate_bundle
+from tests.iterate_cases import (CONVERGE_TOL, GRAD_NAMES, NAN_CASES, call_backend, cast, converging_args, make_args,
+                                 nan_case, reference_iterate)
 
 triton_iterate = pytest.importorskip("inl_kernels.triton.iterate")
 
@@ -26,7 +27,7 @@ def rel_err(out, ref):
 
 def run_triton(h, x, kw, dtype, path, config=SMALL, **extra):
     c = cast(kw, dtype, DEVICE)
-    return triton_iterate.iterate(h.to(DEVICE, dtype), x.to(DEVICE, dtype), **c, **extra, _path=path,
+    return call_backend(triton_iterate.iterate, h.to(DEVICE, dtype), x.to(DEVICE, dtype), **c, **extra, _path=path,
                                   _config=config)
 
 
@@ -141,7 +142,7 @@ def test_batch_invariance_and_determinism(path):
     h, x = h.to(DEVICE, torch.float32), x.to(DEVICE, torch.float32)
 
     def run(rows):
-        return triton_iterate.iterate(h[rows], x[rows], **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path,
+        return call_backend(triton_iterate.iterate, h[rows], x[rows], **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path,
                                       _config=SMALL)
 
     full_x, full = run(slice(None))
@@ -164,7 +165,7 @@ def test_both_paths_give_the_same_bits():
     h, x, kw = converging_args(n=40, d=70)
     kw = cast(kw, torch.float32, DEVICE)
     h, x = h.to(DEVICE, torch.float32), x.to(DEVICE, torch.float32)
-    runs = [triton_iterate.iterate(h, x, **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path, _config=config)
+    runs = [call_backend(triton_iterate.iterate, h, x, **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path, _config=config)
             for path, config in (("tile", None), ("decode", None), ("tile", dict(BM=32)))]
     (ref_x, ref), others = runs[0], runs[1:]
     for out_x, out in others:
@@ -204,9 +205,8 @@ def test_tile_step_touches_only_listed_rows():
     n, d = x.shape
     T = kw["num_iterations"]
     H = c["w_h"].shape[0]
-    table, bias, mod = triton_iterate.fold_parameters(c["b_h"], c["b_x"], c["b_v"], c["mod_scale"], c["mod_bias"],
-                                                      c["exc_index"], c["gamma"], c["phi"], c["amplitude"], T, d,
-                                                      torch.float32)
+    _, _, _, params, settings = iterate_bundle(h, x, **c)
+    table, bias, mod = triton_iterate.fold_parameters(params, settings, d, torch.float32)
     ctx, pre = torch.empty(n, H), torch.empty(n, H)
     sq = torch.empty(n)
     cfg = triton_iterate._tile_config(d, H)
@@ -341,7 +341,7 @@ def assert_grads_match(got, want, tol):
 
 
 def triton_fn(config=SMALL):
-    return lambda h, x, **kw: triton_iterate.iterate(h, x, **kw, _config=config)
+    return lambda h, x, **kw: call_backend(triton_iterate.iterate, h, x, **kw, _config=config)
 
 
 @pytest.mark.parametrize("case", [
@@ -399,9 +399,9 @@ def test_backward_is_deterministic():
 def test_forward_under_grad_matches_no_grad_forward():
     """The training forward (tile path, saving c and rms) computes the same bits as inference."""
     h, x, kw = make_args(n=7, d=20, H=16, E=3, T=3, dtype=torch.float32, device=DEVICE)
-    plain, plain_info = triton_iterate.iterate(h, x, **kw, _path="tile", _config=SMALL)
+    plain, plain_info = call_backend(triton_iterate.iterate, h, x, **kw, _path="tile", _config=SMALL)
     leaf = h.clone().requires_grad_(True)
-    out, info = triton_iterate.iterate(leaf, x, **kw, tol=1.0, _config=SMALL)  # tol ignored under grad
+    out, info = call_backend(triton_iterate.iterate, leaf, x, **kw, tol=1.0, _config=SMALL)  # tol ignored under grad
     assert info.iterations.tolist() == [3] * 7
     assert torch.equal(out.detach(), plain) and torch.equal(info.v.detach(), plain_info.v)
     assert torch.equal(info.energy.detach(), plain_info.energy)
@@ -415,7 +415,7 @@ def test_gradcheck_fp64():
 
     def fn(*vals):
         args = dict(kw, **dict(zip(names, vals)))
-        out, info = triton_iterate.iterate(args.pop("h"), args.pop("x"), **args, _config=SMALL)
+        out, info = call_backend(triton_iterate.iterate, args.pop("h"), args.pop("x"), **args, _config=SMALL)
         return out, info.v, info.energy, info.distance
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
@@ -428,7 +428,7 @@ def test_half_activations_with_fp32_weights_get_grads_in_their_dtypes():
     leaves = {k: (dict(h=h, x=x)[k] if k in ("h", "x") else kw[k]).detach().to(
         DEVICE, torch.float16 if k in ("h", "x", "v") else torch.float32).requires_grad_(True) for k in names}
     args = dict(kw, **{k: leaves[k] for k in names if k not in ("h", "x")})
-    out = triton_iterate.iterate(leaves["h"], leaves["x"], **args, _config=SMALL)[0]
+    out = call_backend(triton_iterate.iterate, leaves["h"], leaves["x"], **args, _config=SMALL)[0]
     g = torch.Generator().manual_seed(1)
     (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)).sum().backward()
     assert leaves["x"].grad.dtype == torch.float16 and leaves["w_o"].grad.dtype == torch.float32
@@ -438,11 +438,15 @@ def test_half_activations_with_fp32_weights_get_grads_in_their_dtypes():
 
 
 def test_trajectory_under_grad_runs_on_the_reference():
+    """The kernels do not differentiate a returned trajectory: naming the triton backend says so,
+    and auto takes the reference, whose gradients it then gives bit for bit."""
     h, x, kw = make_args(n=3, d=20, H=16, E=2, T=2, dtype=torch.float32, device=DEVICE)
     h.requires_grad_(True)
-    triton_iterate._warned.discard("trajectory")
-    with pytest.warns(UserWarning, match="reference"):
-        out, info = inl_iterate(h, x, **kw, backend="triton", return_trajectory=True)
+    with pytest.raises(ValueError, match="triton.*trajectory"):
+        inl_iterate(h, x, **kw, backend="triton", return_trajectory=True)
+    out, info = call_backend(triton_iterate.supports, h, x, **kw, return_trajectory=True), None
+    assert "trajectory" in out
+    _, info = inl_iterate(h, x, **kw, return_trajectory=True)
     info.trajectory_x.sum().backward()
     ref_h = h.detach().clone().requires_grad_(True)
     inl_iterate(ref_h, x, **kw, backend="reference", return_trajectory=True)[1].trajectory_x.sum().backward()

@@ -1,0 +1,138 @@
+"""What every backend shares: the iterate's argument bundle and result, the compute dtype, the
+folded parameters the fused kernels take, dtype names. No backend imports another backend; they
+all import this module.
+
+The iterate has 22 arguments. `inl_iterate` validates them once and packs them here: the
+tensors of the controller and the dynamics into `IterateParams`, the scalars into the frozen
+`IterateSettings`. Every backend's `iterate(h, x, v, params, settings)` and
+`supports(h, x, v, params, settings)` take exactly these.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State and accumulation dtype for an input dtype: fp64 stays fp64, everything else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class IterateInfo(NamedTuple):
+    """What `inl_iterate(..., return_info=True)` returns beside x_T."""
+
+    v: torch.Tensor  # [N, d] final velocity, dtype of x
+    iterations: torch.Tensor  # [N] int32: steps each row ran (T without early exit)
+    energy: torch.Tensor  # [N, T] mean_j v² after each step (compute dtype)
+    distance: torch.Tensor  # [N, T] mean_j |x - mu| after each step (compute dtype)
+    trajectory_x: Optional[torch.Tensor] = None  # [N, T+1, d], initial state first
+    trajectory_v: Optional[torch.Tensor] = None
+
+
+class IterateParams(NamedTuple):
+    """The iterate's tensors besides h, x, v: the controller (nn.Linear layout), the per-layer
+    modulation, the equilibrium and the sparse excitation (SPEC §2)."""
+
+    w_h: torch.Tensor  # [H, d]
+    b_h: torch.Tensor  # [H]
+    w_x: torch.Tensor  # [H, d]
+    b_x: torch.Tensor  # [H]
+    w_v: torch.Tensor  # [H, d]
+    b_v: torch.Tensor  # [H]
+    w_o: torch.Tensor  # [4d, H]
+    b_o: torch.Tensor  # [4d]
+    mod_scale: torch.Tensor  # [4]
+    mod_bias: torch.Tensor  # [4]
+    mu: torch.Tensor  # [d]
+    exc_index: torch.Tensor  # [E] int, sorted and unique
+    gamma: torch.Tensor  # [E]
+    phi: torch.Tensor  # [E]
+
+    @property
+    def hidden(self) -> int:
+        return self.w_h.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class IterateSettings:
+    """The iterate's scalars (SPEC §2). `tol` None: no early exit; `kappa` None: no dynamic alpha."""
+
+    amplitude: float
+    dt: float
+    kappa: Optional[float]
+    num_iterations: int
+    tol: Optional[float] = None
+    min_iterations: int = 3
+    return_trajectory: bool = False
+
+
+# the largest step count any backend takes: a count is an int32 in every kernel, and a larger one
+# is a typo (2**33 steps would run for days), so it is refused before anything launches
+MAX_ITERATIONS = 2**20
+
+# the names of inl_iterate's arguments, in the order of IterateParams and IterateSettings
+PARAM_NAMES = IterateParams._fields
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(IterateSettings))
+
+
+def iterate_bundle(h, x, v=None, **kwargs):
+    """(h, x, v, IterateParams, IterateSettings) from inl_iterate's keyword arguments, without
+    checking them (`inl_iterate` checks first; tests and benchmarks that call a backend directly
+    use this to build its arguments)."""
+    params = IterateParams(**{k: kwargs.pop(k) for k in PARAM_NAMES})
+    settings = IterateSettings(**kwargs)
+    return h, x, v, params, settings
+
+
+def needs_grad(*values) -> bool:
+    """True when autograd will want gradients of any of these values (tensors, or tuples of
+    them such as IterateParams), with grad mode on. It switches early exit off in every backend."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in values:
+        if isinstance(t, tuple):
+            if needs_grad(*t):
+                return True
+        elif isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
+
+
+def excitation_table(exc_index, gamma, phi, amplitude, num_iterations, d, dtype=None):
+    """[T, d] table of the sparse excitation: row t holds amplitude·sin(gamma_k·t + phi_k) at
+    column exc_index[k] and zeros elsewhere. Differentiable in gamma and phi; fused kernels add
+    one row of it per step instead of evaluating sines per element."""
+    dtype = dtype or compute_dtype(gamma.dtype)
+    steps = torch.arange(num_iterations, device=gamma.device, dtype=dtype)
+    values = amplitude * torch.sin(steps[:, None] * gamma.to(dtype)[None, :] + phi.to(dtype)[None, :])
+    table = torch.zeros(num_iterations, d, device=gamma.device, dtype=dtype)
+    return table.index_copy(1, exc_index.long(), values)
+
+
+class FoldedParams(NamedTuple):
+    """What the fused kernels take instead of the small raw parameters."""
+
+    table: Optional[torch.Tensor]  # [T, d] excitation table, None without excited dims
+    bias: torch.Tensor  # [H] b_h + b_x + b_v
+    mod: torch.Tensor  # [8] (mod_scale, mod_bias)
+
+
+def fold_parameters(params: IterateParams, settings: IterateSettings, d: int, dtype: torch.dtype) -> FoldedParams:
+    """The excitation table, the combined bias and the 8 modulation scalars in `dtype`, built in
+    torch so that autograd carries their gradients back to b_h, b_x, b_v, mod_scale, mod_bias,
+    gamma and phi."""
+    p = params
+    table = (excitation_table(p.exc_index, p.gamma, p.phi, settings.amplitude, settings.num_iterations, d,
+                              dtype=dtype) if p.exc_index.numel() > 0 else None)
+    bias = p.b_h.to(dtype) + p.b_x.to(dtype) + p.b_v.to(dtype)
+    return FoldedParams(table, bias, torch.cat((p.mod_scale.to(dtype), p.mod_bias.to(dtype))))
+
+
+__all__ = ["IterateInfo", "IterateParams", "IterateSettings", "FoldedParams", "MAX_ITERATIONS", "compute_dtype",
+           "dtype_name", "excitation_table", "fold_parameters", "iterate_bundle", "needs_grad"]

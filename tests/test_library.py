@@ -1,0 +1,198 @@
+"""Our ops as first-class PyTorch ops: every compiled kernel is a torch.library op that passes
+`torch.library.opcheck` (schema, fake tensors, autograd registration, AOT dispatch), and the
+model traces without a graph break, compiles with fullgraph=True to the eager result (logits and
+every gradient), and exports with torch.export."""
+import pytest
+import torch
+
+import inl_kernels
+import inl_llm
+from tests.iterate_cases import make_args
+
+CPU = pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built")
+
+
+def folded(h, x, kw, dtype=torch.float32, requires_grad=False):
+    """The cpu_iterate op's tensor arguments for make_args()' case."""
+    from inl_kernels.common import fold_parameters, iterate_bundle
+
+    _, _, v, params, settings = iterate_bundle(h, x, **kw)
+    f = fold_parameters(params, settings, x.shape[1], torch.float32)
+    tensors = [h, x, v, params.w_h, params.w_x, params.w_v, params.w_o, f.bias, params.b_o, f.mod, params.mu, f.table]
+    tensors = [None if t is None else t.detach().to(dtype if i < 3 else torch.float32).requires_grad_(requires_grad)
+               for i, t in enumerate(tensors)]
+    return tensors, settings
+
+
+@CPU
+@pytest.mark.parametrize("case", ["inference", "early_exit", "trajectory", "training", "no_v_no_table"])
+def test_opcheck_cpu_iterate(case):
+    from inl_kernels.cpu.iterate import cpu_iterate_op
+
+    h, x, kw = make_args(n=5, d=12, H=8, E=0 if case == "no_v_no_table" else 2, T=3, dtype=torch.float32,
+                         with_v=case != "no_v_no_table")
+    tensors, s = folded(h, x, kw, requires_grad=case == "training")
+    tol = 1e-2 if case == "early_exit" else None
+    args = (*tensors, s.dt, s.kappa, s.num_iterations, tol, 1, case == "trajectory", case == "training")
+    torch.library.opcheck(cpu_iterate_op, args)
+
+
+@CPU
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cpu_rms_norm(residual, dtype):
+    from inl_kernels.cpu.rms_norm import cpu_rms_norm_op
+
+    x = torch.randn(4, 3, 16).to(dtype).requires_grad_(True)
+    w = torch.randn(16).to(dtype).requires_grad_(True)
+    r = torch.randn(4, 3, 16).to(dtype).requires_grad_(True) if residual else None
+    torch.library.opcheck(cpu_rms_norm_op, (x, w, 1e-6, r))
+
+
+def _model(backend):
+    torch.manual_seed(0)
+    return inl_llm.create_model("tiny", backend=backend, num_layers=2)  # two blocks trace as well as four
+
+
+def _loss(model, ids):
+    return model(ids)[0].float().logsumexp(-1).mean()
+
+
+BACKENDS = ["reference"] + (["auto"] if "cpu" in inl_kernels.backends() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_traces_without_graph_breaks(backend):
+    model = _model(backend)
+    ids = torch.randint(0, 259, (2, 9))
+    model.train()
+    train = torch._dynamo.explain(lambda ids: _loss(model, ids))(ids)
+    model.eval()
+    with torch.no_grad():
+        evaluate = torch._dynamo.explain(lambda ids: model(ids)[0])(ids)
+    for what, e in (("training step", train), ("eval forward", evaluate)):
+        assert e.graph_break_count == 0 and e.graph_count == 1, (what, [str(b.reason) for b in e.break_reasons])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile_gives_the_eager_result(backend):
+    """aot_eager runs the traced forward and backward graphs without inductor's fusions, so the
+    only difference from eager would be a wrong fake function or autograd formula: the results
+    must be equal bit for bit."""
+    model = _model(backend)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 259, (2, 9))
+    model.train()
+    grads = []
+    for m in (model, compiled):
+        loss = _loss(m, ids)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], compiled(ids)[0])
+
+
+@pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built")
+def test_inductor_compile_of_our_model_matches_eager():
+    """With inductor's code generation around our ops (what users run): within fp32 rounding."""
+    model = _model("auto")
+    compiled = torch.compile(model, fullgraph=True)
+    ids = torch.randint(0, 259, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_captures_the_eval_forward(backend):
+    model = _model(backend).eval()
+    ids = torch.randint(0, 259, (2, 9))
+    with torch.no_grad():
+        exported = torch.export.export(_Logits(model), (ids,))
+        targets = {str(n.target) for n in exported.graph.nodes}
+        if backend == "auto":  # the compiled kernels stay single ops in the graph
+            assert {"inl.cpu_iterate.default", "inl.cpu_rms_norm.default"} <= targets, targets
+        other = torch.randint(0, 259, (2, 9))
+        assert torch.equal(exported.module()(other), model(other)[0])
+
+
+# ---- the Triton ops (torch.library.triton_op) ---------------------------------------------------
+# Under the interpreter (no GPU) a Triton kernel runs as numpy code and cannot take fake tensors,
+# so there opcheck drives the schema and autograd-registration checks; on a GPU every check runs.
+GPU = torch.cuda.is_available()
+TRITON_CHECKS = None if GPU else ("test_schema", "test_autograd_registration")
+DEVICE = "cuda" if GPU else "cpu"
+
+
+def _triton_cases():
+    from inl_kernels import rope_tables
+    from inl_kernels.triton.attention import triton_attention_op
+    from inl_kernels.triton.rms_norm import triton_rms_norm_op
+    from inl_kernels.triton.rope import triton_rope_op
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE).requires_grad_(True)  # noqa: E731
+    cos, sin = rope_tables(24, 16, device=DEVICE)
+    lens = torch.tensor([17, 24], device=DEVICE)
+    return [
+        ("rms_norm", triton_rms_norm_op, (r(5, 3, 16), r(16), 1e-6, None)),
+        ("rms_norm+residual", triton_rms_norm_op, (r(5, 16), r(16), 1e-6, r(5, 16))),
+        ("rope", triton_rope_op, (r(2, 4, 7, 16), r(2, 2, 7, 16), cos, sin, 3, False)),
+        ("attention", triton_attention_op, (r(2, 4, 9, 16), r(2, 2, 9, 16), r(2, 2, 9, 16), cos, sin, None, None,
+                                            True, 0.25, 0)),
+        ("attention decode", triton_attention_op, (r(2, 4, 1, 16), r(2, 2, 24, 16), r(2, 2, 24, 16), None, None,
+                                                   lens, None, True, 0.25, 0)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5), ids=["rms_norm", "rms_norm+residual", "rope", "attention",
+                                                 "attention decode"])
+def test_opcheck_triton_ops(index):
+    pytest.importorskip("triton")
+    _, op, args = _triton_cases()[index]
+    torch.library.opcheck(op, args, test_utils=TRITON_CHECKS) if TRITON_CHECKS else torch.library.opcheck(op, args)
+
+
+def test_every_compiled_kernel_is_a_registered_op():
+    """The op names a trace or an exported graph shows: one per kernel entry, under `inl`."""
+    import importlib
+
+    names = set()
+    for backend in inl_kernels.backends():
+        if backend == "triton":
+            for op in ("attention", "rms_norm", "rope"):
+                importlib.import_module(f"inl_kernels.triton.{op}")
+            names |= {"triton_attention", "triton_attention_backward", "triton_rms_norm", "triton_rms_norm_backward",
+                      "triton_rope"}
+        if backend == "cpu":
+            names |= {"cpu_iterate", "cpu_iterate_backward", "cpu_rms_norm", "cpu_rms_norm_backward"}
+    for name in names:
+        assert hasattr(torch.ops.inl, name), name
+
+
+@pytest.mark.parametrize("backend", [b for b in inl_kernels.BACKENDS if b in inl_kernels.backends()])
+def test_model_runs_on_every_named_backend(backend):
+    """A model built with a backend name runs the ops that backend has kernels for and lets auto
+    pick the rest (the cpu backend has no embedding kernel, the triton backend none on CPU tensors
+    for swiglu): every available name runs, and gives the reference's logits."""
+    model = inl_llm.create_model("tiny", backend=backend, num_layers=1).eval()
+    reference = inl_llm.create_model("tiny", backend="reference", num_layers=1).eval()
+    ids = torch.randint(0, 259, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], reference(ids)[0], rtol=1e-4, atol=1e-4)
