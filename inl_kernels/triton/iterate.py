@@ -102,9 +102,13 @@ a few forwards (its tensor-core and transcendental work is ~4.5 forwards').
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 from . import interpreting, multiprocessors
 from ..common import IterateInfo, IterateParams, IterateSettings, compute_dtype, fold_parameters, needs_grad
@@ -740,7 +744,8 @@ def _bwd_rows(
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    LAST_SAVED: tl.constexpr, SAVE_DOT: tl.constexpr, EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    LAST_SAVED: tl.constexpr, SAVE_DOT: tl.constexpr, EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Backward phase 1, one program per BM rows, t = T-1 .. 0: the parts of the reverse
     recurrence that reduce over a row. Per step, one pass over the d-blocks gets the block's
@@ -1094,7 +1099,8 @@ def _bwd_cols(
         # step 0's own row-coupled terms: they land on x_0, v_0
         x0 = _load_block(x0_t, offs, m, ACC)
         e0 = tl.where(m, x0 - mu[None, :], 0.0)
-        gpre_d = tl.load(gpre_dot_ptr + tl.cast(tile, tl.int64) * BM * H + h_loc, mask=row_mask[:, None], other=0.0).to(DOT)
+        gpre_d = tl.load(gpre_dot_ptr + tl.cast(tile, tl.int64) * BM * H + h_loc, mask=row_mask[:, None],
+                         other=0.0).to(DOT)
         gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e0
         sums = tl.where(rk[:, None] == 4, sums - tl.sum(rc_next[:, None] * e0, axis=0)[None, :], sums)
         tl.store(dx_ptr + tile0 + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
@@ -1205,20 +1211,20 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         pre = torch.empty(n, H, device=dev, dtype=acc)
         sq = torch.empty(n, device=dev, dtype=acc)
         even = n % BM == 0 and d % BD == 0  # no masks
-        _fwd_prologue[(tiles, 1)](h, x, v_in, w_h, w_x, w_v, bias, mu, ctx, pre, sq, traj_x, traj_v, n, d, T,
-                                  triton.cdiv(d, BD), 0.0, H=H, BM=BM, BD=BD, HAS_V=v is not None,
-                                  TRAJ=trajectory, SINGLE=True, EVEN=even, **types, **launch)
+        wrap_triton(_fwd_prologue)[(tiles, 1)](
+            h, x, v_in, w_h, w_x, w_v, bias, mu, ctx, pre, sq, traj_x, traj_v, n, d, T, triton.cdiv(d, BD), 0.0,
+            H=H, BM=BM, BD=BD, HAS_V=v is not None, TRAJ=trajectory, SINGLE=True, EVEN=even, **types, **launch)
         # early exit: the step's tiles are formed from the rows still running (list[:count])
         row_list = torch.arange(n, device=dev, dtype=torch.int32) if early_exit else iterations
         count = torch.full((1,), n, device=dev, dtype=torch.int32) if early_exit else iterations
         running = torch.ones(n, device=dev, dtype=torch.int32) if early_exit else iterations
         for t in range(T):
-            _tile_step[(tiles,)](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, ctx, pre, sq,
-                                 row_list, count, running, energy, distance, iterations, c_save, c_dot, r_save,
-                                 traj_x, traj_v, t, n, d, T, **scalars, H=H, BM=BM, BD=BD, SAVE=save,
-                                 SAVE_DOT=save_dot, EVEN=even, I32=n * d < 2**31, **flags, **launch)
+            wrap_triton(_tile_step)[(tiles,)](
+                x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, ctx, pre, sq, row_list, count,
+                running, energy, distance, iterations, c_save, c_dot, r_save, traj_x, traj_v, t, n, d, T, **scalars,
+                H=H, BM=BM, BD=BD, SAVE=save, SAVE_DOT=save_dot, EVEN=even, I32=n * d < 2**31, **flags, **launch)
             if early_exit and t + 1 < T:
-                _compact_rows[(1,)](running, row_list, count, n, CHUNK=1024)
+                wrap_triton(_compact_rows)[(1,)](running, row_list, count, n, CHUNK=1024)
     else:
         nblk = triton.cdiv(d, BD)
         NB = cfg.get("NB", 1)
@@ -1230,25 +1236,27 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         c = torch.empty(n, H, device=dev, dtype=acc)
         scale = torch.empty(n, device=dev, dtype=acc)
         even = n % BM == 0 and d % (BD * NB) == 0  # no masks: every program's blocks lie inside d
-        _fwd_prologue[grid](h, x, v_in, w_h, w_x, w_v, bias, mu, ctx_part, pre_part, stat_part, traj_x, traj_v,
-                            n, d, T, NB, 0.0, H=H, BM=BM, BD=BD, HAS_V=v is not None, TRAJ=trajectory,
-                            SINGLE=False, EVEN=even, **types, **launch)
+        wrap_triton(_fwd_prologue)[grid](
+            h, x, v_in, w_h, w_x, w_v, bias, mu, ctx_part, pre_part, stat_part, traj_x, traj_v, n, d, T, NB, 0.0,
+            H=H, BM=BM, BD=BD, HAS_V=v is not None, TRAJ=trajectory, SINGLE=False, EVEN=even, **types, **launch)
         # the reduce: one thread per (row, hidden unit) and 16 loads in flight on a GPU; any HC
         # and BATCH add the shares in the same order
         HC, batch = (H, 1) if interpreting() else (2, 16)
         reduce = dict(H=H, BM=BM, HC=HC, BATCH=batch, USE_KAPPA=kappa is not None, EARLY_EXIT=early_exit, ACC=ACC)
         step_flags = {k: flags[k] for k in ("HAS_V", "HAS_EXC", "EARLY_EXIT", "TRAJ", "FINAL_OUT")}
         for t in range(T + 1):
-            _decode_reduce[(tiles, H // HC)](ctx_part, pre_part, stat_part, bias, ctx, c, scale, energy, distance,
-                                             iterations, t, n, d, T, nblk, scalars["kappa"], scalars["tol"],
-                                             scalars["min_iterations"], **reduce)
+            wrap_triton(_decode_reduce)[(tiles, H // HC)](
+                ctx_part, pre_part, stat_part, bias, ctx, c, scale, energy, distance, iterations, t, n, d, T, nblk,
+                scalars["kappa"], scalars["tol"], scalars["min_iterations"], **reduce)
             if t < T:
-                _decode_step[grid](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, c, scale,
-                                   pre_part, stat_part, iterations, traj_x, traj_v, t, n, d, T, NB, nblk, 0.0,
-                                   scalars["dt"], H=H, BM=BM, BD=BD, EVEN=even, **step_flags, **types, **launch)
+                wrap_triton(_decode_step)[grid](
+                    x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, c, scale, pre_part, stat_part,
+                    iterations, traj_x, traj_v, t, n, d, T, NB, nblk, 0.0, scalars["dt"], H=H, BM=BM, BD=BD,
+                    EVEN=even, **step_flags, **types, **launch)
 
     if early_exit and cast_out:
-        _copy_stopped[(triton.cdiv(n, 16),)](xs, vs, x_out, v_out, iterations, n, d, T, BM=16, BD=128)
+        wrap_triton(_copy_stopped)[(triton.cdiv(n, 16),)](xs, vs, x_out, v_out, iterations, n, d, T, BM=16,
+                                                         BD=128)
     if early_exit:
         # rows that stopped early left the later statistics (and trajectory) unwritten:
         # a frozen row repeats its state from its last step on
@@ -1336,10 +1344,10 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
                  HAS_GD=g_distance is not None, DOT=DOT, PREC=PREC, ACC=ACC)
     upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
     kappa_f = float(kappa) if kappa is not None else 0.0
-    _bwd_rows[(triton.cdiv(n, BM),)](
-        x, v_in, xs if xs is not None else gx_s, vs if vs is not None else gv_s, gx_s, gv_s, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre,
-        gpre_dot, rc, n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, LAST_SAVED=last_saved, SAVE_DOT=save_dot,
-        EVEN=n % BM == 0 and d % BD == 0, **flags, **launch)
+    wrap_triton(_bwd_rows)[(triton.cdiv(n, BM),)](
+        x, v_in, xs if xs is not None else gx_s, vs if vs is not None else gv_s, gx_s, gv_s, w_x, w_v, w_o, b_o,
+        mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre, gpre_dot, rc, n, d, T, float(dt), kappa_f, H=H, BM=BM,
+        BD=BD, LAST_SAVED=last_saved, SAVE_DOT=save_dot, EVEN=n % BM == 0 and d % BD == 0, **flags, **launch)
 
     if cast:  # the carry is dead: its storage takes the input-dtype gradients
         dh, dx = _halves(xs, x.dtype, n, d)
@@ -1367,7 +1375,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM2 * BD2), device=dev, dtype=acc)
     # and the four dL/dz_q tiles of every step, in the dots' dtype
     gq = torch.empty(nj * splits * 4 * T * BM2 * BD2, device=dev, dtype=c_dot.dtype)
-    _bwd_cols[(nj, splits)](
+    wrap_triton(_bwd_cols)[(nj, splits)](
         x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_dot, r_save, *upstream, gpre_dot, rc,
         dx, dv if dv is not None else dx, replay, gq, pwo, dz, dwx, dwv, dmu, dtab,
         n, d, T, float(dt), kappa_f, splits, H=H, BM=BM2, BD=BD2, TP=triton.next_power_of_2(T),
@@ -1412,14 +1420,18 @@ class _IterateFunction(torch.autograd.Function):
     def backward(ctx, gx_T, gv_T, g_energy, g_distance, _):
         dt, kappa, T, config = ctx.constants
         saved = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need = dict(zip(_GRAD_INPUTS, ctx.needs_input_grad))
+        # phase 1 alone gives dh, dw_h and d bias; every other input's gradient needs phase 2
         grads = _backward(saved, (gx_T, gv_T, g_energy, g_distance), dt, kappa, T, config,
-                          needs_phase2=any(need[i] for i in (1, 2, 4, 5, 6, 7, 9, 10, 11)))
-        h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table = saved[:11]
-        like = (h, x, v, w_h, w_x, w_v, w_o, b_o, None, mod, mu, table)  # bias is built in acc dtype
-        out = [None if (g is None or not need[i]) else (g if t is None else g.to(t.dtype))
-               for i, (g, t) in enumerate(zip(grads, like))]
+                          needs_phase2=any(need[k] for k in _GRAD_INPUTS if k not in ("h", "w_h", "bias")))
+        like = dict(zip(_GRAD_INPUTS, saved[:8] + (None,) + saved[8:11]))  # bias is built in the acc dtype
+        out = [None if (g is None or not need[k]) else (g if like[k] is None else g.to(like[k].dtype))
+               for k, g in zip(_GRAD_INPUTS, grads)]
         return (*out, None, None, None, None)
+
+
+# the tensor inputs of _IterateFunction.forward, in order: what _backward returns gradients of
+_GRAD_INPUTS = ("h", "x", "v", "w_h", "w_x", "w_v", "w_o", "b_o", "bias", "mod", "mu", "table")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1438,10 +1450,39 @@ def supports(h, x, v, params: IterateParams, settings: IterateSettings):
     return None
 
 
+def _config_text(config) -> str:
+    """A block-size override (tests, benchmarks) as the op's string argument: "BM=16,BD=32"."""
+    return ",".join(f"{k}={int(v)}" for k, v in sorted((config or {}).items()))
+
+
+def _config_dict(text: str):
+    return {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)} or None
+
+
+@torch.library.triton_op("inl::triton_iterate", mutates_args=())
+def triton_iterate_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_x: Tensor, w_v: Tensor, w_o: Tensor,
+                      b_o: Tensor, bias: Tensor, mod: Tensor, mu: Tensor, table: Optional[Tensor], dt: float,
+                      kappa: Optional[float], num_iterations: int, tol: Optional[float], min_iterations: int,
+                      trajectory: bool, path: str, config: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                         Tensor, Tensor]:
+    """The inference forward: (x_T, v_T, energy, distance, iterations, trajectory_x, trajectory_v),
+    the trajectories empty unless asked for. `path` ("", "tile", "decode") and `config` (block
+    sizes as "BM=..,BD=..") override the dispatch's choice (tests, benchmarks)."""
+    x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _, _ = _forward(
+        h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, num_iterations, tol, min_iterations,
+        trajectory=trajectory, path=path or None, config=_config_dict(config))
+    if not trajectory:  # an op returns tensors of its own: distinct empty ones for the trajectories
+        traj_x, traj_v = x.new_empty(0), x.new_empty(0)
+    return x_out, v_out, energy, distance, iterations, traj_x, traj_v
+
+
 def iterate(h, x, v, params: IterateParams, settings: IterateSettings, _path=None, _config=None):
     """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
-    `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS for the
-    backward) are for tests and benchmarks."""
+    Inference runs the registered op `inl::triton_iterate` (torch.compile traces into its
+    kernels); training runs `_IterateFunction`, whose backward reuses the forward's fp32 state
+    buffers as its gradient storage (not expressible as a functional op: see the module
+    docstring). `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS
+    for the backward) are for tests and benchmarks."""
     p, s = params, settings
     T = s.num_iterations
     acc = compute_dtype(x.dtype)
@@ -1452,8 +1493,9 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings, _path=Non
         return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance)
     with torch.no_grad():
         table, bias, mod = fold_parameters(params, s, x.shape[1], acc)
-        x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _, _ = _forward(
+        x_out, v_out, energy, distance, iterations, traj_x, traj_v = triton_iterate_op(
             h, x, v, p.w_h, p.w_x, p.w_v, p.w_o, p.b_o, bias, mod, p.mu, table, s.dt, s.kappa, T, s.tol,
-            s.min_iterations, trajectory=s.return_trajectory, path=_path, config=_config)
+            s.min_iterations, s.return_trajectory, _path or "", _config_text(_config))
+    trajectory = s.return_trajectory
     return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance,
-                              trajectory_x=traj_x, trajectory_v=traj_v)
+                              trajectory_x=traj_x if trajectory else None, trajectory_v=traj_v if trajectory else None)
