@@ -14,7 +14,8 @@ from tests.iterate_cases import (CONVERGE_TOL, GRAD_NAMES, NAN_CASES, call_backe
 
 triton_iterate = pytest.importorskip("inl_kernels.triton.iterate")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
 PATHS = ("tile", "decode")
 SMALL = dict(BM=16, BD=16)  # blocks smaller than d: several d-blocks and a masked tail
 
@@ -147,16 +148,32 @@ def test_trajectory(path):
     torch.testing.assert_close(out.trajectory_x[:, -1], out_x, rtol=0, atol=0)
 
 
+def assert_same_bits(a, b):
+    """Bit for bit on a GPU, where our kernels fix every operation's order. Under the interpreter
+    a tl.dot is a numpy matmul whose blocking and rounding depend on the CPU's BLAS and on the
+    operand shapes (an AMD AVX2 and an Intel AVX-512 machine differ by about one ulp between a
+    16-row and a 32-row tile), so there the same claim is held to 4 ulp of the values' scale: the
+    tightest bound that is a property of our code and not of the machine."""
+    if GPU:
+        assert torch.equal(a, b)
+    elif a.is_floating_point():
+        scale = b.abs().max().clamp(min=torch.finfo(b.dtype).tiny)
+        torch.testing.assert_close(a, b, rtol=0, atol=4 * torch.finfo(b.dtype).eps * float(scale))
+    else:
+        assert torch.equal(a, b)  # step counts
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_batch_invariance_and_determinism(path):
-    """A row's bits and count do not depend on the rest of the batch or on the run."""
+    """A row's bits and count do not depend on the run (exactly, on any machine) or on the rest
+    of the batch (`assert_same_bits`)."""
     h, x, kw = converging_args(n=20)
     kw = cast(kw, torch.float32, DEVICE)
     h, x = h.to(DEVICE, torch.float32), x.to(DEVICE, torch.float32)
 
     def run(rows):
-        return call_backend(triton_iterate.iterate, h[rows], x[rows], **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path,
-                                      _config=SMALL)
+        return call_backend(triton_iterate.iterate, h[rows], x[rows], **kw, tol=CONVERGE_TOL, min_iterations=0,
+                            _path=path, _config=SMALL)
 
     full_x, full = run(slice(None))
     again_x, again = run(slice(None))
@@ -165,33 +182,35 @@ def test_batch_invariance_and_determinism(path):
         assert torch.equal(a, b)
     for rows in ([0], [19], [3, 17], list(range(1, 20, 3)), list(range(19, -1, -1))):
         sub_x, sub = run(rows)
-        assert torch.equal(sub_x, full_x[rows])
-        assert torch.equal(sub.v, full.v[rows])
-        assert torch.equal(sub.energy, full.energy[rows])
-        assert torch.equal(sub.iterations, full.iterations[rows])
+        assert_same_bits(sub_x, full_x[rows])
+        assert_same_bits(sub.v, full.v[rows])
+        assert_same_bits(sub.energy, full.energy[rows])
+        assert_same_bits(sub.iterations, full.iterations[rows])
 
 
 def test_both_paths_give_the_same_bits():
     """Both paths add every row reduction's per-block shares in the same column order, so a row
-    has the same bits whichever path its batch size picks (SPEC: batch invariance, bit for bit),
-    with the default block sizes and with tile blocks of another height."""
+    has the same bits whichever path its batch size picks (SPEC: batch invariance, bit for bit
+    on a GPU; `assert_same_bits` under the interpreter), with the default block sizes and with
+    tile blocks of another height."""
     h, x, kw = converging_args(n=40, d=70)
     kw = cast(kw, torch.float32, DEVICE)
     h, x = h.to(DEVICE, torch.float32), x.to(DEVICE, torch.float32)
-    runs = [call_backend(triton_iterate.iterate, h, x, **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path, _config=config)
+    runs = [call_backend(triton_iterate.iterate, h, x, **kw, tol=CONVERGE_TOL, min_iterations=0, _path=path,
+                         _config=config)
             for path, config in (("tile", None), ("decode", None), ("tile", dict(BM=32)))]
     (ref_x, ref), others = runs[0], runs[1:]
     for out_x, out in others:
         for a, b in ((out_x, ref_x), (out.v, ref.v), (out.energy, ref.energy), (out.distance, ref.distance),
                      (out.iterations, ref.iterations)):
-            assert torch.equal(a, b)
+            assert_same_bits(a, b)
     # and through the public op, on either side of the path switch
     small = inl_iterate(h[:5], x[:5], **kw, tol=CONVERGE_TOL, min_iterations=0, backend="triton")
     big_h = torch.cat([h] * (triton_iterate.DECODE_MAX_ROWS // 40 + 1))
     big_x = torch.cat([x] * (triton_iterate.DECODE_MAX_ROWS // 40 + 1))
     big = inl_iterate(big_h, big_x, **kw, tol=CONVERGE_TOL, min_iterations=0, backend="triton")
     assert big_h.shape[0] > triton_iterate.DECODE_MAX_ROWS
-    assert torch.equal(small, big[:5])
+    assert_same_bits(small, big[:5])
 
 
 def test_compaction_lists_running_rows_in_order():
