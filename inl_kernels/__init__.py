@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backends", "BACKENDS", "BackendUnavailableError", "set_debug",
-    "inl_iterate", "IterateInfo", "IterateParams", "IterateSettings", "MAX_ITERATIONS", "rms_norm", "rope", "gqa_attention", "swiglu", "low_rank_embedding",
+    "inl_iterate", "IterateInfo", "IterateParams", "IterateSettings", "MAX_ITERATIONS",
+    "rms_norm", "rope", "gqa_attention", "swiglu", "low_rank_embedding",
     "excitation_table", "rope_tables",
     "Controller", "IntegratorLayer", "RMSNorm", "GQAttention", "SwiGLU", "LowRankEmbedding",
 ]

@@ -14,7 +14,7 @@ import torch
 
 from . import _validate as check
 from ._dispatch import resolve
-from .common import IterateInfo, IterateParams, IterateSettings
+from .common import IterateInfo, IterateParams
 
 
 def _op_range(name: str):

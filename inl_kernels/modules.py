@@ -143,8 +143,9 @@ class IntegratorLayer(nn.Module):
             self.mu_local.copy_(new_mu - self.mu_global)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, v: Optional[torch.Tensor] = None,
-                return_info: bool = False, num_iterations: Optional[int] = None):
-        """h, x (and v): [..., d]. Returns x_T, or (x_T, IterateInfo) with return_info."""
+                return_info: bool = False, num_iterations: Optional[int] = None, return_trajectory: bool = False):
+        """h, x (and v): [..., d]. Returns x_T, or (x_T, IterateInfo) with return_info (implied by
+        return_trajectory, which adds the iterate's x and v trajectories, [rows, T+1, d])."""
         # a forward inside a backward pass is a checkpoint recomputation: it must see the mu the
         # original forward saw (the test used by torch's own module tracker; only asked when the
         # EMA is on, so a compiled forward without it has nothing to break its graph)
@@ -168,10 +169,11 @@ class IntegratorLayer(nn.Module):
             amplitude=self.excitation_amplitude, dt=self.dt, kappa=self.kappa,
             num_iterations=num_iterations or self.num_iterations, v=v2,
             tol=None if self.training else self.tol, min_iterations=self.min_iterations,
-            backend=preferred(self.backend, "iterate"), return_info=return_info)
+            backend=preferred(self.backend, "iterate"), return_info=return_info,
+            return_trajectory=return_trajectory)
         if self.training and self.mu_ema_rate and not recomputing and h2.shape[0] > 0:
             self._mu_target = h2.detach().float().mean(0)
-        if return_info:
+        if return_info or return_trajectory:
             x_out, info = out
             return x_out.view(shape), info
         return out.view(shape)

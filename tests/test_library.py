@@ -143,6 +143,7 @@ DEVICE = "cuda" if GPU else "cpu"
 def _triton_cases():
     from inl_kernels import rope_tables
     from inl_kernels.triton.attention import triton_attention_op
+    from inl_kernels.triton.iterate import triton_iterate_op
     from inl_kernels.triton.rms_norm import triton_rms_norm_op
     from inl_kernels.triton.rope import triton_rope_op
 
@@ -158,11 +159,23 @@ def _triton_cases():
                                             True, 0.25, 0)),
         ("attention decode", triton_attention_op, (r(2, 4, 1, 16), r(2, 2, 24, 16), r(2, 2, 24, 16), None, None,
                                                    lens, None, True, 0.25, 0)),
+        ("iterate", triton_iterate_op, _iterate_op_args(tol=None)),
+        ("iterate early exit", triton_iterate_op, _iterate_op_args(tol=1e-2)),
     ]
 
 
-@pytest.mark.parametrize("index", range(5), ids=["rms_norm", "rms_norm+residual", "rope", "attention",
-                                                 "attention decode"])
+def _iterate_op_args(tol):
+    """The inference op's arguments (no gradients: it has no autograd formula; training runs the
+    autograd.Function)."""
+    h, x, kw = make_args(n=5, d=12, H=16, E=2, T=3, dtype=torch.float32, device=DEVICE)
+    tensors, s = folded(h, x, kw)
+    h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table = tensors
+    return (h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, s.dt, s.kappa, s.num_iterations, tol, 1, False,
+            "", "")
+
+
+@pytest.mark.parametrize("index", range(7), ids=["rms_norm", "rms_norm+residual", "rope", "attention",
+                                                 "attention decode", "iterate", "iterate early exit"])
 def test_opcheck_triton_ops(index):
     pytest.importorskip("triton")
     _, op, args = _triton_cases()[index]
@@ -176,10 +189,10 @@ def test_every_compiled_kernel_is_a_registered_op():
     names = set()
     for backend in inl_kernels.backends():
         if backend == "triton":
-            for op in ("attention", "rms_norm", "rope"):
+            for op in ("attention", "iterate", "rms_norm", "rope"):
                 importlib.import_module(f"inl_kernels.triton.{op}")
-            names |= {"triton_attention", "triton_attention_backward", "triton_rms_norm", "triton_rms_norm_backward",
-                      "triton_rope"}
+            names |= {"triton_attention", "triton_attention_backward", "triton_iterate", "triton_rms_norm",
+                      "triton_rms_norm_backward", "triton_rope"}
         if backend == "cpu":
             names |= {"cpu_iterate", "cpu_iterate_backward", "cpu_rms_norm", "cpu_rms_norm_backward"}
     for name in names:

@@ -12,81 +12,103 @@ The launcher does in torch what autograd should see: the excitation as a [T, d] 
 (`reference.iterate.excitation_table`), the combined bias b_h + b_x + b_v and the 8 modulation
 scalars (mod_scale, mod_bias) as one vector. The kernels never evaluate a sine.
 
-Two forward paths; rows never meet in either, so results are batch invariant:
+Block shapes (issue 17) are chosen from the static sm_90 compile, `benchmarks/kernel_report.py`,
+whose table (benchmarks/results/kernel-report-sm90.json) lists registers, spills, programs per
+multiprocessor and bytes per row and step of every kernel at every configuration: for bf16 and
+fp16 at H <= 64 no kernel spills and the forward tile kernel runs 2 programs (8 warps) per
+multiprocessor; the misses (H = 128 backward, fp32 at H = 128) are listed there with reasons.
 
-* tile path (`_iterate_fwd_tile`, N > DECODE_MAX_ROWS or any training call): one program per
-  BLOCK_M rows. A prologue pass over the d-blocks computes h·w_hᵀ + bias once (kept in
-  registers for every step), the step-0 pre-activation and Σ(x-mu)². Each step is then ONE pass
-  over the d-blocks that computes the four controller outputs with tl.dot, updates x, v,
-  stores them and, in the same pass, accumulates the next step's pre-activation x'·w_xᵀ +
-  v'·w_vᵀ, Σ(x'-mu)² (next rms), Σ(x'-x)² (convergence), Σv'² and Σ|x'-mu| (statistics). So
-  each step reads the state once and writes it once (instead of twice reading and once writing,
-  which put a first fused version below torch.compile on an H100). The state lives
-  in fp32: the outputs themselves for fp32 inputs, an fp32 scratch plus a final cast pass for
-  bf16/fp16. Step 0 reads the inputs directly.
-* decode path (`_decode_prologue` + `_decode_step`, small N): the d columns are split across
-  programs (grid = row tiles × d-slices of BLOCK_D columns), so 64 rows × 2048 columns keep
-  ~128 programs busy instead of 4. The row reductions (pre-activation, Σerr², Σdx², the
-  statistics) cross slices, so every step is its own launch: each program first sums the
-  previous launch's per-slice partials in a fixed slice order (deterministic, no atomics),
-  decides convergence, then updates its slice and writes its partials (double-buffered by
-  step parity). T + 2 launches in all, no host synchronisation, so the whole call can be
-  captured in a CUDA graph (which is what the 50 µs decode target needs: without a graph the
-  Python launch overhead of T + 2 launches dominates).
+Forward: a prologue launch (`_fwd_prologue`: h·w_hᵀ, step 0's x·w_xᵀ + v·w_vᵀ and Σ(x-mu)²), then
+one launch per step. Rows never meet, so results are batch invariant:
 
-Early exit: each row is frozen (tl.where) once ‖x' − x‖₂ < tol after at least
-min_iterations steps, exactly as the reference compares it; a tile program leaves its step
-loop when all of its rows are frozen, a decode program skips its launch. Statistics and
-trajectory entries a stopped tile did not write are filled on the host by a gather over
-clamp(t, max=iterations) (a frozen row repeats its frozen state).
+* tile path (`_tile_step`, N > DECODE_MAX_ROWS or any training call): one program per BM = 64
+  rows walks all of d in BD = 16 column blocks: it forms c = relu(ctx + pre_t) from the
+  [N, H] row vectors of the previous launch, and ONE pass over the blocks computes the four
+  controller outputs with tl.dot (M = 64: one wgmma warp group), updates x, v, stores them and,
+  from x', v' in the same pass, accumulates the next step's pre-activation and the row sums
+  (next rms, ‖x'-x‖², energy, distance). So a step reads the state once and writes it once; the
+  state lives in fp32 (an fp32 scratch for bf16/fp16 inputs, the outputs themselves for fp32),
+  and the last step writes the outputs in their dtype directly (no cast pass; the scratch keeps
+  x_{T-1}, v_{T-1}, which the backward reads). Per-step launches keep the kernel small (no
+  context tile held through the call) and let early exit save time: see below.
+* decode path (`_decode_step` + `_decode_reduce`, small N): the tile path's block shape, with
+  the d blocks spread over programs (NB = 2 blocks each: 64 rows × d = 2048 is 64 programs).
+  Every block's shares of the row reductions are stored and one ordered reduce launch a step
+  adds them, block after block in column order, exactly as the tile path adds them, and
+  decides convergence. 2T + 2 launches, no host synchronisation: the call can be captured in a
+  CUDA graph (the 50 µs decode target needs one).
 
-Backward (`_IterateFunction`): the forward saves the inputs and, per step, only the
-controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (21 MB at 16384 × 2048,
-T = 5, H = 64; no trajectory). Given those, the state recurrence is column-local: any d-block's
-x_t, v_t replays from x_0, v_0 with 4 small dots per step and no row reduction (O(T²) replayed
-steps per block, no memory; a per-program trajectory scratch would trade memory for that and
-is the thing to measure on a GPU). The reverse-time recurrence then runs in two launches:
-* phase 1 (`_iterate_bwd_rows`, row tiles): per step t, one pass over the d-blocks replays the
-  block, pulls the gradient through the step and accumulates the row-coupled pieces: dL/dc_t
-  (tl.dot with w_o) -> gpre_t = dL/dpre_t [T, N, H], and dL/drms_t -> rc_t [T, N]. The direct
-  gradient of x_t, v_t waits in an fp32 [N, d] scratch pair for step t-1 (the grad outputs
-  themselves for fp32 inputs), which adds gpre_t·w_x, gpre_t·w_v and rc_t·(x_t - mu).
+Both paths add the same per-block shares in the same column order, with the same dot
+instructions (both M = 64 tiles): a row has the same bits on either side of DECODE_MAX_ROWS
+(tested under the interpreter; on a GPU the cuda-marked run checks it). The shares start from
+a runtime zero (`_dot_from_zero`): from a constant zero Triton's combiner would fold the tile
+path's `acc + share` into tl.dot(..., acc), which rounds differently.
+
+Early exit (issue 15): after each step a row whose ‖x' − x‖₂ < tol after at least
+min_iterations steps is converged, exactly as the reference compares it. The tile path then
+re-forms its tiles from the rows still running (`_compact_rows`: a prefix sum over the rows'
+flags, one small program, no host synchronisation), so the next step's grid does work only
+for those rows and a converged row costs nothing after its last step; its bits are those it
+would have had in any batch (its row is computed alone either way). Rows that stopped before
+the last step reach the outputs through `_copy_stopped`. The decode path keeps stopped rows
+frozen (tl.where) and skips tiles with none running. Statistics and trajectory entries a
+stopped row did not write are filled on the host by a gather over clamp(t, max=iterations).
+
+Backward (`_IterateFunction`): the forward saves the inputs, per step the controller hidden
+c_t [T, N, H] (fp32, and in the dots' dtype) and the row rms_t [T, N], and for bf16/fp16 inputs
+its fp32 state buffers, which hold x_{T-1}, v_{T-1}. Given c and rms the state recurrence is
+column-local: any d-block's x_t, v_t replays from x_0, v_0 with 4 small dots a step and no row
+reduction. The reverse-time recurrence then runs in two kernels:
+* phase 1 (`_bwd_rows`, BM = 128 rows over 8 warps): per step t, one pass over the d-blocks
+  gets the block's state (x_{T-1} read from the saved state; earlier steps replayed, O(T²)
+  steps in all but the last's T-1 saved), pulls the gradient through the step and accumulates
+  the row-coupled pieces: dL/dc_t (tl.dot with w_o) -> gpre_t [T, N, H], dL/drms_t -> rc_t [T, N].
+  The direct gradients of x_t, v_t wait for step t-1 in an fp32 carry, which for bf16/fp16 is
+  the forward's state buffer itself (no extra memory); once phase 1 is done its storage holds
+  dL/dh and dL/dx in the input dtype.
 * torch: dh = (Σ_t gpre_t)·w_h, dw_h = (Σ_t gpre_t)ᵀ·h, d bias = Σ gpre.
-* phase 2 (`_iterate_bwd_cols`, column blocks × row splits): with gpre and rc known the whole
-  reverse recurrence is column-local, so each program reruns it for its columns with (gx, gv)
-  in registers and writes dx_0, dv_0 and its split's partials of dw_o, db_o, dw_x, dw_v, dmu,
-  d table and d mod; torch sums the splits in a fixed order. No atomics: same bits every run.
+* phase 2 (`_bwd_cols`, 64 rows × 16 columns over 8 warps, row splits): with gpre and rc known
+  the reverse recurrence is column-local. Per tile each program replays the forward ONCE into
+  its own slice of an L2-sized scratch (adding dw_x, dw_v on the way), runs the recurrence with
+  (gx, gv) in registers, parking the four dL/dz_q per step in a second scratch, then adds
+  dw_o's share; the weight-gradient accumulators are read and written once per tile in the
+  program's partial slots, so the recurrence runs without them in registers. torch sums the
+  splits in a fixed order (no atomics: same bits every run) and forms d mod_scale from
+  P_q = Σ g_zqᵀ·c and dz_q (q = c·w_oᵀ + b_o).
 Autograd chains d table to gamma and phi, d bias to b_h, b_x, b_v, d mod to mod_scale and
 mod_bias. Gradients flow through info.energy and info.distance as well, so the integrator
 losses train without a stored trajectory. return_trajectory=True under grad runs on the
-reference (auto picks it; `supports` says why). Extra training memory beyond inputs, outputs and gradients:
-c and rms (saved), the phase-1 scratch (2·N·d·4 bytes for bf16/fp16 inputs: 268 MB at
-16384 × 2048), gpre [T, N, H] and the split partials (about SPLITS·(6·d·H + (T+6)·d) floats).
-Compiled for sm_90 without a GPU, both backward kernels sit at 255 registers and spill
-(1-5 KB): the first thing to tune once a GPU measures them.
+reference (auto picks it; `supports` says why). Memory during training, 16384 × 2048, T = 5,
+H = 64, bf16, besides inputs and outputs: the fp32 state pair (256 MiB, which then holds dL/dh
+and dL/dx), c in fp32 and bf16 and rms (30 MiB), gpre in fp32 and bf16 (30 MiB), phase 2's
+partials and scratch (~50 MiB) — about 500 MiB peak by benchmarks/bench_iterate.py's count,
+estimated, not measured.
 
 Precision: x, v, every accumulation and reduction in fp32 (fp64 when given fp64, which only
 the interpreter runs: the fp64 gradcheck). Matmul operands go to the tensor cores in the
 activation dtype (DOT constexpr: bf16/fp16 on a GPU; the interpreter multiplies bf16 dots
 wrongly, so there it uses fp32); fp32 dots on a GPU use tf32x3 (about fp32 accuracy on
-tensor cores) rather than plain tf32, which would miss fp32 tolerances.
+tensor cores) rather than plain tf32, which would miss fp32 tolerances. The backward replays
+in the form ms_q·(c·w_oᵀ) + (ms_q·b_o + mb_q), an ulp away from the forward's rounding.
 
-Batch invariance is bit for bit: rows never meet, and both paths add the same per-block
-shares of every row reduction in the same column order, so a row gives the same bits on
-either side of DECODE_MAX_ROWS (tested under the interpreter; on a GPU it also needs the
-compiler to reduce inside a block alike for both tile shapes, which the cuda-marked test
-checks). Determinism: same
-inputs, same bits, in every process: block sizes are a fixed function of (d, H) (`_tile_config`),
-never picked by timing.
+Determinism: same inputs, same bits, in every process: block sizes are a fixed function of the
+shape (`_block_shape`, `_backward_config`), never picked by timing.
 
-Speed: not yet measured on a GPU (written without one; the block sizes and DECODE_MAX_ROWS
-are first guesses to be tuned by benchmarks/bench_iterate.py).
+Speed: not yet measured on a GPU. What the design expects (to be checked by
+benchmarks/bench_iterate.py and benchmarks/sweep_iterate.py on an H200): the forward bound
+by L2 traffic (~59 KB per row and step at 16384 × 2048 bf16, ~5 GB a call: about 1 ms at
+5 TB/s) rather than by exposed latency and spills as before (5.5 ms measured); the backward
+a few forwards (its tensor-core and transcendental work is ~4.5 forwards').
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 from . import interpreting, multiprocessors
 from ..common import IterateInfo, IterateParams, IterateSettings, compute_dtype, fold_parameters, needs_grad
@@ -113,6 +135,16 @@ def _softplus(z):
     u = 1.0 + y
     lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
     return tl.maximum(z, 0.0) + lp
+
+
+@triton.jit
+def _softplus_sigmoid(z):
+    """(softplus(z), sigmoid(z)) from one exp(-|z|): sigmoid(z) = 1/(1+y) for z >= 0 and
+    y/(1+y) below, y = exp(-|z|)."""
+    y = tl.exp(-tl.abs(z))
+    u = 1.0 + y
+    lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(z, 0.0) + lp, tl.where(z >= 0, 1.0, y) / u
 
 
 @triton.jit
@@ -144,18 +176,6 @@ def _load_w_out(w_o_ptr, q, cols, col_mask, hk, D, H: tl.constexpr, DOT: tl.cons
 
 
 @triton.jit
-def _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3):
-    """alpha0 = sigmoid(ms0·a + mb0), zb = ms1·b + mb1, beta = softplus(zb),
-    gate = sigmoid(ms2·g + mb2), v_cand = ms3·u + mb3."""
-    alpha0 = _sigmoid(ms0 * a + mb0)
-    zb = ms1 * b + mb1
-    beta = _softplus(zb)
-    gate = _sigmoid(ms2 * g + mb2)
-    v_cand = ms3 * u + mb3
-    return alpha0, zb, beta, gate, v_cand
-
-
-@triton.jit
 def _controller_quarter(cd, w_o_ptr, b_o_ptr, q, cols, col_mask, hk, D,
                         H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """Quarter q of the controller output on columns `cols`: cd·w_o[q·D + cols, :]ᵀ + b_o[q·D + cols]."""
@@ -181,6 +201,16 @@ def _step_block(c, x, v, err, alpha_scale, exc, w_o_ptr, b_o_ptr, cols, col_mask
     gate = _sigmoid(ms2 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC,
                                               ACC) + mb2)
     return x + dt * gate * v_new, v_new
+
+
+@triton.jit
+def _in_range(idx, limit, EVEN: tl.constexpr):
+    """idx < limit, or a constant true when the launcher knows the shape divides into whole
+    blocks (EVEN): the compiler then drops every mask, and the registers they hold."""
+    if EVEN:
+        return tl.full(idx.shape, 1, tl.int1)
+    else:
+        return idx < limit
 
 
 @triton.jit
@@ -276,7 +306,7 @@ def _fwd_prologue(
     ctx_ptr, pre_ptr, stat_ptr, trajx_ptr, trajv_ptr,
     N, D, T, NB, zero,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr, TRAJ: tl.constexpr,
-    SINGLE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    SINGLE: tl.constexpr, EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """For BM rows and column blocks blk = g·NB .. g·NB + NB-1 (g = program_id(1)), each
     block's share of h·w_hᵀ, of step 0's x·w_xᵀ + v·w_vᵀ and of Σ(x - mu)². SINGLE (the tile
@@ -287,7 +317,7 @@ def _fwd_prologue(
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
-    row_mask = rows < N
+    row_mask = _in_range(rows, N, EVEN)
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
     ctx = tl.zeros([BM, H], dtype=ACC)
@@ -296,7 +326,7 @@ def _fwd_prologue(
     for b in range(NB):
         blk = g * NB + b
         cols = blk * BD + tl.arange(0, BD)
-        col_mask = cols < D
+        col_mask = _in_range(cols, D, EVEN)
         m = row_mask[:, None] & col_mask[None, :]
         offs = rows64[:, None] * D + cols[None, :]
         hb = tl.load(h_ptr + offs, mask=m, other=0.0).to(DOT)
@@ -341,12 +371,12 @@ def _tile_step(
     x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr,
     w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
     ctx_ptr, pre_ptr, sq_ptr, list_ptr, count_ptr, flag_ptr,
-    energy_ptr, dist_ptr, iters_ptr, c_save_ptr, r_save_ptr, trajx_ptr, trajv_ptr,
+    energy_ptr, dist_ptr, iters_ptr, c_save_ptr, c_dot_ptr, r_save_ptr, trajx_ptr, trajv_ptr,
     t, N, D, T, zero, dt, kappa, tol, min_iterations,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    SAVE: tl.constexpr, TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    SAVE: tl.constexpr, SAVE_DOT: tl.constexpr, TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
+    EVEN: tl.constexpr, I32: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Step t of SPEC §2 (formula in the module docstring) for BM rows over all of d: reads
     c = relu(ctx + pre_t) and Σ(x_t - mu)² of its rows, then one pass over the d-blocks updates
@@ -354,7 +384,8 @@ def _tile_step(
     energy Σv'²/D, distance Σ|x' - mu|/D and ‖x' - x‖². With EARLY_EXIT the rows are entries
     pos < count of the list `list_ptr` (the rows still running, in row order): converged rows
     get iterations = t+1 and flag 0, and `_compact_rows` re-forms the list for step t+1, so a
-    converged row costs nothing after its last step. With SAVE, c_t and rms_t for the backward."""
+    converged row costs nothing after its last step. With SAVE, c_t and rms_t for the backward
+    (and SAVE_DOT: c_t in the dot dtype as well)."""
     pid = tl.program_id(0)
     pos = pid * BM + tl.arange(0, BM)
     if EARLY_EXIT:
@@ -363,7 +394,7 @@ def _tile_step(
         rows = tl.load(list_ptr + pos, mask=row_mask, other=0)
     else:
         count = N
-        row_mask = pos < N
+        row_mask = _in_range(pos, N, EVEN)
         rows = pos
     if pid * BM < count:
         rows64 = rows.to(tl.int64)
@@ -376,6 +407,8 @@ def _tile_step(
         if SAVE:
             tl.store(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], c, mask=row_mask[:, None])
             tl.store(r_save_ptr + t * N + rows64, rms, mask=row_mask)
+            if SAVE_DOT:  # the backward's dots read c in their dtype: half the bytes, no conversion
+                tl.store(c_dot_ptr + (t * N + rows64)[:, None] * H + hk[None, :], c.to(DOT), mask=row_mask[:, None])
         if USE_KAPPA:
             alpha_scale = 1.0 - tl.exp(-kappa * rms)
         else:
@@ -388,9 +421,12 @@ def _tile_step(
         d_sum = tl.zeros([BM], dtype=ACC)
         for j0 in range(0, D, BD):
             cols = j0 + tl.arange(0, BD)
-            col_mask = cols < D
+            col_mask = _in_range(cols, D, EVEN)
             m = row_mask[:, None] & col_mask[None, :]
-            offs = rows64[:, None] * D + cols[None, :]
+            if I32:  # N·D < 2³¹: 32-bit offsets hold half the registers of 64-bit ones
+                offs = rows[:, None] * D + cols[None, :]
+            else:
+                offs = rows64[:, None] * D + cols[None, :]
             x, x_new, v_new, mu = _advance_block(
                 t, c, alpha_scale, row_mask, rows64, offs, m, cols, col_mask, hk, D, T, dt,
                 x0_ptr, v0_ptr, xs_ptr, vs_ptr, xo_ptr, vo_ptr, w_o_ptr, b_o_ptr, mu_ptr, exc_ptr, trajx_ptr,
@@ -431,7 +467,23 @@ def _compact_rows(flag_ptr, list_ptr, count_ptr, N, CHUNK: tl.constexpr):
     tl.store(count_ptr, base)
 
 
-def _block_shape(d, H):
+@triton.jit
+def _copy_stopped(xs_ptr, vs_ptr, xo_ptr, vo_ptr, iters_ptr, N, D, T, BM: tl.constexpr, BD: tl.constexpr):
+    """The outputs of rows that stopped before the last step (iterations < T), cast from the
+    fp32 state; the last step wrote every other row's itself. Rows that ran all T steps are
+    masked off, so they cost their iteration count's read and nothing else."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    stopped = (rows < N) & (tl.load(iters_ptr + rows, mask=rows < N, other=T) < T)
+    rows64 = rows.to(tl.int64)
+    for j0 in range(0, D, BD):
+        cols = j0 + tl.arange(0, BD)
+        m = stopped[:, None] & (cols < D)[None, :]
+        offs = rows64[:, None] * D + cols[None, :]
+        tl.store(xo_ptr + offs, tl.load(xs_ptr + offs, mask=m).to(xo_ptr.dtype.element_ty), mask=m)
+        tl.store(vo_ptr + offs, tl.load(vs_ptr + offs, mask=m).to(vo_ptr.dtype.element_ty), mask=m)
+
+
+def _block_shape(d, H, gpu=None):
     """(BM, BD, num_warps) of both forward paths, a fixed function of the shape: no autotuning,
     because BD sets the order of the row reductions over d, and a configuration picked by
     timing could differ between processes and break 'same input, same bits'. Both paths use
@@ -443,21 +495,22 @@ def _block_shape(d, H):
     4 warps, i.e. 2 programs (8 warps) per multiprocessor; BD = 32 needs ~225 registers in
     bf16 and spills for fp32 and in the early-exit variant. BM = 64 is the smallest wgmma
     tile and keeps the weight bytes re-read per row (6·d·H / BM per step) where they were."""
-    if interpreting():  # Python runs every program one by one: few, small tiles
+    if not (gpu if gpu is not None else not interpreting()):  # the interpreter: few, small tiles
         return 16, 32, 4
     return 64, 16, 4
 
 
-def _tile_config(d, H):
-    """Block sizes of the tile path (see `_block_shape`)."""
-    BM, BD, warps = _block_shape(d, H)
+def _tile_config(d, H, gpu=None):
+    """Block sizes of the tile path (see `_block_shape`; `gpu`: the GPU's choice even under the
+    interpreter, for the kernel report)."""
+    BM, BD, warps = _block_shape(d, H, gpu)
     return dict(BM=BM, BD=BD, num_warps=warps, num_stages=1)
 
 
-def _decode_config(d, H):
+def _decode_config(d, H, gpu=None):
     """Block sizes of the decode path: the tile path's block shape (the same reduction order and
     dot instructions), NB column blocks per program, so 64 rows × d = 2048 keep 64 programs busy."""
-    BM, BD, warps = _block_shape(d, H)
+    BM, BD, warps = _block_shape(d, H, gpu)
     return dict(BM=BM, BD=BD, NB=2, num_warps=warps, num_stages=1)
 
 
@@ -546,7 +599,7 @@ def _decode_step(
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, EARLY_EXIT: tl.constexpr,
     TRAJ: tl.constexpr, FINAL_OUT: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Step t of the decode path for BM rows and the NB column blocks blk = g·NB .. (g =
     program_id(1)): reads c and the alpha scale that `_decode_reduce` made, advances x, v on
@@ -556,7 +609,7 @@ def _decode_step(
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
-    row_mask = rows < N
+    row_mask = _in_range(rows, N, EVEN)
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
     if EARLY_EXIT:
@@ -571,7 +624,7 @@ def _decode_step(
         for b in range(NB):
             blk = g * NB + b
             cols = blk * BD + tl.arange(0, BD)
-            col_mask = cols < D
+            col_mask = _in_range(cols, D, EVEN)
             m = row_mask[:, None] & col_mask[None, :]
             offs = rows64[:, None] * D + cols[None, :]
             x, x_new, v_new, mu = _advance_block(
@@ -599,7 +652,7 @@ def _decode_step(
 
 @triton.jit
 def _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t,
-            c_save_ptr, r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa,
+            c_dot_ptr, r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa,
             ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
             H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_V: tl.constexpr, HAS_EXC: tl.constexpr,
             USE_KAPPA: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
@@ -611,7 +664,8 @@ def _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t
     else:
         v = tl.zeros([BM, BD], dtype=ACC)
     for s in range(t):
-        c = tl.load(c_save_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+        c = tl.load(c_dot_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
+                    other=0.0).to(DOT)
         if USE_KAPPA:
             alpha_scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
         else:
@@ -629,50 +683,35 @@ def _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t
 def _step_full(c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3,
                H: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """`_step_block` keeping every intermediate the gradient needs."""
+    """`_step_block` keeping what the gradient needs: (alpha0, beta, zb, gate, v_cand, alpha,
+    err, x', v')."""
     cd = c.to(DOT)
-    a = _controller_quarter(cd, w_o_ptr, b_o_ptr, 0, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-    b = _controller_quarter(cd, w_o_ptr, b_o_ptr, 1, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-    g = _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-    u = _controller_quarter(cd, w_o_ptr, b_o_ptr, 3, cols, col_mask, hk, D, H, DOT, PREC, ACC)
-    alpha0, zb, beta, gate, v_cand = _gates(a, b, g, u, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3)
+    # this order of the four quarters is the one ptxas fits in 255 registers without spills
+    # (bwd_rows, bf16, H = 64); the quarters are independent, the arithmetic is the same
+    gate = _sigmoid(ms2 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 2, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+                    + mb2)
+    alpha0 = _sigmoid(ms0 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 0, cols, col_mask, hk, D, H, DOT, PREC, ACC)
+                      + mb0)
+    v_cand = ms3 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 3, cols, col_mask, hk, D, H, DOT, PREC, ACC) + mb3
+    zb = ms1 * _controller_quarter(cd, w_o_ptr, b_o_ptr, 1, cols, col_mask, hk, D, H, DOT, PREC, ACC) + mb1
+    beta = _softplus(zb)
     alpha = alpha0 * alpha_scale[:, None]
     err = x - mu[None, :]
     v_new = alpha * v + (1 - alpha) * v_cand - beta * err + exc[None, :]
     x_new = x + dt * gate * v_new
-    return a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new
+    return alpha0, beta, zb, gate, v_cand, alpha, err, x_new, v_new
 
 
 @triton.jit
-def _step_grads(gx_new, gv_new, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt):
-    """Pulls (gx', gv') = (dL/dx', dL/dv') back through one step, elementwise:
-
-        gv~ = gv' + gx'·dt·gate                                  (x' = x + dt·gate·v')
-        g_alpha = gv~·(v - v_cand),  g_za = g_alpha·f·alpha0·(1 - alpha0)   (f = 1 - exp(-kappa·rms))
-        g_zb = -gv~·err·sigmoid(zb),  g_zg = gx'·dt·v'·gate·(1 - gate),  g_vc = gv~·(1 - alpha)
-        gx (direct) = gx' - gv~·beta,  gv (direct) = gv~·alpha
-
-    and g_alpha·alpha0, whose row sum is dL/df. Entries outside `m` get zero gradients."""
-    gx_new = tl.where(m, gx_new, 0.0)
-    gv_new = tl.where(m, gv_new, 0.0)
-    gvt = gv_new + gx_new * dt * gate
-    g_alpha = gvt * (v - v_cand)
-    g_za = g_alpha * alpha_scale[:, None] * alpha0 * (1 - alpha0)
-    g_zb = -gvt * err * _sigmoid(zb)
-    g_zg = gx_new * dt * v_new * gate * (1 - gate)
-    g_vc = gvt * (1 - alpha)
-    return gvt, g_za, g_zb, g_zg, g_vc, gx_new - gvt * beta, gvt * alpha, g_alpha * alpha0
-
-
-@triton.jit
-def _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu, offs, m,
-              rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
+def _upstream(gxT_ptr, gvT_ptr, ge, gd, gx, gv, gpre_next, rc_next, x_new, v_new, mu, offs, m,
+              cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
               HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
               DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """(dL/dx_{t+1}, dL/dv_{t+1}) on a block: the loss's gradient of x_T, v_T at the last step,
     else the direct part carried back from step t+1 (gx, gv) plus step t+1's terms that need its
     row reductions, added here where x_{t+1} = x' is at hand: gpre_{t+1}·w_x, gpre_{t+1}·w_v and
-    rc_{t+1}·(x' - mu) (rms). Plus this step's statistics: energy (2v'/D), distance (sign/D)."""
+    rc_{t+1}·(x' - mu) (rms). Plus this step's statistics: energy (ge·v' with ge = 2·gE/D),
+    distance (gd·sign with gd = gD/D), the per-row factors loaded once per step by the caller."""
     if t == T - 1:
         if HAS_GX:
             gx = _load_block(gxT_ptr, offs, m, ACC)
@@ -689,30 +728,37 @@ def _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_ne
         gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * (x_new - mu[None, :])
         gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
     if HAS_GE:
-        gv += (tl.load(gE_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) * 2.0 / D)[:, None] * v_new
+        gv += ge[:, None] * v_new
     if HAS_GD:
         e = x_new - mu[None, :]
         sign = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0))
-        gx += (tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D)[:, None] * sign
+        gx += gd[:, None] * sign
     return gx, gv
 
 
 @triton.jit
 def _bwd_rows(
     x0_ptr, v0_ptr, xs_ptr, vs_ptr, gx_ptr, gv_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
-    c_save_ptr, r_save_ptr, gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr,
+    c_save_ptr, c_dot_ptr, r_save_ptr, gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, gpre_dot_ptr, rc_ptr,
     N, D, T, dt, kappa,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    LAST_SAVED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    LAST_SAVED: tl.constexpr, SAVE_DOT: tl.constexpr, EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Backward phase 1, one program per BM rows, t = T-1 .. 0: the parts of the reverse
     recurrence that reduce over a row. Per step, one pass over the d-blocks gets the block's
     state x_t, v_t (LAST_SAVED at t = T-1: the forward's fp32 state (xs, vs), which its last
     step left at x_{T-1}, v_{T-1}; else replayed from x_0, v_0 by `_replay`), pulls the upstream
-    gradient through the step (`_step_grads`) and accumulates dL/dc_t = Σ_q g_q·w_o[q] (tl.dot)
-    and dL/df_t = Σ_j g_alpha·alpha0. Then
+    gradient (gx', gv') = (dL/dx', dL/dv') through the step, elementwise,
+
+        gv~ = gv' + gx'·dt·gate                                  (x' = x + dt·gate·v')
+        g_alpha = gv~·(v - v_cand),  g_za = g_alpha·f·alpha0·(1 - alpha0)   (f = 1 - exp(-kappa·rms))
+        g_zb = -gv~·err·sigmoid(zb),  g_zg = gx'·dt·v'·gate·(1 - gate),  g_vc = gv~·(1 - alpha)
+        gx (direct) = gx' - gv~·beta,  gv (direct) = gv~·alpha
+
+    and accumulates dL/dc_t = Σ_q ms_q·g_zq·w_o[q] (tl.dot) and dL/df_t = Σ_j g_alpha·alpha0. Then
 
         gpre_t = dL/dc_t · [c_t > 0]                      -> gpre [T, N, H]
         rc_t   = dL/df_t · kappa·exp(-kappa·rms_t) / (D·rms_t)   (d rms/d err = err/(D·rms))  -> rc [T, N]
@@ -722,16 +768,43 @@ def _bwd_rows(
     forward's state buffer itself: read at t = T-1, then overwritten block by block."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
-    row_mask = rows < N
+    row_mask = _in_range(rows, N, EVEN)
     rows64 = rows.to(tl.int64)
     hk = tl.arange(0, H)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
-    gpre_next = tl.zeros([BM, H], dtype=ACC)
+    # [N, D] tensors through the tile's base pointer and int32 offsets inside the tile: a
+    # 64-bit offset per element would hold twice the registers through the loops
+    tile0 = (pid * BM).to(tl.int64) * D
+    x0_ptr += tile0
+    v0_ptr += tile0
+    xs_ptr += tile0
+    vs_ptr += tile0
+    gx_ptr += tile0
+    gv_ptr += tile0
+    gxT_ptr += tile0
+    gvT_ptr += tile0
+    rloc = tl.arange(0, BM)
+    h_loc = rloc[:, None] * H + hk[None, :]
     rc_next = tl.zeros([BM], dtype=ACC)
     for tt in range(T):
         t = T - 1 - tt
-        c = tl.load(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+        c_offs = (t * N + pid * BM).to(tl.int64) * H + h_loc
+        # step t+1's gpre, as this program stored it (read back rather than held in registers:
+        # the dots take it from shared memory); zeros at t = T-1, where it is not used
+        later = row_mask & (tl.zeros([BM], dtype=tl.int32) + t + 1 < T)
+        gpre_next = tl.load(gpre_dot_ptr + c_offs + N * H, mask=later[:, None], other=0.0).to(DOT)
+        # the dots take c in their dtype; only the relu mask below needs it in fp32
+        c = tl.load(c_dot_ptr + c_offs, mask=row_mask[:, None], other=0.0).to(DOT)
         rms = tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0)
+        # the statistics' upstream gradients of this step, per row
+        if HAS_GE:
+            ge = tl.load(gE_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) * 2.0 / D
+        else:
+            ge = rms
+        if HAS_GD:
+            gd = tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D
+        else:
+            gd = rms
         if USE_KAPPA:
             alpha_scale = 1.0 - tl.exp(-kappa * rms)
         else:
@@ -740,9 +813,9 @@ def _bwd_rows(
         gf = tl.zeros([BM], dtype=ACC)
         for j0 in range(0, D, BD):
             cols = j0 + tl.arange(0, BD)
-            col_mask = cols < D
+            col_mask = _in_range(cols, D, EVEN)
             m = row_mask[:, None] & col_mask[None, :]
-            offs = rows64[:, None] * D + cols[None, :]
+            offs = rloc[:, None] * D + cols[None, :]
             mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
             if HAS_EXC:
                 exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
@@ -753,14 +826,14 @@ def _bwd_rows(
                     x = _load_block(xs_ptr, offs, m, ACC)
                     v = _load_block(vs_ptr, offs, m, ACC)
                 else:
-                    x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                    x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_dot_ptr,
                                    r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0,
                                    mb1, mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
             else:
-                x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_save_ptr,
+                x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_dot_ptr,
                                r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
                                mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
-            a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
+            alpha0, beta, zb, gate, v_cand, _, err, x_new, v_new = _step_full(
                 c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
             if t == T - 1:
@@ -769,20 +842,31 @@ def _bwd_rows(
             else:
                 gx = _load_block(gx_ptr, offs, m, ACC)
                 gv = _load_block(gv_ptr, offs, m, ACC)
-            gx, gv = _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
-                               offs, m, rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
+            gx, gv = _upstream(gxT_ptr, gvT_ptr, ge, gd, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
+                               offs, m, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
                                HAS_GX, HAS_GV, HAS_GE, HAS_GD, DOT, PREC, ACC)
-            gvt, g_za, g_zb, g_zg, g_vc, gx_direct, gv_direct, f_term = _step_grads(
-                gx, gv, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt)
-            gf += tl.sum(f_term, axis=1)
-            gc = tl.dot((g_za * ms0).to(DOT), _load_w_out_rows(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT), gc,
-                        input_precision=PREC, out_dtype=ACC)
-            gc = tl.dot((g_zb * ms1).to(DOT), _load_w_out_rows(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT), gc,
-                        input_precision=PREC, out_dtype=ACC)
+            # through the step (formulas in the docstring), each piece into dL/dc once made
+            gx = tl.where(m, gx, 0.0)
+            gv = tl.where(m, gv, 0.0)
+            gvt = gv + gx * dt * gate
+            g_zg = gx * dt * v_new * gate * (1 - gate)
             gc = tl.dot((g_zg * ms2).to(DOT), _load_w_out_rows(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT), gc,
                         input_precision=PREC, out_dtype=ACC)
+            g_alpha = gvt * (v - v_cand)
+            if USE_KAPPA:
+                gf += tl.sum(g_alpha * alpha0, axis=1)
+            g_za = g_alpha * alpha_scale[:, None] * alpha0 * (1 - alpha0)
+            gc = tl.dot((g_za * ms0).to(DOT), _load_w_out_rows(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT), gc,
+                        input_precision=PREC, out_dtype=ACC)
+            g_zb = -gvt * err * _sigmoid(zb)
+            gc = tl.dot((g_zb * ms1).to(DOT), _load_w_out_rows(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT), gc,
+                        input_precision=PREC, out_dtype=ACC)
+            alpha = alpha0 * alpha_scale[:, None]
+            g_vc = gvt * (1 - alpha)
             gc = tl.dot((g_vc * ms3).to(DOT), _load_w_out_rows(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT), gc,
                         input_precision=PREC, out_dtype=ACC)
+            gx_direct = gx - gvt * beta
+            gv_direct = gvt * alpha
             if t > 0:
                 if LAST_SAVED:
                     if t == T - 1:
@@ -790,89 +874,126 @@ def _bwd_rows(
                         tl.debug_barrier()
                 tl.store(gx_ptr + offs, gx_direct, mask=m)
                 tl.store(gv_ptr + offs, gv_direct, mask=m)
-        gpre = tl.where(c > 0, gc, 0.0)
-        tl.store(gpre_ptr + (t * N + rows64)[:, None] * H + hk[None, :], gpre, mask=row_mask[:, None])
+        c_full = tl.load(c_save_ptr + c_offs, mask=row_mask[:, None], other=0.0)
+        gpre = tl.where(c_full > 0, gc, 0.0)
+        tl.store(gpre_ptr + c_offs, gpre, mask=row_mask[:, None])
+        # phase 2's dots (and step t-1 here) read gpre in their dtype
+        tl.store(gpre_dot_ptr + c_offs, gpre.to(DOT), mask=row_mask[:, None])
         if USE_KAPPA:
             g_rms = gf * kappa * tl.exp(-kappa * rms)
             rc = tl.where(rms > 0, g_rms / (D * tl.where(rms > 0, rms, 1.0)), 0.0)
         else:
             rc = tl.zeros([BM], dtype=ACC)
         tl.store(rc_ptr + t * N + rows64, rc, mask=row_mask)
-        gpre_next = gpre
         rc_next = rc
         # step t-1 reads the carry that this program's other threads wrote
         tl.debug_barrier()
 
 
 @triton.jit
+def _z_at(cd, w_o_tile, zb_q, ms_q, PREC: tl.constexpr, ACC: tl.constexpr):
+    """z_q = ms_q·(cd·w_o_qᵀ + b_o_q) + mb_q on a block whose weight tile is at hand, as
+    ms_q·(cd·w_o_qᵀ) + zb_q with zb_q = ms_q·b_o_q + mb_q per column: no bias tile rides in the
+    dot's accumulator (which, loop-invariant, would stay in registers for the whole program).
+    It rounds differently from the forward's order, by an ulp: the backward's replay is not
+    bit-identical to the forward, which only a gradient's last bits could notice."""
+    return ms_q * tl.dot(cd, w_o_tile, input_precision=PREC, out_dtype=ACC) + zb_q[None, :]
+
+
+@triton.jit
 def _bwd_cols(
-    x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_save_ptr, r_save_ptr,
-    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, rc_ptr, dx_ptr, dv_ptr, replay_ptr,
-    dwo_ptr, dbo_ptr, dwx_ptr, dwv_ptr, dmu_ptr, dtab_ptr, dmod_ptr,
+    x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_dot_ptr, r_save_ptr,
+    gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_dot_ptr, rc_ptr, dx_ptr, dv_ptr, replay_ptr, gq_ptr,
+    pwo_ptr, dz_ptr, dwx_ptr, dwv_ptr, dmu_ptr, dtab_ptr,
     N, D, T, dt, kappa, SPLITS,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Backward phase 2, one program per (BD columns, row split): with gpre_t and rc_t known,
     the whole reverse recurrence is column-local, so each program reruns it for its columns
-    over the row tiles of its split (tiles split, split + SPLITS, ...). Per tile it replays the
-    forward once, keeping x_t, v_t (t = 1 .. T-1) in its own slice of `replay` (fp32,
-    [programs, 2(T-1), BM, BD]: a few MB, resident in L2), then walks t = T-1 .. 0 carrying
-    (gx, gv) in registers, and writes dL/dx_0, dL/dv_0 and its split's partial weight gradients:
+    over the row tiles of its split (tiles split, split + SPLITS, ...) and writes dL/dx_0,
+    dL/dv_0 and its split's partial sums
 
-        dw_o[q·D + j] += Σ_t g_q,tᵀ·c_t      db_o[q·D + j] += Σ g_q,t       (g_q = g_zq·ms_q)
+        P_q[q·D + j]  += Σ_t g_zq,tᵀ·c_t     dz[q·D + j]   += Σ g_zq,t       (z_q = ms_q·q + mb_q)
         dw_x[:, j]    += Σ_t gpre_tᵀ·x_t     dw_v[:, j]    += Σ_t gpre_tᵀ·v_t
         dmu[j]        -= Σ (every gradient that reached err = x - mu)
-        dtable[t, j]  += Σ_rows gv~_t        dmod          += (Σ g_zq·q, Σ g_zq) for q = a, b, g, u
+        dtable[t, j]  += Σ_rows gv~_t
 
-    The weight gradients accumulate transposed, [H, BD] = c_tᵀ·g (M = H), so the tensor-core
-    tile is H rows whatever BD is. Partials are summed over splits by torch in a fixed order:
-    no atomics, same bits every run."""
+    from which torch makes dw_o = ms_q·P_q, db_o = ms_q·dz, d mod_bias_q = Σ dz_q and, since
+    q = c·w_oᵀ + b_o, d mod_scale_q = Σ g_zq·q = ⟨w_o_q, P_q⟩ + ⟨b_o_q, dz_q⟩.
+
+    Per tile, three passes over its own slice of two scratch buffers (the running programs'
+    slices stay in L2): the forward replayed once (x_t, v_t, t = 1 .. T-1, fp32, into `replay`),
+    adding gpre_tᵀ·x_t, gpre_tᵀ·v_t to dw_x, dw_v on the way; the reverse recurrence,
+    t = T-1 .. 0, carrying (gx, gv) in registers and parking the four dL/dz_q of every step in
+    `gq` (dot dtype); then dw_o's share, [H, BD] = c_tᵀ·g_q, and the dz sums. The weight
+    gradients accumulate transposed (M = H rows for the tensor cores) in the program's own
+    slots of P, dw_x, dw_v, read and written once per tile, so the recurrence runs without six
+    accumulators in registers (register pressure: it spills with them). The
+    program's weight tiles are loaded once. Partials are summed over splits by torch in a
+    fixed order: no atomics, same bits every run."""
     jb = tl.program_id(0)
     sp = tl.program_id(1)
     cols = jb * BD + tl.arange(0, BD)
-    col_mask = cols < D
+    col_mask = _in_range(cols, D, EVEN)
     hk = tl.arange(0, H)
     tk = tl.arange(0, TP)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
     mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    w_a = _load_w_out(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT)
+    w_b = _load_w_out(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT)
+    w_g = _load_w_out(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT)
+    w_u = _load_w_out(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT)
+    w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+    w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+    zb_a = ms0 * tl.load(b_o_ptr + cols, mask=col_mask, other=0.0).to(ACC) + mb0
+    zb_b = ms1 * tl.load(b_o_ptr + D + cols, mask=col_mask, other=0.0).to(ACC) + mb1
+    zb_g = ms2 * tl.load(b_o_ptr + 2 * D + cols, mask=col_mask, other=0.0).to(ACC) + mb2
+    zb_u = ms3 * tl.load(b_o_ptr + 3 * D + cols, mask=col_mask, other=0.0).to(ACC) + mb3
     BLOCK: tl.constexpr = BM * BD
-    replay = replay_ptr + (sp * tl.num_programs(0) + jb).to(tl.int64) * (2 * (T - 1) * BLOCK)
+    prog = (sp * tl.num_programs(0) + jb).to(tl.int64)
+    replay = replay_ptr + prog * (2 * (T - 1) * BLOCK)
+    gq = gq_ptr + prog * (4 * T * BLOCK)
     here = tl.arange(0, BM)[:, None] * BD + tl.arange(0, BD)[None, :]
-    dwo_a = tl.zeros([H, BD], dtype=ACC)
-    dwo_b = tl.zeros([H, BD], dtype=ACC)
-    dwo_g = tl.zeros([H, BD], dtype=ACC)
-    dwo_u = tl.zeros([H, BD], dtype=ACC)
-    dwx = tl.zeros([H, BD], dtype=ACC)
-    dwv = tl.zeros([H, BD], dtype=ACC)
-    dz_a = tl.zeros([BD], dtype=ACC)  # Σ_rows g_zq: db_o = ms_q·dz_q, d mod_bias_q = Σ_j dz_q
-    dz_b = tl.zeros([BD], dtype=ACC)
-    dz_g = tl.zeros([BD], dtype=ACC)
-    dz_u = tl.zeros([BD], dtype=ACC)
-    dms_a = tl.zeros([BD], dtype=ACC)
-    dms_b = tl.zeros([BD], dtype=ACC)
-    dms_g = tl.zeros([BD], dtype=ACC)
-    dms_u = tl.zeros([BD], dtype=ACC)
-    dmu = tl.zeros([BD], dtype=ACC)
+    # [N, D] tensors through each tile's base pointer and int32 offsets inside the tile
+    rloc = tl.arange(0, BM)
+    offs = rloc[:, None] * D + cols[None, :]
+    h_loc = rloc[:, None] * H + hk[None, :]
+    # the program's slots of the weight-gradient partials (zeroed by the launcher)
+    wo_at = pwo_ptr + (sp * 4 * D + cols[None, :]).to(tl.int64) * H + hk[:, None]
+    wx_at = (sp * H + hk[:, None]).to(tl.int64) * D + cols[None, :]
+    # the column sums in two small tiles rather than one [BD] vector each (a [BD] vector is
+    # copied into every thread that holds its columns): rows 0-3 Σ g_za, g_zb, g_zg, g_vc
+    # (dz), row 4 dmu; dtab[t] = Σ gv~_t
+    rk = tl.arange(0, 8)
+    sums = tl.zeros([8, BD], dtype=ACC)
     dtab = tl.zeros([TP, BD], dtype=ACC)
     for tile in range(sp, tl.cdiv(N, BM), SPLITS):
         rows = tile * BM + tl.arange(0, BM)
-        row_mask = rows < N
+        row_mask = _in_range(rows, N, EVEN)
         rows64 = rows.to(tl.int64)
         m = row_mask[:, None] & col_mask[None, :]
-        offs = rows64[:, None] * D + cols[None, :]
-        # the forward once, its states kept for the reverse walk (after the previous tile's
-        # reads of the same scratch, by other threads, are done)
+        tile0 = tl.cast(tile, tl.int64) * BM * D
+        x0_t = x0_ptr + tile0
+        v0_t = v0_ptr + tile0
+        # 1. the forward once, its states kept for the reverse walk (after the previous tile's
+        # reads of the same scratch, by other threads, are done), and dw_x, dw_v on the way
         tl.debug_barrier()
-        x = _load_block(x0_ptr, offs, m, ACC)
+        x = _load_block(x0_t, offs, m, ACC)
         if HAS_V:
-            v = _load_block(v0_ptr, offs, m, ACC)
+            v = _load_block(v0_t, offs, m, ACC)
         else:
             v = tl.zeros([BM, BD], dtype=ACC)
+        dwx = tl.load(dwx_ptr + wx_at, mask=col_mask[None, :], other=0.0)
+        dwv = tl.load(dwv_ptr + wx_at, mask=col_mask[None, :], other=0.0)
         for s in range(T - 1):
-            c = tl.load(c_save_ptr + (s * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None], other=0.0)
+            h_offs = (tl.cast(tile, tl.int64) * BM + s * N) * H + h_loc
+            gpre_t = tl.trans(tl.load(gpre_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
+            dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
+            dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
+            cd = tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT)
             if USE_KAPPA:
                 scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + s * N + rows64, mask=row_mask, other=0.0))
             else:
@@ -881,19 +1002,41 @@ def _bwd_cols(
                 exc = tl.load(exc_ptr + s * D + cols, mask=col_mask, other=0.0).to(ACC)
             else:
                 exc = tl.zeros([BD], dtype=ACC)
-            x, v = _step_block(c, x, v, x - mu[None, :], scale, exc, w_o_ptr, b_o_ptr, cols, col_mask, hk, D,
-                               dt, ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
+            # `_step_block`'s step
+            alpha = _sigmoid(_z_at(cd, w_a, zb_a, ms0, PREC, ACC)) * scale[:, None]
+            v_cand = _z_at(cd, w_u, zb_u, ms3, PREC, ACC)
+            v_next = alpha * v + (1 - alpha) * v_cand
+            beta = _softplus(_z_at(cd, w_b, zb_b, ms1, PREC, ACC))
+            v_next = v_next - beta * (x - mu[None, :]) + exc[None, :]
+            gate = _sigmoid(_z_at(cd, w_g, zb_g, ms2, PREC, ACC))
+            x = x + dt * gate * v_next
+            v = v_next
             tl.store(replay + (2 * s) * BLOCK + here, x)
             tl.store(replay + (2 * s + 1) * BLOCK + here, v)
+        gpre_t = tl.trans(tl.load(gpre_dot_ptr + (tl.cast(tile, tl.int64) * BM + (T - 1) * N) * H + h_loc,
+                                  mask=row_mask[:, None], other=0.0).to(DOT))
+        dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
+        dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
+        tl.store(dwx_ptr + wx_at, dwx, mask=col_mask[None, :])
+        tl.store(dwv_ptr + wx_at, dwv, mask=col_mask[None, :])
         tl.debug_barrier()
+        # 2. the reverse recurrence
         gx = tl.zeros([BM, BD], dtype=ACC)
         gv = tl.zeros([BM, BD], dtype=ACC)
-        gpre_next = tl.zeros([BM, H], dtype=ACC)
         rc_next = tl.zeros([BM], dtype=ACC)
         for tt in range(T):
             t = T - 1 - tt
-            c = tl.load(c_save_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
-                        other=0.0)
+            if t == 0:
+                x = _load_block(x0_t, offs, m, ACC)
+                if HAS_V:
+                    v = _load_block(v0_t, offs, m, ACC)
+                else:
+                    v = tl.zeros([BM, BD], dtype=ACC)
+            else:
+                x = tl.load(replay + (2 * t - 2) * BLOCK + here)
+                v = tl.load(replay + (2 * t - 1) * BLOCK + here)
+            h_offs = (tl.cast(tile, tl.int64) * BM + t * N) * H + h_loc
+            cd = tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT)
             if USE_KAPPA:
                 alpha_scale = 1.0 - tl.exp(-kappa * tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0))
             else:
@@ -902,93 +1045,99 @@ def _bwd_cols(
                 exc = tl.load(exc_ptr + t * D + cols, mask=col_mask, other=0.0).to(ACC)
             else:
                 exc = tl.zeros([BD], dtype=ACC)
-            if t == 0:
-                x = _load_block(x0_ptr, offs, m, ACC)
-                if HAS_V:
-                    v = _load_block(v0_ptr, offs, m, ACC)
-                else:
-                    v = tl.zeros([BM, BD], dtype=ACC)
+            # the step again, keeping only what its gradient takes: err, v - v_cand, alpha0,
+            # beta, sigmoid(zb), gate, v' (x itself is not needed past err)
+            alpha0 = _sigmoid(_z_at(cd, w_a, zb_a, ms0, PREC, ACC))
+            err = x - mu[None, :]
+            v_cand = _z_at(cd, w_u, zb_u, ms3, PREC, ACC)
+            alpha = alpha0 * alpha_scale[:, None]
+            v_new = alpha * v + (1 - alpha) * v_cand
+            dvc = v - v_cand
+            beta, sig_b = _softplus_sigmoid(_z_at(cd, w_b, zb_b, ms1, PREC, ACC))
+            v_new = v_new - beta * err + exc[None, :]
+            gate = _sigmoid(_z_at(cd, w_g, zb_g, ms2, PREC, ACC))
+            e_new = tl.where(m, err + dt * gate * v_new, 0.0)  # x' - mu
+            # (dL/dx', dL/dv'): the loss at t = T-1, else the carry plus step t+1's row-coupled terms
+            if t == T - 1:
+                if HAS_GX:
+                    gx = _load_block(gxT_ptr + tile0, offs, m, ACC)
+                if HAS_GV:
+                    gv = _load_block(gvT_ptr + tile0, offs, m, ACC)
             else:
-                x = tl.load(replay + (2 * t - 2) * BLOCK + here)
-                v = tl.load(replay + (2 * t - 1) * BLOCK + here)
-            a, b, g, u, alpha0, zb, beta, gate, v_cand, alpha, err, x_new, v_new = _step_full(
-                c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
-                ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
-            gx, gv = _upstream(gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
-                               offs, m, rows64, row_mask, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
-                               HAS_GX, HAS_GV, HAS_GE, HAS_GD, DOT, PREC, ACC)
-            # what reached x' - mu through step t+1's rms and this step's distance
-            e_new = tl.where(m, x_new - mu[None, :], 0.0)
-            dmu -= tl.sum(rc_next[:, None] * e_new, axis=0)
+                gpre_d = tl.load(gpre_dot_ptr + h_offs + N * H, mask=row_mask[:, None], other=0.0).to(DOT)
+                gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e_new
+                gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
+            # what reached x' - mu through step t+1's rms (and through err, beta·err, below)
+            dmu = -rc_next[:, None] * e_new
+            if HAS_GE:
+                gv += (tl.load(gE_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) * 2.0 / D)[:, None] * v_new
             if HAS_GD:
                 sign = tl.where(e_new > 0, 1.0, tl.where(e_new < 0, -1.0, 0.0))
-                dmu -= tl.sum((tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D)[:, None]
-                              * sign, axis=0)
-            gvt, g_za, g_zb, g_zg, g_vc, gx, gv, f_term = _step_grads(
-                gx, gv, m, v, alpha_scale, alpha0, zb, beta, gate, v_cand, alpha, err, v_new, dt)
-            ct = tl.trans(c.to(DOT))
-            dwo_a = tl.dot(ct, (g_za * ms0).to(DOT), dwo_a, input_precision=PREC, out_dtype=ACC)
-            dwo_b = tl.dot(ct, (g_zb * ms1).to(DOT), dwo_b, input_precision=PREC, out_dtype=ACC)
-            dwo_g = tl.dot(ct, (g_zg * ms2).to(DOT), dwo_g, input_precision=PREC, out_dtype=ACC)
-            dwo_u = tl.dot(ct, (g_vc * ms3).to(DOT), dwo_u, input_precision=PREC, out_dtype=ACC)
-            dz_a += tl.sum(g_za, axis=0)
-            dz_b += tl.sum(g_zb, axis=0)
-            dz_g += tl.sum(g_zg, axis=0)
-            dz_u += tl.sum(g_vc, axis=0)
-            dms_a += tl.sum(g_za * a, axis=0)
-            dms_b += tl.sum(g_zb * b, axis=0)
-            dms_g += tl.sum(g_zg * g, axis=0)
-            dms_u += tl.sum(g_vc * u, axis=0)
-            dmu += tl.sum(gvt * beta, axis=0)
+                g_dist = (tl.load(gD_ptr + rows64 * T + t, mask=row_mask, other=0.0).to(ACC) / D)[:, None] * sign
+                gx += g_dist
+                dmu -= g_dist
+            gx = tl.where(m, gx, 0.0)
+            gv = tl.where(m, gv, 0.0)
+            # through the step (see `_bwd_rows`); the four dL/dz_q go to the scratch for pass 3
+            # (dot dtype), the table's and mu's column sums are taken here
+            at = gq + (4 * t) * BLOCK + here
+            gvt = gv + gx * dt * gate
+            g_zg = gx * dt * v_new * gate * (1 - gate)
+            tl.store(at + 2 * BLOCK, g_zg.to(DOT))
+            g_za = gvt * dvc * alpha_scale[:, None] * alpha0 * (1 - alpha0)
+            tl.store(at, g_za.to(DOT))
+            g_zb = -gvt * err * sig_b
+            tl.store(at + BLOCK, g_zb.to(DOT))
+            alpha = alpha0 * alpha_scale[:, None]
+            g_vc = gvt * (1 - alpha)
+            tl.store(at + 3 * BLOCK, g_vc.to(DOT))
+            sums = tl.where(rk[:, None] == 4, sums + tl.sum(dmu + gvt * beta, axis=0)[None, :], sums)
             dtab = tl.where(tk[:, None] == t, dtab + tl.sum(gvt, axis=0)[None, :], dtab)
-            gpre = tl.load(gpre_ptr + (t * N + rows64)[:, None] * H + hk[None, :], mask=row_mask[:, None],
-                           other=0.0)
-            gpre_t = tl.trans(gpre.to(DOT))
-            dwx = tl.dot(gpre_t, x.to(DOT), dwx, input_precision=PREC, out_dtype=ACC)
-            dwv = tl.dot(gpre_t, v.to(DOT), dwv, input_precision=PREC, out_dtype=ACC)
-            gpre_next = gpre
+            gx = gx - gvt * beta
+            gv = gvt * alpha
             rc_next = tl.load(rc_ptr + t * N + rows64, mask=row_mask, other=0.0)
         # step 0's own row-coupled terms: they land on x_0, v_0
-        x0 = _load_block(x0_ptr, offs, m, ACC)
+        x0 = _load_block(x0_t, offs, m, ACC)
         e0 = tl.where(m, x0 - mu[None, :], 0.0)
-        gpre_d = gpre_next.to(DOT)
-        w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+        gpre_d = tl.load(gpre_dot_ptr + tl.cast(tile, tl.int64) * BM * H + h_loc, mask=row_mask[:, None],
+                         other=0.0).to(DOT)
         gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e0
-        dmu -= tl.sum(rc_next[:, None] * e0, axis=0)
-        tl.store(dx_ptr + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
+        sums = tl.where(rk[:, None] == 4, sums - tl.sum(rc_next[:, None] * e0, axis=0)[None, :], sums)
+        tl.store(dx_ptr + tile0 + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_V:
-            w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
             gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
-            tl.store(dv_ptr + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
+            tl.store(dv_ptr + tile0 + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()
+        # 3. dw_o of this tile (P), and the dz column sums, into the program's partial slots
+        dwo_a = tl.load(wo_at, mask=col_mask[None, :], other=0.0)
+        dwo_b = tl.load(wo_at + D * H, mask=col_mask[None, :], other=0.0)
+        dwo_g = tl.load(wo_at + 2 * D * H, mask=col_mask[None, :], other=0.0)
+        dwo_u = tl.load(wo_at + 3 * D * H, mask=col_mask[None, :], other=0.0)
+        for t in range(T):
+            h_offs = (tl.cast(tile, tl.int64) * BM + t * N) * H + h_loc
+            ct = tl.trans(tl.load(c_dot_ptr + h_offs, mask=row_mask[:, None], other=0.0).to(DOT))
+            at = gq + (4 * t) * BLOCK + here
+            g = tl.load(at).to(DOT)
+            dwo_a = tl.dot(ct, g, dwo_a, input_precision=PREC, out_dtype=ACC)
+            sums = tl.where(rk[:, None] == 0, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
+            g = tl.load(at + BLOCK).to(DOT)
+            dwo_b = tl.dot(ct, g, dwo_b, input_precision=PREC, out_dtype=ACC)
+            sums = tl.where(rk[:, None] == 1, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
+            g = tl.load(at + 2 * BLOCK).to(DOT)
+            dwo_g = tl.dot(ct, g, dwo_g, input_precision=PREC, out_dtype=ACC)
+            sums = tl.where(rk[:, None] == 2, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
+            g = tl.load(at + 3 * BLOCK).to(DOT)
+            dwo_u = tl.dot(ct, g, dwo_u, input_precision=PREC, out_dtype=ACC)
+            sums = tl.where(rk[:, None] == 3, sums + tl.sum(g.to(ACC), axis=0)[None, :], sums)
+        tl.store(wo_at, dwo_a, mask=col_mask[None, :])
+        tl.store(wo_at + D * H, dwo_b, mask=col_mask[None, :])
+        tl.store(wo_at + 2 * D * H, dwo_g, mask=col_mask[None, :])
+        tl.store(wo_at + 3 * D * H, dwo_u, mask=col_mask[None, :])
 
-    # dw_o partial [SPLITS, 4D, H], written from the transposed [H, BD] accumulators
-    wo_offs = (sp * 4 * D + cols[None, :]).to(tl.int64) * H + hk[:, None]
-    wo_mask = col_mask[None, :]
-    tl.store(dwo_ptr + wo_offs, dwo_a, mask=wo_mask)
-    tl.store(dwo_ptr + wo_offs + D * H, dwo_b, mask=wo_mask)
-    tl.store(dwo_ptr + wo_offs + 2 * D * H, dwo_g, mask=wo_mask)
-    tl.store(dwo_ptr + wo_offs + 3 * D * H, dwo_u, mask=wo_mask)
-    bo = dbo_ptr + sp * 4 * D + cols
-    tl.store(bo, ms0 * dz_a, mask=col_mask)
-    tl.store(bo + D, ms1 * dz_b, mask=col_mask)
-    tl.store(bo + 2 * D, ms2 * dz_g, mask=col_mask)
-    tl.store(bo + 3 * D, ms3 * dz_u, mask=col_mask)
-    wx_offs = (sp * H + hk[:, None]).to(tl.int64) * D + cols[None, :]
-    tl.store(dwx_ptr + wx_offs, dwx, mask=col_mask[None, :])
-    tl.store(dwv_ptr + wx_offs, dwv, mask=col_mask[None, :])
-    tl.store(dmu_ptr + sp * D + cols, dmu, mask=col_mask)
+    tl.store(dz_ptr + (sp * 4 + rk[:, None]) * D + cols[None, :], sums, mask=(rk[:, None] < 4) & col_mask[None, :])
+    tl.store(dmu_ptr + sp * D + rk[:, None] * 0 + cols[None, :], sums, mask=(rk[:, None] == 4) & col_mask[None, :])
     tl.store(dtab_ptr + (sp * T + tk[:, None]).to(tl.int64) * D + cols[None, :], dtab,
              mask=(tk[:, None] < T) & col_mask[None, :])
-    # the modulation's 8 scalars: (Σ g_za·a, Σ g_zb·b, Σ g_zg·g, Σ g_vc·u, Σ g_za, Σ g_zb, Σ g_zg, Σ g_vc)
-    mod_base = dmod_ptr + (sp * tl.num_programs(0) + jb) * 8
-    tl.store(mod_base + 0, tl.sum(tl.where(col_mask, dms_a, 0.0), axis=0))
-    tl.store(mod_base + 1, tl.sum(tl.where(col_mask, dms_b, 0.0), axis=0))
-    tl.store(mod_base + 2, tl.sum(tl.where(col_mask, dms_g, 0.0), axis=0))
-    tl.store(mod_base + 3, tl.sum(tl.where(col_mask, dms_u, 0.0), axis=0))
-    tl.store(mod_base + 4, tl.sum(tl.where(col_mask, dz_a, 0.0), axis=0))
-    tl.store(mod_base + 5, tl.sum(tl.where(col_mask, dz_b, 0.0), axis=0))
-    tl.store(mod_base + 6, tl.sum(tl.where(col_mask, dz_g, 0.0), axis=0))
-    tl.store(mod_base + 7, tl.sum(tl.where(col_mask, dz_u, 0.0), axis=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1010,8 +1159,8 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
              save=False, trajectory=False, path=None, config=None):
     """Launches the forward. Returns x_T, v_T, energy, distance, iterations, trajectory (x, v)
     or (None, None), the fp32 state (xs, vs) (which holds x_{T-1}, v_{T-1} when the last step
-    wrote the outputs directly: `last_saved`), and with `save` the per-step controller hidden
-    c [T, N, H] and rms [T, N]."""
+    wrote the outputs directly), and with `save` the per-step controller hidden c [T, N, H]
+    (fp32, and in the dot dtype) and rms [T, N]."""
     n, d = x.shape
     H = w_h.shape[0]
     dev, out_dtype = x.device, x.dtype
@@ -1025,8 +1174,9 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         raise ValueError(f"path must be 'tile' or 'decode', got {path!r}")
     if save and path != "tile":
         raise ValueError("the decode path does not save the backward's tensors; use path='tile'")
-    # the last step writes the outputs in their dtype, so the fp32 state keeps x_{T-1}, v_{T-1}
-    final_out = cast_out and not early_exit
+    # the last step writes the outputs in their dtype, so the fp32 state keeps x_{T-1}, v_{T-1};
+    # with early exit, rows that stopped before it are copied afterwards (`_copy_stopped`)
+    final_out = cast_out
 
     x_out = torch.empty_like(x)
     v_out = torch.empty_like(x)
@@ -1037,6 +1187,8 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     iterations = torch.full((n,), T, device=dev, dtype=torch.int32)
     c_save = torch.empty(T, n, H, device=dev, dtype=acc) if save else energy
     r_save = torch.empty(T, n, device=dev, dtype=acc) if save else energy
+    save_dot = save and DOT != ACC  # c also in the dtype the backward's dots take
+    c_dot = torch.empty(T, n, H, device=dev, dtype=out_dtype) if save_dot else c_save
     traj_x = torch.empty(n, T + 1, d, device=dev, dtype=out_dtype) if trajectory else x_out
     traj_v = torch.empty(n, T + 1, d, device=dev, dtype=out_dtype) if trajectory else x_out
     v_in = v if v is not None else x
@@ -1058,23 +1210,21 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         ctx = torch.empty(n, H, device=dev, dtype=acc)
         pre = torch.empty(n, H, device=dev, dtype=acc)
         sq = torch.empty(n, device=dev, dtype=acc)
-        _fwd_prologue[(tiles, 1)](h, x, v_in, w_h, w_x, w_v, bias, mu, ctx, pre, sq, traj_x, traj_v, n, d, T,
-                                  triton.cdiv(d, BD), 0.0, H=H, BM=BM, BD=BD, HAS_V=v is not None,
-                                  TRAJ=trajectory, SINGLE=True, **types, **launch)
+        even = n % BM == 0 and d % BD == 0  # no masks
+        wrap_triton(_fwd_prologue)[(tiles, 1)](
+            h, x, v_in, w_h, w_x, w_v, bias, mu, ctx, pre, sq, traj_x, traj_v, n, d, T, triton.cdiv(d, BD), 0.0,
+            H=H, BM=BM, BD=BD, HAS_V=v is not None, TRAJ=trajectory, SINGLE=True, EVEN=even, **types, **launch)
         # early exit: the step's tiles are formed from the rows still running (list[:count])
         row_list = torch.arange(n, device=dev, dtype=torch.int32) if early_exit else iterations
         count = torch.full((1,), n, device=dev, dtype=torch.int32) if early_exit else iterations
         running = torch.ones(n, device=dev, dtype=torch.int32) if early_exit else iterations
         for t in range(T):
-            _tile_step[(tiles,)](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, ctx, pre, sq,
-                                 row_list, count, running, energy, distance, iterations, c_save, r_save,
-                                 traj_x, traj_v, t, n, d, T, **scalars, H=H, BM=BM, BD=BD, SAVE=save, **flags,
-                                 **launch)
+            wrap_triton(_tile_step)[(tiles,)](
+                x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, ctx, pre, sq, row_list, count,
+                running, energy, distance, iterations, c_save, c_dot, r_save, traj_x, traj_v, t, n, d, T, **scalars,
+                H=H, BM=BM, BD=BD, SAVE=save, SAVE_DOT=save_dot, EVEN=even, I32=n * d < 2**31, **flags, **launch)
             if early_exit and t + 1 < T:
-                _compact_rows[(1,)](running, row_list, count, n, CHUNK=1024)
-        if early_exit and cast_out:
-            x_out.copy_(xs)
-            v_out.copy_(vs)
+                wrap_triton(_compact_rows)[(1,)](running, row_list, count, n, CHUNK=1024)
     else:
         nblk = triton.cdiv(d, BD)
         NB = cfg.get("NB", 1)
@@ -1085,26 +1235,28 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
         ctx = torch.empty(n, H, device=dev, dtype=acc)
         c = torch.empty(n, H, device=dev, dtype=acc)
         scale = torch.empty(n, device=dev, dtype=acc)
-        _fwd_prologue[grid](h, x, v_in, w_h, w_x, w_v, bias, mu, ctx_part, pre_part, stat_part, traj_x, traj_v,
-                            n, d, T, NB, 0.0, H=H, BM=BM, BD=BD, HAS_V=v is not None, TRAJ=trajectory,
-                            SINGLE=False, **types, **launch)
+        even = n % BM == 0 and d % (BD * NB) == 0  # no masks: every program's blocks lie inside d
+        wrap_triton(_fwd_prologue)[grid](
+            h, x, v_in, w_h, w_x, w_v, bias, mu, ctx_part, pre_part, stat_part, traj_x, traj_v, n, d, T, NB, 0.0,
+            H=H, BM=BM, BD=BD, HAS_V=v is not None, TRAJ=trajectory, SINGLE=False, EVEN=even, **types, **launch)
         # the reduce: one thread per (row, hidden unit) and 16 loads in flight on a GPU; any HC
         # and BATCH add the shares in the same order
         HC, batch = (H, 1) if interpreting() else (2, 16)
         reduce = dict(H=H, BM=BM, HC=HC, BATCH=batch, USE_KAPPA=kappa is not None, EARLY_EXIT=early_exit, ACC=ACC)
         step_flags = {k: flags[k] for k in ("HAS_V", "HAS_EXC", "EARLY_EXIT", "TRAJ", "FINAL_OUT")}
         for t in range(T + 1):
-            _decode_reduce[(tiles, H // HC)](ctx_part, pre_part, stat_part, bias, ctx, c, scale, energy, distance,
-                                             iterations, t, n, d, T, nblk, scalars["kappa"], scalars["tol"],
-                                             scalars["min_iterations"], **reduce)
+            wrap_triton(_decode_reduce)[(tiles, H // HC)](
+                ctx_part, pre_part, stat_part, bias, ctx, c, scale, energy, distance, iterations, t, n, d, T, nblk,
+                scalars["kappa"], scalars["tol"], scalars["min_iterations"], **reduce)
             if t < T:
-                _decode_step[grid](x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, c, scale,
-                                   pre_part, stat_part, iterations, traj_x, traj_v, t, n, d, T, NB, nblk, 0.0,
-                                   scalars["dt"], H=H, BM=BM, BD=BD, **step_flags, **types, **launch)
-        if early_exit and cast_out:
-            x_out.copy_(xs)
-            v_out.copy_(vs)
+                wrap_triton(_decode_step)[grid](
+                    x, v_in, xs, vs, x_out, v_out, w_x, w_v, w_o, b_o, mod, mu, exc, c, scale, pre_part, stat_part,
+                    iterations, traj_x, traj_v, t, n, d, T, NB, nblk, 0.0, scalars["dt"], H=H, BM=BM, BD=BD,
+                    EVEN=even, **step_flags, **types, **launch)
 
+    if early_exit and cast_out:
+        wrap_triton(_copy_stopped)[(triton.cdiv(n, 16),)](xs, vs, x_out, v_out, iterations, n, d, T, BM=16,
+                                                         BD=128)
     if early_exit:
         # rows that stopped early left the later statistics (and trajectory) unwritten:
         # a frozen row repeats its state from its last step on
@@ -1117,25 +1269,32 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
             index = states[:, :, None].expand(n, T + 1, d)
             traj_x, traj_v = traj_x.gather(1, index), traj_v.gather(1, index)
     trajectories = (traj_x, traj_v) if trajectory else (None, None)
-    saved = (c_save, r_save) if save else (None, None)
+    saved = (c_save, c_dot, r_save) if save else (None, None, None)
     return x_out, v_out, energy, distance, iterations, trajectories, (xs, vs), saved
 
 
-def _backward_config(n, d, H, device, config):
-    """Block sizes of the two backward kernels and the row splits of phase 2: the forward's
-    block shape (M = 64 rows for wgmma, BD = 16 columns: see kernel_report for what ptxas
-    gives them); SPLITS so that phase 2 runs about 4 programs per multiprocessor."""
+def _backward_config(n, d, H, device, config, gpu=None):
+    """Block sizes of the two backward kernels, a fixed function of the shape, and the row
+    splits of phase 2. Phase 1 (`_bwd_rows`): BM rows × BD columns, num_warps; phase 2
+    (`_bwd_cols`): BM2 × BD2, num_warps2 (the phase-1 values when a config omits them).
+    Chosen from the static sm_90 compile (benchmarks/kernel_report.py): phase 1 at 128 rows
+    over 8 warps (two warp groups of 64 rows: no tile is replicated across warps) and 16
+    columns; phase 2 at 64 rows, 16 columns (8 at H = 128) and 8 warps, where Triton splits the
+    columns over the two warp groups. SPLITS: phase 2 runs about 4 programs per multiprocessor."""
     if config is not None:
         cfg = dict(config)
-    elif interpreting():
+    elif not (gpu if gpu is not None else not interpreting()):
         cfg = dict(BM=16, BD=32)
     else:
-        cfg = dict(BM=64, BD=16, num_warps=4)
+        cfg = dict(BM=128, BD=16, num_warps=8, BM2=64, BD2=16 if H <= 64 else 8, num_warps2=8)
+    for key in ("BM", "BD", "num_warps", "num_stages"):
+        if key in cfg:
+            cfg.setdefault(key + "2", cfg[key])
     if "SPLITS" not in cfg:
-        tiles = triton.cdiv(n, cfg["BM"])
+        tiles = triton.cdiv(n, cfg["BM2"])
         sms = multiprocessors(device) if device.type == "cuda" else 1
         programs = 4 * sms
-        cfg["SPLITS"] = max(1, min(tiles, programs // triton.cdiv(d, cfg["BD"])))
+        cfg["SPLITS"] = max(1, min(tiles, programs // triton.cdiv(d, cfg["BD2"])))
     return cfg
 
 
@@ -1153,16 +1312,17 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     state buffers (xs, vs), which the backward owns; once phase 1 is done their storage holds
     dL/dh and dL/dx (and dL/dv) in the input dtype. For fp32 inputs the carry is dL/dx itself
     (phase 2 writes it only after phase 1 is done and never reads it) and one fp32 [N, d]."""
-    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save, xs, vs = saved
+    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, c_dot, r_save, xs, vs = saved
     gx_T, gv_T, g_energy, g_distance = (None if g is None else g.contiguous() for g in grads)
     n, d = x.shape
     H = w_h.shape[0]
     dev, acc = x.device, c_save.dtype
     DOT, PREC, ACC = _dot_types(x.dtype)
     cfg = _backward_config(n, d, H, dev, config)
-    splits = cfg.pop("SPLITS")
-    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-    BM, BD = cfg["BM"], cfg["BD"]
+    splits = cfg["SPLITS"]
+    launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    launch2 = {k: cfg[k + "2"] for k in ("num_warps", "num_stages") if k + "2" in cfg}
+    BM, BD, BM2, BD2 = cfg["BM"], cfg["BD"], cfg["BM2"], cfg["BD2"]
     cast = x.dtype != acc
     last_saved = cast and T >= 2  # the forward's last step left x_{T-1}, v_{T-1} in (xs, vs)
     if cast:
@@ -1173,6 +1333,8 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
         gx_s = dx
         gv_s = dv if dv is not None else torch.empty(n, d, device=dev, dtype=acc)
     gpre = torch.empty(T, n, H, device=dev, dtype=acc)
+    save_dot = c_dot.dtype != acc  # phase 2 reads c and gpre in the dots' dtype
+    gpre_dot = torch.empty(T, n, H, device=dev, dtype=x.dtype) if save_dot else gpre
     rc = torch.empty(T, n, device=dev, dtype=acc)
     v_in = v if v is not None else x
     exc = table if table is not None else mod
@@ -1182,9 +1344,10 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
                  HAS_GD=g_distance is not None, DOT=DOT, PREC=PREC, ACC=ACC)
     upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
     kappa_f = float(kappa) if kappa is not None else 0.0
-    _bwd_rows[(triton.cdiv(n, BM),)](
-        x, v_in, xs, vs, gx_s, gv_s, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
-        n, d, T, float(dt), kappa_f, H=H, BM=BM, BD=BD, LAST_SAVED=last_saved, **flags, **launch)
+    wrap_triton(_bwd_rows)[(triton.cdiv(n, BM),)](
+        x, v_in, xs if xs is not None else gx_s, vs if vs is not None else gv_s, gx_s, gv_s, w_x, w_v, w_o, b_o,
+        mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre, gpre_dot, rc, n, d, T, float(dt), kappa_f, H=H, BM=BM,
+        BD=BD, LAST_SAVED=last_saved, SAVE_DOT=save_dot, EVEN=n % BM == 0 and d % BD == 0, **flags, **launch)
 
     if cast:  # the carry is dead: its storage takes the input-dtype gradients
         dh, dx = _halves(xs, x.dtype, n, d)
@@ -1200,22 +1363,32 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     if not needs_phase2:
         return dh, None, None, dw_h, None, None, None, None, dbias, None, None, None
 
-    nj = triton.cdiv(d, BD)
-    dwo = torch.empty(splits, 4 * d, H, device=dev, dtype=acc)
-    dbo = torch.empty(splits, 4 * d, device=dev, dtype=acc)
-    dwx = torch.empty(splits, H, d, device=dev, dtype=acc)
-    dwv = torch.empty(splits, H, d, device=dev, dtype=acc)
+    nj = triton.cdiv(d, BD2)
+    # the weight-gradient partials: every tile adds to its program's slots
+    pwo = torch.zeros(splits, 4 * d, H, device=dev, dtype=acc)
+    dwx = torch.zeros(splits, H, d, device=dev, dtype=acc)
+    dwv = torch.zeros(splits, H, d, device=dev, dtype=acc)
+    dz = torch.empty(splits, 4 * d, device=dev, dtype=acc)
     dmu = torch.empty(splits, d, device=dev, dtype=acc)
     dtab = torch.empty(splits, T, d, device=dev, dtype=acc)
-    dmod = torch.empty(splits, nj, 8, device=dev, dtype=acc)
     # each program's replayed x_t, v_t (t = 1 .. T-1) of its current tile
-    replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM * BD), device=dev, dtype=acc)
-    _bwd_cols[(nj, splits)](
-        x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_save, r_save, *upstream, gpre, rc,
-        dx, dv if dv is not None else dx, replay, dwo, dbo, dwx, dwv, dmu, dtab, dmod,
-        n, d, T, float(dt), kappa_f, splits, H=H, BM=BM, BD=BD, TP=triton.next_power_of_2(T), **flags, **launch)
+    replay = torch.empty(max(1, nj * splits * 2 * (T - 1) * BM2 * BD2), device=dev, dtype=acc)
+    # and the four dL/dz_q tiles of every step, in the dots' dtype
+    gq = torch.empty(nj * splits * 4 * T * BM2 * BD2, device=dev, dtype=c_dot.dtype)
+    wrap_triton(_bwd_cols)[(nj, splits)](
+        x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_dot, r_save, *upstream, gpre_dot, rc,
+        dx, dv if dv is not None else dx, replay, gq, pwo, dz, dwx, dwv, dmu, dtab,
+        n, d, T, float(dt), kappa_f, splits, H=H, BM=BM2, BD=BD2, TP=triton.next_power_of_2(T),
+        EVEN=n % BM2 == 0 and d % BD2 == 0, **flags, **launch2)
     # the splits' partials, summed in a fixed order: the same bits on every run
-    return (dh, dx, dv, dw_h, dwx.sum(0), dwv.sum(0), dwo.sum(0), dbo.sum(0), dbias, dmod.sum((0, 1)),
+    pwo, dz = pwo.sum(0).view(4, d, H), dz.sum(0).view(4, d)
+    ms = mod[:4]
+    dwo = (ms[:, None, None] * pwo).view(4 * d, H)
+    dbo = (ms[:, None] * dz).view(4 * d)
+    # z_q = ms_q·q + mb_q and q = c·w_oᵀ + b_o: Σ g_zq·q = <w_o_q, P_q> + <b_o_q, dz_q>
+    dms = (w_o.to(acc).view(4, d, H) * pwo).sum((1, 2)) + (b_o.to(acc).view(4, d) * dz).sum(1)
+    dmod = torch.cat((dms, dz.sum(1)))
+    return (dh, dx, dv, dw_h, dwx.sum(0), dwv.sum(0), dwo, dbo, dbias, dmod,
             dmu.sum(0), dtab.sum(0) if table is not None else None)
 
 
@@ -1231,11 +1404,11 @@ class _IterateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, config):
-        x_out, v_out, energy, distance, iterations, _, (xs, vs), (c_save, r_save) = _forward(
+        x_out, v_out, energy, distance, iterations, _, (xs, vs), (c_save, c_dot, r_save) = _forward(
             h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, None, 0, save=True,
             path="tile", config=config)
         cast = xs.data_ptr() != x_out.data_ptr()
-        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, r_save,
+        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, c_dot, r_save,
                               xs if cast else None, vs if cast else None)
         ctx.constants = (dt, kappa, T, config)
         ctx.mark_non_differentiable(iterations)
@@ -1247,14 +1420,18 @@ class _IterateFunction(torch.autograd.Function):
     def backward(ctx, gx_T, gv_T, g_energy, g_distance, _):
         dt, kappa, T, config = ctx.constants
         saved = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need = dict(zip(_GRAD_INPUTS, ctx.needs_input_grad))
+        # phase 1 alone gives dh, dw_h and d bias; every other input's gradient needs phase 2
         grads = _backward(saved, (gx_T, gv_T, g_energy, g_distance), dt, kappa, T, config,
-                          needs_phase2=any(need[i] for i in (1, 2, 4, 5, 6, 7, 9, 10, 11)))
-        h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table = saved[:11]
-        like = (h, x, v, w_h, w_x, w_v, w_o, b_o, None, mod, mu, table)  # bias is built in acc dtype
-        out = [None if (g is None or not need[i]) else (g if t is None else g.to(t.dtype))
-               for i, (g, t) in enumerate(zip(grads, like))]
+                          needs_phase2=any(need[k] for k in _GRAD_INPUTS if k not in ("h", "w_h", "bias")))
+        like = dict(zip(_GRAD_INPUTS, saved[:8] + (None,) + saved[8:11]))  # bias is built in the acc dtype
+        out = [None if (g is None or not need[k]) else (g if like[k] is None else g.to(like[k].dtype))
+               for k, g in zip(_GRAD_INPUTS, grads)]
         return (*out, None, None, None, None)
+
+
+# the tensor inputs of _IterateFunction.forward, in order: what _backward returns gradients of
+_GRAD_INPUTS = ("h", "x", "v", "w_h", "w_x", "w_v", "w_o", "b_o", "bias", "mod", "mu", "table")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1273,10 +1450,39 @@ def supports(h, x, v, params: IterateParams, settings: IterateSettings):
     return None
 
 
+def _config_text(config) -> str:
+    """A block-size override (tests, benchmarks) as the op's string argument: "BM=16,BD=32"."""
+    return ",".join(f"{k}={int(v)}" for k, v in sorted((config or {}).items()))
+
+
+def _config_dict(text: str):
+    return {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)} or None
+
+
+@torch.library.triton_op("inl::triton_iterate", mutates_args=())
+def triton_iterate_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_x: Tensor, w_v: Tensor, w_o: Tensor,
+                      b_o: Tensor, bias: Tensor, mod: Tensor, mu: Tensor, table: Optional[Tensor], dt: float,
+                      kappa: Optional[float], num_iterations: int, tol: Optional[float], min_iterations: int,
+                      trajectory: bool, path: str, config: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                         Tensor, Tensor]:
+    """The inference forward: (x_T, v_T, energy, distance, iterations, trajectory_x, trajectory_v),
+    the trajectories empty unless asked for. `path` ("", "tile", "decode") and `config` (block
+    sizes as "BM=..,BD=..") override the dispatch's choice (tests, benchmarks)."""
+    x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _, _ = _forward(
+        h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, num_iterations, tol, min_iterations,
+        trajectory=trajectory, path=path or None, config=_config_dict(config))
+    if not trajectory:  # an op returns tensors of its own: distinct empty ones for the trajectories
+        traj_x, traj_v = x.new_empty(0), x.new_empty(0)
+    return x_out, v_out, energy, distance, iterations, traj_x, traj_v
+
+
 def iterate(h, x, v, params: IterateParams, settings: IterateSettings, _path=None, _config=None):
     """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
-    `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS for the
-    backward) are for tests and benchmarks."""
+    Inference runs the registered op `inl::triton_iterate` (torch.compile traces into its
+    kernels); training runs `_IterateFunction`, whose backward reuses the forward's fp32 state
+    buffers as its gradient storage (not expressible as a functional op: see the module
+    docstring). `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS
+    for the backward) are for tests and benchmarks."""
     p, s = params, settings
     T = s.num_iterations
     acc = compute_dtype(x.dtype)
@@ -1287,8 +1493,9 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings, _path=Non
         return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance)
     with torch.no_grad():
         table, bias, mod = fold_parameters(params, s, x.shape[1], acc)
-        x_out, v_out, energy, distance, iterations, (traj_x, traj_v), _, _ = _forward(
+        x_out, v_out, energy, distance, iterations, traj_x, traj_v = triton_iterate_op(
             h, x, v, p.w_h, p.w_x, p.w_v, p.w_o, p.b_o, bias, mod, p.mu, table, s.dt, s.kappa, T, s.tol,
-            s.min_iterations, trajectory=s.return_trajectory, path=_path, config=_config)
+            s.min_iterations, s.return_trajectory, _path or "", _config_text(_config))
+    trajectory = s.return_trajectory
     return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance,
-                              trajectory_x=traj_x, trajectory_v=traj_v)
+                              trajectory_x=traj_x if trajectory else None, trajectory_v=traj_v if trajectory else None)

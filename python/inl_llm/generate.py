@@ -136,7 +136,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     `eos_check_every` tokens, the only reads back to the host). Without the cache each step
     re-runs the whole sequence (same tokens as with it: the test checks greedy). The prompt plus
     the new tokens but the last (never fed back) must fit in max_seq_len. attention_mask [B, S]:
-    left padding of batched prompts (1 = token, 0 = padding). compile / cuda_graph: see the module docstring (both need the cache)."""
+    left padding of batched prompts (1 = token, 0 = padding). compile / cuda_graph: see the module
+    docstring (both need the cache)."""
     _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU, inl_iterate
-from inl_kernels._dispatch import preferred
+from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU
 from inl_kernels._validate import token_ids as check_token_ids
 
 from .cache import KVCache
@@ -62,25 +61,6 @@ def _mu_global_as_vector(module, state_dict, prefix, *args):
     for key, value in state_dict.items():
         if key.startswith(prefix) and key.endswith("mu_global") and value.dim() == 0:
             state_dict[key] = value.reshape(1)
-
-
-def _iterate_with_trajectory(layer: IntegratorLayer, h: torch.Tensor, x: torch.Tensor, num_iterations: int):
-    """layer(h, x, return_info=True, num_iterations=...) with the iterate's x/v trajectories kept
-    (info.trajectory_x, info.trajectory_v [rows, T+1, d], the initial state first). It is
-    IntegratorLayer.forward with return_trajectory=True, the same mu EMA bookkeeping included:
-    that module takes no such flag yet (it lives in inl_kernels, outside this layer)."""
-    recomputing = bool(layer.mu_ema_rate) and torch._C._current_graph_task_id() != -1  # a checkpoint recomputation
-    if not recomputing:
-        layer.apply_mu_ema()
-    x_out, info = inl_iterate(
-        h, x, **layer.controller.weights(), mod_scale=layer.mod_scale, mod_bias=layer.mod_bias,
-        mu=layer.equilibrium(), exc_index=layer.exc_index, gamma=layer.gamma, phi=layer.phi,
-        amplitude=layer.excitation_amplitude, dt=layer.dt, kappa=layer.kappa, num_iterations=num_iterations,
-        tol=None if layer.training else layer.tol, min_iterations=layer.min_iterations,
-        backend=preferred(layer.backend, "iterate"), return_trajectory=True)
-    if layer.training and layer.mu_ema_rate and not recomputing and h.shape[0] > 0:
-        layer._mu_target = h.detach().float().mean(0)
-    return x_out, info
 
 
 class MixtureOfIntegrators(nn.Module):
@@ -127,7 +107,7 @@ class MixtureOfIntegrators(nn.Module):
             if rows.numel() == 0:
                 continue
             if trajectory:
-                y, info = _iterate_with_trajectory(expert, h[rows], x[rows], num_iterations)
+                y, info = expert(h[rows], x[rows], num_iterations=num_iterations, return_trajectory=True)
                 w3 = w.to(y.dtype)[:, None, None]
                 path_x = path_x.index_add(0, rows, info.trajectory_x * w3)
                 path_v = path_v.index_add(0, rows, info.trajectory_v * w3)
@@ -213,11 +193,10 @@ class Block(nn.Module):
         if isinstance(self.integrator, MixtureOfIntegrators):
             s, stats, balance, *path = self.integrator(h, state, num_iterations, trajectory)
         else:
+            s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations,
+                                      return_trajectory=trajectory)
             if trajectory:
-                s, info = _iterate_with_trajectory(self.integrator, h, state, num_iterations)
                 path = [(info.trajectory_x, info.trajectory_v)]
-            else:
-                s, info = self.integrator(h, state, return_info=True, num_iterations=num_iterations)
             stats = [IntegratorStats(s, self.integrator.equilibrium(), info.energy, info.distance, info.iterations)]
             balance = None
         ffn_in, x = self.ffn_norm(self.dropout(s.view(B, S, d)), residual=x)
