@@ -124,7 +124,7 @@ bool process_schedstat(uint64_t& run, uint64_t& wait) {
   bool any = false;
   while (const dirent* e = readdir(dir)) {
     if (e->d_name[0] == '.') continue;
-    char path[64];
+    char path[320];
     std::snprintf(path, sizeof(path), "/proc/self/task/%s/schedstat", e->d_name);
     if (FILE* f = std::fopen(path, "r")) {
       unsigned long long r = 0, w = 0;
