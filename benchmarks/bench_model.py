@@ -30,6 +30,10 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# as in bench_iterate: the C++ ops keep the thread count the run set, and inductor's compile
+# workers do not take the cores from the calls being timed
+os.environ.setdefault("INL_KERNELS_ADAPTIVE_THREADS", "0")
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 COLUMNS = ["size", "mode", "impl", "dtype", "tokens", "ms", "tokens_per_s", "vs_reference", "floor_frac",
            "peak_mib", "note"]
