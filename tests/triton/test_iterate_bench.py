@@ -30,6 +30,7 @@ def test_quick_cli_runs_and_agrees_with_the_reference(tmp_path):
         # every backend's x_T (fwd) and input gradients (fwd+bwd) against the fp64 reference
         assert r["max_err"] <= (1e-5 if r["mode"] == "fwd" else 1e-4), r
     # both paths (tile: 260 rows, decode: 5 rows), early exit on and off, fwd and fwd+bwd
+    from benchmarks.bench_iterate import QUICK_SHAPES
     assert {(r["shape"], r["mode"], r["early_exit"]) for r in rows if r["impl"] == "triton"} == {
-        (s, m, e) for s in ("260x24x3", "5x40x3") for m, e in (("fwd", False), ("fwd", True), ("fwd+bwd", False))}
+        (s, m, e) for s in QUICK_SHAPES for m, e in (("fwd", False), ("fwd", True), ("fwd+bwd", False))}
     assert all("mean steps" in r["note"] for r in rows if r["early_exit"])
