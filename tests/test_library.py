@@ -174,12 +174,47 @@ def _iterate_op_args(tol):
             "", "")
 
 
+def _iterate_train_args(dtype):
+    """The training op's arguments (leaves that require grad) and, from one run of it, the
+    backward op's: for bf16 the saved state pair is real and the backward overwrites it."""
+    from inl_kernels.triton.iterate import triton_iterate_train_op
+
+    h, x, kw = make_args(n=5, d=12, H=16, E=2, T=3, dtype=dtype, device=DEVICE)
+    tensors, s = folded(h, x, kw, dtype=dtype)
+    h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table = tensors
+    train = (h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, s.dt, s.kappa, s.num_iterations, "")
+    leaves = tuple(t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in train)
+    with torch.no_grad():
+        out = triton_iterate_train_op(*train)
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(t.shape, generator=g).to(DEVICE, t.dtype) for t in out[:4]]
+    backward = (h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, *out[5:], *upstream, s.dt, s.kappa,
+                s.num_iterations, "", True)
+    return leaves, backward
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=TRITON_CHECKS) if TRITON_CHECKS else torch.library.opcheck(op, args)
+
+
 @pytest.mark.parametrize("index", range(7), ids=["rms_norm", "rms_norm+residual", "rope", "attention",
                                                  "attention decode", "iterate", "iterate early exit"])
 def test_opcheck_triton_ops(index):
     pytest.importorskip("triton")
     _, op, args = _triton_cases()[index]
-    torch.library.opcheck(op, args, test_utils=TRITON_CHECKS) if TRITON_CHECKS else torch.library.opcheck(op, args)
+    _opcheck(op, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_triton_iterate_training_ops(dtype):
+    """The training forward and its backward op, which overwrites the saved bf16 state pair
+    (declared in its schema: mutates_args)."""
+    pytest.importorskip("triton")
+    from inl_kernels.triton.iterate import triton_iterate_backward_op, triton_iterate_train_op
+
+    train, backward = _iterate_train_args(dtype)
+    _opcheck(triton_iterate_train_op, train)
+    _opcheck(triton_iterate_backward_op, backward)
 
 
 def test_every_compiled_kernel_is_a_registered_op():
@@ -191,7 +226,8 @@ def test_every_compiled_kernel_is_a_registered_op():
         if backend == "triton":
             for op in ("attention", "iterate", "rms_norm", "rope"):
                 importlib.import_module(f"inl_kernels.triton.{op}")
-            names |= {"triton_attention", "triton_attention_backward", "triton_iterate", "triton_rms_norm",
+            names |= {"triton_attention", "triton_attention_backward", "triton_iterate", "triton_iterate_train",
+                      "triton_iterate_backward", "triton_rms_norm",
                       "triton_rms_norm_backward", "triton_rope"}
         if backend == "cpu":
             names |= {"cpu_iterate", "cpu_iterate_backward", "cpu_rms_norm", "cpu_rms_norm_backward"}

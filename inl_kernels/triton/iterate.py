@@ -54,7 +54,7 @@ the last step reach the outputs through `_copy_stopped`. The decode path keeps s
 frozen (tl.where) and skips tiles with none running. Statistics and trajectory entries a
 stopped row did not write are filled on the host by a gather over clamp(t, max=iterations).
 
-Backward (`_IterateFunction`): the forward saves the inputs, per step the controller hidden
+Backward (`inl::triton_iterate_train` + `inl::triton_iterate_backward`): the forward saves the inputs, per step the controller hidden
 c_t [T, N, H] (fp32, and in the dots' dtype) and the row rms_t [T, N], and for bf16/fp16 inputs
 its fp32 state buffers, which hold x_{T-1}, v_{T-1}. Given c and rms the state recurrence is
 column-local: any d-block's x_t, v_t replays from x_0, v_0 with 4 small dots a step and no row
@@ -1392,45 +1392,96 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
             dmu.sum(0), dtab.sum(0) if table is not None else None)
 
 
-class _IterateFunction(torch.autograd.Function):
-    """The iterate with a Triton backward. Saved for the backward: the inputs, per step the
-    controller hidden c_t = relu(pre_t) [T, N, H] and the row rms_t [T, N] (fp32: 21 MB at
-    16384 × 2048, T = 5, H = 64), and for bf16/fp16 inputs the forward's fp32 state buffers,
-    which hold x_{T-1}, v_{T-1}. With c and rms the state of any d-block at any step replays
-    column-locally from x_0, v_0, so the backward needs no trajectory: phase 1 replays up to
-    step T-2 (x_{T-1} is read), phase 2 once per tile. Extra memory beyond inputs, outputs and
-    gradients (16384 × 2048, T = 5, bf16): the state pair (256 MiB, which then holds dL/dh and
-    dL/dx), c and rms, gpre [T, N, H], rc [T, N], phase 2's split partials and replay scratch."""
-
-    @staticmethod
-    def forward(ctx, h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, config):
-        x_out, v_out, energy, distance, iterations, _, (xs, vs), (c_save, c_dot, r_save) = _forward(
-            h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, None, 0, save=True,
-            path="tile", config=config)
-        cast = xs.data_ptr() != x_out.data_ptr()
-        ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, c_dot, r_save,
-                              xs if cast else None, vs if cast else None)
-        ctx.constants = (dt, kappa, T, config)
-        ctx.mark_non_differentiable(iterations)
-        ctx.set_materialize_grads(False)
-        return x_out, v_out, energy, distance, iterations
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gx_T, gv_T, g_energy, g_distance, _):
-        dt, kappa, T, config = ctx.constants
-        saved = ctx.saved_tensors
-        need = dict(zip(_GRAD_INPUTS, ctx.needs_input_grad))
-        # phase 1 alone gives dh, dw_h and d bias; every other input's gradient needs phase 2
-        grads = _backward(saved, (gx_T, gv_T, g_energy, g_distance), dt, kappa, T, config,
-                          needs_phase2=any(need[k] for k in _GRAD_INPUTS if k not in ("h", "w_h", "bias")))
-        like = dict(zip(_GRAD_INPUTS, saved[:8] + (None,) + saved[8:11]))  # bias is built in the acc dtype
-        out = [None if (g is None or not need[k]) else (g if like[k] is None else g.to(like[k].dtype))
-               for k, g in zip(_GRAD_INPUTS, grads)]
-        return (*out, None, None, None, None)
+def _none_if_empty(t):
+    """An op returns a tensor for every output: an empty one stands for "none"."""
+    return None if t is None or t.numel() == 0 else t
 
 
-# the tensor inputs of _IterateFunction.forward, in order: what _backward returns gradients of
+@torch.library.triton_op("inl::triton_iterate_train", mutates_args=())
+def triton_iterate_train_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_x: Tensor, w_v: Tensor,
+                            w_o: Tensor, b_o: Tensor, bias: Tensor, mod: Tensor, mu: Tensor, table: Optional[Tensor],
+                            dt: float, kappa: Optional[float], num_iterations: int, config: str
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training forward (every step runs, tile path): (x_T, v_T, energy, distance, iterations)
+    and what the backward reads: per step the controller hidden c [T, N, H] (fp32), c in the
+    dots' dtype (empty when that is fp32), rms [T, N], and for bf16/fp16 inputs the fp32 state
+    pair, which holds x_{T-1}, v_{T-1} (empty for fp32 inputs: the outputs are the state)."""
+    x_out, v_out, energy, distance, iterations, _, (xs, vs), (c_save, c_dot, r_save) = _forward(
+        h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, num_iterations, None, 0, save=True,
+        path="tile", config=_config_dict(config))
+    cast = x.dtype != compute_dtype(x.dtype)
+    empty = x.new_empty(0, dtype=c_save.dtype)  # distinct outputs: an op's outputs never alias
+    return (x_out, v_out, energy, distance, iterations, c_save, c_dot if c_dot.dtype != c_save.dtype else empty.clone(),
+            r_save, xs if cast else empty.clone(), vs if cast else empty.clone())
+
+
+@torch.library.triton_op("inl::triton_iterate_backward", mutates_args=("xs", "vs"))
+def triton_iterate_backward_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_x: Tensor, w_v: Tensor,
+                               w_o: Tensor, b_o: Tensor, mod: Tensor, mu: Tensor, table: Optional[Tensor],
+                               c_save: Tensor, c_dot: Tensor, r_save: Tensor, xs: Tensor, vs: Tensor,
+                               gx_T: Optional[Tensor], gv_T: Optional[Tensor], g_energy: Optional[Tensor],
+                               g_distance: Optional[Tensor], dt: float, kappa: Optional[float], num_iterations: int,
+                               config: str, needs_phase2: bool) -> list[Tensor]:
+    """The gradients of (h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table) in the compute
+    dtype, an empty tensor for each one not computed. For bf16/fp16 inputs the backward's fp32
+    carry is the forward's state pair (xs, vs), which this op overwrites: afterwards their
+    storage holds dL/dh and dL/dx (xs) and dL/dv (vs) in the input dtype, which
+    `state_gradients` views; those three come back empty here (an op's output never aliases an
+    input). So a second backward through the same graph raises (the saved state was modified)
+    rather than reading gradients as states."""
+    saved = (h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save,
+             c_dot if c_dot.numel() else c_save, r_save, _none_if_empty(xs), _none_if_empty(vs))
+    grads = _backward(saved, (gx_T, gv_T, g_energy, g_distance), dt, kappa, num_iterations, _config_dict(config),
+                      needs_phase2)
+    in_state = _state_gradients(h, x, v) if xs.numel() else ()
+    empty = x.new_empty(0)
+    return [empty.clone() if (g is None or name in in_state) else g for name, g in zip(_GRAD_INPUTS, grads)]
+
+
+def _state_gradients(h, x, v):
+    """The gradients the backward leaves in the storage of the state pair (bf16/fp16 inputs)."""
+    return ("x",) + (("h",) if h.dtype == x.dtype else ()) + (("v",) if v is not None else ())
+
+
+def _setup_context(ctx, inputs, output):
+    h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, T, config = inputs
+    c_save, c_dot, r_save, xs, vs = output[5:]
+    ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, c_dot, r_save, xs, vs)
+    ctx.constants = (dt, kappa, T, config)
+    ctx.mark_non_differentiable(*output[4:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward_formula(ctx, gx_T, gv_T, g_energy, g_distance, *_):
+    dt, kappa, T, config = ctx.constants
+    h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, c_dot, r_save, xs, vs = ctx.saved_tensors
+    need = dict(zip(_GRAD_INPUTS, ctx.needs_input_grad))
+    # phase 1 alone gives dh, dw_h and d bias; every other input's gradient needs phase 2
+    phase2 = any(need[k] for k in _GRAD_INPUTS if k not in ("h", "w_h", "bias"))
+    if not xs.numel():  # fp32/fp64: no state pair to overwrite; the saved empties stay unmodified,
+        xs, vs = xs.new_empty(0), vs.new_empty(0)  # so backward may run twice (retain_graph)
+    grads = dict(zip(_GRAD_INPUTS, triton_iterate_backward_op(
+        h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save, c_dot, r_save, xs, vs, gx_T, gv_T, g_energy,
+        g_distance, dt, kappa, T, config, phase2)))
+    if xs.numel():  # dL/dh, dL/dx (and dL/dv) in the state pair's storage
+        n, d = x.shape
+        in_state = _state_gradients(h, x, v)
+        first, second = _halves(xs, x.dtype, n, d)
+        grads["x"] = second
+        if "h" in in_state:
+            grads["h"] = first
+        if v is not None:
+            grads["v"] = _halves(vs, x.dtype, n, d)[0]
+    like = dict(h=h, x=x, v=v, w_h=w_h, w_x=w_x, w_v=w_v, w_o=w_o, b_o=b_o, bias=None, mod=mod, mu=mu, table=table)
+    # bias is built in the compute dtype; every other gradient takes its input's dtype
+    out = [None if not need[k] or grads[k].numel() == 0 else grads[k] if like[k] is None
+           else grads[k].to(like[k].dtype) for k in _GRAD_INPUTS]
+    return (*out, None, None, None, None)
+
+
+triton_iterate_train_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+# the differentiable tensor inputs of the training op, in order: what _backward returns gradients of
 _GRAD_INPUTS = ("h", "x", "v", "w_h", "w_x", "w_v", "w_o", "b_o", "bias", "mod", "mu", "table")
 
 
@@ -1478,18 +1529,18 @@ def triton_iterate_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_
 
 def iterate(h, x, v, params: IterateParams, settings: IterateSettings, _path=None, _config=None):
     """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
-    Inference runs the registered op `inl::triton_iterate` (torch.compile traces into its
-    kernels); training runs `_IterateFunction`, whose backward reuses the forward's fp32 state
-    buffers as its gradient storage (not expressible as a functional op: see the module
-    docstring). `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS
+    Inference runs the registered op `inl::triton_iterate`, training `inl::triton_iterate_train`
+    with `inl::triton_iterate_backward` as its autograd formula (torch.compile traces into the
+    kernels of all three). `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS
     for the backward) are for tests and benchmarks."""
     p, s = params, settings
     T = s.num_iterations
     acc = compute_dtype(x.dtype)
     if needs_grad(h, x, v, params):  # every step runs (tol is ignored) on the tile path
         table, bias, mod = fold_parameters(params, s, x.shape[1], acc)
-        x_out, v_out, energy, distance, iterations = _IterateFunction.apply(
-            h, x, v, p.w_h, p.w_x, p.w_v, p.w_o, p.b_o, bias, mod, p.mu, table, s.dt, s.kappa, T, _config)
+        x_out, v_out, energy, distance, iterations = triton_iterate_train_op(
+            h, x, v, p.w_h, p.w_x, p.w_v, p.w_o, p.b_o, bias, mod, p.mu, table, s.dt, s.kappa, T,
+            _config_text(_config))[:5]
         return x_out, IterateInfo(v=v_out, iterations=iterations, energy=energy, distance=distance)
     with torch.no_grad():
         table, bias, mod = fold_parameters(params, s, x.shape[1], acc)

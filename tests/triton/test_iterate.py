@@ -428,6 +428,29 @@ def test_backward_is_deterministic():
         assert torch.equal(first[k], second[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_second_backward_repeats_or_refuses(dtype):
+    """backward(retain_graph=True) twice: fp32 keeps its saved tensors and gives the same bits
+    again; bf16/fp16 store the gradient carry in the forward's saved state pair, so the second
+    backward is refused by autograd's version check rather than reading gradients as states."""
+    h, x, kw = make_args(n=6, d=20, H=16, E=2, T=2)
+    leaf = h.detach().to(DEVICE, dtype).requires_grad_(True)
+    args = cast(kw, dtype, DEVICE)
+    out, info = call_backend(triton_iterate.iterate, leaf, x.to(DEVICE, dtype), **args, _config=SMALL)
+    loss = out.float().square().sum() + info.energy.sum()
+    first, = torch.autograd.grad(loss, leaf, retain_graph=True)
+    ref_leaf = h.detach().double().requires_grad_(True)
+    ref_out, ref_info = reference_iterate(ref_leaf, x, **kw)
+    want, = torch.autograd.grad(ref_out.square().sum() + ref_info.energy.sum(), ref_leaf)
+    assert rel_err(first, want) <= (1e-4 if dtype == torch.float32 else 5e-2)
+    if dtype == torch.float32:
+        second, = torch.autograd.grad(loss, leaf)
+        assert torch.equal(first, second)
+    else:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(loss, leaf)
+
+
 def test_forward_under_grad_matches_no_grad_forward():
     """The training forward (tile path, saving c and rms) computes the same bits as inference."""
     h, x, kw = make_args(n=7, d=20, H=16, E=3, T=3, dtype=torch.float32, device=DEVICE)
