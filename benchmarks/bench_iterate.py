@@ -134,6 +134,8 @@ def make_split_inputs(n, d, T, dtype, device, hidden=64, fast=0.75, fast_steps=2
 def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat):
     """Forward with early exit on and off on the early-exit case's inputs, each backend but eager
     and compile (whose early exit saves nothing: they run every step on every row)."""
+    from benchmarks.common import interleaved_ms
+
     h, x, kw = make_split_inputs(n, d, T, dtype, device, hidden=hidden)
     off = {k: v for k, v in kw.items() if k not in ("tol", "min_iterations")}
     rows = []
@@ -164,25 +166,6 @@ def bench_split(n, d, T, dtype, device, impls, hidden, warmup, repeat):
                 row["vs_exit_off"] = t / off_ms
             rows.append(row)
     return rows
-
-
-def interleaved_ms(calls, warmup, repeat, rounds=5):
-    """Median milliseconds of each call, timed in `rounds` rounds that take every call in turn: on
-    a shared machine a slow period then hits every call alike, and their ratios hold."""
-    import statistics
-    import time
-
-    for call in calls:
-        for _ in range(warmup):
-            call()
-    samples = [[] for _ in calls]
-    for _ in range(rounds):
-        for i, call in enumerate(calls):
-            for _ in range(max(1, -(-repeat // rounds))):
-                start = time.perf_counter()
-                call()
-                samples[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(s) for s in samples]
 
 
 def _gemm_call():
@@ -237,7 +220,7 @@ def _graph_replay(fn, device):
 
 
 def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmup, repeat, bandwidth, peak):
-    from benchmarks.common import peak_memory_mib, time_fn
+    from benchmarks.common import interleaved_ms, peak_memory_mib, time_fn
 
     rows = []
     for early_exit in early_exits:

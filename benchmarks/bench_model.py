@@ -1,6 +1,8 @@
 """The whole INL-LLM model side by side in one process: the eager model (every op on the
 reference backend), ours (backend "auto": Triton on a GPU, the C++ backend on a CPU) and, with
---compile, `torch.compile` of each.
+--compile, `torch.compile` of each. Every implementation of a size and mode is built first and
+then timed in interleaved rounds (each round calls each one in turn), so a slow period of a
+shared machine hits them alike and their ratios hold.
 
     python -m benchmarks.bench_model --device cpu --size tiny small --json benchmarks/results/model-cpu.json
     python -m benchmarks.bench_model --device cuda --size medium --dtype bf16 --batch 8 --seq 1024
@@ -80,7 +82,8 @@ def _timed(fn, device, warmup, repeat):
     return time_fn(fn, device=device, warmup=warmup, repeat=repeat)
 
 
-def bench_forward(model, batch, seq, device, warmup, repeat):
+def forward_call(model, batch, seq, device):
+    """An eval forward (prefill) of batch × seq tokens."""
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
     model.eval()
@@ -88,10 +91,11 @@ def bench_forward(model, batch, seq, device, warmup, repeat):
     def call():
         with torch.no_grad():
             return model(ids)[0]
-    return _timed(call, device, warmup, repeat)
+    return call
 
 
-def bench_train(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
+def train_call(model, batch, seq, device, autocast_dtype=None):
+    """One training step: forward, cross-entropy, backward, AdamW."""
     import torch.nn.functional as F
 
     ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device,
@@ -106,19 +110,18 @@ def bench_train(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return _timed(call, device, warmup, repeat), call
+    return call
 
 
-def bench_decode(model, prompt, new_tokens, device, warmup, repeat, **how):
-    """ms per new token of greedy generation at batch 1; `how`: generate's compile / cuda_graph."""
+def decode_calls(model, prompt, new_tokens, device, **how):
+    """Greedy generation at batch 1 of 2 and of `new_tokens` new tokens (`how`: generate's
+    compile / cuda_graph): ms per new token = (t_all − t_two) / (new_tokens − 2), so the
+    prefill, the first token and (compiled / captured ways) the step's warm-up cancel."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
     model.eval()
-    # two new tokens: prefill, the first token and (compiled / captured ways) the step's warm-up
-    t_two = _timed(lambda: model.generate(ids, 2, do_sample=False, **how), device, warmup, repeat)
-    t_all = _timed(lambda: model.generate(ids, new_tokens, do_sample=False, **how), device, warmup,
-                   max(1, repeat // 2))
-    return (t_all - t_two) / (new_tokens - 2)
+    return (lambda: model.generate(ids, 2, do_sample=False, **how),
+            lambda: model.generate(ids, new_tokens, do_sample=False, **how))
 
 
 def bench_block(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
@@ -142,7 +145,42 @@ def bench_block(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
     return ms, peak_memory_mib(call, device)
 
 
+def _variants(size, backend, impl, device, dtype, compile_too):
+    """(name, model, runner) of `impl`, and with compile_too of torch.compile(runner) too."""
+    out = []
+    for name, compiled in [(impl, False)] + ([(f"compile({impl})", True)] if compile_too else []):
+        model = build(size, backend, device, dtype)
+        out.append((name, model, torch.compile(model) if compiled else model))
+    return out
+
+
+def _time_side_by_side(named_calls, device, warmup, repeat):
+    """{name: ms or the exception} with every call that survives its first run timed in
+    interleaved rounds (benchmarks.common.interleaved_ms): one failing call must not hide the
+    others, and a slow period of a shared machine hits every call alike."""
+    from benchmarks.common import interleaved_ms
+
+    results, live = {}, []
+    for name, call in named_calls:
+        try:
+            call()
+            live.append((name, call))
+        except Exception as e:  # noqa: BLE001
+            results[name] = e
+    if live:
+        times = interleaved_ms([c for _, c in live], max(0, warmup - 1), repeat, rounds=min(5, repeat),
+                               device=device)
+        results.update({name: ms for (name, _), ms in zip(live, times)})
+    return results
+
+
+def _failed(e):
+    return f"failed: {type(e).__name__}: {str(e)[:200]}"
+
+
 def run(args):
+    """Every implementation of a size and mode is built first, then timed side by side in
+    interleaved rounds, so ratios between them hold on a busy machine."""
     from benchmarks.common import copy_bandwidth, peak_memory_mib
 
     device = args.device
@@ -153,60 +191,80 @@ def run(args):
     print(f"GEMM {rate / 1e9:.0f} GFLOP/s, copy {bandwidth:.0f} GB/s")
     warmup, repeat = (1, 2) if args.quick else (args.warmup, args.repeat)
     impls = [("reference", "reference"), ("ours", "auto")]
+    tokens = args.batch * args.seq
     for size in args.size:
-        for impl, backend in impls:
-            variants = [(impl, False)] + ([(f"compile({impl})", True)] if args.compile else [])
-            for name, compiled in variants:
-                base = dict(size=size, impl=name, dtype=args.dtype)
-                try:
-                    # training keeps fp32 master weights under autocast; inference casts the model
-                    model = build(size, backend, device, dtype)
-                    cfg = model.config
-                    runner = torch.compile(model) if compiled else model
-                    if "forward" in args.modes:
-                        ms = bench_forward(runner, args.batch, args.seq, device, warmup, repeat)
-                        floor = forward_flops(cfg, args.batch, args.seq) / rate * 1e3
-                        rows.append(dict(base, mode="forward", tokens=args.batch * args.seq, ms=ms,
-                                         tokens_per_s=args.batch * args.seq / ms * 1e3, floor_frac=floor / ms))
-                    if "decode" in args.modes:
-                        # a compiled decode is generate(compile=True) (fullgraph, reduce-overhead on
-                        # CUDA); on CUDA ours also replays a hand-captured CUDA graph
-                        ways = [(name, dict(compile=True) if compiled else {})]
-                        if device == "cuda" and not compiled and impl == "ours":
-                            ways.append(("ours+cuda_graph", dict(cuda_graph=True)))
-                        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-                        floor = weight_bytes / (bandwidth * 1e9) * 1e3
-                        for way, how in ways:
-                            try:
-                                ms = bench_decode(model, args.prompt, args.new_tokens, device, warmup, repeat, **how)
-                                rows.append(dict(base, impl=way, mode="decode", tokens=1, ms=ms,
-                                                 tokens_per_s=1e3 / ms, floor_frac=floor / ms,
-                                                 note=f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy"))
-                            except Exception as e:  # noqa: BLE001 - one way failing must not hide the others
-                                rows.append(dict(base, impl=way, mode="decode",
-                                                 note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
-                    del model, runner
-                    if "train" in args.modes or "block" in args.modes:
-                        model = build(size, backend, device, torch.float32)
-                        runner = torch.compile(model) if compiled else model
-                        amp = None if dtype == torch.float32 else dtype
-                        if "train" in args.modes:
-                            ms, call = bench_train(runner, args.batch, args.seq, device, warmup, repeat, amp)
-                            floor = 3 * forward_flops(model.config, args.batch, args.seq) / rate * 1e3
-                            rows.append(dict(base, mode="train", tokens=args.batch * args.seq, ms=ms,
-                                             tokens_per_s=args.batch * args.seq / ms * 1e3, floor_frac=floor / ms,
-                                             peak_mib=peak_memory_mib(call, device),
-                                             note="fwd+bwd+AdamW" + (f", autocast {args.dtype}" if amp else "")))
-                        if "block" in args.modes and not compiled:
-                            ms, peak = bench_block(model, args.batch, args.seq, device, warmup, repeat, amp)
-                            rows.append(dict(base, mode="block", tokens=args.batch * args.seq, ms=ms,
-                                             tokens_per_s=args.batch * args.seq / ms * 1e3, peak_mib=peak,
-                                             note="one block fwd+bwd" + (f", autocast {args.dtype}" if amp else "")))
-                        del model, runner
-                except Exception as e:  # one failing implementation must not hide the others
-                    rows.append(dict(base, mode="?", note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+        cfg = None
+        if "forward" in args.modes or "decode" in args.modes:
+            # inference casts the model to the benchmark dtype
+            variants = [v for impl, backend in impls for v in _variants(size, backend, impl, device, dtype,
+                                                                          args.compile)]
+            cfg = variants[0][1].config
+            if "forward" in args.modes:
+                floor = forward_flops(cfg, args.batch, args.seq) / rate * 1e3
+                timed = _time_side_by_side([(name, forward_call(runner, args.batch, args.seq, device))
+                                            for name, _, runner in variants], device, warmup, repeat)
+                for name, ms in timed.items():
+                    base = dict(size=size, impl=name, dtype=args.dtype, mode="forward", tokens=tokens)
+                    rows.append(dict(base, note=_failed(ms)) if isinstance(ms, Exception) else
+                                dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms))
+            if "decode" in args.modes:
+                # a compiled decode is generate(compile=True) (fullgraph, reduce-overhead on CUDA);
+                # on CUDA ours also replays a hand-captured CUDA graph
+                ways = []
+                for name, model, _ in variants:
+                    compiled = name.startswith("compile(")
+                    ways.append((name, model, dict(compile=True) if compiled else {}))
+                    if device == "cuda" and name == "ours":
+                        ways.append(("ours+cuda_graph", model, dict(cuda_graph=True)))
+                weight_bytes = sum(p.numel() * p.element_size() for p in variants[0][1].parameters())
+                floor = weight_bytes / (bandwidth * 1e9) * 1e3
+                calls = []
+                for way, model, how in ways:
+                    two, full = decode_calls(model, args.prompt, args.new_tokens, device, **how)
+                    calls += [((way, "two"), two), ((way, "all"), full)]
+                timed = _time_side_by_side(calls, device, warmup, repeat)
+                for way, _, _ in ways:
+                    base = dict(size=size, impl=way, dtype=args.dtype, mode="decode", tokens=1)
+                    two, full = timed[(way, "two")], timed[(way, "all")]
+                    bad = next((t for t in (two, full) if isinstance(t, Exception)), None)
+                    if bad is not None:
+                        rows.append(dict(base, note=_failed(bad)))
+                        continue
+                    ms = (full - two) / (args.new_tokens - 2)
+                    rows.append(dict(base, ms=ms, tokens_per_s=1e3 / ms, floor_frac=floor / ms,
+                                     note=f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy"))
+            del variants
+        if "train" in args.modes or "block" in args.modes:
+            # training keeps fp32 master weights (under autocast for bf16/fp16)
+            amp = None if dtype == torch.float32 else dtype
+            note = f", autocast {args.dtype}" if amp else ""
+            variants = [v for impl, backend in impls for v in _variants(size, backend, impl, device, torch.float32,
+                                                                          args.compile)]
+            cfg = variants[0][1].config
+            if "train" in args.modes:
+                floor = 3 * forward_flops(cfg, args.batch, args.seq) / rate * 1e3
+                calls = [(name, train_call(runner, args.batch, args.seq, device, amp)) for name, _, runner in variants]
+                timed = _time_side_by_side(calls, device, warmup, repeat)
+                for name, call in calls:
+                    ms = timed[name]
+                    base = dict(size=size, impl=name, dtype=args.dtype, mode="train", tokens=tokens)
+                    rows.append(dict(base, note=_failed(ms)) if isinstance(ms, Exception) else
+                                dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms,
+                                     peak_mib=peak_memory_mib(call, device), note="fwd+bwd+AdamW" + note))
+            if "block" in args.modes:
+                for name, model, _ in variants:
+                    if name.startswith("compile("):
+                        continue
+                    base = dict(size=size, impl=name, dtype=args.dtype, mode="block", tokens=tokens)
+                    try:
+                        ms, peak = bench_block(model, args.batch, args.seq, device, warmup, repeat, amp)
+                        rows.append(dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, peak_mib=peak,
+                                         note="one block fwd+bwd" + note))
+                    except Exception as e:  # noqa: BLE001
+                        rows.append(dict(base, note=_failed(e)))
+            del variants
+        if device == "cuda":
+            torch.cuda.empty_cache()
     for row in rows:
         ref = next((r for r in rows if r["size"] == row["size"] and r["mode"] == row["mode"]
                     and r["impl"] == "reference" and r.get("ms")), None)

@@ -66,6 +66,25 @@ def time_fn(fn: Callable[[], object], device="cuda", warmup: int = 3, repeat: in
     return statistics.median(times)
 
 
+def interleaved_ms(calls, warmup, repeat, rounds=5, device="cpu") -> list[float]:
+    """Median milliseconds of each call, timed in `rounds` rounds that take every call in turn
+    (`repeat` timed calls each in all): on a shared machine a slow period then hits every call
+    alike, and their ratios hold. On CUDA each call is synchronised before and after."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    samples = [[] for _ in calls]
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            for _ in range(max(1, -(-repeat // rounds))):
+                sync(device)
+                start = time.perf_counter()
+                call()
+                sync(device)
+                samples[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(s) for s in samples]
+
+
 def copy_bandwidth(device, mib: int = 512, repeat: int = 10) -> float:
     """Device-to-device copy bandwidth in GB/s (read + write), measured now: the bandwidth
     floor the memory-bound ops are judged against."""
