@@ -17,7 +17,7 @@ Modes (each a row per implementation):
 
 Floors: the forward's FLOPs (the matmuls of every projection, the attention scores, the
 iterate's controller at its full step count, the LM head) over the GEMM rate measured in the
-same run (`torch.mm` of 2048³ on a CPU, 8192³ bf16 on a GPU) give the forward's floor, three
+same interleaved rounds as the rows it judges (`torch.mm` of 2048³ on a CPU, 8192³ bf16 on a GPU) give the forward's floor, three
 times that the training step's; the decode floor streams every parameter byte once per token at
 the copy bandwidth measured in the same run. "floor_frac" = floor / time (1.0 = at the floor).
 """
@@ -57,16 +57,22 @@ def forward_flops(cfg, batch: int, seq: int) -> float:
     return tokens * (L * per_token_layer + embed + head) + attention
 
 
-def gemm_rate(device, dtype) -> float:
-    """FLOP/s of one square torch.mm, measured now (the compute floor's denominator)."""
-    from benchmarks.common import time_fn
-
+def gemm_call(device, dtype):
+    """(call, flops) of one square torch.mm: 2048³ on a CPU, 8192³ on a GPU."""
     n = 8192 if torch.device(device).type == "cuda" else 2048
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
-    ms = time_fn(lambda: a @ b, device=device, warmup=2, repeat=5)
-    return 2 * n**3 / (ms / 1e3)
+    return (lambda: a @ b), 2 * n**3
+
+
+def gemm_rate(device, dtype) -> float:
+    """FLOP/s of one square torch.mm, measured now (the compute floor's denominator)."""
+    from benchmarks.common import time_fn
+
+    call, flops = gemm_call(device, dtype)
+    ms = time_fn(call, device=device, warmup=2, repeat=5)
+    return flops / (ms / 1e3)
 
 
 def build(size, backend, device, dtype, **overrides):
@@ -154,12 +160,16 @@ def _variants(size, backend, impl, device, dtype, compile_too):
     return out
 
 
-def _time_side_by_side(named_calls, device, warmup, repeat):
+def _time_side_by_side(named_calls, device, warmup, repeat, gemm=None):
     """{name: ms or the exception} with every call that survives its first run timed in
     interleaved rounds (benchmarks.common.interleaved_ms): one failing call must not hide the
-    others, and a slow period of a shared machine hits every call alike."""
+    others, and a slow period of a shared machine hits every call alike. With `gemm` (a
+    (call, flops) pair) the GEMM runs in the same rounds and results["gemm_rate"] is its FLOP/s:
+    the floor's denominator measured alongside the rows it judges."""
     from benchmarks.common import interleaved_ms
 
+    if gemm is not None:
+        named_calls = list(named_calls) + [("gemm_rate", gemm[0])]
     results, live = {}, []
     for name, call in named_calls:
         try:
@@ -171,6 +181,10 @@ def _time_side_by_side(named_calls, device, warmup, repeat):
         times = interleaved_ms([c for _, c in live], max(0, warmup - 1), repeat, rounds=min(5, repeat),
                                device=device)
         results.update({name: ms for (name, _), ms in zip(live, times)})
+    if gemm is not None:
+        ms = results.pop("gemm_rate", None)
+        if isinstance(ms, float):
+            results["gemm_rate"] = gemm[1] / (ms / 1e3)
     return results
 
 
@@ -186,7 +200,9 @@ def run(args):
     device = args.device
     dtype = DTYPES[args.dtype]
     rows = []
-    rate = gemm_rate(device, dtype if device == "cuda" else torch.float32)
+    gemm_dtype = dtype if device == "cuda" else torch.float32
+    rate = gemm_rate(device, gemm_dtype)
+    gemm = gemm_call(device, gemm_dtype)
     bandwidth = copy_bandwidth(device, mib=64 if args.quick else 512)
     print(f"GEMM {rate / 1e9:.0f} GFLOP/s, copy {bandwidth:.0f} GB/s")
     warmup, repeat = (1, 2) if args.quick else (args.warmup, args.repeat)
@@ -200,13 +216,15 @@ def run(args):
                                                                           args.compile)]
             cfg = variants[0][1].config
             if "forward" in args.modes:
-                floor = forward_flops(cfg, args.batch, args.seq) / rate * 1e3
                 timed = _time_side_by_side([(name, forward_call(runner, args.batch, args.seq, device))
-                                            for name, _, runner in variants], device, warmup, repeat)
+                                            for name, _, runner in variants], device, warmup, repeat, gemm)
+                rate_now = timed.pop("gemm_rate", rate)
+                floor = forward_flops(cfg, args.batch, args.seq) / rate_now * 1e3
                 for name, ms in timed.items():
                     base = dict(size=size, impl=name, dtype=args.dtype, mode="forward", tokens=tokens)
                     rows.append(dict(base, note=_failed(ms)) if isinstance(ms, Exception) else
-                                dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms))
+                                dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms,
+                                     gemm_gflops=rate_now / 1e9))
             if "decode" in args.modes:
                 # a compiled decode is generate(compile=True) (fullgraph, reduce-overhead on CUDA);
                 # on CUDA ours also replays a hand-captured CUDA graph
@@ -242,15 +260,17 @@ def run(args):
                                                                           args.compile)]
             cfg = variants[0][1].config
             if "train" in args.modes:
-                floor = 3 * forward_flops(cfg, args.batch, args.seq) / rate * 1e3
                 calls = [(name, train_call(runner, args.batch, args.seq, device, amp)) for name, _, runner in variants]
-                timed = _time_side_by_side(calls, device, warmup, repeat)
+                timed = _time_side_by_side(calls, device, warmup, repeat, gemm)
+                rate_now = timed.pop("gemm_rate", rate)
+                floor = 3 * forward_flops(cfg, args.batch, args.seq) / rate_now * 1e3
                 for name, call in calls:
                     ms = timed[name]
                     base = dict(size=size, impl=name, dtype=args.dtype, mode="train", tokens=tokens)
                     rows.append(dict(base, note=_failed(ms)) if isinstance(ms, Exception) else
                                 dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms,
-                                     peak_mib=peak_memory_mib(call, device), note="fwd+bwd+AdamW" + note))
+                                     gemm_gflops=rate_now / 1e9, peak_mib=peak_memory_mib(call, device),
+                                     note="fwd+bwd+AdamW" + note))
             if "block" in args.modes:
                 for name, model, _ in variants:
                     if name.startswith("compile("):
@@ -309,7 +329,7 @@ def main(argv=None):
     print_table(rows, COLUMNS)
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.json:
-        write_json(args.json, "model", [dict(r, **machine) for r in rows])
+        write_json(args.json, "model", [dict(machine, **r) for r in rows])
     return rows
 
 
