@@ -151,38 +151,49 @@ def bench_block(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
     return ms, peak_memory_mib(call, device)
 
 
-def _variants(size, backend, impl, device, dtype, compile_too):
-    """(name, model, runner) of `impl`, and with compile_too of torch.compile(runner) too."""
-    out = []
-    for name, compiled in [(impl, False)] + ([(f"compile({impl})", True)] if compile_too else []):
-        model = build(size, backend, device, dtype)
-        out.append((name, model, torch.compile(model) if compiled else model))
-    return out
+def _variants(size, impls, device, dtype, compile_too):
+    """([(name, model, runner)], [failed rows' (name, exception)]) for every implementation and,
+    with compile_too, torch.compile of each: a model that fails to build fails its rows only."""
+    out, failed = [], []
+    for impl, backend in impls:
+        for name, compiled in [(impl, False)] + ([(f"compile({impl})", True)] if compile_too else []):
+            try:
+                model = build(size, backend, device, dtype)
+                out.append((name, model, torch.compile(model) if compiled else model))
+            except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
+                failed.append((name, e))
+    return out, failed
 
 
 def _time_side_by_side(named_calls, device, warmup, repeat, gemm=None):
-    """{name: ms or the exception} with every call that survives its first run timed in
-    interleaved rounds (benchmarks.common.interleaved_ms): one failing call must not hide the
-    others, and a slow period of a shared machine hits every call alike. With `gemm` (a
+    """{name: ms or the exception}: every call timed in interleaved rounds
+    (benchmarks.common.interleaved_ms), so a slow period of a shared machine hits every call
+    alike. A call that raises (on its first run or any later one) is reported with its exception
+    and skipped from then on: one failing call must not hide the others. With `gemm` (a
     (call, flops) pair) the GEMM runs in the same rounds and results["gemm_rate"] is its FLOP/s:
     the floor's denominator measured alongside the rows it judges."""
     from benchmarks.common import interleaved_ms
 
     if gemm is not None:
         named_calls = list(named_calls) + [("gemm_rate", gemm[0])]
-    results, live = {}, []
-    for name, call in named_calls:
-        try:
-            call()
-            live.append((name, call))
-        except Exception as e:  # noqa: BLE001
-            results[name] = e
-    if live:
-        times = interleaved_ms([c for _, c in live], max(0, warmup - 1), repeat, rounds=min(5, repeat),
-                               device=device)
-        results.update({name: ms for (name, _), ms in zip(live, times)})
+    errors = {}
+
+    def guarded(name, call):
+        def run():
+            if name not in errors:
+                try:
+                    call()
+                except Exception as e:  # noqa: BLE001
+                    errors[name] = e
+        return run
+
+    calls = [guarded(name, call) for name, call in named_calls]
+    for call in calls:  # the first run (compilation, autotuning) stays out of the warm-up count
+        call()
+    times = interleaved_ms(calls, max(0, warmup - 1), repeat, rounds=min(5, repeat), device=device)
+    results = {name: errors.get(name, ms) for (name, _), ms in zip(named_calls, times)}
     if gemm is not None:
-        ms = results.pop("gemm_rate", None)
+        ms = results.pop("gemm_rate")
         if isinstance(ms, float):
             results["gemm_rate"] = gemm[1] / (ms / 1e3)
     return results
@@ -192,10 +203,106 @@ def _failed(e):
     return f"failed: {type(e).__name__}: {str(e)[:200]}"
 
 
+def _inference_rows(size, args, impls, device, dtype, rate, bandwidth, gemm, warmup, repeat):
+    """The forward (prefill) and decode rows of one size: the inference models (cast to the
+    benchmark dtype) live only inside this call."""
+    rows = []
+    tokens = args.batch * args.seq
+    variants, failed = _variants(size, impls, device, dtype, args.compile)
+    for mode in ("forward", "decode"):
+        if mode in args.modes:
+            rows += [dict(size=size, impl=name, dtype=args.dtype, mode=mode, note=_failed(e)) for name, e in failed]
+    if not variants:
+        return rows
+    cfg = variants[0][1].config
+    if "forward" in args.modes:
+        timed = _time_side_by_side([(name, forward_call(runner, args.batch, args.seq, device))
+                                    for name, _, runner in variants], device, warmup, repeat, gemm)
+        rate_now = timed.pop("gemm_rate", rate)
+        floor = forward_flops(cfg, args.batch, args.seq) / rate_now * 1e3
+        for name, ms in timed.items():
+            base = dict(size=size, impl=name, dtype=args.dtype, mode="forward", tokens=tokens)
+            rows.append(dict(base, note=_failed(ms)) if isinstance(ms, Exception) else
+                        dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms,
+                             gemm_gflops=rate_now / 1e9))
+    if "decode" in args.modes:
+        # a compiled decode is generate(compile=True) (fullgraph, reduce-overhead on CUDA); on
+        # CUDA ours also replays a hand-captured CUDA graph
+        ways = []
+        for name, model, _ in variants:
+            ways.append((name, model, dict(compile=True) if name.startswith("compile(") else {}))
+            if device == "cuda" and name == "ours":
+                ways.append(("ours+cuda_graph", model, dict(cuda_graph=True)))
+        weight_bytes = sum(p.numel() * p.element_size() for p in variants[0][1].parameters())
+        floor = weight_bytes / (bandwidth * 1e9) * 1e3
+        calls = []
+        for way, model, how in ways:
+            two, full = decode_calls(model, args.prompt, args.new_tokens, device, **how)
+            calls += [((way, "two"), two), ((way, "all"), full)]
+        timed = _time_side_by_side(calls, device, warmup, repeat)
+        for way, _, _ in ways:
+            base = dict(size=size, impl=way, dtype=args.dtype, mode="decode", tokens=1)
+            two, full = timed[(way, "two")], timed[(way, "all")]
+            bad = next((t for t in (two, full) if isinstance(t, Exception)), None)
+            if bad is not None:
+                rows.append(dict(base, note=_failed(bad)))
+                continue
+            ms = (full - two) / (args.new_tokens - 2)
+            rows.append(dict(base, ms=ms, tokens_per_s=1e3 / ms, floor_frac=floor / ms,
+                             note=f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy"))
+    return rows
+
+
+def _training_rows(size, args, impls, device, dtype, rate, gemm, warmup, repeat):
+    """The training-step and block rows of one size: the models keep fp32 master weights (under
+    autocast for bf16/fp16) and live only inside this call."""
+    from benchmarks.common import peak_memory_mib
+
+    rows = []
+    tokens = args.batch * args.seq
+    amp = None if dtype == torch.float32 else dtype
+    note = f", autocast {args.dtype}" if amp else ""
+    variants, failed = _variants(size, impls, device, torch.float32, args.compile)
+    if "train" in args.modes:
+        rows += [dict(size=size, impl=name, dtype=args.dtype, mode="train", note=_failed(e)) for name, e in failed]
+    if not variants:
+        return rows
+    cfg = variants[0][1].config
+    if "train" in args.modes:
+        calls = [(name, train_call(runner, args.batch, args.seq, device, amp)) for name, _, runner in variants]
+        timed = _time_side_by_side(calls, device, warmup, repeat, gemm)
+        rate_now = timed.pop("gemm_rate", rate)
+        floor = 3 * forward_flops(cfg, args.batch, args.seq) / rate_now * 1e3
+        for name, call in calls:
+            ms = timed[name]
+            base = dict(size=size, impl=name, dtype=args.dtype, mode="train", tokens=tokens)
+            if isinstance(ms, Exception):
+                rows.append(dict(base, note=_failed(ms)))
+                continue
+            try:
+                peak = peak_memory_mib(call, device)
+            except Exception:  # noqa: BLE001 - the time stands without the memory
+                peak = None
+            rows.append(dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms,
+                             gemm_gflops=rate_now / 1e9, peak_mib=peak, note="fwd+bwd+AdamW" + note))
+    if "block" in args.modes:
+        for name, model, _ in variants:
+            if name.startswith("compile("):
+                continue
+            base = dict(size=size, impl=name, dtype=args.dtype, mode="block", tokens=tokens)
+            try:
+                ms, peak = bench_block(model, args.batch, args.seq, device, warmup, repeat, amp)
+                rows.append(dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, peak_mib=peak,
+                                 note="one block fwd+bwd" + note))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(base, note=_failed(e)))
+    return rows
+
+
 def run(args):
     """Every implementation of a size and mode is built first, then timed side by side in
     interleaved rounds, so ratios between them hold on a busy machine."""
-    from benchmarks.common import copy_bandwidth, peak_memory_mib
+    from benchmarks.common import copy_bandwidth
 
     device = args.device
     dtype = DTYPES[args.dtype]
@@ -207,82 +314,13 @@ def run(args):
     print(f"GEMM {rate / 1e9:.0f} GFLOP/s, copy {bandwidth:.0f} GB/s")
     warmup, repeat = (1, 2) if args.quick else (args.warmup, args.repeat)
     impls = [("reference", "reference"), ("ours", "auto")]
-    tokens = args.batch * args.seq
     for size in args.size:
-        cfg = None
         if "forward" in args.modes or "decode" in args.modes:
-            # inference casts the model to the benchmark dtype
-            variants = [v for impl, backend in impls for v in _variants(size, backend, impl, device, dtype,
-                                                                          args.compile)]
-            cfg = variants[0][1].config
-            if "forward" in args.modes:
-                timed = _time_side_by_side([(name, forward_call(runner, args.batch, args.seq, device))
-                                            for name, _, runner in variants], device, warmup, repeat, gemm)
-                rate_now = timed.pop("gemm_rate", rate)
-                floor = forward_flops(cfg, args.batch, args.seq) / rate_now * 1e3
-                for name, ms in timed.items():
-                    base = dict(size=size, impl=name, dtype=args.dtype, mode="forward", tokens=tokens)
-                    rows.append(dict(base, note=_failed(ms)) if isinstance(ms, Exception) else
-                                dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms,
-                                     gemm_gflops=rate_now / 1e9))
-            if "decode" in args.modes:
-                # a compiled decode is generate(compile=True) (fullgraph, reduce-overhead on CUDA);
-                # on CUDA ours also replays a hand-captured CUDA graph
-                ways = []
-                for name, model, _ in variants:
-                    compiled = name.startswith("compile(")
-                    ways.append((name, model, dict(compile=True) if compiled else {}))
-                    if device == "cuda" and name == "ours":
-                        ways.append(("ours+cuda_graph", model, dict(cuda_graph=True)))
-                weight_bytes = sum(p.numel() * p.element_size() for p in variants[0][1].parameters())
-                floor = weight_bytes / (bandwidth * 1e9) * 1e3
-                calls = []
-                for way, model, how in ways:
-                    two, full = decode_calls(model, args.prompt, args.new_tokens, device, **how)
-                    calls += [((way, "two"), two), ((way, "all"), full)]
-                timed = _time_side_by_side(calls, device, warmup, repeat)
-                for way, _, _ in ways:
-                    base = dict(size=size, impl=way, dtype=args.dtype, mode="decode", tokens=1)
-                    two, full = timed[(way, "two")], timed[(way, "all")]
-                    bad = next((t for t in (two, full) if isinstance(t, Exception)), None)
-                    if bad is not None:
-                        rows.append(dict(base, note=_failed(bad)))
-                        continue
-                    ms = (full - two) / (args.new_tokens - 2)
-                    rows.append(dict(base, ms=ms, tokens_per_s=1e3 / ms, floor_frac=floor / ms,
-                                     note=f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy"))
-            del variants
+            rows += _inference_rows(size, args, impls, device, dtype, rate, bandwidth, gemm, warmup, repeat)
+        if device == "cuda":
+            torch.cuda.empty_cache()
         if "train" in args.modes or "block" in args.modes:
-            # training keeps fp32 master weights (under autocast for bf16/fp16)
-            amp = None if dtype == torch.float32 else dtype
-            note = f", autocast {args.dtype}" if amp else ""
-            variants = [v for impl, backend in impls for v in _variants(size, backend, impl, device, torch.float32,
-                                                                          args.compile)]
-            cfg = variants[0][1].config
-            if "train" in args.modes:
-                calls = [(name, train_call(runner, args.batch, args.seq, device, amp)) for name, _, runner in variants]
-                timed = _time_side_by_side(calls, device, warmup, repeat, gemm)
-                rate_now = timed.pop("gemm_rate", rate)
-                floor = 3 * forward_flops(cfg, args.batch, args.seq) / rate_now * 1e3
-                for name, call in calls:
-                    ms = timed[name]
-                    base = dict(size=size, impl=name, dtype=args.dtype, mode="train", tokens=tokens)
-                    rows.append(dict(base, note=_failed(ms)) if isinstance(ms, Exception) else
-                                dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, floor_frac=floor / ms,
-                                     gemm_gflops=rate_now / 1e9, peak_mib=peak_memory_mib(call, device),
-                                     note="fwd+bwd+AdamW" + note))
-            if "block" in args.modes:
-                for name, model, _ in variants:
-                    if name.startswith("compile("):
-                        continue
-                    base = dict(size=size, impl=name, dtype=args.dtype, mode="block", tokens=tokens)
-                    try:
-                        ms, peak = bench_block(model, args.batch, args.seq, device, warmup, repeat, amp)
-                        rows.append(dict(base, ms=ms, tokens_per_s=tokens / ms * 1e3, peak_mib=peak,
-                                         note="one block fwd+bwd" + note))
-                    except Exception as e:  # noqa: BLE001
-                        rows.append(dict(base, note=_failed(e)))
-            del variants
+            rows += _training_rows(size, args, impls, device, dtype, rate, gemm, warmup, repeat)
         if device == "cuda":
             torch.cuda.empty_cache()
     for row in rows:
@@ -313,6 +351,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
+    if args.new_tokens < 3 and not args.quick and "decode" in args.modes:
+        p.error("--new-tokens must be at least 3 (decode's time is that of N new tokens minus that of 2)")
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"

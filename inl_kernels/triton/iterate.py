@@ -1421,7 +1421,9 @@ def triton_iterate_backward_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: T
                                c_save: Tensor, c_dot: Tensor, r_save: Tensor, xs: Tensor, vs: Tensor,
                                gx_T: Optional[Tensor], gv_T: Optional[Tensor], g_energy: Optional[Tensor],
                                g_distance: Optional[Tensor], dt: float, kappa: Optional[float], num_iterations: int,
-                               config: str, needs_phase2: bool) -> list[Tensor]:
+                               config: str, needs_phase2: bool
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                          Tensor, Tensor, Tensor]:
     """The gradients of (h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table) in the compute
     dtype, an empty tensor for each one not computed. For bf16/fp16 inputs the backward's fp32
     carry is the forward's state pair (xs, vs), which this op overwrites: afterwards their
@@ -1435,7 +1437,7 @@ def triton_iterate_backward_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: T
                       needs_phase2)
     in_state = _state_gradients(h, x, v) if xs.numel() else ()
     empty = x.new_empty(0)
-    return [empty.clone() if (g is None or name in in_state) else g for name, g in zip(_GRAD_INPUTS, grads)]
+    return tuple(empty.clone() if (g is None or name in in_state) else g for name, g in zip(_GRAD_INPUTS, grads))
 
 
 def _state_gradients(h, x, v):
@@ -1476,7 +1478,29 @@ def _backward_formula(ctx, gx_T, gv_T, g_energy, g_distance, *_):
     # bias is built in the compute dtype; every other gradient takes its input's dtype
     out = [None if not need[k] or grads[k].numel() == 0 else grads[k] if like[k] is None
            else grads[k].to(like[k].dtype) for k in _GRAD_INPUTS]
-    return (*out, None, None, None, None)
+    return (*_once_differentiable(out), None, None, None, None)
+
+
+def _once_differentiable(grads):
+    """Under create_graph=True the gradients come back requiring grad through a node that raises
+    if anything differentiates them (as torch.autograd.function.once_differentiable does): the
+    backward has no derivative of its own, and dh/dx/dv are views of the state pair's storage,
+    which autograd would otherwise treat as constants — a gradient penalty through the iterate
+    would silently contribute nothing."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    live = [i for i, g in enumerate(grads) if g is not None]
+    if not live:
+        return grads
+    err = torch._C._functions.DelayedError(b"the Triton iterate's backward is not differentiable (no double "
+                                           b"backward): use backend='reference' for higher-order gradients",
+                                           len(live))
+    wrapped = err(*[grads[i].detach().requires_grad_(True) for i in live])
+    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+    out = list(grads)
+    for i, g in zip(live, wrapped):
+        out[i] = g
+    return out
 
 
 triton_iterate_train_op.register_autograd(_backward_formula, setup_context=_setup_context)

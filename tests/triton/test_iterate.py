@@ -451,6 +451,32 @@ def test_a_second_backward_repeats_or_refuses(dtype):
             torch.autograd.grad(loss, leaf)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradients_under_create_graph_refuse_a_double_backward(dtype):
+    """create_graph=True gives the first-order gradients (the reference's values) but they refuse
+    to be differentiated, with a message, rather than acting as constants (dh, dx, dv live in the
+    state pair's storage: views autograd would treat as leaves, so a gradient penalty through
+    the iterate would silently add nothing)."""
+    h, x, kw = make_args(n=6, d=20, H=16, E=2, T=2)
+    leaf = h.detach().to(DEVICE, dtype).requires_grad_(True)
+    out, _ = call_backend(triton_iterate.iterate, leaf, x.to(DEVICE, dtype), **cast(kw, dtype, DEVICE), _config=SMALL)
+    g, = torch.autograd.grad(out.float().square().sum(), leaf, create_graph=True)
+    ref_leaf = h.detach().double().requires_grad_(True)
+    want, = torch.autograd.grad(reference_iterate(ref_leaf, x, **kw)[0].square().sum(), ref_leaf)
+    assert rel_err(g.detach(), want) <= (1e-4 if dtype == torch.float32 else 5e-2)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        g.square().sum().backward()
+
+
+def test_the_backward_op_can_be_functionalized():
+    """Its schema (mutated state pair, a fixed tuple of outputs) is one that auto_functionalize
+    takes, so graphs that keep the Triton ops opaque (export) can hold it."""
+    from torch._higher_order_ops.auto_functionalize import can_auto_functionalize
+
+    assert can_auto_functionalize(torch.ops.inl.triton_iterate_backward.default)
+
+
 def test_forward_under_grad_matches_no_grad_forward():
     """The training forward (tile path, saving c and rms) computes the same bits as inference."""
     h, x, kw = make_args(n=7, d=20, H=16, E=3, T=3, dtype=torch.float32, device=DEVICE)
