@@ -17,7 +17,7 @@ OUT=${OUT:-benchmarks/results/gpu-run}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 BUDGET=${SUITE_BUDGET:-420}
-SECTIONS=${SUITE_SECTIONS:-"tests cuda_tests iterate iterate_ee model ops sweep profile iterate_fp32 report"}
+SECTIONS=${SUITE_SECTIONS:-"tests_first tests cuda_tests iterate iterate_ee model ops sweep profile iterate_fp32 report"}
 # (iterate_fast: the iterate without torch.compile, for a short re-measure; not in the default list)
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/python:${PYTHONPATH:-}" TRITON_DEFAULT_FP_FUSION=1
@@ -71,9 +71,14 @@ if [[ "${SUITE_BUILD:-1}" != 0 ]]; then
   BUILD=$!
 fi
 
-# correctness first, while the extension builds: every cuda-marked test that needs no extension
-section tests ${SUITE_TESTS_LIMIT:-150} python -m pytest -q -m cuda -p no:cacheprovider -n 8 tests/triton tests/inl_llm tests/test_iterate.py \
-  tests/test_library.py
+# correctness first, while the extension builds: every cuda-marked test that needs no extension,
+# the ones no GPU has run yet first (decode in a CUDA graph / reduce-overhead against eager, the
+# Triton ops under torch.compile); -v so that each test's name and result reach the log even
+# when the section runs out of time
+section tests_first ${SUITE_TESTS_FIRST_LIMIT:-120} python -m pytest -v -m cuda -p no:cacheprovider -n 4 \
+  tests/inl_llm/test_decode.py tests/test_library.py
+section tests ${SUITE_TESTS_LIMIT:-150} python -m pytest -v -m cuda -p no:cacheprovider -n 8 tests/triton tests/inl_llm \
+  tests/test_iterate.py --deselect tests/inl_llm/test_decode.py
 
 if [[ -n "$BUILD" ]]; then
   say "waiting for the extension build"; wait $BUILD; tail -n 3 "$WORK/build.log" | tee -a "$LOG"

@@ -110,6 +110,39 @@ def test_inductor_compile_of_our_model_matches_eager():
         torch.testing.assert_close(compiled(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compiled_training_through_the_triton_ops(dtype):
+    """On a GPU the auto backend runs the Triton ops, the iterate's training path included
+    (inl::triton_iterate_train / _backward): the tiny model's training step traces without a
+    graph break, aot_eager gives the eager bits, and inductor (which traces into the kernels)
+    the eager values within rounding."""
+    torch.manual_seed(0)
+    model = inl_llm.create_model("tiny", backend="auto", num_layers=2).cuda().train()
+    ids = torch.randint(0, 259, (2, 40), device="cuda")
+
+    def loss_of(m):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            return _loss(m, ids)
+
+    explained = torch._dynamo.explain(loss_of)(model)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    results = {}
+    for name, m in (("eager", model), ("aot_eager", torch.compile(model, fullgraph=True, backend="aot_eager")),
+                    ("inductor", torch.compile(model, fullgraph=True))):
+        loss = loss_of(m)
+        loss.backward()
+        results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    (l0, g0), (l1, g1), (l2, g2) = results["eager"], results["aot_eager"], results["inductor"]
+    assert torch.equal(l0, l1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(l2, l0, rtol=tol, atol=tol)
+    for n in g0:
+        scale = g0[n].abs().max().clamp_min(1e-12)
+        assert ((g2[n] - g0[n]).abs().max() / scale).item() <= tol, n
+
+
 class _Logits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
