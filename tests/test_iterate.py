@@ -208,6 +208,31 @@ def test_empty_excitation_and_empty_batch():
     assert out.shape == (0, 8) and info.energy.shape == (0, 2) and info.iterations.shape == (0,)
 
 
+@pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built")
+def test_auto_hands_decode_sized_calls_to_inductor_while_compiling(monkeypatch):
+    """While torch.compile traces on a CPU, auto gives calls of at most COMPILE_FUSE_ROWS rows to
+    the reference (inductor fuses it); larger calls, eager calls and a named backend keep the
+    C++ kernels."""
+    from inl_kernels import _dispatch
+    from inl_kernels.common import iterate_bundle
+
+    reference, cpu = _dispatch._TABLE[("reference", "iterate")].fn, _dispatch._TABLE[("cpu", "iterate")].fn
+
+    def pick(rows, backend="auto"):
+        h, x, kw = make_args(n=rows, d=8, H=4, E=1, T=2, dtype=torch.float32)
+        return _dispatch.resolve("iterate", backend, "cpu", *iterate_bundle(h, x, **kw))
+
+    limit = _dispatch.COMPILE_FUSE_ROWS
+    assert pick(1) is cpu and pick(limit) is cpu  # eager
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert pick(1) is reference and pick(limit) is reference
+    assert pick(limit + 1) is cpu and pick(1, backend="cpu") is cpu
+    q = torch.zeros(2, 4, 1, 16)  # attention counts queries per sequence
+    assert _dispatch._fuses_under_compile("attention", "cpu", (q,))
+    assert not _dispatch._fuses_under_compile("attention", "cpu", (torch.zeros(1, 4, limit + 1, 16),))
+    assert not _dispatch._fuses_under_compile("rms_norm", "cuda", (torch.zeros(1, 16),))
+
+
 def test_dispatch():
     assert "reference" in inl_kernels.backends()
     h, x, kw = make_args(n=2, d=8, H=4, E=1, T=1)
