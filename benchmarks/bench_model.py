@@ -17,9 +17,9 @@ Modes (each a row per implementation):
 
 Floors: the forward's FLOPs (the matmuls of every projection, the attention scores, the
 iterate's controller at its full step count, the LM head) over the GEMM rate measured in the
-same interleaved rounds as the rows it judges (`torch.mm` of 2048³ on a CPU, 8192³ bf16 on a GPU) give the forward's floor, three
-times that the training step's; the decode floor streams every parameter byte once per token at
-the copy bandwidth measured in the same run. "floor_frac" = floor / time (1.0 = at the floor).
+same interleaved rounds as the rows it judges (`torch.mm` of 2048³ on a CPU, 8192³ bf16 on a
+GPU) give the forward's floor, three times that the training step's; the decode floor streams
+every parameter byte once per token at the copy bandwidth measured in the same run. "floor_frac" = floor / time (1.0 = at the floor).
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ traceable by torch.compile.
 `backend="auto"` takes, for the inputs' device, the first backend in `AUTO_ORDER` that is
 available, implements the op and supports the arguments; the reference always can. One
 exception, measured: while torch.compile traces on a CPU, decode-sized calls take the reference,
-which inductor fuses (COMPILE_FUSE_ROWS). A backend
-asked for by name that cannot run raises an error that says why.
+which inductor fuses (COMPILE_FUSE_ROWS). A backend asked for by name that cannot run raises an
+error that says why.
 """
 from __future__ import annotations
 

@@ -54,8 +54,9 @@ the last step reach the outputs through `_copy_stopped`. The decode path keeps s
 frozen (tl.where) and skips tiles with none running. Statistics and trajectory entries a
 stopped row did not write are filled on the host by a gather over clamp(t, max=iterations).
 
-Backward (`inl::triton_iterate_train` + `inl::triton_iterate_backward`): the forward saves the inputs, per step the controller hidden
-c_t [T, N, H] (fp32, and in the dots' dtype) and the row rms_t [T, N], and for bf16/fp16 inputs
+Backward (`inl::triton_iterate_train` + `inl::triton_iterate_backward`): the forward saves the
+inputs, per step the controller hidden c_t [T, N, H] (fp32, and in the dots' dtype) and the row
+rms_t [T, N], and for bf16/fp16 inputs
 its fp32 state buffers, which hold x_{T-1}, v_{T-1}. Given c and rms the state recurrence is
 column-local: any d-block's x_t, v_t replays from x_0, v_0 with 4 small dots a step and no row
 reduction. The reverse-time recurrence then runs in two kernels:
@@ -1427,9 +1428,9 @@ def triton_iterate_backward_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: T
     """The gradients of (h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table) in the compute
     dtype, an empty tensor for each one not computed. For bf16/fp16 inputs the backward's fp32
     carry is the forward's state pair (xs, vs), which this op overwrites: afterwards their
-    storage holds dL/dh and dL/dx (xs) and dL/dv (vs) in the input dtype, which
-    `state_gradients` views; those three come back empty here (an op's output never aliases an
-    input). So a second backward through the same graph raises (the saved state was modified)
+    storage holds dL/dh and dL/dx (xs) and dL/dv (vs) in the input dtype, which the autograd
+    formula views (`_state_gradients` names them); those come back empty here (an op's output
+    never aliases an input). So a second backward through the same graph raises (the saved state was modified)
     rather than reading gradients as states."""
     saved = (h, x, v, w_h, w_x, w_v, w_o, b_o, mod, mu, table, c_save,
              c_dot if c_dot.numel() else c_save, r_save, _none_if_empty(xs), _none_if_empty(vs))
@@ -1555,8 +1556,8 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings, _path=Non
     """SPEC §2 through the Triton kernels; returns (x_T, IterateInfo) like the reference.
     Inference runs the registered op `inl::triton_iterate`, training `inl::triton_iterate_train`
     with `inl::triton_iterate_backward` as its autograd formula (torch.compile traces into the
-    kernels of all three). `_path` ("tile" | "decode", inference only) and `_config` (block sizes, and SPLITS
-    for the backward) are for tests and benchmarks."""
+    kernels of all three). `_path` ("tile" | "decode", inference only) and `_config` (block
+    sizes, and SPLITS for the backward) are for tests and benchmarks."""
     p, s = params, settings
     T = s.num_iterations
     acc = compute_dtype(x.dtype)
