@@ -108,6 +108,17 @@ def test_compiled_decode_gives_the_eager_tokens(backend):
     assert compiled.tolist() == eager.tolist()
 
 
+@pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built")
+def test_compiled_decode_of_a_left_padded_batch_gives_the_eager_tokens():
+    """A left-padded batch through the compiled step (auto: the reference fused by inductor,
+    with the cache's per-row lengths and starts) gives the eager C++ kernels' tokens."""
+    model = tiny("auto")
+    ids, mask = left_pad(prompts([5, 2, 8], seed=3))
+    eager = model.generate(ids, 8, do_sample=False, attention_mask=mask)
+    compiled = model.generate(ids, 8, do_sample=False, attention_mask=mask, compile=True)
+    assert compiled.tolist() == eager.tolist()
+
+
 def test_eos_stops_where_a_check_every_step_would():
     model = tiny("reference")
     prompt = prompts([4], seed=3)[0][None]
