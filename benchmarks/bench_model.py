@@ -66,13 +66,12 @@ def gemm_call(device, dtype):
     return (lambda: a @ b), 2 * n**3
 
 
-def gemm_rate(device, dtype) -> float:
-    """FLOP/s of one square torch.mm, measured now (the compute floor's denominator)."""
+def gemm_rate(gemm, device) -> float:
+    """FLOP/s of `gemm` (a gemm_call pair), measured now: the rate when no rows are timed beside it."""
     from benchmarks.common import time_fn
 
-    call, flops = gemm_call(device, dtype)
-    ms = time_fn(call, device=device, warmup=2, repeat=5)
-    return flops / (ms / 1e3)
+    call, flops = gemm
+    return flops / (time_fn(call, device=device, warmup=2, repeat=5) / 1e3)
 
 
 def build(size, backend, device, dtype, **overrides):
@@ -308,8 +307,8 @@ def run(args):
     dtype = DTYPES[args.dtype]
     rows = []
     gemm_dtype = dtype if device == "cuda" else torch.float32
-    rate = gemm_rate(device, gemm_dtype)
     gemm = gemm_call(device, gemm_dtype)
+    rate = gemm_rate(gemm, device)
     bandwidth = copy_bandwidth(device, mib=64 if args.quick else 512)
     print(f"GEMM {rate / 1e9:.0f} GFLOP/s, copy {bandwidth:.0f} GB/s")
     warmup, repeat = (1, 2) if args.quick else (args.warmup, args.repeat)
