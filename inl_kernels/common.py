@@ -104,6 +104,33 @@ def needs_grad(*values) -> bool:
     return False
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain(values) -> bool:
+    for t in values:
+        if isinstance(t, tuple):
+            if not _plain(t):
+                return False
+        elif isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or t.requires_grad and torch.is_grad_enabled()):
+            return False
+    return True
+
+
+def eager_direct(*values) -> bool:
+    """Whether a backend may call its compiled kernel directly instead of through its registered
+    torch.library op: plain eager inference. That is no gradient wanted, no torch.compile
+    tracing, no profiler (its trace names the op), no dispatch or function mode (FlopCounterMode,
+    FakeTensorMode, ...), no functorch transform, and plain tensors only (no subclass such as
+    DTensor; values may be tuples of tensors, e.g. IterateParams). The op and the direct call run
+    the same function on the same arguments, so the bits are the same; the direct call skips
+    the op's dispatch (~20 µs a call on a CPU), which is most of what a decode step of a small
+    model spends outside its matmuls."""
+    return (not torch.compiler.is_compiling() and not torch._C._autograd._profiler_enabled()
+            and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None and _plain(values))
+
+
 def excitation_table(exc_index, gamma, phi, amplitude, num_iterations, d, dtype=None):
     """[T, d] table of the sparse excitation: row t holds amplitude·sin(gamma_k·t + phi_k) at
     column exc_index[k] and zeros elsewhere. Differentiable in gamma and phi; fused kernels add

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import IterateInfo, IterateParams, IterateSettings, dtype_name, fold_parameters, needs_grad
+from ..common import (IterateInfo, IterateParams, IterateSettings, dtype_name, eager_direct, fold_parameters,
+                      needs_grad)
 from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,6 +91,14 @@ def cpu_iterate_op(h: Tensor, x: Tensor, v: Optional[Tensor], w_h: Tensor, w_x: 
     """(x_T, v_T, iterations, energy, distance, trajectory_x, trajectory_v, hidden); the last three
     are empty unless asked for (`trajectory`, `save_hidden`). `exc_index` (the excited dims) only
     tells the backward where the table's gradient is read."""
+    return _forward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, tol,
+                    min_iterations, trajectory, save_hidden)
+
+
+def _forward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, tol, min_iterations,
+             trajectory, save_hidden, exc_index=None):
+    """The body of `inl::cpu_iterate`, which eager inference also calls without the op's dispatch
+    (`exc_index` matters only to the op's backward)."""
     pack = packed_controller(w_h, w_x, w_v, w_o, mod, backward=save_hidden)
     out = _C.iterate_forward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, dt, kappa, num_iterations, tol,
                              min_iterations, trajectory, save_hidden, pack)
@@ -182,8 +191,10 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
                          (s.amplitude, s.num_iterations, x.shape[1]), fold)
     weights = (p.w_h.float(), p.w_x.float(), p.w_v.float(), p.w_o.float(), folded.bias, p.b_o.float(), folded.mod,
                p.mu.float(), folded.table)
-    # under grad every step runs (no early exit) and the forward keeps what its backward needs
-    x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = cpu_iterate_op(
+    # under grad every step runs (no early exit) and the forward keeps what its backward needs;
+    # eager inference calls the op's own function, without its dispatch
+    run = cpu_iterate_op if grad or not eager_direct(h, x, v, params) else _forward
+    x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = run(
         h, x, v, *weights, s.dt, s.kappa, s.num_iterations, None if grad else s.tol, s.min_iterations,
         s.return_trajectory and not grad, grad, p.exc_index if folded.table is not None else None)
     if s.return_trajectory and not grad:

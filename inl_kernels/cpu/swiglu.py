@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common import dtype_name
+from ..common import dtype_name, eager_direct
 from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,4 +68,7 @@ def swiglu(x, w_gate, w_up, w_down):
     gate, up = x @ w_gate.t(), x @ w_up.t()  # contiguous, in the autocast dtype under autocast
     if up.dtype != gate.dtype:
         up = up.to(gate.dtype)
-    return cpu_silu_mul_op(gate.contiguous(), up.contiguous()) @ w_down.t()
+    gate, up = gate.contiguous(), up.contiguous()
+    # eager inference calls the op's own function, without its dispatch
+    hidden = _C.swiglu_forward(gate, up) if eager_direct(x, w_gate, w_up) else cpu_silu_mul_op(gate, up)
+    return hidden @ w_down.t()
