@@ -6,7 +6,9 @@ The decode step reads and writes only device tensors of fixed shapes (the cache'
 its filled length), so it can run three ways with the same tokens:
 - eager (default);
 - `compile=True`: torch.compile(fullgraph=True) of the step, mode "reduce-overhead" on CUDA
-  (which captures a CUDA graph under the hood), the default mode on a CPU;
+  (which captures a CUDA graph under the hood); on a CPU the default mode with inductor's C++
+  wrapper (the generated code calls its kernels from C++ rather than Python: `small` 7.7 -> 6.4
+  ms a token on 2 cores, fp32, the same tokens, ~10 s more to compile);
 - `cuda_graph=True` (CUDA): the step captured once in a CUDA graph by hand and replayed per token,
   without torch.compile.
 No step reads a value back to the host: end-of-sequence is tracked on the device and checked
@@ -83,8 +85,11 @@ def _compiled_step(device_type: str):
     """decode_one_token under torch.compile(fullgraph=True), made once per process and device type
     (its guards then reuse one graph for every model of the same structure)."""
     if device_type not in _compiled:
-        mode = "reduce-overhead" if device_type == "cuda" else None
-        _compiled[device_type] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
+        if device_type == "cuda":
+            how = dict(mode="reduce-overhead")
+        else:  # a decode step's kernels are small: the wrapper's Python call per kernel is a large share
+            how = dict(options={"cpp_wrapper": True})
+        _compiled[device_type] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **how)
     return _compiled[device_type]
 
 
