@@ -71,6 +71,12 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const c10::o
 at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up);
 std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up);
 
+// softmax(scale·rope(q)·rope(k)ᵀ + mask)·v for a few queries per row (decode), inference only;
+// cos/sin: the RoPE tables or None; kv_lens/kv_starts: each row's keys [start, len) or None
+at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+                            const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
+                            const c10::optional<at::Tensor>& kv_lens, const c10::optional<at::Tensor>& kv_starts);
+
 // The instruction-set paths: built into this extension and runnable on this CPU (best first),
 // the one in use (chosen at first use: INL_KERNELS_CPU_CAPABILITY, else the best), and a switch.
 std::vector<std::string> cpu_capabilities();

@@ -526,4 +526,53 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor
   return {grad_gate, grad_up};
 }
 
+// ---- attention (decode) -----------------------------------------------------------------------
+
+at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+                            const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
+                            const c10::optional<at::Tensor>& kv_lens, const c10::optional<at::Tensor>& kv_starts) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, H, S, D]");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be CPU tensors");
+  const DType dtype = dtype_of(q, "attention");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Skv = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == Skv && k.size(3) == D &&
+                  v.size(3) == D,
+              "k and v must be [B, Hkv, Skv, D] with q's B and D");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "the query heads must be a multiple of the K/V heads");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "q, k, v must have a contiguous last dimension");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin come together");
+  at::Tensor c, s;
+  if (cos) {
+    TORCH_CHECK(D % 2 == 0, "RoPE needs an even head dimension");
+    c = cos->contiguous(), s = sin->contiguous();
+    TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && c.dim() == 2 &&
+                    c.size(1) == D / 2 && s.sizes() == c.sizes(),
+                "cos and sin must be float32 [rows, D/2]");
+    TORCH_CHECK(c.size(0) >= Skv, "the RoPE tables must cover every key position (", Skv, "), got ", c.size(0),
+                " rows");
+  }
+  auto row_values = [&](const c10::optional<at::Tensor>& t, const char* name) {
+    if (!t) return at::Tensor();
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, name, " must be [B]");
+    TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+    at::Tensor r = t->to(at::kLong).contiguous();
+    const int64_t* p = r.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(p[b] >= 0 && p[b] <= Skv, name, " values must lie in [0, ", Skv, "], got ", p[b]);
+    return r;
+  };
+  at::Tensor lens = row_values(kv_lens, "kv_lens"), starts = row_values(kv_starts, "kv_starts");
+  at::Tensor out = at::empty({B, Hq, Sq, D}, q.options());
+  AttentionDecodeArgs a{dtype, int(B), int(Hq), int(Hkv), int(Sq), int(Skv), int(D), q.data_ptr(), k.data_ptr(),
+                        v.data_ptr(), {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+                        {v.stride(0), v.stride(1), v.stride(2)}, cos ? c.data_ptr<float>() : nullptr,
+                        cos ? s.data_ptr<float>() : nullptr, lens.defined() ? lens.data_ptr<int64_t>() : nullptr,
+                        starts.defined() ? starts.data_ptr<int64_t>() : nullptr, causal, float(scale),
+                        out.data_ptr(), threads()};
+  if (out.numel() > 0) cpu_kernels().attention_decode(a);
+  return out;
+}
+
 }  // namespace inl

@@ -1,5 +1,5 @@
-// The table of one compiled path: setup.py compiles this file with iterate.cpp, rms_norm.cpp and
-// swiglu.cpp once per instruction set, and csrc/cpu/entry.cpp picks a table at run time.
+// The table of one compiled path: setup.py compiles this file with iterate.cpp, rms_norm.cpp,
+// swiglu.cpp and attention.cpp once per instruction set, and csrc/cpu/entry.cpp picks a table at run time.
 #include "kernels.h"
 
 #include "simd.h"
@@ -16,6 +16,7 @@ void rms_norm_forward(const RmsNormArgs&);
 void rms_norm_backward(const RmsNormBackwardArgs&);
 void swiglu_forward(const SwigluArgs&);
 void swiglu_backward(const SwigluArgs&);
+void attention_decode(const AttentionDecodeArgs&);
 
 #define INL_STRINGIFY2(x) #x
 #define INL_STRINGIFY(x) INL_STRINGIFY2(x)
@@ -23,7 +24,7 @@ void swiglu_backward(const SwigluArgs&);
 const CpuKernels kernels = {
     INL_STRINGIFY(INL_ISA), kVec,          kColBlock,        &iterate_pack,      &iterate_pack_free,
     &iterate_hidden_floats, &iterate_forward, &iterate_backward, &rms_norm_forward, &rms_norm_backward,
-    &swiglu_forward,        &swiglu_backward,
+    &swiglu_forward,        &swiglu_backward,     &attention_decode,
 };
 
 }  // namespace INL_ISA

@@ -102,6 +102,20 @@ struct SwigluArgs {
   int threads;
 };
 
+// Attention of a few queries per sequence (decode), inference only; csrc/cpu/attention.cpp.
+struct AttentionDecodeArgs {
+  DType dtype;
+  int B, Hq, Hkv, Sq, Skv, D;
+  const void *q, *k, *v;         // [B][H][S][D] with these element strides (the last is 1)
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  const float *cos, *sin;        // [rows][D/2] RoPE tables (rows > every position), or null: no rotation
+  const int64_t *lens, *starts;  // [B] keys [starts, lens) of each row, or null: [0, Skv)
+  bool causal;
+  float scale;
+  void* out;                     // [B][Hq][Sq][D], contiguous
+  int threads;
+};
+
 struct CpuKernels {
   const char* name;  // "avx512", "avx2", "base"
   int vector_width;  // floats per vector
@@ -115,6 +129,7 @@ struct CpuKernels {
   void (*rms_norm_backward)(const RmsNormBackwardArgs&);
   void (*swiglu_forward)(const SwigluArgs&);
   void (*swiglu_backward)(const SwigluArgs&);
+  void (*attention_decode)(const AttentionDecodeArgs&);
 };
 
 // One table per compiled path. Weak: a build pinned to one target (INL_KERNELS_MARCH) holds

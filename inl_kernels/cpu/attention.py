@@ -16,6 +16,10 @@ kv_lens / kv_starts (a static KV cache, left padding) as in the reference: row b
 query that sees no key returns zeros. When every row has the same length and no padding (a
 batch decoding one prompt), the cache is cut to that length and the plain path runs (in eager
 mode: the check reads the lengths).
+
+Decode (at most DECODE_QUERIES queries per row) in eager inference runs csrc/cpu/attention.cpp
+instead: the same formula in one call, with the rotated q and k rounded to the input dtype as the
+reference rounds them; in fp32, scores, softmax and the weighted sum of values.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..common import dtype_name
+from ..common import dtype_name, eager_direct
 from ..reference.rope import rotate
+from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -41,9 +46,28 @@ def _sdpa(q, k, v, mask, is_causal, scale):
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
+# Up to this many queries per row, eager inference runs csrc/cpu/attention.cpp (decode): one call
+# that rotates q and the visible keys on the fly, where the SDPA path below makes ~20 small ATen
+# ops (two rotations, index tensors, the mask) around the fused kernel.
+DECODE_QUERIES = 8
+
+
+def _decode_kernel_runs(q, k, v, rope, kv_lens, kv_starts):
+    if q.shape[2] > DECODE_QUERIES or not eager_direct(q, k, v, kv_lens, kv_starts):
+        return False
+    if rope is None:
+        return True
+    cos, sin = rope
+    return (q.shape[3] % 2 == 0 and cos.dtype == torch.float32 and sin.dtype == torch.float32
+            and cos.dim() == 2 and cos.shape[0] >= k.shape[2])
+
+
 def attention(q, k, v, causal=True, scale=None, rope=None, kv_lens=None, kv_starts=None):
     B, Hq, Sq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if _decode_kernel_runs(q, k, v, rope, kv_lens, kv_starts):
+        cos, sin = rope if rope is not None else (None, None)
+        return _C.attention_decode(q, k, v, causal, scale, cos, sin, kv_lens, kv_starts)
     if not torch.compiler.is_compiling():  # CPU tensors: reading them costs no device sync
         if kv_starts is not None and not bool(kv_starts.any()):
             kv_starts = None
