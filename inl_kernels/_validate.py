@@ -116,10 +116,16 @@ def sorted_unique_index(name, index, size):
     key = None if (index.device.type == "cpu" or index.is_inference()) else (index._version, size)
     if key is not None and getattr(index, "_inl_checked", None) == key:
         return
-    lo, hi = int(index.min()), int(index.max())
+    if index.device.type == "cpu" and index.numel() <= 1024:  # a list: cheaper than four small ops
+        values = index.tolist()
+        lo, hi = min(values), max(values)
+        increasing = all(a < b for a, b in zip(values, values[1:]))
+    else:
+        lo, hi = int(index.min()), int(index.max())
+        increasing = index.numel() < 2 or bool((index[1:] > index[:-1]).all())
     if lo < 0 or hi >= size:
         raise ValueError(f"{name} values must lie in [0, {size}), got values in [{lo}, {hi}]")
-    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+    if not increasing:
         raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
     if key is not None:
         index._inl_checked = key

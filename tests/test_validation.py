@@ -208,3 +208,22 @@ def test_iteration_count_has_a_documented_maximum():
     for bad in (2**33, 2**32 + 3, 2**31 + 5, MAX_ITERATIONS + 1):
         with pytest.raises(ValueError, match=f"num_iterations must be <= {MAX_ITERATIONS}"):
             inl_iterate(h, x, **dict(kw, num_iterations=bad))
+
+
+@pytest.mark.parametrize("size", [8, 3000])
+def test_exc_index_value_checks_short_and_long(size):
+    """Short CPU indices are checked as a list, long ones by tensor reductions: both refuse an
+    index out of range, a duplicate and a descent, and accept a sorted unique one."""
+    from inl_kernels import _validate as check
+    count = max(2, size // 2)
+    good = torch.arange(0, 2 * count, 2)
+    check.sorted_unique_index("exc_index", good, 2 * count)
+    bad_range, dup, down = good.clone(), good.clone(), good.clone()
+    bad_range[-1] = 2 * count
+    dup[1] = dup[0]
+    down[-2], down[-1] = down[-1], down[-2].clone()
+    with pytest.raises(ValueError, match="exc_index values must lie in"):
+        check.sorted_unique_index("exc_index", bad_range, 2 * count)
+    for t in (dup, down):
+        with pytest.raises(ValueError, match="exc_index must be sorted and unique"):
+            check.sorted_unique_index("exc_index", t, 2 * count)
