@@ -119,14 +119,16 @@ def _plain(values) -> bool:
 
 def eager_direct(*values) -> bool:
     """Whether a backend may call its compiled kernel directly instead of through its registered
-    torch.library op: plain eager inference. That is no gradient wanted, no torch.compile
-    tracing, no profiler (its trace names the op), no dispatch or function mode (FlopCounterMode,
+    torch.library op: plain eager inference. That is no gradient wanted (reverse or forward
+    mode), no torch.compile tracing, no torch.jit tracing (the tracer records only ops), no
+    profiler (its trace names the op), no dispatch or function mode (FlopCounterMode,
     FakeTensorMode, ...), no functorch transform, and plain tensors only (no subclass such as
     DTensor; values may be tuples of tensors, e.g. IterateParams). The op and the direct call run
     the same function on the same arguments, so the bits are the same; the direct call skips
     the op's dispatch (~20 µs a call on a CPU), which is most of what a decode step of a small
     model spends outside its matmuls."""
     return (not torch.compiler.is_compiling() and not torch._C._autograd._profiler_enabled()
+            and torch._C._get_tracing_state() is None and torch.autograd.forward_ad._current_level < 0
             and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
             and torch._C._functorch.peek_interpreter_stack() is None and _plain(values))
 

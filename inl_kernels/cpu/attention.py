@@ -48,12 +48,14 @@ def _sdpa(q, k, v, mask, is_causal, scale):
 
 # Up to this many queries per row, eager inference runs csrc/cpu/attention.cpp (decode): one call
 # that rotates q and the visible keys on the fly, where the SDPA path below makes ~20 small ATen
-# ops (two rotations, index tensors, the mask) around the fused kernel.
+# ops (two rotations, index tensors, the mask) around the fused kernel. Not under autocast, where
+# SDPA computes (and returns) the autocast dtype.
 DECODE_QUERIES = 8
 
 
 def _decode_kernel_runs(q, k, v, rope, kv_lens, kv_starts):
-    if q.shape[2] > DECODE_QUERIES or not eager_direct(q, k, v, kv_lens, kv_starts):
+    if (q.shape[2] > DECODE_QUERIES or torch.is_autocast_enabled(q.device.type)
+            or not eager_direct(q, k, v, rope, kv_lens, kv_starts)):
         return False
     if rope is None:
         return True

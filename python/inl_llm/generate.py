@@ -85,9 +85,11 @@ def _compiled_step(device_type: str):
     """decode_one_token under torch.compile(fullgraph=True), made once per process and device type
     (its guards then reuse one graph for every model of the same structure)."""
     if device_type not in _compiled:
+        how = {}
         if device_type == "cuda":
             how = dict(mode="reduce-overhead")
-        else:  # a decode step's kernels are small: the wrapper's Python call per kernel is a large share
+        elif device_type == "cpu":
+            # a decode step's kernels are small: the wrapper's Python call per kernel is a large share
             how = dict(options={"cpp_wrapper": True})
         _compiled[device_type] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **how)
     return _compiled[device_type]

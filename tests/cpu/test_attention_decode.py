@@ -132,9 +132,10 @@ def test_extension_rejects_bad_arguments():
         _C.attention_decode(q, k.double(), v, True, 1.0, None, None, None, None)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_model_decode_with_the_kernel_matches_the_sdpa_path(monkeypatch):
     """Greedy generation of the tiny model on the C++ backend: the same tokens with the decode
-    kernel as with the SDPA path, and logits within fp32 rounding."""
+    kernel as with the SDPA path."""
     import inl_llm
     torch.manual_seed(0)
     model = inl_llm.create_model("tiny", backend="cpu").eval()
@@ -146,3 +147,39 @@ def test_model_decode_with_the_kernel_matches_the_sdpa_path(monkeypatch):
         monkeypatch.setattr(cpu_attention, "DECODE_QUERIES", 0)
         sdpa = inl_llm.generate(model, ids, max_new_tokens=8, do_sample=False, attention_mask=mask)
     assert torch.equal(fast, sdpa)
+
+
+def test_k_and_v_sliced_from_larger_caches():
+    """k and v with strides of their own (views into bigger buffers, different from each other):
+    the kernel reads each through its strides."""
+    q, _, _ = make(2, 4, 2, 1, 9, 16, seed=8)
+    g = torch.Generator().manual_seed(9)
+    k_big = torch.randn(2, 3, 20, 16, generator=g)
+    v_big = torch.randn(2, 2, 9, 40, generator=g)
+    k, v = k_big[:, 1:, 5:14], v_big[:, :, :, 7:23]
+    assert k.stride() != v.stride() and not k.is_contiguous() and not v.is_contiguous()
+    rope = rope_tables(12, 16)
+    kw = dict(kv_lens=torch.tensor([9, 6]), kv_starts=torch.tensor([0, 2]))
+    torch.testing.assert_close(ours(q, k, v, rope, **kw).double(), reference(q, k, v, rope, **kw),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_autocast_gradients_of_the_tables_and_forward_ad_keep_the_sdpa_path():
+    """Under autocast SDPA computes in the autocast dtype (so does the result, whatever the
+    number of queries); a RoPE table that wants a gradient gets it; a forward-AD level keeps the
+    path with a derivative rule. The kernel runs in none of these."""
+    import torch.autograd.forward_ad as fwAD
+    q, k, v = make(1, 4, 2, 1, 6, 8, seed=10)
+    rope = rope_tables(9, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_attention._decode_kernel_runs(q, k, v, rope, None, None)
+        one = gqa_attention(q, k, v, rope=rope, backend="cpu")
+        nine = gqa_attention(*make(1, 4, 2, 9, 9, 8, seed=11), rope=rope, backend="cpu")
+    assert one.dtype == nine.dtype == torch.bfloat16
+    cos = rope[0].clone().requires_grad_()
+    out = gqa_attention(q, k, v, rope=(cos, rope[1]), backend="cpu")
+    assert out.requires_grad
+    out.sum().backward()
+    assert cos.grad is not None and cos.grad.abs().sum() > 0
+    with torch.no_grad(), fwAD.dual_level():
+        assert not cpu_attention._decode_kernel_runs(q, k, v, rope, None, None)

@@ -7,7 +7,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import inl_kernels
-from inl_kernels import cpu as cpu_pkg
 from inl_kernels.common import eager_direct
 from inl_kernels.cpu import unavailable_reason
 from tests.iterate_cases import converging_args, make_args
@@ -148,6 +147,7 @@ def test_gradients_and_the_profiler_keep_the_op(monkeypatch):
     assert len(calls) == 2  # plain eager inference: direct
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_model_generation_unchanged_by_the_direct_path(monkeypatch):
     """A whole greedy generation through the C++ backend gives the same tokens and logits with
     and without the direct calls."""
@@ -166,4 +166,26 @@ def test_model_generation_unchanged_by_the_direct_path(monkeypatch):
             logits_op = model(ids)[0]
     assert torch.equal(direct, through_op)
     assert torch.equal(logits_direct, logits_op)
-    assert cpu_pkg.unavailable_reason() is None
+
+
+def test_jit_trace_records_the_op_not_its_empty_outputs():
+    """torch.jit.trace sees ops only: under tracing the backends keep their registered ops, so the
+    traced function computes (the direct call would leave only the outputs' allocation)."""
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(3, 16, generator=g), torch.randn(16, generator=g)
+    with torch.no_grad():
+        assert eager_direct(x, w)
+        traced = torch.jit.trace(lambda a, b: inl_kernels.rms_norm(a, b, backend="cpu"), (x, w), check_trace=False)
+        x2 = torch.randn(3, 16, generator=g)
+        torch.testing.assert_close(traced(x2, w), inl_kernels.rms_norm(x2, w, backend="reference"))
+
+
+def test_forward_mode_ad_keeps_the_op():
+    """Inside a forward-AD level a tangent may ride on any input: the direct path is off, so a
+    dual input is never silently stripped of its tangent."""
+    import torch.autograd.forward_ad as fwAD
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert eager_direct(x)
+        with fwAD.dual_level():
+            assert not eager_direct(x)
