@@ -46,7 +46,10 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
     traj_x, traj_v = [xs], [vs]
 
     for t in range(T):
-        c = torch.relu(context + xs @ w_x_.t() + vs @ w_v_.t())
+        pre = context + xs @ w_x_.t()
+        if t > 0 or v is not None:  # the velocity starts at zero: its product adds exact zeros
+            pre = pre + vs @ w_v_.t()
+        c = torch.relu(pre)
         a, b, g, u = (c @ w_o_.t() + b_o_).split(d, dim=-1)
         alpha = torch.sigmoid(ms[0] * a + mb[0])
         beta = F.softplus(ms[1] * b + mb[1])
