@@ -69,8 +69,7 @@ def supports(x, weight, eps, residual):
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):
-    if eager_direct(x, weight, residual):  # the op's own function, without its dispatch
-        y, s, _ = _C.rms_norm_forward(x, weight, eps, residual)
-        return (y, s) if residual is not None else y
-    y, s, _ = cpu_rms_norm_op(x, weight, eps, residual)
+    # eager inference calls the op's own function, without its dispatch
+    run = _C.rms_norm_forward if eager_direct(x, weight, residual) else cpu_rms_norm_op
+    y, s, _ = run(x, weight, eps, residual)
     return (y, s) if residual is not None else y

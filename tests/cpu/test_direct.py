@@ -51,6 +51,19 @@ def _no_direct(monkeypatch, module):
     monkeypatch.setattr(module, "eager_direct", lambda *values: False)
 
 
+def _through_op_and_direct(monkeypatch, mod, op_name, call):
+    """call() without gradients twice: through the registered op (direct path off), then directly
+    (the op made to fail if called)."""
+    with torch.no_grad():
+        with monkeypatch.context() as m:
+            _no_direct(m, mod)
+            through_op = call()
+        with monkeypatch.context() as m:
+            _forbid(m, mod, op_name)
+            direct = call()
+    return through_op, direct
+
+
 def _same_bits(a, b):
     if isinstance(a, (tuple, list)):
         assert type(a) is type(b) and len(a) == len(b)
@@ -76,13 +89,7 @@ def _iterate_call(early_exit, trajectory, dtype):
 def test_iterate_direct_equals_op(monkeypatch, early_exit, trajectory, dtype):
     from inl_kernels.cpu import iterate as mod
     call = _iterate_call(early_exit, trajectory, dtype)
-    with torch.no_grad():
-        with monkeypatch.context() as m:
-            _no_direct(m, mod)
-            through_op = call()
-        with monkeypatch.context() as m:
-            _forbid(m, mod, "cpu_iterate_op")
-            direct = call()
+    through_op, direct = _through_op_and_direct(monkeypatch, mod, "cpu_iterate_op", call)
     _same_bits(tuple(direct[1]) + (direct[0],), tuple(through_op[1]) + (through_op[0],))
 
 
@@ -95,13 +102,7 @@ def test_rms_norm_direct_equals_op(monkeypatch, residual, dtype):
     w = torch.randn(37, generator=g).to(dtype)
     r = torch.randn(3, 37, generator=g).to(dtype) if residual else None
     call = lambda: inl_kernels.rms_norm(x, w, 1e-5, residual=r, backend="cpu")  # noqa: E731
-    with torch.no_grad():
-        with monkeypatch.context() as m:
-            _no_direct(m, mod)
-            through_op = call()
-        with monkeypatch.context() as m:
-            _forbid(m, mod, "cpu_rms_norm_op")
-            direct = call()
+    through_op, direct = _through_op_and_direct(monkeypatch, mod, "cpu_rms_norm_op", call)
     _same_bits(direct, through_op)
 
 
@@ -112,13 +113,7 @@ def test_swiglu_direct_equals_op(monkeypatch, dtype):
     x = torch.randn(2, 3, 24, generator=g).to(dtype)
     ws = [(torch.randn(*s, generator=g) / 6).to(dtype) for s in ((40, 24), (40, 24), (24, 40))]
     call = lambda: inl_kernels.swiglu(x, *ws, backend="cpu")  # noqa: E731
-    with torch.no_grad():
-        with monkeypatch.context() as m:
-            _no_direct(m, mod)
-            through_op = call()
-        with monkeypatch.context() as m:
-            _forbid(m, mod, "cpu_silu_mul_op")
-            direct = call()
+    through_op, direct = _through_op_and_direct(monkeypatch, mod, "cpu_silu_mul_op", call)
     _same_bits(direct, through_op)
 
 
