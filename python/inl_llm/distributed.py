@@ -22,9 +22,11 @@ resumed on one process and back (checkpoint.py: DCP reshards).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import resource
+import time
 import warnings
 from typing import Optional
 
@@ -58,7 +60,62 @@ def init_from_env(device: str = "auto") -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
                                 device_id=chosen if use_cuda else None)
+    if not use_cuda:
+        drain_gloo_at_exit()
     return dist.get_rank(), dist.get_world_size(), chosen
+
+
+_GLOO_WORKER = "pt_gloo_runloop"
+_drain_registered = False
+
+
+def _gloo_worker_states() -> list[str]:
+    """The scheduler state (R, S, D, ...) of each of this process's gloo worker threads, read from
+    /proc (an empty list where there is no /proc or the threads are not named)."""
+    states = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return states
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name_end = stat.rfind(")")
+        if stat[stat.find("(") + 1:name_end] == _GLOO_WORKER:
+            states.append(stat[name_end + 2:name_end + 3])
+    return states
+
+
+def wait_for_gloo_workers(timeout: float = 2.0, poll: float = 0.01) -> bool:
+    """Block (without the GIL) until every gloo worker thread of this process is asleep, seen so
+    three times in a row; False if timeout passed first.
+
+    A gloo worker drops its last reference to a finished collective a moment after the caller's
+    wait() returned, and the collective's tensors need the GIL to be released. When the process
+    exits right after a collective, that moment can fall into the interpreter's finalization, where
+    taking the GIL ends the thread and std::terminate aborts the process (SIGABRT after a run that
+    finished and saved everything; pytorch/pytorch#190489). The process group itself cannot be
+    destroyed first: DTensor's sharding caches keep FSDP's mesh, and the group, alive until then."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 3:
+        time.sleep(poll)  # releases the GIL, so a worker waiting for it can finish
+        states = _gloo_worker_states()
+        quiet = quiet + 1 if all(s in "SIDT" for s in states) else 0
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
+def drain_gloo_at_exit():
+    """Run wait_for_gloo_workers at exit, before the interpreter starts finalizing (once)."""
+    global _drain_registered
+    if not _drain_registered:
+        atexit.register(wait_for_gloo_workers)
+        _drain_registered = True
 
 
 def apply_activation_checkpointing(model: IntegratorLanguageModel):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_training_checkpoint, save_training_checkpoint
 from .data import WindowSampler
-from .distributed import memory_report
+from .distributed import drain_gloo_at_exit, memory_report
 from .losses import IntegratorLoss
 from .model import IntegratorLanguageModel
 from .scheduler import create_cycle_scheduler
@@ -182,6 +182,8 @@ def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch
     raw = _unwrap(model)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     group = torch.distributed.new_group() if distributed and torch.distributed.get_world_size() > 1 else None
+    if group is not None and torch.distributed.get_backend(group) == "gloo":
+        drain_gloo_at_exit()  # a process that exits right after train() must not abort in gloo's threads
     rank, world = _world(group)
     if rank != 0:
         log = lambda _: None  # noqa: E731

@@ -234,3 +234,27 @@ def test_one_process_resume_after_sigkill_is_bit_exact(tmp_path):
     assert [t["total"] for t in resumed["terms"]] == [t["total"] for t in straight["terms"]][3:]
     assert_states_close(resumed["state"], straight["state"], rtol=0)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread states from /proc")
+def test_gloo_workers_are_found_and_drained_before_exit(tmp_path):
+    """The exit drain must see gloo's worker threads (or it would wait for nothing) and report them
+    asleep once a collective has finished; pytorch/pytorch#190489 is the abort it prevents."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from inl_llm.distributed import _gloo_worker_states, wait_for_gloo_workers
+
+    before = len(_gloo_worker_states())
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    pg = dist.ProcessGroupGloo(store, 0, 1, datetime.timedelta(seconds=30))
+    try:
+        t = torch.arange(4.0)
+        pg.allreduce([t]).wait()
+        assert torch.equal(t, torch.arange(4.0))
+        assert len(_gloo_worker_states()) >= before + 1
+        assert wait_for_gloo_workers(timeout=10.0)
+    finally:
+        del pg
+    assert len(_gloo_worker_states()) == before  # the group's destructor joined its workers
