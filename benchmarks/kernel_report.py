@@ -161,6 +161,11 @@ def bytes_model(kernel: str, d: int, H: int, ab: int, cfg: dict, T: int = REFERE
             total += (T - 1) * 8 * d + ab * d + T * row + (T - 1) * row  # pass 2: states, x_0, c, gpre_{t+1}
             total += 4 * T * ab * d + 2 * ab * d + ab * d  # the four dL/dz_q out; dL/dx_T, dL/dv_T; dx
             total += T * row + 4 * T * ab * d + 4 * 2 * 4 * H * d / BM2  # pass 3: c, dL/dz_q in; P read, written
+            if cfg.get("RELOAD_W"):
+                # the weight tiles read where each dot takes them (`_reload_bwd_weights`): 4 w_o
+                # quarters a step in passes 1 and 2, w_x and w_v for step t+1's terms and w_x at
+                # x_0; from L1 (the program's own tiles), counted here as if they came from L2
+                total += (4 * (T - 1) + 4 * T + 2 * (T - 1) + 1) * d * H * ab / BM2
             flops = ((T - 1) * 4 + T * 4 + (T - 1) * 2 + 1 + T * 4 + T * 2) * 2 * d * H
         out["bytes"] = total / T
         out["flops"] = flops / T
@@ -228,6 +233,9 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
 
     from inl_kernels.triton import iterate as it
 
+    import torch
+
+    torch_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
     out = []
     for name, ptr, ab, dot, prec, cast in _dtypes():
         if name not in dtypes:
@@ -242,6 +250,7 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
                 dec = it._decode_config(d, H, gpu=True)
                 dec_opts = dict(num_warps=dec.pop("num_warps"), num_stages=dec.pop("num_stages"))
                 bwd = it._backward_config(4 * 4096, d, H, _cpu(), None, gpu=True)
+                reload = it._reload_bwd_weights(H, torch_dtype[name])
                 b1 = dict(num_warps=bwd["num_warps"], num_stages=bwd.get("num_stages", 1))
                 b2 = dict(num_warps=bwd["num_warps2"], num_stages=bwd.get("num_stages2", 1))
                 old = old_configs(d, H)
@@ -269,7 +278,8 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
                     ("_bwd_rows", "", dict(H=H, BM=bwd["BM"], BD=bwd["BD"], LAST_SAVED=cast, SAVE_DOT=cast, EVEN=True,
                                            **flags, **grads), b1, bwd, "backward"),
                     ("_bwd_cols", "", dict(H=H, BM=bwd["BM2"], BD=bwd["BD2"], TP=triton.next_power_of_2(T),
-                                           EVEN=True, **flags, **grads), b2, bwd, "backward"),
+                                           EVEN=True, RELOAD_W=reload, **flags, **grads), b2,
+                     dict(bwd, RELOAD_W=reload), "backward"),
                 ]
                 for kernel, variant, constexprs, opts, cfg, old_key in rows:
                     if kernels and kernel not in kernels:

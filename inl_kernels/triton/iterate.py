@@ -902,6 +902,22 @@ def _z_at(cd, w_o_tile, zb_q, ms_q, PREC: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _held(tile, w_ptr, q: tl.constexpr, cols, col_mask, hk, D, H: tl.constexpr, DOT: tl.constexpr,
+          RELOAD: tl.constexpr):
+    """A weight tile of `_bwd_cols` as the [H, BD] operand: the one loaded at the program's start
+    (`tile`), or with RELOAD read again here, where the dot takes it (q: w_o's quarter, or -1 for
+    w_x / w_v themselves)."""
+    if RELOAD:
+        if q < 0:
+            w = tl.load(w_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+        else:
+            w = _load_w_out(w_ptr, q, cols, col_mask, hk, D, H, DOT)
+    else:
+        w = tile
+    return w
+
+
+@triton.jit
 def _bwd_cols(
     x0_ptr, v0_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr, c_dot_ptr, r_save_ptr,
     gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_dot_ptr, rc_ptr, dx_ptr, dv_ptr, replay_ptr, gq_ptr,
@@ -910,7 +926,7 @@ def _bwd_cols(
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-    EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, RELOAD_W: tl.constexpr,
 ):
     """Backward phase 2, one program per (BD columns, row split): with gpre_t and rc_t known,
     the whole reverse recurrence is column-local, so each program reruns it for its columns
@@ -943,12 +959,22 @@ def _bwd_cols(
     tk = tl.arange(0, TP)
     ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3 = _load_mod(mod_ptr, ACC)
     mu = tl.load(mu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    w_a = _load_w_out(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT)
-    w_b = _load_w_out(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT)
-    w_g = _load_w_out(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT)
-    w_u = _load_w_out(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT)
-    w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
-    w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+    if RELOAD_W:
+        # H = 128 in 2-byte dtypes: six [H, BD] tiles held through the program (each warp holds
+        # the whole B operand) spill; read where used instead, from L1 (the program's own tiles)
+        w_a = w_o_ptr
+        w_b = w_o_ptr
+        w_g = w_o_ptr
+        w_u = w_o_ptr
+        w_x = w_x_ptr
+        w_v = w_v_ptr
+    else:
+        w_a = _load_w_out(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT)
+        w_b = _load_w_out(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT)
+        w_g = _load_w_out(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT)
+        w_u = _load_w_out(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT)
+        w_x = tl.load(w_x_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
+        w_v = tl.load(w_v_ptr + hk[:, None] * D + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT)
     zb_a = ms0 * tl.load(b_o_ptr + cols, mask=col_mask, other=0.0).to(ACC) + mb0
     zb_b = ms1 * tl.load(b_o_ptr + D + cols, mask=col_mask, other=0.0).to(ACC) + mb1
     zb_g = ms2 * tl.load(b_o_ptr + 2 * D + cols, mask=col_mask, other=0.0).to(ACC) + mb2
@@ -1004,12 +1030,16 @@ def _bwd_cols(
             else:
                 exc = tl.zeros([BD], dtype=ACC)
             # `_step_block`'s step
-            alpha = _sigmoid(_z_at(cd, w_a, zb_a, ms0, PREC, ACC)) * scale[:, None]
-            v_cand = _z_at(cd, w_u, zb_u, ms3, PREC, ACC)
+            alpha = _sigmoid(_z_at(cd, _held(w_a, w_o_ptr, 0, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                                   zb_a, ms0, PREC, ACC)) * scale[:, None]
+            v_cand = _z_at(cd, _held(w_u, w_o_ptr, 3, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                           zb_u, ms3, PREC, ACC)
             v_next = alpha * v + (1 - alpha) * v_cand
-            beta = _softplus(_z_at(cd, w_b, zb_b, ms1, PREC, ACC))
+            beta = _softplus(_z_at(cd, _held(w_b, w_o_ptr, 1, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                                   zb_b, ms1, PREC, ACC))
             v_next = v_next - beta * (x - mu[None, :]) + exc[None, :]
-            gate = _sigmoid(_z_at(cd, w_g, zb_g, ms2, PREC, ACC))
+            gate = _sigmoid(_z_at(cd, _held(w_g, w_o_ptr, 2, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                                  zb_g, ms2, PREC, ACC))
             x = x + dt * gate * v_next
             v = v_next
             tl.store(replay + (2 * s) * BLOCK + here, x)
@@ -1048,15 +1078,18 @@ def _bwd_cols(
                 exc = tl.zeros([BD], dtype=ACC)
             # the step again, keeping only what its gradient takes: err, v - v_cand, alpha0,
             # beta, sigmoid(zb), gate, v' (x itself is not needed past err)
-            alpha0 = _sigmoid(_z_at(cd, w_a, zb_a, ms0, PREC, ACC))
+            alpha0 = _sigmoid(_z_at(cd, _held(w_a, w_o_ptr, 0, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                                    zb_a, ms0, PREC, ACC))
             err = x - mu[None, :]
-            v_cand = _z_at(cd, w_u, zb_u, ms3, PREC, ACC)
+            v_cand = _z_at(cd, _held(w_u, w_o_ptr, 3, cols, col_mask, hk, D, H, DOT, RELOAD_W), zb_u, ms3, PREC, ACC)
             alpha = alpha0 * alpha_scale[:, None]
             v_new = alpha * v + (1 - alpha) * v_cand
             dvc = v - v_cand
-            beta, sig_b = _softplus_sigmoid(_z_at(cd, w_b, zb_b, ms1, PREC, ACC))
+            beta, sig_b = _softplus_sigmoid(_z_at(cd, _held(w_b, w_o_ptr, 1, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                                                  zb_b, ms1, PREC, ACC))
             v_new = v_new - beta * err + exc[None, :]
-            gate = _sigmoid(_z_at(cd, w_g, zb_g, ms2, PREC, ACC))
+            gate = _sigmoid(_z_at(cd, _held(w_g, w_o_ptr, 2, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                                  zb_g, ms2, PREC, ACC))
             e_new = tl.where(m, err + dt * gate * v_new, 0.0)  # x' - mu
             # (dL/dx', dL/dv'): the loss at t = T-1, else the carry plus step t+1's row-coupled terms
             if t == T - 1:
@@ -1066,8 +1099,10 @@ def _bwd_cols(
                     gv = _load_block(gvT_ptr + tile0, offs, m, ACC)
             else:
                 gpre_d = tl.load(gpre_dot_ptr + h_offs + N * H, mask=row_mask[:, None], other=0.0).to(DOT)
-                gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e_new
-                gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
+                gx = tl.dot(gpre_d, _held(w_x, w_x_ptr, -1, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                            gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e_new
+                gv = tl.dot(gpre_d, _held(w_v, w_v_ptr, -1, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                            gv, input_precision=PREC, out_dtype=ACC)
             # what reached x' - mu through step t+1's rms (and through err, beta·err, below)
             dmu = -rc_next[:, None] * e_new
             if HAS_GE:
@@ -1102,11 +1137,13 @@ def _bwd_cols(
         e0 = tl.where(m, x0 - mu[None, :], 0.0)
         gpre_d = tl.load(gpre_dot_ptr + tl.cast(tile, tl.int64) * BM * H + h_loc, mask=row_mask[:, None],
                          other=0.0).to(DOT)
-        gx = tl.dot(gpre_d, w_x, gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e0
+        gx = tl.dot(gpre_d, _held(w_x, w_x_ptr, -1, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                    gx, input_precision=PREC, out_dtype=ACC) + rc_next[:, None] * e0
         sums = tl.where(rk[:, None] == 4, sums - tl.sum(rc_next[:, None] * e0, axis=0)[None, :], sums)
         tl.store(dx_ptr + tile0 + offs, gx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_V:
-            gv = tl.dot(gpre_d, w_v, gv, input_precision=PREC, out_dtype=ACC)
+            gv = tl.dot(gpre_d, _held(w_v, w_v_ptr, -1, cols, col_mask, hk, D, H, DOT, RELOAD_W),
+                        gv, input_precision=PREC, out_dtype=ACC)
             tl.store(dv_ptr + tile0 + offs, gv.to(dv_ptr.dtype.element_ty), mask=m)
         tl.debug_barrier()
         # 3. dw_o of this tile (P), and the dz column sums, into the program's partial slots
@@ -1299,6 +1336,16 @@ def _backward_config(n, d, H, device, config, gpu=None):
     return cfg
 
 
+def _reload_bwd_weights(H, dtype):
+    """Whether `_bwd_cols` reads its six [H, BD] weight tiles where each dot takes them rather
+    than once per program (every warp holds the whole B operand of a dot: held through the
+    program they take ~100 registers at H = 128). Static sm_90 report, spill bytes a thread held
+    -> re-read: bf16/fp16 H = 128 308 -> 64; fp32 (tf32x3 operands) H = 32/64/128 864/2728/2704
+    -> 136/556/600; bf16/fp16 at H <= 64 do not spill and keep them held. The re-reads hit L1
+    (the program's own tiles, 12-24 KB); the report counts them as L2 bytes all the same."""
+    return H > 64 or dtype == torch.float32
+
+
 def _halves(buffer, dtype, n, d):
     """Two [n, d] tensors of a 2-byte dtype in the storage of one fp32 [n, d] buffer."""
     flat = buffer.view(dtype).view(-1)
@@ -1380,7 +1427,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
         x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_dot, r_save, *upstream, gpre_dot, rc,
         dx, dv if dv is not None else dx, replay, gq, pwo, dz, dwx, dwv, dmu, dtab,
         n, d, T, float(dt), kappa_f, splits, H=H, BM=BM2, BD=BD2, TP=triton.next_power_of_2(T),
-        EVEN=n % BM2 == 0 and d % BD2 == 0, **flags, **launch2)
+        EVEN=n % BM2 == 0 and d % BD2 == 0, RELOAD_W=_reload_bwd_weights(H, x.dtype), **flags, **launch2)
     # the splits' partials, summed in a fixed order: the same bits on every run
     pwo, dz = pwo.sum(0).view(4, d, H), dz.sum(0).view(4, d)
     ms = mod[:4]

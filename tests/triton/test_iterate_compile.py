@@ -25,8 +25,9 @@ def cases():
     bwd = iterate._backward_config(16384, 2048, 64, torch.device("cpu"), None, gpu=True)
     grads = dict(HAS_GX=True, HAS_GV=True, HAS_GE=True, HAS_GD=True)
     out = []
-    for ptr, dot, prec, cast in (("*bf16", tl.bfloat16, "ieee", True), ("*fp16", tl.float16, "ieee", True),
-                                 ("*fp32", tl.float32, "tf32x3", False)):
+    for ptr, dot, prec, cast, dtype in (("*bf16", tl.bfloat16, "ieee", True, torch.bfloat16),
+                                        ("*fp16", tl.float16, "ieee", True, torch.float16),
+                                        ("*fp32", tl.float32, "tf32x3", False, torch.float32)):
         types = dict(DOT=dot, PREC=prec, ACC=tl.float32)
         flags = dict(HAS_V=True, HAS_EXC=True, USE_KAPPA=True, EVEN=False, **types)
         out += [
@@ -44,7 +45,10 @@ def cases():
                                   **{k: v for k, v in flags.items() if k != "USE_KAPPA"}), ptr, dec["num_warps"]),
             ("_bwd_rows", dict(H=64, BM=bwd["BM"], BD=bwd["BD"], LAST_SAVED=cast, SAVE_DOT=cast, **flags, **grads),
              ptr, bwd.get("num_warps", 4)),
-            ("_bwd_cols", dict(H=64, BM=bwd["BM2"], BD=bwd["BD2"], TP=8, **flags, **grads), ptr, bwd.get("num_warps2", 4)),
+            # fp32 compiles the weight tiles re-read where used, bf16/fp16 held (both branches)
+            ("_bwd_cols", dict(H=64, BM=bwd["BM2"], BD=bwd["BD2"], TP=8,
+                               RELOAD_W=iterate._reload_bwd_weights(64, dtype), **flags, **grads),
+             ptr, bwd.get("num_warps2", 4)),
         ]
     return out
 
