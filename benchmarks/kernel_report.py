@@ -51,7 +51,7 @@ SHARED_RESERVED_PER_BLOCK = 1024
 # pointer arguments of the iterate kernels that carry the activations' dtype; the rest are fp32
 ACTIVATION_POINTERS = ("h_ptr", "x0_ptr", "v0_ptr", "xo_ptr", "vo_ptr", "w_h_ptr", "w_x_ptr", "w_v_ptr",
                        "w_o_ptr", "b_o_ptr", "mu_ptr", "trajx_ptr", "trajv_ptr", "gxT_ptr", "gvT_ptr", "dx_ptr",
-                       "dv_ptr", "c_dot_ptr", "gpre_dot_ptr", "gq_ptr")
+                       "dv_ptr", "c_dot_ptr", "gpre_dot_ptr", "gq_ptr", "zs_ptr")
 FLOAT_ARGS = ("dt", "kappa", "tol", "zero")
 INT_POINTERS = ("iters_ptr", "list_ptr", "count_ptr", "flag_ptr")
 COLUMNS = ["kernel", "variant", "dtype", "d", "H", "config", "registers", "spill_stores", "shared_kib",
@@ -138,6 +138,13 @@ def bytes_model(kernel: str, d: int, H: int, ab: int, cfg: dict, T: int = REFERE
             total += H * c_bytes + (10 * d * H + 6 * d) * ab / BM  # c_t; w_o twice and w_x, w_v
             total += (8 * d if t < T - 1 else 2 * ab * d) + (8 * d if t > 0 else 0)  # carry in (or dL/dx_T), out
             total += H * (4 + c_bytes) + 8  # gpre (fp32 and dot dtype), rc
+            if cfg.get("DEFER") and design == "new":
+                # the four dL/dz blocks parked and read back; the dL/dc accumulator between
+                # chunks of DC columns; with REREAD c_t and gpre_{t+1} read per block (from L1,
+                # counted as L2 bytes)
+                total += 4 * d * ab * 2 + -(-d // cfg["DC"]) * H * 4 * 2
+            if cfg.get("REREAD") and design == "new":
+                total += H * ab * (d / BD) * (2 if t < T - 1 else 1)
             flops += (4 * replayed + 4 + (2 if t < T - 1 else 0) + 4) * 2 * d * H
         out["bytes"] = total / T
         out["flops"] = flops / T
@@ -249,8 +256,8 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
                 tl_opts = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
                 dec = it._decode_config(d, H, gpu=True)
                 dec_opts = dict(num_warps=dec.pop("num_warps"), num_stages=dec.pop("num_stages"))
-                bwd = it._backward_config(4 * 4096, d, H, _cpu(), None, gpu=True)
-                reload = it._reload_bwd_weights(H, torch_dtype[name])
+                bwd = it._backward_config(4 * 4096, d, H, _cpu(), None, gpu=True, dtype=torch_dtype[name])
+                bwd.update(it._backward_layout(bwd, d, H, torch_dtype[name]))
                 b1 = dict(num_warps=bwd["num_warps"], num_stages=bwd.get("num_stages", 1))
                 b2 = dict(num_warps=bwd["num_warps2"], num_stages=bwd.get("num_stages2", 1))
                 old = old_configs(d, H)
@@ -276,10 +283,11 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
                                                                              if k != "USE_KAPPA"}),
                      dec_opts, dec, "decode"),
                     ("_bwd_rows", "", dict(H=H, BM=bwd["BM"], BD=bwd["BD"], LAST_SAVED=cast, SAVE_DOT=cast, EVEN=True,
-                                           **flags, **grads), b1, bwd, "backward"),
+                                           DEFER=bwd["DEFER"], DC=bwd["DC"], REREAD=bwd["REREAD"], **flags, **grads),
+                     b1, bwd, "backward"),
                     ("_bwd_cols", "", dict(H=H, BM=bwd["BM2"], BD=bwd["BD2"], TP=triton.next_power_of_2(T),
-                                           EVEN=True, RELOAD_W=reload, **flags, **grads), b2,
-                     dict(bwd, RELOAD_W=reload), "backward"),
+                                           EVEN=True, RELOAD_W=bwd["RELOAD_W"], **flags, **grads), b2, bwd,
+                     "backward"),
                 ]
                 for kernel, variant, constexprs, opts, cfg, old_key in rows:
                     if kernels and kernel not in kernels:
@@ -349,13 +357,15 @@ def goal(row: dict) -> tuple[str, str]:
                           "register file; no block shape fits")
         elif row["kernel"] in ("_bwd_rows", "_bwd_cols") and row["dtype"] == "fp32":
             missed.append("fp32 backward: tf32x3 splits every dot operand into hi and lo halves (three wgmma "
-                          "a dot), about doubling the operand registers of the recurrence; best reached over "
-                          "the block shapes tried (BM 64/128, BD 8/16/32, 4/8 warps)")
+                          "a dot), about doubling the operand registers of the recurrence; best reached with "
+                          "the dL/dc accumulator out of the pass (DEFER) and phase 2's weight tiles read where "
+                          "used (RELOAD_W), over the block shapes tried (BM 32/64/128, BD 8/16/32, 4/8 warps)")
         elif row["kernel"] in ("_bwd_rows", "_bwd_cols") and row["H"] == 128:
-            missed.append("H = 128: phase 1's dL/dc accumulator [BM, H] in fp32 (64 registers a thread at the "
-                          "smallest two-warp-group tile) or phase 2's [H, BD] accumulators with the recurrence's "
-                          "tiles exceed 255 registers; best reached over the block shapes tried (BM 64/128, "
-                          "BD 8/16, 4/8/16 warps)")
+            missed.append("H = 128: every warp holds the whole [H, BD] B operand of a dot and 16 rows × H of "
+                          "its A operand (c_t, gpre_{t+1}); with the dL/dc accumulator out of the pass (DEFER), "
+                          "c_t and gpre_{t+1} read per block (REREAD) and phase 2's weight tiles read where used "
+                          "(RELOAD_W) this is the best reached over the block shapes tried (BM 32/64/128, "
+                          "BD 8/16/32, 2/4/8/16 warps)")
     return ("met" if not missed else "missed"), "; ".join(missed)
 
 

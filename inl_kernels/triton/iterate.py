@@ -741,12 +741,12 @@ def _upstream(gxT_ptr, gvT_ptr, ge, gd, gx, gv, gpre_next, rc_next, x_new, v_new
 def _bwd_rows(
     x0_ptr, v0_ptr, xs_ptr, vs_ptr, gx_ptr, gv_ptr, w_x_ptr, w_v_ptr, w_o_ptr, b_o_ptr, mod_ptr, mu_ptr, exc_ptr,
     c_save_ptr, c_dot_ptr, r_save_ptr, gxT_ptr, gvT_ptr, gE_ptr, gD_ptr, gpre_ptr, gpre_dot_ptr, rc_ptr,
-    N, D, T, dt, kappa,
+    zs_ptr, gcs_ptr, N, D, T, dt, kappa,
     H: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     HAS_V: tl.constexpr, HAS_EXC: tl.constexpr, USE_KAPPA: tl.constexpr,
     HAS_GX: tl.constexpr, HAS_GV: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
     LAST_SAVED: tl.constexpr, SAVE_DOT: tl.constexpr, EVEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, DEFER: tl.constexpr, DC: tl.constexpr, REREAD: tl.constexpr,
 ):
     """Backward phase 1, one program per BM rows, t = T-1 .. 0: the parts of the reverse
     recurrence that reduce over a row. Per step, one pass over the d-blocks gets the block's
@@ -766,7 +766,16 @@ def _bwd_rows(
 
     The direct gradients (gx, gv) of x_t, v_t go to the fp32 carry (gx, gv) [N, D] for step
     t-1, which adds step t's row-coupled terms (`_upstream`). With LAST_SAVED the carry is the
-    forward's state buffer itself: read at t = T-1, then overwritten block by block."""
+    forward's state buffer itself: read at t = T-1, then overwritten block by block.
+
+    DEFER (`_defer_bwd_rows`): the [BM, H] fp32 accumulator of dL/dc, live through the whole
+    pass over d, does not fit beside the step's tiles at H = 128 or in fp32 (it spills). With
+    DEFER the pass parks the four ms_q·g_zq blocks (dot dtype, as the dots take them) in the program's slice of
+    a scratch `zs` [4, BM, DC], and every DC columns a short loop runs the same dots in the same
+    order (blocks ascending, quarters 2, 0, 1, 3) into the accumulator, which waits between
+    chunks in the program's slot of `gcs` [BM, H] fp32: the same sums, the same bits. REREAD
+    (H = 128): c_t and gpre_{t+1}, held as dot operands through the pass, do not fit either; they
+    are read again per block, where the dots take them (the program's own tiles, from L1)."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     row_mask = _in_range(rows, N, EVEN)
@@ -786,6 +795,10 @@ def _bwd_rows(
     gvT_ptr += tile0
     rloc = tl.arange(0, BM)
     h_loc = rloc[:, None] * H + hk[None, :]
+    if DEFER:
+        zs_ptr += pid.to(tl.int64) * (4 * BM * DC)
+        gcs_ptr += pid.to(tl.int64) * (BM * H)
+        z_loc = rloc[:, None] * DC + tl.arange(0, BD)[None, :]
     rc_next = tl.zeros([BM], dtype=ACC)
     for tt in range(T):
         t = T - 1 - tt
@@ -793,9 +806,10 @@ def _bwd_rows(
         # step t+1's gpre, as this program stored it (read back rather than held in registers:
         # the dots take it from shared memory); zeros at t = T-1, where it is not used
         later = row_mask & (tl.zeros([BM], dtype=tl.int32) + t + 1 < T)
-        gpre_next = tl.load(gpre_dot_ptr + c_offs + N * H, mask=later[:, None], other=0.0).to(DOT)
-        # the dots take c in their dtype; only the relu mask below needs it in fp32
-        c = tl.load(c_dot_ptr + c_offs, mask=row_mask[:, None], other=0.0).to(DOT)
+        if not REREAD:  # else both are read again per block, where used (L1)
+            gpre_next = tl.load(gpre_dot_ptr + c_offs + N * H, mask=later[:, None], other=0.0).to(DOT)
+            # the dots take c in their dtype; only the relu mask below needs it in fp32
+            c = tl.load(c_dot_ptr + c_offs, mask=row_mask[:, None], other=0.0).to(DOT)
         rms = tl.load(r_save_ptr + t * N + rows64, mask=row_mask, other=0.0)
         # the statistics' upstream gradients of this step, per row
         if HAS_GE:
@@ -810,7 +824,8 @@ def _bwd_rows(
             alpha_scale = 1.0 - tl.exp(-kappa * rms)
         else:
             alpha_scale = tl.full([BM], 1.0, dtype=ACC)
-        gc = tl.zeros([BM, H], dtype=ACC)
+        if not DEFER:  # else parked in gcs between chunks
+            gc = tl.zeros([BM, H], dtype=ACC)
         gf = tl.zeros([BM], dtype=ACC)
         for j0 in range(0, D, BD):
             cols = j0 + tl.arange(0, BD)
@@ -834,6 +849,8 @@ def _bwd_rows(
                 x, v = _replay(x0_ptr, v0_ptr, offs, m, rows64, row_mask, cols, col_mask, hk, mu, t, c_dot_ptr,
                                r_save_ptr, w_o_ptr, b_o_ptr, exc_ptr, N, D, dt, kappa, ms0, ms1, ms2, ms3, mb0, mb1,
                                mb2, mb3, H, BM, BD, HAS_V, HAS_EXC, USE_KAPPA, DOT, PREC, ACC)
+            if REREAD:
+                c = tl.load(c_dot_ptr + c_offs, mask=row_mask[:, None], other=0.0).to(DOT)
             alpha0, beta, zb, gate, v_cand, _, err, x_new, v_new = _step_full(
                 c, x, v, alpha_scale, exc, mu, w_o_ptr, b_o_ptr, cols, col_mask, hk, D, dt,
                 ms0, ms1, ms2, ms3, mb0, mb1, mb2, mb3, H, DOT, PREC, ACC)
@@ -843,6 +860,8 @@ def _bwd_rows(
             else:
                 gx = _load_block(gx_ptr, offs, m, ACC)
                 gv = _load_block(gv_ptr, offs, m, ACC)
+            if REREAD:
+                gpre_next = tl.load(gpre_dot_ptr + c_offs + N * H, mask=later[:, None], other=0.0).to(DOT)
             gx, gv = _upstream(gxT_ptr, gvT_ptr, ge, gd, gx, gv, gpre_next, rc_next, x_new, v_new, mu,
                                offs, m, cols, col_mask, hk, w_x_ptr, w_v_ptr, t, T, D,
                                HAS_GX, HAS_GV, HAS_GE, HAS_GD, DOT, PREC, ACC)
@@ -851,21 +870,34 @@ def _bwd_rows(
             gv = tl.where(m, gv, 0.0)
             gvt = gv + gx * dt * gate
             g_zg = gx * dt * v_new * gate * (1 - gate)
-            gc = tl.dot((g_zg * ms2).to(DOT), _load_w_out_rows(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT), gc,
-                        input_precision=PREC, out_dtype=ACC)
+            if DEFER:
+                z_at = zs_ptr + (j0 % DC) + z_loc
+                tl.store(z_at + 2 * BM * DC, (g_zg * ms2).to(DOT))
+            else:
+                gc = tl.dot((g_zg * ms2).to(DOT), _load_w_out_rows(w_o_ptr, 2, cols, col_mask, hk, D, H, DOT), gc,
+                            input_precision=PREC, out_dtype=ACC)
             g_alpha = gvt * (v - v_cand)
             if USE_KAPPA:
                 gf += tl.sum(g_alpha * alpha0, axis=1)
             g_za = g_alpha * alpha_scale[:, None] * alpha0 * (1 - alpha0)
-            gc = tl.dot((g_za * ms0).to(DOT), _load_w_out_rows(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT), gc,
-                        input_precision=PREC, out_dtype=ACC)
+            if DEFER:
+                tl.store(z_at, (g_za * ms0).to(DOT))
+            else:
+                gc = tl.dot((g_za * ms0).to(DOT), _load_w_out_rows(w_o_ptr, 0, cols, col_mask, hk, D, H, DOT), gc,
+                            input_precision=PREC, out_dtype=ACC)
             g_zb = -gvt * err * _sigmoid(zb)
-            gc = tl.dot((g_zb * ms1).to(DOT), _load_w_out_rows(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT), gc,
-                        input_precision=PREC, out_dtype=ACC)
+            if DEFER:
+                tl.store(z_at + BM * DC, (g_zb * ms1).to(DOT))
+            else:
+                gc = tl.dot((g_zb * ms1).to(DOT), _load_w_out_rows(w_o_ptr, 1, cols, col_mask, hk, D, H, DOT), gc,
+                            input_precision=PREC, out_dtype=ACC)
             alpha = alpha0 * alpha_scale[:, None]
             g_vc = gvt * (1 - alpha)
-            gc = tl.dot((g_vc * ms3).to(DOT), _load_w_out_rows(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT), gc,
-                        input_precision=PREC, out_dtype=ACC)
+            if DEFER:
+                tl.store(z_at + 3 * BM * DC, (g_vc * ms3).to(DOT))
+            else:
+                gc = tl.dot((g_vc * ms3).to(DOT), _load_w_out_rows(w_o_ptr, 3, cols, col_mask, hk, D, H, DOT), gc,
+                            input_precision=PREC, out_dtype=ACC)
             gx_direct = gx - gvt * beta
             gv_direct = gvt * alpha
             if t > 0:
@@ -875,6 +907,32 @@ def _bwd_rows(
                         tl.debug_barrier()
                 tl.store(gx_ptr + offs, gx_direct, mask=m)
                 tl.store(gv_ptr + offs, gv_direct, mask=m)
+            if DEFER:
+                if ((j0 + BD) % DC == 0) | (j0 + BD >= D):
+                    # the chunk's parked blocks into dL/dc (written by other threads: a barrier
+                    # first, and another before the next chunk overwrites them)
+                    tl.debug_barrier()
+                    c0 = j0 - j0 % DC
+                    first = (tl.zeros([BM, H], dtype=tl.int32) + c0) > 0
+                    gk = tl.load(gcs_ptr + h_loc, mask=first, other=0.0)
+                    for k0 in range(c0, j0 + BD, BD):
+                        kcols = k0 + tl.arange(0, BD)
+                        kmask = _in_range(kcols, D, EVEN)
+                        k_at = zs_ptr + (k0 - c0) + z_loc
+                        gk = tl.dot(tl.load(k_at + 2 * BM * DC), _load_w_out_rows(w_o_ptr, 2, kcols, kmask, hk, D, H,
+                                                                                  DOT), gk,
+                                    input_precision=PREC, out_dtype=ACC)
+                        gk = tl.dot(tl.load(k_at), _load_w_out_rows(w_o_ptr, 0, kcols, kmask, hk, D, H, DOT), gk,
+                                    input_precision=PREC, out_dtype=ACC)
+                        gk = tl.dot(tl.load(k_at + BM * DC), _load_w_out_rows(w_o_ptr, 1, kcols, kmask, hk, D, H, DOT),
+                                    gk, input_precision=PREC, out_dtype=ACC)
+                        gk = tl.dot(tl.load(k_at + 3 * BM * DC), _load_w_out_rows(w_o_ptr, 3, kcols, kmask, hk, D, H,
+                                                                                  DOT), gk,
+                                    input_precision=PREC, out_dtype=ACC)
+                    tl.store(gcs_ptr + h_loc, gk)
+                    tl.debug_barrier()
+        if DEFER:
+            gc = tl.load(gcs_ptr + h_loc)
         c_full = tl.load(c_save_ptr + c_offs, mask=row_mask[:, None], other=0.0)
         gpre = tl.where(c_full > 0, gc, 0.0)
         tl.store(gpre_ptr + c_offs, gpre, mask=row_mask[:, None])
@@ -1311,20 +1369,23 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     return x_out, v_out, energy, distance, iterations, trajectories, (xs, vs), saved
 
 
-def _backward_config(n, d, H, device, config, gpu=None):
+def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
     """Block sizes of the two backward kernels, a fixed function of the shape, and the row
     splits of phase 2. Phase 1 (`_bwd_rows`): BM rows × BD columns, num_warps; phase 2
     (`_bwd_cols`): BM2 × BD2, num_warps2 (the phase-1 values when a config omits them).
     Chosen from the static sm_90 compile (benchmarks/kernel_report.py): phase 1 at 128 rows
     over 8 warps (two warp groups of 64 rows: no tile is replicated across warps) and 16
-    columns; phase 2 at 64 rows, 16 columns (8 at H = 128) and 8 warps, where Triton splits the
+    columns (bf16/fp16 at H = 128, with DEFER: 32 rows over 4 warps, the fewest spills: 28 B a
+    thread against 88 at 64 rows × 8 warps and 200 at 128 × 8); phase 2 at 64 rows, 16 columns (8 at H = 128) and 8 warps, where Triton splits the
     columns over the two warp groups. SPLITS: phase 2 runs about 4 programs per multiprocessor."""
     if config is not None:
         cfg = dict(config)
     elif not (gpu if gpu is not None else not interpreting()):
         cfg = dict(BM=16, BD=32)
     else:
-        cfg = dict(BM=128, BD=16, num_warps=8, BM2=64, BD2=16 if H <= 64 else 8, num_warps2=8)
+        narrow = H > 64 and dtype != torch.float32
+        cfg = dict(BM=32 if narrow else 128, BD=16, num_warps=4 if narrow else 8, BM2=64,
+                   BD2=16 if H <= 64 else 8, num_warps2=8)
     for key in ("BM", "BD", "num_warps", "num_stages"):
         if key in cfg:
             cfg.setdefault(key + "2", cfg[key])
@@ -1336,6 +1397,21 @@ def _backward_config(n, d, H, device, config, gpu=None):
     return cfg
 
 
+_DOT_TORCH = {tl.float64: torch.float64, tl.float32: torch.float32, tl.float16: torch.float16,
+              tl.bfloat16: torch.bfloat16}
+
+
+def _defer_bwd_rows(H, dtype):
+    """Whether `_bwd_rows` parks the dL/dz blocks and runs the dL/dc dots once per DC columns
+    (DEFER) instead of carrying the [BM, H] accumulator through the pass: at H = 128, and in
+    fp32 (tf32x3 operands) at H = 64 too. Static sm_90 report, spill bytes a thread: bf16/fp16
+    H = 128 388 -> 28 (with REREAD and 32-row blocks); fp32 H = 64/128 1528/3308 -> 952/2432, and
+    at H = 128 the 320 KB of shared memory that could not launch -> 128 KB. Not at fp32 H = 32
+    (516 -> 288 B, but parking the blocks would move more bytes per row and step than the
+    previous design), nor bf16/fp16 at H <= 64 (no spills)."""
+    return H > 64 or (dtype == torch.float32 and H > 32)
+
+
 def _reload_bwd_weights(H, dtype):
     """Whether `_bwd_cols` reads its six [H, BD] weight tiles where each dot takes them rather
     than once per program (every warp holds the whole B operand of a dot: held through the
@@ -1344,6 +1420,15 @@ def _reload_bwd_weights(H, dtype):
     -> 136/556/600; bf16/fp16 at H <= 64 do not spill and keep them held. The re-reads hit L1
     (the program's own tiles, 12-24 KB); the report counts them as L2 bytes all the same."""
     return H > 64 or dtype == torch.float32
+
+
+def _backward_layout(cfg, d, H, dtype):
+    """The backward kernels' register-layout switches for a `_backward_config` result (a config
+    may set any of them): DEFER, DC and REREAD of `_bwd_rows`, RELOAD_W of `_bwd_cols`."""
+    BD = cfg["BD"]
+    return dict(DEFER=cfg.get("DEFER", _defer_bwd_rows(H, dtype)),
+                DC=max(BD, min(cfg.get("DC", 128), triton.next_power_of_2(d)) // BD * BD),
+                REREAD=cfg.get("REREAD", H > 64), RELOAD_W=cfg.get("RELOAD_W", _reload_bwd_weights(H, dtype)))
 
 
 def _halves(buffer, dtype, n, d):
@@ -1366,7 +1451,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     H = w_h.shape[0]
     dev, acc = x.device, c_save.dtype
     DOT, PREC, ACC = _dot_types(x.dtype)
-    cfg = _backward_config(n, d, H, dev, config)
+    cfg = _backward_config(n, d, H, dev, config, dtype=x.dtype)
     splits = cfg["SPLITS"]
     launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
     launch2 = {k: cfg[k + "2"] for k in ("num_warps", "num_stages") if k + "2" in cfg}
@@ -1392,10 +1477,19 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
                  HAS_GD=g_distance is not None, DOT=DOT, PREC=PREC, ACC=ACC)
     upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
     kappa_f = float(kappa) if kappa is not None else 0.0
+    layout = _backward_layout(cfg, d, H, x.dtype)
+    defer, dc = layout["DEFER"], layout["DC"]
+    if defer:  # each program's parked dL/dz blocks and dL/dc accumulator (see `_bwd_rows`)
+        programs = triton.cdiv(n, BM)
+        zs = torch.empty(programs * 4 * BM * dc, device=dev, dtype=_DOT_TORCH[DOT])
+        gcs = torch.empty(programs * BM * H, device=dev, dtype=acc)
+    else:
+        zs = gcs = dummy
     wrap_triton(_bwd_rows)[(triton.cdiv(n, BM),)](
         x, v_in, xs if xs is not None else gx_s, vs if vs is not None else gv_s, gx_s, gv_s, w_x, w_v, w_o, b_o,
-        mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre, gpre_dot, rc, n, d, T, float(dt), kappa_f, H=H, BM=BM,
-        BD=BD, LAST_SAVED=last_saved, SAVE_DOT=save_dot, EVEN=n % BM == 0 and d % BD == 0, **flags, **launch)
+        mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre, gpre_dot, rc, zs, gcs, n, d, T, float(dt), kappa_f, H=H,
+        BM=BM, BD=BD, LAST_SAVED=last_saved, SAVE_DOT=save_dot, EVEN=n % BM == 0 and d % BD == 0, DEFER=defer,
+        DC=dc, REREAD=layout["REREAD"], **flags, **launch)
 
     if cast:  # the carry is dead: its storage takes the input-dtype gradients
         dh, dx = _halves(xs, x.dtype, n, d)
@@ -1427,7 +1521,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
         x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_dot, r_save, *upstream, gpre_dot, rc,
         dx, dv if dv is not None else dx, replay, gq, pwo, dz, dwx, dwv, dmu, dtab,
         n, d, T, float(dt), kappa_f, splits, H=H, BM=BM2, BD=BD2, TP=triton.next_power_of_2(T),
-        EVEN=n % BM2 == 0 and d % BD2 == 0, RELOAD_W=_reload_bwd_weights(H, x.dtype), **flags, **launch2)
+        EVEN=n % BM2 == 0 and d % BD2 == 0, RELOAD_W=layout["RELOAD_W"], **flags, **launch2)
     # the splits' partials, summed in a fixed order: the same bits on every run
     pwo, dz = pwo.sum(0).view(4, d, H), dz.sum(0).view(4, d)
     ms = mod[:4]

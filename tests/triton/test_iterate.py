@@ -428,6 +428,26 @@ def test_backward_is_deterministic():
         assert torch.equal(first[k], second[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_deferred_dl_dc_gives_the_same_bits(dtype):
+    """Phase 1's DEFER (the four dL/dz blocks parked, the dL/dc dots run once per DC columns,
+    the accumulator kept in memory between chunks) and REREAD (c_t and gpre_{t+1} read again per
+    block) run the same dots in the same order as the accumulator held in registers: the same
+    bits, whether the chunk is one block, two (d = 45 over 16-column blocks: a partial last
+    chunk) or all of d; and the held run matches fp64."""
+    h, x, kw = make_args(n=37, d=45, H=16, E=3, T=3)
+    base = dict(BM=16, BD=16, SPLITS=2)
+    held, out = grads_of(triton_fn(dict(base, DEFER=False, REREAD=False)), h, x, kw, dtype)
+    for extra in (dict(DC=16), dict(DC=32), dict(DC=64, REREAD=True), dict(DEFER=False, REREAD=True)):
+        got, out2 = grads_of(triton_fn(dict(dict(base, DEFER=True), **extra)), h, x, kw, dtype)
+        assert torch.equal(out, out2)
+        for k in held:
+            assert (held[k] is None) == (got[k] is None), k
+            assert held[k] is None or torch.equal(held[k], got[k]), (k, extra)
+    if dtype == torch.float32:
+        assert_grads_match(held, grads_of(reference_iterate, h, x, kw, torch.float64)[0], tol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_second_backward_repeats_or_refuses(dtype):
     """backward(retain_graph=True) twice: fp32 keeps its saved tensors and gives the same bits

@@ -43,8 +43,11 @@ def cases():
                                     ACC=tl.float32), ptr, 4),
             ("_decode_step", dict(H=64, BM=dec["BM"], BD=dec["BD"], EARLY_EXIT=True, TRAJ=True, FINAL_OUT=cast,
                                   **{k: v for k, v in flags.items() if k != "USE_KAPPA"}), ptr, dec["num_warps"]),
-            ("_bwd_rows", dict(H=64, BM=bwd["BM"], BD=bwd["BD"], LAST_SAVED=cast, SAVE_DOT=cast, **flags, **grads),
-             ptr, bwd.get("num_warps", 4)),
+            ("_bwd_rows", dict(H=64, BM=bwd["BM"], BD=bwd["BD"], LAST_SAVED=cast, SAVE_DOT=cast, DEFER=False, DC=128,
+                               REREAD=False, **flags, **grads), ptr, bwd.get("num_warps", 4)),
+            # the chunked dL/dc of H = 128 (compiled here at H = 64: the code path, not the fit)
+            ("_bwd_rows", dict(H=64, BM=bwd["BM"], BD=bwd["BD"], LAST_SAVED=cast, SAVE_DOT=cast, DEFER=True, DC=128,
+                               REREAD=True, **flags, **grads), ptr, bwd.get("num_warps", 4)),
             # fp32 compiles the weight tiles re-read where used, bf16/fp16 held (both branches)
             ("_bwd_cols", dict(H=64, BM=bwd["BM2"], BD=bwd["BD2"], TP=8,
                                RELOAD_W=iterate._reload_bwd_weights(64, dtype), **flags, **grads),

@@ -86,7 +86,6 @@ def test_no_more_bytes_than_the_previous_design(d, H):
 
     old = kr.old_configs(d, H)
     tile, dec = it._tile_config(d, H, gpu=True), it._decode_config(d, H, gpu=True)
-    bwd = it._backward_config(16384, d, H, torch.device("cpu"), None, gpu=True)
 
     def pair(kernel, cfg, base, ab, variant=""):
         return (kr.bytes_model(kernel, d, H, ab, cfg, variant=variant)["bytes"],
@@ -99,8 +98,10 @@ def test_no_more_bytes_than_the_previous_design(d, H):
             assert new <= was + (0 if ab == 2 else (3 * H + 4) * 4), (variant, ab, new, was)
         new, was = pair("_decode_step", dec, old["decode"], ab)
         assert new <= was, ("decode", ab, new, was)
-        # the weight tiles phase 2 re-reads where it holds too few registers count as bytes too
-        reload = it._reload_bwd_weights(H, torch.bfloat16 if ab == 2 else torch.float32)
-        rows = pair("_bwd_rows", bwd, old["backward"], ab)
-        cols = pair("_bwd_cols", dict(bwd, RELOAD_W=reload), old["backward"], ab)
+        # the configuration and layout switches the launcher takes for this dtype (the parked
+        # dL/dz blocks and the re-read tiles count as bytes too)
+        dtype = torch.bfloat16 if ab == 2 else torch.float32
+        bwd = it._backward_config(16384, d, H, torch.device("cpu"), None, gpu=True, dtype=dtype)
+        bwd.update(it._backward_layout(bwd, d, H, dtype))
+        rows, cols = pair("_bwd_rows", bwd, old["backward"], ab), pair("_bwd_cols", bwd, old["backward"], ab)
         assert rows[0] + cols[0] <= rows[1] + cols[1], ("backward", ab, rows, cols)
