@@ -1375,17 +1375,20 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
     (`_bwd_cols`): BM2 × BD2, num_warps2 (the phase-1 values when a config omits them).
     Chosen from the static sm_90 compile (benchmarks/kernel_report.py): phase 1 at 128 rows
     over 8 warps (two warp groups of 64 rows: no tile is replicated across warps) and 16
-    columns (bf16/fp16 at H = 128, with DEFER: 32 rows over 4 warps, the fewest spills: 28 B a
-    thread against 88 at 64 rows × 8 warps and 200 at 128 × 8); phase 2 at 64 rows, 16 columns (8 at H = 128) and 8 warps, where Triton splits the
-    columns over the two warp groups. SPLITS: phase 2 runs about 4 programs per multiprocessor."""
+    columns; phase 2 at 64 rows, 16 columns (8 at H = 128) and 8 warps, where Triton splits the
+    columns over the two warp groups. bf16/fp16 at H = 128 (with DEFER and REREAD): phase 1 at
+    64 rows (88 B of spills a thread; 28 at 32 rows over 4 warps, which would re-read each
+    replayed step's weights twice as often: 1.4x the bytes; 200 at 128 rows), phase 2 at 32 rows
+    over 4 warps (no spills; 64 B at 64 rows). SPLITS: phase 2 runs about 4 programs per
+    multiprocessor."""
     if config is not None:
         cfg = dict(config)
     elif not (gpu if gpu is not None else not interpreting()):
         cfg = dict(BM=16, BD=32)
     else:
         narrow = H > 64 and dtype != torch.float32
-        cfg = dict(BM=32 if narrow else 128, BD=16, num_warps=4 if narrow else 8, BM2=64,
-                   BD2=16 if H <= 64 else 8, num_warps2=8)
+        cfg = dict(BM=64 if narrow else 128, BD=16, num_warps=8, BM2=32 if narrow else 64,
+                   BD2=16 if H <= 64 else 8, num_warps2=4 if narrow else 8)
     for key in ("BM", "BD", "num_warps", "num_stages"):
         if key in cfg:
             cfg.setdefault(key + "2", cfg[key])
@@ -1405,7 +1408,7 @@ def _defer_bwd_rows(H, dtype):
     """Whether `_bwd_rows` parks the dL/dz blocks and runs the dL/dc dots once per DC columns
     (DEFER) instead of carrying the [BM, H] accumulator through the pass: at H = 128, and in
     fp32 (tf32x3 operands) at H = 64 too. Static sm_90 report, spill bytes a thread: bf16/fp16
-    H = 128 388 -> 28 (with REREAD and 32-row blocks); fp32 H = 64/128 1528/3308 -> 952/2432, and
+    H = 128 388 -> 88 (with REREAD, 64-row blocks); fp32 H = 64/128 1528/3308 -> 952/2432, and
     at H = 128 the 320 KB of shared memory that could not launch -> 128 KB. Not at fp32 H = 32
     (516 -> 288 B, but parking the blocks would move more bytes per row and step than the
     previous design), nor bf16/fp16 at H <= 64 (no spills)."""
@@ -1416,7 +1419,7 @@ def _reload_bwd_weights(H, dtype):
     """Whether `_bwd_cols` reads its six [H, BD] weight tiles where each dot takes them rather
     than once per program (every warp holds the whole B operand of a dot: held through the
     program they take ~100 registers at H = 128). Static sm_90 report, spill bytes a thread held
-    -> re-read: bf16/fp16 H = 128 308 -> 64; fp32 (tf32x3 operands) H = 32/64/128 864/2728/2704
+    -> re-read: bf16/fp16 H = 128 308 -> 64 (0 with 32-row blocks); fp32 (tf32x3 operands) H = 32/64/128 864/2728/2704
     -> 136/556/600; bf16/fp16 at H <= 64 do not spill and keep them held. The re-reads hit L1
     (the program's own tiles, 12-24 KB); the report counts them as L2 bytes all the same."""
     return H > 64 or dtype == torch.float32
