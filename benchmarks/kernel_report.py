@@ -258,8 +258,7 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
                 dec_opts = dict(num_warps=dec.pop("num_warps"), num_stages=dec.pop("num_stages"))
                 bwd = it._backward_config(4 * 4096, d, H, _cpu(), None, gpu=True, dtype=torch_dtype[name])
                 bwd.update(it._backward_layout(bwd, d, H, torch_dtype[name]))
-                b1 = dict(num_warps=bwd["num_warps"], num_stages=bwd.get("num_stages", 1))
-                b2 = dict(num_warps=bwd["num_warps2"], num_stages=bwd.get("num_stages2", 1))
+                b1, b2 = it._launch_options(bwd)  # the launcher's own options
                 old = old_configs(d, H)
                 rows = [
                     ("_fwd_prologue", "tile", dict(H=H, BM=tile["BM"], BD=tile["BD"], HAS_V=False, TRAJ=False,

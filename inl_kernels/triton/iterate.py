@@ -1387,8 +1387,11 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
         cfg = dict(BM=16, BD=32)
     else:
         narrow = H > 64 and dtype != torch.float32
-        cfg = dict(BM=64 if narrow else 128, BD=16, num_warps=8, BM2=32 if narrow else 64,
-                   BD2=16 if H <= 64 else 8, num_warps2=4 if narrow else 8)
+        # one stage, as the static report compiles them: Triton's default (3) pipelines the
+        # loads that feed the dots through shared memory, which spills at H = 64 (bf16 92 and
+        # 28 B a thread) and raises the shared memory 1.5-2.7x
+        cfg = dict(BM=64 if narrow else 128, BD=16, num_warps=8, num_stages=1, BM2=32 if narrow else 64,
+                   BD2=16 if H <= 64 else 8, num_warps2=4 if narrow else 8, num_stages2=1)
     for key in ("BM", "BD", "num_warps", "num_stages"):
         if key in cfg:
             cfg.setdefault(key + "2", cfg[key])
@@ -1425,6 +1428,13 @@ def _reload_bwd_weights(H, dtype):
     return H > 64 or dtype == torch.float32
 
 
+def _launch_options(cfg):
+    """The launch options of phase 1 and phase 2 (num_warps, num_stages) in a `_backward_config`
+    result; Triton's defaults where it has none (the test configurations)."""
+    return ({k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg},
+            {k: cfg[k + "2"] for k in ("num_warps", "num_stages") if k + "2" in cfg})
+
+
 def _backward_layout(cfg, d, H, dtype):
     """The backward kernels' register-layout switches for a `_backward_config` result (a config
     may set any of them): DEFER, DC and REREAD of `_bwd_rows`, RELOAD_W of `_bwd_cols`."""
@@ -1456,8 +1466,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
     DOT, PREC, ACC = _dot_types(x.dtype)
     cfg = _backward_config(n, d, H, dev, config, dtype=x.dtype)
     splits = cfg["SPLITS"]
-    launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
-    launch2 = {k: cfg[k + "2"] for k in ("num_warps", "num_stages") if k + "2" in cfg}
+    launch, launch2 = _launch_options(cfg)
     BM, BD, BM2, BD2 = cfg["BM"], cfg["BD"], cfg["BM2"], cfg["BD2"]
     cast = x.dtype != acc
     last_saved = cast and T >= 2  # the forward's last step left x_{T-1}, v_{T-1} in (xs, vs)

@@ -90,15 +90,18 @@ def _gloo_worker_states() -> list[str]:
 
 
 def wait_for_gloo_workers(timeout: float = 2.0, poll: float = 0.01) -> bool:
-    """Block (without the GIL) until every gloo worker thread of this process is asleep, seen so
-    three times in a row; False if timeout passed first.
+    """Sleep in `poll` steps (the GIL released) until every gloo worker thread of this process
+    is seen asleep three polls in a row; False if `timeout` passed first.
 
     A gloo worker drops its last reference to a finished collective a moment after the caller's
     wait() returned, and the collective's tensors need the GIL to be released. When the process
     exits right after a collective, that moment can fall into the interpreter's finalization, where
     taking the GIL ends the thread and std::terminate aborts the process (SIGABRT after a run that
     finished and saved everything; pytorch/pytorch#190489). The process group itself cannot be
-    destroyed first: DTensor's sharding caches keep FSDP's mesh, and the group, alive until then."""
+    destroyed first: DTensor's sharding caches keep FSDP's mesh, and the group, alive until then.
+    This narrows the window, it does not close it: a worker waiting for the GIL also reads as
+    asleep, so what helps is that each poll's sleep hands it the GIL (measured: 0 aborts in 120
+    two-rank runs, against 6 in 110 without)."""
     deadline = time.monotonic() + timeout
     quiet = 0
     while quiet < 3:

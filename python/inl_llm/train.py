@@ -182,7 +182,7 @@ def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch
     raw = _unwrap(model)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     group = torch.distributed.new_group() if distributed and torch.distributed.get_world_size() > 1 else None
-    if group is not None and torch.distributed.get_backend(group) == "gloo":
+    if group is not None and "gloo" in str(torch.distributed.get_backend(group)):  # also "cpu:gloo,cuda:nccl"
         drain_gloo_at_exit()  # a process that exits right after train() must not abort in gloo's threads
     rank, world = _world(group)
     if rank != 0:

@@ -258,3 +258,25 @@ def test_gloo_workers_are_found_and_drained_before_exit(tmp_path):
     finally:
         del pg
     assert len(_gloo_worker_states()) == before  # the group's destructor joined its workers
+
+
+def test_the_gloo_drain_waits_for_busy_workers_and_gives_up_at_its_timeout(monkeypatch):
+    """wait_for_gloo_workers returns only after three quiet polls in a row, and False when a
+    worker stays busy past the timeout (an exit is delayed at most that long)."""
+    import time
+
+    from inl_llm import distributed
+
+    seen = iter(["R", "S", "R", "S", "S", "S"])  # busy, idle, busy again, then idle for good
+    polls = []
+
+    def states():
+        polls.append(1)
+        return [next(seen, "S")]
+    monkeypatch.setattr(distributed, "_gloo_worker_states", states)
+    assert distributed.wait_for_gloo_workers(timeout=10.0, poll=0.001)
+    assert len(polls) == 6  # the quiet run restarted after the second "R"
+    monkeypatch.setattr(distributed, "_gloo_worker_states", lambda: ["S", "R"])
+    start = time.monotonic()
+    assert not distributed.wait_for_gloo_workers(timeout=0.05, poll=0.001)
+    assert time.monotonic() - start < 2.0

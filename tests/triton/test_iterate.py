@@ -428,8 +428,29 @@ def test_backward_is_deterministic():
         assert torch.equal(first[k], second[k]), k
 
 
+def spy_on_launches(monkeypatch):
+    """[(kernel name, launch keyword arguments)] of every Triton launch the iterate makes."""
+    calls = []
+    real = triton_iterate.wrap_triton
+
+    def spy(kernel):
+        launcher = real(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                run = launcher[grid]
+
+                def launch(*args, **kwargs):
+                    calls.append((kernel.fn.__name__, kwargs))
+                    return run(*args, **kwargs)
+                return launch
+        return Grid()
+    monkeypatch.setattr(triton_iterate, "wrap_triton", spy)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_deferred_dl_dc_gives_the_same_bits(dtype):
+def test_deferred_dl_dc_gives_the_same_bits(dtype, monkeypatch):
     """Phase 1's DEFER (the four dL/dz blocks parked, the dL/dc dots run once per DC columns,
     the accumulator kept in memory between chunks) and REREAD (c_t and gpre_{t+1} read again per
     block) run the same dots in the same order as the accumulator held in registers: the same
@@ -437,9 +458,19 @@ def test_deferred_dl_dc_gives_the_same_bits(dtype):
     chunk) or all of d; and the held run matches fp64."""
     h, x, kw = make_args(n=37, d=45, H=16, E=3, T=3)
     base = dict(BM=16, BD=16, SPLITS=2)
+    launches = spy_on_launches(monkeypatch)
+
+    def phase1():  # the switches the last backward's phase 1 ran with
+        rows = [k for name, k in launches if name == "_bwd_rows"]
+        return rows[-1]["DEFER"], rows[-1]["DC"], rows[-1]["REREAD"]
+
     held, out = grads_of(triton_fn(dict(base, DEFER=False, REREAD=False)), h, x, kw, dtype)
+    assert phase1()[::2] == (False, False)
     for extra in (dict(DC=16), dict(DC=32), dict(DC=64, REREAD=True), dict(DEFER=False, REREAD=True)):
         got, out2 = grads_of(triton_fn(dict(dict(base, DEFER=True), **extra)), h, x, kw, dtype)
+        want = dict(dict(DEFER=True, REREAD=False), **extra)
+        assert phase1()[0] == want["DEFER"] and phase1()[2] == want["REREAD"], (phase1(), extra)
+        assert "DC" not in extra or phase1()[1] == extra["DC"]
         assert torch.equal(out, out2)
         for k in held:
             assert (held[k] is None) == (got[k] is None), k

@@ -44,6 +44,24 @@ def test_no_iterate_kernel_spills_at_a_bf16_configuration():
         assert r["goal"] == "met", r
 
 
+def test_the_report_compiles_what_the_launcher_launches():
+    """Every backward configuration the dispatch picks on a GPU names its num_stages for both
+    phases (Triton's default, 3, pipelines the dots' loads and spills at H = 64), and the
+    report compiles each kernel with the options the launcher passes."""
+    from inl_kernels.triton import iterate as it
+
+    cases = kr.iterate_cases(kernels=["_bwd_rows", "_bwd_cols"])
+    assert len(cases) == 2 * 3 * 3 * 3
+    for case in cases:
+        dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[case["dtype"]]
+        cfg = it._backward_config(4 * 4096, case["d"], case["H"], torch.device("cpu"), None, gpu=True, dtype=dtype)
+        first, second = it._launch_options(cfg)
+        assert "num_stages" in first and "num_stages" in second, cfg
+        assert case["options"] == (first if case["kernel"] == "_bwd_rows" else second), case
+        assert (case["constexprs"]["BM"], case["constexprs"]["BD"]) == \
+            ((cfg["BM"], cfg["BD"]) if case["kernel"] == "_bwd_rows" else (cfg["BM2"], cfg["BD2"]))
+
+
 def test_programs_per_sm_by_hand():
     # 255 registers -> 8192 a warp; 4 warps -> 32768 of 65536: 2 programs
     assert kr.programs_per_sm(255, 4, 16 * 1024) == 2
