@@ -770,12 +770,13 @@ def _bwd_rows(
 
     DEFER (`_defer_bwd_rows`): the [BM, H] fp32 accumulator of dL/dc, live through the whole
     pass over d, does not fit beside the step's tiles at H = 128 or in fp32 (it spills). With
-    DEFER the pass parks the four ms_q·g_zq blocks (dot dtype, as the dots take them) in the program's slice of
-    a scratch `zs` [4, BM, DC], and every DC columns a short loop runs the same dots in the same
-    order (blocks ascending, quarters 2, 0, 1, 3) into the accumulator, which waits between
-    chunks in the program's slot of `gcs` [BM, H] fp32: the same sums, the same bits. REREAD
-    (H = 128): c_t and gpre_{t+1}, held as dot operands through the pass, do not fit either; they
-    are read again per block, where the dots take them (the program's own tiles, from L1)."""
+    DEFER the pass parks the four ms_q·g_zq blocks (dot dtype, as the dots take them) in the
+    program's slice of a scratch `zs` [4, BM, DC], and every DC columns a short loop runs the
+    same dots in the same order (blocks ascending, quarters 2, 0, 1, 3) into the accumulator,
+    which waits between chunks in the program's slot of `gcs` [BM, H] fp32: the same sums, the
+    same bits. REREAD (H = 128): c_t and gpre_{t+1}, held as dot operands through the pass, do
+    not fit either; they are read again per block, where the dots take them (the program's own
+    tiles, from L1)."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     row_mask = _in_range(rows, N, EVEN)
