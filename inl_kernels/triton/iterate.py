@@ -1379,7 +1379,7 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
     columns; phase 2 at 64 rows, 16 columns (8 at H = 128) and 8 warps, where Triton splits the
     columns over the two warp groups. bf16/fp16 at H = 128 (with DEFER and REREAD): phase 1 at
     64 rows (88 B of spills a thread; 28 at 32 rows over 4 warps, which would re-read each
-    replayed step's weights twice as often: 1.4x the bytes; 200 at 128 rows), phase 2 at 32 rows
+    replayed step's weights twice as often: 1.4x the bytes; 292 at 128 rows), phase 2 at 32 rows
     over 4 warps (no spills; 64 B at 64 rows). SPLITS: phase 2 runs about 4 programs per
     multiprocessor."""
     if config is not None:
