@@ -221,6 +221,12 @@ def attributes(fn, constexprs: dict, divisible=("N", "D")) -> dict:
     return attrs
 
 
+def torch_dtype(name: str):
+    """The activation dtype a report row's dtype name stands for."""
+    import torch
+    return dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[name]
+
+
 def _dtypes():
     import triton.language as tl
 
@@ -240,9 +246,6 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
 
     from inl_kernels.triton import iterate as it
 
-    import torch
-
-    torch_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
     out = []
     for name, ptr, ab, dot, prec, cast in _dtypes():
         if name not in dtypes:
@@ -256,8 +259,7 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
                 tl_opts = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
                 dec = it._decode_config(d, H, gpu=True)
                 dec_opts = dict(num_warps=dec.pop("num_warps"), num_stages=dec.pop("num_stages"))
-                bwd = it._backward_config(4 * 4096, d, H, _cpu(), None, gpu=True, dtype=torch_dtype[name])
-                bwd.update(it._backward_layout(bwd, d, H, torch_dtype[name]))
+                bwd = it._backward_config(4 * 4096, d, H, _cpu(), None, gpu=True, dtype=torch_dtype(name))
                 b1, b2 = it._launch_options(bwd)  # the launcher's own options
                 old = old_configs(d, H)
                 rows = [

@@ -1396,6 +1396,13 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
     for key in ("BM", "BD", "num_warps", "num_stages"):
         if key in cfg:
             cfg.setdefault(key + "2", cfg[key])
+    # the register-layout switches (a config may set any of them): DEFER, DC and REREAD of
+    # `_bwd_rows`, RELOAD_W of `_bwd_cols`
+    BD = cfg["BD"]
+    cfg["DC"] = max(BD, min(cfg.get("DC", 128), triton.next_power_of_2(d)) // BD * BD)
+    cfg.setdefault("DEFER", _defer_bwd_rows(H, dtype))
+    cfg.setdefault("REREAD", H > 64)
+    cfg.setdefault("RELOAD_W", _reload_bwd_weights(H, dtype))
     if "SPLITS" not in cfg:
         tiles = triton.cdiv(n, cfg["BM2"])
         sms = multiprocessors(device) if device.type == "cuda" else 1
@@ -1434,15 +1441,6 @@ def _launch_options(cfg):
     result; Triton's defaults where it has none (the test configurations)."""
     return ({k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg},
             {k: cfg[k + "2"] for k in ("num_warps", "num_stages") if k + "2" in cfg})
-
-
-def _backward_layout(cfg, d, H, dtype):
-    """The backward kernels' register-layout switches for a `_backward_config` result (a config
-    may set any of them): DEFER, DC and REREAD of `_bwd_rows`, RELOAD_W of `_bwd_cols`."""
-    BD = cfg["BD"]
-    return dict(DEFER=cfg.get("DEFER", _defer_bwd_rows(H, dtype)),
-                DC=max(BD, min(cfg.get("DC", 128), triton.next_power_of_2(d)) // BD * BD),
-                REREAD=cfg.get("REREAD", H > 64), RELOAD_W=cfg.get("RELOAD_W", _reload_bwd_weights(H, dtype)))
 
 
 def _halves(buffer, dtype, n, d):
@@ -1490,8 +1488,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
                  HAS_GD=g_distance is not None, DOT=DOT, PREC=PREC, ACC=ACC)
     upstream = tuple(dummy if g is None else g for g in (gx_T, gv_T, g_energy, g_distance))
     kappa_f = float(kappa) if kappa is not None else 0.0
-    layout = _backward_layout(cfg, d, H, x.dtype)
-    defer, dc = layout["DEFER"], layout["DC"]
+    defer, dc = cfg["DEFER"], cfg["DC"]
     if defer:  # each program's parked dL/dz blocks and dL/dc accumulator (see `_bwd_rows`)
         programs = triton.cdiv(n, BM)
         zs = torch.empty(programs * 4 * BM * dc, device=dev, dtype=_DOT_TORCH[DOT])
@@ -1502,7 +1499,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
         x, v_in, xs if xs is not None else gx_s, vs if vs is not None else gv_s, gx_s, gv_s, w_x, w_v, w_o, b_o,
         mod, mu, exc, c_save, c_dot, r_save, *upstream, gpre, gpre_dot, rc, zs, gcs, n, d, T, float(dt), kappa_f, H=H,
         BM=BM, BD=BD, LAST_SAVED=last_saved, SAVE_DOT=save_dot, EVEN=n % BM == 0 and d % BD == 0, DEFER=defer,
-        DC=dc, REREAD=layout["REREAD"], **flags, **launch)
+        DC=dc, REREAD=cfg["REREAD"], **flags, **launch)
 
     if cast:  # the carry is dead: its storage takes the input-dtype gradients
         dh, dx = _halves(xs, x.dtype, n, d)
@@ -1534,7 +1531,7 @@ def _backward(saved, grads, dt, kappa, T, config, needs_phase2):
         x, v_in, w_x, w_v, w_o, b_o, mod, mu, exc, c_dot, r_save, *upstream, gpre_dot, rc,
         dx, dv if dv is not None else dx, replay, gq, pwo, dz, dwx, dwv, dmu, dtab,
         n, d, T, float(dt), kappa_f, splits, H=H, BM=BM2, BD=BD2, TP=triton.next_power_of_2(T),
-        EVEN=n % BM2 == 0 and d % BD2 == 0, RELOAD_W=layout["RELOAD_W"], **flags, **launch2)
+        EVEN=n % BM2 == 0 and d % BD2 == 0, RELOAD_W=cfg["RELOAD_W"], **flags, **launch2)
     # the splits' partials, summed in a fixed order: the same bits on every run
     pwo, dz = pwo.sum(0).view(4, d, H), dz.sum(0).view(4, d)
     ms = mod[:4]

@@ -61,8 +61,8 @@ def test_the_report_compiles_what_the_launcher_launches():
     cases = kr.iterate_cases(kernels=["_bwd_rows", "_bwd_cols"])
     assert len(cases) == 2 * 3 * 3 * 3
     for case in cases:
-        dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[case["dtype"]]
-        cfg = it._backward_config(4 * 4096, case["d"], case["H"], torch.device("cpu"), None, gpu=True, dtype=dtype)
+        cfg = it._backward_config(4 * 4096, case["d"], case["H"], torch.device("cpu"), None, gpu=True,
+                                  dtype=kr.torch_dtype(case["dtype"]))
         first, second = it._launch_options(cfg)
         assert "num_stages" in first and "num_stages" in second, cfg
         assert case["options"] == (first if case["kernel"] == "_bwd_rows" else second), case
@@ -128,6 +128,5 @@ def test_no_more_bytes_than_the_previous_design(d, H):
         # dL/dz blocks and the re-read tiles count as bytes too)
         dtype = torch.bfloat16 if ab == 2 else torch.float32
         bwd = it._backward_config(16384, d, H, torch.device("cpu"), None, gpu=True, dtype=dtype)
-        bwd.update(it._backward_layout(bwd, d, H, dtype))
         rows, cols = pair("_bwd_rows", bwd, old["backward"], ab), pair("_bwd_cols", bwd, old["backward"], ab)
         assert rows[0] + cols[0] <= rows[1] + cols[1], ("backward", ab, rows, cols)
