@@ -1378,9 +1378,9 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
     over 8 warps (two warp groups of 64 rows: no tile is replicated across warps) and 16
     columns; phase 2 at 64 rows, 16 columns (8 at H = 128) and 8 warps, where Triton splits the
     columns over the two warp groups. bf16/fp16 at H = 128 (with DEFER and REREAD): phase 1 at
-    64 rows (88 B of spills a thread; 28 at 32 rows over 4 warps, which would re-read each
-    replayed step's weights twice as often: 1.4x the bytes; 292 at 128 rows), phase 2 at 32 rows
-    over 4 warps (no spills; 64 B at 64 rows). SPLITS: phase 2 runs about 4 programs per
+    64 rows and 32 columns (no spills, and 16 % fewer bytes a row and step than 16 columns,
+    which spill 88 B; 744 B at 128 rows, 644 at 64 columns), phase 2 at 32 rows over 4 warps (no
+    spills; 64 B at 64 rows, 200 at 16 columns). SPLITS: phase 2 runs about 4 programs per
     multiprocessor."""
     if config is not None:
         cfg = dict(config)
@@ -1391,7 +1391,7 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
         # one stage, as the static report compiles them: Triton's default (3) pipelines the
         # loads that feed the dots through shared memory, which spills at H = 64 (bf16 92 and
         # 28 B a thread) and raises the shared memory 1.5-2.7x
-        cfg = dict(BM=64 if narrow else 128, BD=16, num_warps=8, num_stages=1, BM2=32 if narrow else 64,
+        cfg = dict(BM=64 if narrow else 128, BD=32 if narrow else 16, num_warps=8, num_stages=1, BM2=32 if narrow else 64,
                    BD2=16 if H <= 64 else 8, num_warps2=4 if narrow else 8, num_stages2=1)
     for key in ("BM", "BD", "num_warps", "num_stages"):
         if key in cfg:
@@ -1419,7 +1419,7 @@ def _defer_bwd_rows(H, dtype):
     """Whether `_bwd_rows` parks the dL/dz blocks and runs the dL/dc dots once per DC columns
     (DEFER) instead of carrying the [BM, H] accumulator through the pass: at H = 128, and in
     fp32 (tf32x3 operands) at H = 64 too. Static sm_90 report, spill bytes a thread: bf16/fp16
-    H = 128 388 -> 88 (with REREAD, 64-row blocks); fp32 H = 64/128 1528/3308 -> 952/2432, and
+    H = 128 388 -> 88 (with REREAD, 64-row blocks; 0 at 32 columns); fp32 H = 64/128 1528/3308 -> 952/2432, and
     at H = 128 the 320 KB of shared memory that could not launch -> 128 KB. Not at fp32 H = 32
     (516 -> 288 B, but parking the blocks would move more bytes per row and step than the
     previous design), nor bf16/fp16 at H <= 64 (no spills)."""
