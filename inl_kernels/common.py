@@ -9,7 +9,9 @@ tensors of the controller and the dynamics into `IterateParams`, the scalars int
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -117,6 +119,28 @@ def _plain(values) -> bool:
     return True
 
 
+class _Direct(threading.local):
+    established = False
+
+
+_direct = _Direct()
+
+
+@contextlib.contextmanager
+def direct_calls():
+    """Within it, `eager_direct` answers True without checking: for a caller that has checked
+    once that a whole sequence of calls is plain eager inference (eager_direct on every tensor
+    they will see, all made inside the block on this thread) and then makes many small calls, as
+    the lean decode step of inl_llm does for each token. Everything the calls run is what they
+    run without it; only the per-call check is skipped."""
+    before = _direct.established
+    _direct.established = True
+    try:
+        yield
+    finally:
+        _direct.established = before
+
+
 def eager_direct(*values) -> bool:
     """Whether a backend may call its compiled kernel directly instead of through its registered
     torch.library op: plain eager inference. That is no gradient wanted (reverse or forward
@@ -126,7 +150,9 @@ def eager_direct(*values) -> bool:
     DTensor; values may be tuples of tensors, e.g. IterateParams). The op and the direct call run
     the same function on the same arguments, so the bits are the same; the direct call skips
     the op's dispatch (~20 µs a call on a CPU), which is most of what a decode step of a small
-    model spends outside its matmuls."""
+    model spends outside its matmuls. Inside `direct_calls()` the caller has checked it already."""
+    if _direct.established:
+        return True
     return (not torch.compiler.is_compiling() and not torch._C._autograd._profiler_enabled()
             and torch._C._get_tracing_state() is None and torch.autograd.forward_ad._current_level < 0
             and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()

@@ -678,13 +678,14 @@ constexpr int kPanelVecs = (MR + kVec - 1) / kVec;  // vectors covering one pane
 
 // out[r][m] (m < M, rows r < R) = init[r][m] + Σ_seg Σ_k A(m, k)·b[r][seg·bseg + k], A in panels;
 // init, out rows `ld` apart (each with kVec floats of slack), b rows `ldb` apart
+// (panels [first, last) of A only: the outputs of those panels; last < 0: to the end)
 inline void gemv_panels(const Panels& A, int R, int nseg, int kseg, const float* b, long ldb, long bseg,
-                        const float* init, long ldi, float* out, long ld) {
+                        const float* init, long ldi, float* out, long ld, int first = 0, int last = -1) {
   // kPanelsAtOnce panels side by side: one accumulator's additions must stay in k order, so the
   // independent panels are what keeps several multiply-adds in flight
   constexpr int kPanelsAtOnce = 4;
-  const int panels = (A.M + MR - 1) / MR;
-  for (int p0 = 0; p0 < panels; p0 += kPanelsAtOnce) {
+  const int panels = last < 0 ? (A.M + MR - 1) / MR : last;
+  for (int p0 = first; p0 < panels; p0 += kPanelsAtOnce) {
     const int np = std::min(kPanelsAtOnce, panels - p0);
     Vec acc[kSmallRows][kPanelsAtOnce][kPanelVecs];
     for (int r = 0; r < R; ++r)
@@ -714,22 +715,36 @@ inline void gemv_panels(const Panels& A, int R, int nseg, int kseg, const float*
   }
 }
 
+// The products of a step (the controller's input layer, then its four output sections) are
+// split by panels over up to kSmallThreads threads, each computing whole output elements as one
+// thread would (the same bits for any split); the update along the columns and every sum over
+// them stay on one thread, between barriers.
+constexpr int kSmallThreads = 4;
+
+// panels [first, last) of `panels` for thread `tid` of `nth`
+inline void share(int panels, int tid, int nth, int& first, int& last) {
+  first = int(int64_t(panels) * tid / nth);
+  last = int(int64_t(panels) * (tid + 1) / nth);
+}
+
 template <typename scalar_t>
-void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>& io) {
+void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>& io, int threads) {
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
   const Packed& pk = *P.pk;
   const long ld_state = 2L * dp + kVec, ld_h = long(Hp) + kVec, ld_z = 4L * dp + kVec;
-  static thread_local Buffer state, h, ctx, c, z;
-  state.resize(size_t(R) * ld_state);
-  h.resize(size_t(R) * (dp + kVec));
-  ctx.resize(size_t(R) * ld_h);
-  c.resize(size_t(R) * ld_h);
-  z.resize(size_t(R) * ld_z);
-  state.zero();
-  h.zero();
+  static thread_local Buffer state_buf, h_buf, ctx_buf, c_buf, z_buf;
+  state_buf.resize(size_t(R) * ld_state);
+  h_buf.resize(size_t(R) * (dp + kVec));
+  ctx_buf.resize(size_t(R) * ld_h);
+  c_buf.resize(size_t(R) * ld_h);
+  z_buf.resize(size_t(R) * ld_z);
+  state_buf.zero();
+  h_buf.zero();
+  // the calling thread's buffers, shared by the region's threads
+  float *state = state_buf.data(), *h = h_buf.data(), *ctx = ctx_buf.data(), *c = c_buf.data(), *z = z_buf.data();
   for (int r = 0; r < R; ++r) {
     const int64_t row = n0 + r;
-    float* x = state.data() + r * ld_state;
+    float* x = state + r * ld_state;
     for (int j = 0; j < d; ++j) {
       h[r * (dp + kVec) + j] = to_float(io.h[row * d + j]);
       x[j] = to_float(io.x[row * d + j]);
@@ -739,13 +754,13 @@ void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>
   // the context term, once: h·w_hᵀ + bias
   Buffer bias_rows(size_t(R) * ld_h);
   for (int r = 0; r < R; ++r) std::copy_n(P.bias_row.data(), Hp, bias_rows.data() + r * ld_h);
-  gemv_panels(pk.w_ctx, R, 1, d, h.data(), dp + kVec, 0, bias_rows.data(), ld_h, ctx.data(), ld_h);
+  gemv_panels(pk.w_ctx, R, 1, d, h, dp + kVec, 0, bias_rows.data(), ld_h, ctx, ld_h);
   float err2[kSmallRows], energy[kSmallRows], distance[kSmallRows];
   bool running[kSmallRows];
   for (int r = 0; r < R; ++r) {
     running[r] = true;
     err2[r] = 0.f;
-    const float* x = state.data() + r * ld_state;
+    const float* x = state + r * ld_state;
     for (int j = 0; j < d; ++j) {
       const float e = x[j] - P.mu[j];
       err2[r] += e * e;
@@ -753,7 +768,7 @@ void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>
   }
   auto traj = [&](int r, int t) {
     if (!io.traj_x) return;
-    const float* x = state.data() + r * ld_state;
+    const float* x = state + r * ld_state;
     const size_t off = (size_t(n0 + r) * (T + 1) + t) * d;
     for (int j = 0; j < d; ++j) {
       io.traj_x[off + j] = from_float<scalar_t>(x[j]);
@@ -761,75 +776,96 @@ void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>
     }
   };
   for (int r = 0; r < R; ++r) traj(r, 0);
-  for (int t = 0; t < T; ++t) {
-    // rows still running, packed to the front for the products (a finished row keeps its state)
-    int live[kSmallRows], L = 0;
-    for (int r = 0; r < R; ++r)
-      if (running[r]) live[L++] = r;
-    if (L == 0) break;
-    for (int i = 0; i < L; ++i) {  // one row at a time: its buffers are contiguous
-      const int r = live[i];
-      float* x = state.data() + r * ld_state;
-      float* cr = c.data() + r * ld_h;
-      float* zr = z.data() + r * ld_z;
+  const int in_panels = (pk.w_in.M + MR - 1) / MR, out_panels = (pk.w_out[0].M + MR - 1) / MR;
+  // the update of one row after its products: along the columns, its sums column after column
+  auto update = [&](int r, int t) {
+    float* x = state + r * ld_state;
+    const float* zr = z + r * ld_z;
+    Vec s_alpha = splat(1.f);
+    if (P.has_kappa) {
+      Vec rms;
+      for (int l = 0; l < kVec; ++l) rms[l] = std::sqrt(err2[r] / float(d));
+      s_alpha = 1.f - vexp(-P.kappa * rms);
+    }
+    float e_sum = 0.f, d_sum = 0.f, q_sum = 0.f, step = 0.f;
+    const float* exc = P.table.data() + size_t(t) * dp;
+    for (int j0 = 0; j0 < d; j0 += kVec) {
+      const Vec alpha0 = vsigmoid_neg(load(zr + j0));
+      Vec slope;
+      const Vec beta = vsoftplus<false>(load(zr + dp + j0), &slope);
+      const Vec gate = vsigmoid_neg(load(zr + 2 * dp + j0));
+      const Vec v_cand = load(zr + 3 * dp + j0);
+      const Vec alpha = P.has_kappa ? alpha0 * s_alpha : alpha0;
+      const Vec xo = load(x + j0), vo = load(x + dp + j0), mu = load(P.mu.data() + j0);
+      const Vec err = xo - mu;
+      const Vec vn = v_cand + alpha * (vo - v_cand) - beta * err + load(exc + j0);
+      const Vec xn = xo + (gate * P.dt) * vn;
+      store(x + j0, xn);
+      store(x + dp + j0, vn);
+      const Vec en = xn - mu, dx = xn - xo;
+      for (int l = 0; l < kVec && j0 + l < d; ++l) {  // column after column, as a block adds them
+        step += dx[l] * dx[l];
+        e_sum += vn[l] * vn[l];
+        d_sum += std::fabs(en[l]);
+        if (P.has_kappa) q_sum += en[l] * en[l];
+      }
+    }
+    err2[r] = q_sum;
+    energy[r] = e_sum / float(d);
+    distance[r] = d_sum / float(d);
+    const int64_t row = n0 + r;
+    io.energy[row * T + t] = energy[r];
+    io.distance[row * T + t] = distance[r];
+    traj(r, t + 1);
+    if (io.early_exit && t + 1 >= io.min_iterations && std::sqrt(step) < io.tol) {
+      running[r] = false;
+      io.iterations[row] = t + 1;
+      for (int u = t + 1; u < T; ++u) {
+        io.energy[row * T + u] = energy[r];
+        io.distance[row * T + u] = distance[r];
+        traj(r, u + 1);
+      }
+    }
+  };
+#pragma omp parallel num_threads(std::clamp(threads, 1, kSmallThreads))
+  {
+    const int tid = omp_thread_id(), nth = omp_threads();
+    int in0, in1, out0, out1;
+    share(in_panels, tid, nth, in0, in1);
+    share(4 * out_panels, tid, nth, out0, out1);
+    for (int t = 0; t < T; ++t) {
+      // rows still running (every thread reads the same flags, written before the last barrier)
+      int live[kSmallRows], L = 0;
+      for (int r = 0; r < R; ++r)
+        if (running[r]) live[L++] = r;
+      if (L == 0) break;
       const int segments = (t == 0 && !P.has_v) ? 1 : 2;
-      gemv_panels(pk.w_in, 1, segments, d, x, ld_state, dp, ctx.data() + r * ld_h, ld_h, cr, ld_h);
-      for (int k = 0; k < H; k += kVec) store(cr + k, vmax(splat(0.f), load(cr + k)));
-      for (int sec = 0; sec < 4; ++sec) {
-        float* zs = zr + size_t(sec) * dp;
-        gemv_panels(pk.w_out[sec], 1, 1, H, cr, ld_h, 0, P.z_off.data() + size_t(sec) * dp, 0, zs, ld_z);
+      for (int i = 0; i < L; ++i) {  // c = relu(ctx + [x | v]·w_inᵀ): this thread's panels
+        const int r = live[i];
+        float* cr = c + r * ld_h;
+        gemv_panels(pk.w_in, 1, segments, d, state + r * ld_state, ld_state, dp, ctx + r * ld_h, ld_h, cr, ld_h,
+                    in0, in1);
+        for (int k = in0 * MR; k < std::min(in1 * MR, H); ++k) cr[k] = 0.f > cr[k] ? 0.f : cr[k];  // vmax(0, c): keeps NaN
       }
-      Vec s_alpha = splat(1.f);
-      if (P.has_kappa) {
-        Vec rms;
-        for (int l = 0; l < kVec; ++l) rms[l] = std::sqrt(err2[r] / float(d));
-        s_alpha = 1.f - vexp(-P.kappa * rms);
-      }
-      float e_sum = 0.f, d_sum = 0.f, q_sum = 0.f, step = 0.f;
-      const float* exc = P.table.data() + size_t(t) * dp;
-      for (int j0 = 0; j0 < d; j0 += kVec) {
-        const Vec alpha0 = vsigmoid_neg(load(zr + j0));
-        Vec slope;
-        const Vec beta = vsoftplus<false>(load(zr + dp + j0), &slope);
-        const Vec gate = vsigmoid_neg(load(zr + 2 * dp + j0));
-        const Vec v_cand = load(zr + 3 * dp + j0);
-        const Vec alpha = P.has_kappa ? alpha0 * s_alpha : alpha0;
-        const Vec xo = load(x + j0), vo = load(x + dp + j0), mu = load(P.mu.data() + j0);
-        const Vec err = xo - mu;
-        const Vec vn = v_cand + alpha * (vo - v_cand) - beta * err + load(exc + j0);
-        const Vec xn = xo + (gate * P.dt) * vn;
-        store(x + j0, xn);
-        store(x + dp + j0, vn);
-        const Vec en = xn - mu, dx = xn - xo;
-        for (int l = 0; l < kVec && j0 + l < d; ++l) {  // column after column, as a block adds them
-          step += dx[l] * dx[l];
-          e_sum += vn[l] * vn[l];
-          d_sum += std::fabs(en[l]);
-          if (P.has_kappa) q_sum += en[l] * en[l];
+#pragma omp barrier
+      for (int i = 0; i < L; ++i) {  // z = c·w_oᵀ per section: this thread's share of the 4 sections' panels
+        const int r = live[i];
+        for (int sec = out0 / out_panels; sec < 4 && sec * out_panels < out1; ++sec) {
+          const int first = std::max(out0 - sec * out_panels, 0), last = std::min(out1 - sec * out_panels, out_panels);
+          gemv_panels(pk.w_out[sec], 1, 1, H, c + r * ld_h, ld_h, 0, P.z_off.data() + size_t(sec) * dp, 0,
+                      z + r * ld_z + size_t(sec) * dp, ld_z, first, last);
         }
       }
-      err2[r] = q_sum;
-      energy[r] = e_sum / float(d);
-      distance[r] = d_sum / float(d);
-      const int64_t row = n0 + r;
-      io.energy[row * T + t] = energy[r];
-      io.distance[row * T + t] = distance[r];
-      traj(r, t + 1);
-      if (io.early_exit && t + 1 >= io.min_iterations && std::sqrt(step) < io.tol) {
-        running[r] = false;
-        io.iterations[row] = t + 1;
-        for (int u = t + 1; u < T; ++u) {
-          io.energy[row * T + u] = energy[r];
-          io.distance[row * T + u] = distance[r];
-          traj(r, u + 1);
-        }
-      }
+#pragma omp barrier
+      if (tid == 0)
+        for (int i = 0; i < L; ++i) update(live[i], t);
+#pragma omp barrier
     }
   }
   for (int r = 0; r < R; ++r) {
     const int64_t row = n0 + r;
     if (running[r]) io.iterations[row] = T;
-    const float* x = state.data() + r * ld_state;
+    const float* x = state + r * ld_state;
     for (int j = 0; j < d; ++j) {
       io.x_out[row * d + j] = from_float<scalar_t>(x[j]);
       io.v_out[row * d + j] = from_float<scalar_t>(x[dp + j]);
@@ -859,7 +895,7 @@ void iterate_forward(const IterateForwardArgs& a) {
                              static_cast<scalar_t*>(a.v_out), static_cast<scalar_t*>(a.traj_x),
                              static_cast<scalar_t*>(a.traj_v), a.iterations, a.energy, a.distance, a.early_exit,
                              a.tol, a.min_iterations};
-      forward_small<scalar_t>(P, 0, int(N), io);
+      forward_small<scalar_t>(P, 0, int(N), io, a.threads);
     });
     return;
   }

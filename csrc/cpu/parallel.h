@@ -129,6 +129,15 @@ inline int threads_for(int threads, int64_t tasks) {
   return int(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
 }
 
+// this thread's number in the enclosing parallel region
+inline int omp_thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 // threads of the enclosing parallel region
 inline int omp_threads() {
 #ifdef _OPENMP

@@ -176,27 +176,51 @@ def supports(h, x, v, params: IterateParams, settings: IterateSettings) -> Optio
     return None
 
 
-def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
-    """Runs SPEC §2 on CPU tensors; returns (x_T, IterateInfo) with the reference's dtypes."""
-    s, p = settings, params
-    grad = needs_grad(h, x, v, params)
+def _kernel_weights(params: IterateParams, settings: IterateSettings, d: int, grad: bool):
+    """The op's tensor arguments after x and v: the fp32 controller, the folded bias, modulation
+    and excitation table, and the excited dims where the table exists (for its gradient)."""
+    p, s = params, settings
 
     def fold():
-        return fold_parameters(params, s, x.shape[1], torch.float32)
+        return fold_parameters(params, s, d, torch.float32)
     if grad or torch.compiler.is_compiling():  # autograd carries the gradients back through the folding
         folded = fold()
     else:  # a decode step builds the excitation table once per parameter version, not per call
         folded = _cached(p.mod_bias, "_inl_cpu_folded", (p.b_h, p.b_x, p.b_v, p.mod_scale, p.mod_bias, p.exc_index,
                                                          p.gamma, p.phi),
-                         (s.amplitude, s.num_iterations, x.shape[1]), fold)
-    weights = (p.w_h.float(), p.w_x.float(), p.w_v.float(), p.w_o.float(), folded.bias, p.b_o.float(), folded.mod,
-               p.mu.float(), folded.table)
+                         (s.amplitude, s.num_iterations, d), fold)
+    return ((p.w_h.float(), p.w_x.float(), p.w_v.float(), p.w_o.float(), folded.bias, p.b_o.float(), folded.mod,
+             p.mu.float(), folded.table), p.exc_index if folded.table is not None else None)
+
+
+def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
+    """Runs SPEC §2 on CPU tensors; returns (x_T, IterateInfo) with the reference's dtypes."""
+    s = settings
+    grad = needs_grad(h, x, v, params)
+    weights, exc_index = _kernel_weights(params, s, x.shape[1], grad)
     # under grad every step runs (no early exit) and the forward keeps what its backward needs;
     # eager inference calls the op's own function, without its dispatch
     run = cpu_iterate_op if grad or not eager_direct(h, x, v, params) else _forward
     x_T, v_T, iterations, energy, distance, traj_x, traj_v, _ = run(
         h, x, v, *weights, s.dt, s.kappa, s.num_iterations, None if grad else s.tol, s.min_iterations,
-        s.return_trajectory and not grad, grad, p.exc_index if folded.table is not None else None)
+        s.return_trajectory and not grad, grad, exc_index)
     if s.return_trajectory and not grad:
         return x_T, IterateInfo(v_T, iterations, energy, distance, traj_x, traj_v)
     return x_T, IterateInfo(v_T, iterations, energy, distance)
+
+
+def prepared_inference(params: IterateParams, settings: IterateSettings, d: int):
+    """iterate(h, x, None, params, settings) for eager inference as a function of (h, x) alone,
+    returning (x_T, IterateInfo): the weights are folded and packed here, once, for callers that
+    run many small calls on unchanged parameters inside `common.direct_calls()` (a decode loop;
+    the parameters must not change while it is used). The kernel call is iterate's, argument for
+    argument, so the bits are too."""
+    s = settings
+    weights, exc_index = _kernel_weights(params, s, d, grad=False)
+    pack = packed_controller(*weights[:4], weights[6], backward=False)
+    rest = (s.dt, s.kappa, s.num_iterations, s.tol, s.min_iterations, False, False, pack)
+
+    def run(h, x):
+        x_T, v_T, iterations, energy, distance, _, _, _ = _C.iterate_forward(h, x, None, *weights, *rest)
+        return x_T, IterateInfo(v_T, iterations, energy, distance)
+    return run

@@ -4,7 +4,10 @@ early once its state has converged.
 
 The decode step reads and writes only device tensors of fixed shapes (the cache's buffers and
 its filled length), so it can run three ways with the same tokens:
-- eager (default);
+- eager (default); on a CPU with the C++ backend through `lean_decode.LeanDecodeStep`, the
+  same kernels on the same arguments without the per-op Python (argument checks, backend
+  choice, module calls) that otherwise takes more time than the kernels (`small`: ~8.3 -> ~5
+  ms a token on 2 cores, the same logits);
 - `compile=True`: torch.compile(fullgraph=True) of the step, mode "reduce-overhead" on CUDA
   (which captures a CUDA graph under the hood); on a CPU the default mode with inductor's C++
   wrapper (the generated code calls its kernels from C++ rather than Python: `small` 7.7 -> 6.4
@@ -26,6 +29,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from .lean_decode import LeanDecodeStep
 
 
 def _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample):
@@ -182,7 +187,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             compiled = _compiled_step(input_ids.device.type)
             step = lambda token: compiled(model, token, cache)  # noqa: E731
         else:
-            step = lambda token: decode_one_token(model, token, cache)  # noqa: E731
+            # eager: on a CPU the lean step (the same kernels without the Python around each one)
+            step = (LeanDecodeStep.build(model, cache) if use_cache else None) or (
+                lambda token: decode_one_token(model, token, cache))
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         done = torch.zeros(max_new_tokens, dtype=torch.bool, device=input_ids.device)  # every row finished at step i
         mask = attention_mask

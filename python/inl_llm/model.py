@@ -351,11 +351,7 @@ class IntegratorLanguageModel(nn.Module):
             past_key_values.begin(input_ids.shape[1], kv_starts)
             kv_starts = None  # the cache carries it
 
-        # under autocast the blocks compute in its dtype from the embedding on (fp32 weights,
-        # low-precision activations); otherwise in the parameters' dtype
-        if isinstance(self.embed, nn.Embedding):  # the low-rank embedding checks its ids itself
-            check_token_ids("input_ids", input_ids, cfg.vocab_size)
-        x = self.dropout(self.embed(input_ids).to(self.activation_dtype()))
+        x = self._embed(input_ids)
         checkpointing = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         budgets = self.iteration_budgets()
         return_aux = return_aux or return_trajectories
@@ -378,13 +374,7 @@ class IntegratorLanguageModel(nn.Module):
 
         if past_key_values is not None:
             past_key_values.commit()
-        x = self.norm(x)
-        if self.lm_head is not None:
-            logits = self.lm_head(x)
-        elif isinstance(self.embed, LowRankEmbedding):  # tied low-rank: (x · project_up) · embed_lowᵀ
-            logits = (x @ self.embed.project_up) @ self.embed.embed_low.t()
-        else:
-            logits = x @ self.embed.weight.t()
+        logits = self._logits(self.norm(x))
 
         aux = None
         if return_aux:
@@ -406,6 +396,21 @@ class IntegratorLanguageModel(nn.Module):
                 aux["trajectory_x"] = [px.reshape(B, S, *px.shape[1:]) for px, _ in paths]
                 aux["trajectory_v"] = [pv.reshape(B, S, *pv.shape[1:]) for _, pv in paths]
         return logits, aux, (past_key_values if use_cache else None)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The blocks' input for these ids. Under autocast the blocks compute in its dtype from the
+        embedding on (fp32 weights, low-precision activations); otherwise in the parameters' dtype."""
+        if isinstance(self.embed, nn.Embedding):  # the low-rank embedding checks its ids itself
+            check_token_ids("input_ids", input_ids, self.config.vocab_size)
+        return self.dropout(self.embed(input_ids).to(self.activation_dtype()))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head on the final normed states."""
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        if isinstance(self.embed, LowRankEmbedding):  # tied low-rank: (x · project_up) · embed_lowᵀ
+            return (x @ self.embed.project_up) @ self.embed.embed_low.t()
+        return x @ self.embed.weight.t()
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, repetition_penalty: float = 1.0, do_sample: bool = True,

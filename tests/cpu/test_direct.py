@@ -184,3 +184,45 @@ def test_forward_mode_ad_keeps_the_op():
         assert eager_direct(x)
         with fwAD.dual_level():
             assert not eager_direct(x)
+
+
+def test_direct_calls_answers_true_inside_and_restores_after():
+    from inl_kernels.common import direct_calls
+    w = torch.nn.Parameter(torch.randn(3))
+    assert not eager_direct(w)  # grad mode on and w wants a gradient
+    with direct_calls():
+        assert eager_direct(w)
+        with direct_calls():
+            assert eager_direct(w)
+        assert eager_direct(w)  # the inner block leaves the outer one's answer
+    assert not eager_direct(w)
+    with pytest.raises(KeyError):
+        with direct_calls():
+            raise KeyError
+    assert not eager_direct(w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("early_exit", [False, True])
+def test_prepared_inference_gives_the_bits_of_iterate(dtype, early_exit):
+    """cpu.iterate.prepared_inference folds and packs once and then calls the kernel as iterate()
+    does: the same x_T, velocity, step counts and statistics, call after call."""
+    from inl_kernels import IterateParams, _validate as check
+    from inl_kernels.common import direct_calls
+    from inl_kernels.cpu import iterate as mod
+    h, x, kw = (converging_args(dtype=dtype, seed=4) if early_exit else make_args(dtype=dtype, seed=4, with_v=False))
+    extra = dict(tol=1e-3, min_iterations=2) if early_exit else dict(tol=None, min_iterations=3)
+    names = ("w_h", "b_h", "w_x", "b_x", "w_v", "b_v", "w_o", "b_o", "mod_scale", "mod_bias", "mu", "exc_index",
+             "gamma", "phi")
+    params = IterateParams(*(kw[k] for k in names))
+    settings = check.iterate_args(h, x, None, params, kw["amplitude"], kw["dt"], kw["kappa"], kw["num_iterations"],
+                                  extra["tol"], extra["min_iterations"], True, False)
+    with torch.no_grad():
+        want = mod.iterate(h, x, None, params, settings)
+        run = mod.prepared_inference(params, settings, x.shape[1])
+        with direct_calls():
+            for _ in range(2):
+                got = run(h, x)
+                _same_bits((got[0],) + tuple(got[1]), (want[0],) + tuple(want[1]))
+    if early_exit:
+        assert len(set(want[1].iterations.tolist())) > 1

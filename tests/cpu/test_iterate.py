@@ -361,3 +361,34 @@ def test_packed_controller_is_cached_per_parameter_version():
         close(got, want, 1e-5)
         assert not torch.equal(got, old)
 
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_decode_rows_split_over_threads_give_the_bits_of_a_block(threads):
+    """Up to four rows run row by row with each step's products split by panels over up to four
+    threads (csrc/cpu/iterate.cpp, forward_small) and the update on one: whatever the thread
+    count, every row gives the bits the block path gives it in a large batch (early exit,
+    dynamic alpha, an initial velocity, trajectories; H = 37 and d = 45 leave partial panels, and
+    four threads some without one)."""
+    n, T = 40, 7
+    h, x, kw = converging_args(n=n, d=45, H=37, T=T, dtype=torch.float32)
+    kw["kappa"] = 0.7
+    kw["v"] = torch.randn(n, 45, generator=torch.Generator().manual_seed(6)) * 0.01
+    before = torch.get_num_threads()
+
+    def run(rows):
+        with torch.no_grad():
+            return inl_iterate(h[rows], x[rows], **dict(kw, v=kw["v"][rows]), tol=CONVERGE_TOL, min_iterations=1,
+                               return_trajectory=True, backend="cpu")
+    try:
+        torch.set_num_threads(2)
+        full, full_info = run(slice(None))
+        torch.set_num_threads(threads)
+        for rows in ([3], [0, 9, 17, 33], [5, 6, 7]):
+            out, info = run(rows)
+            assert torch.equal(out, full[rows])
+            for name in ("v", "iterations", "energy", "distance", "trajectory_x", "trajectory_v"):
+                assert torch.equal(getattr(info, name), getattr(full_info, name)[rows]), name
+    finally:
+        torch.set_num_threads(before)
+    assert len(set(full_info.iterations.tolist())) > 1

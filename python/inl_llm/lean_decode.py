@@ -1,0 +1,215 @@
+"""The eager decode step on a CPU without the Python around each kernel.
+
+A decode step of `small` on 2 cores spends more time in Python than in its kernels: every op
+call validates its arguments, picks a backend and checks that it may call the kernel directly,
+and every module call goes through nn.Module's machinery, ~0.7 ms a layer against ~0.5 ms of
+matmuls and kernels. Between two tokens of one `generate` call nothing of that changes but the
+token and the position, so `LeanDecodeStep` does it once: it checks the model's structure, the
+parameters (the ops' own argument checks) and picks each op's backend function when it is built,
+and each token then runs the same backend functions on the same arguments as the model's
+forward, in the same order (the same bits: tests/inl_llm/test_lean_decode.py compares logits
+and the model's inference statistics with the forward's, step by step).
+
+It applies to the model as `IntegratorLanguageModel` defines it, on CPU tensors, with every op
+on the C++ backend ("auto" or "cpu"), a single integrator per block (no mixture), no autocast
+and no module hooks; `generate` then uses it for every eager decode step with the cache. A step
+that finds the profiler recording, a tracer or a dispatch mode active (`eager_direct` false)
+runs the model's forward instead, so that a trace shows every op. Keep `_step` in line with
+`Block.forward`, `GQAttention.forward`, `IntegratorLayer.forward` and the model's forward.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import inl_kernels
+from inl_kernels import _validate as check
+from inl_kernels._dispatch import implements, preferred, resolve
+from inl_kernels.common import IterateParams, direct_calls, eager_direct
+from inl_kernels.modules import GQAttention, IntegratorLayer, RMSNorm, SwiGLU
+
+from .cache import KVCache
+from .model import Block, IntegratorLanguageModel
+
+
+class _Layer(NamedTuple):
+    """One block's tensors and constants, looked up once (an nn.Module attribute costs a call)."""
+    attn_norm: tuple  # (weight, eps) of each norm
+    integrator_norm: tuple
+    ffn_norm: tuple
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    w_v: torch.Tensor
+    w_o: torch.Tensor
+    heads: tuple  # (num_heads, num_kv_heads, head_dim)
+    rope: tuple  # (cos, sin)
+    cache: object  # the layer's LayerKVCache
+    iterate: object  # (h, x) -> (x_T, IterateInfo): the C++ iterate with this layer's parameters
+    ffn: tuple  # (w_gate, w_up, w_down)
+
+
+class _Ops(NamedTuple):
+    rms_norm: object
+    attention: object
+    swiglu: object
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    if any(getattr(nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def why_not(model, cache) -> Optional[str]:
+    """Why the lean step cannot run this model's decode (None when it can)."""
+    if not isinstance(model, IntegratorLanguageModel) or type(model).forward is not IntegratorLanguageModel.forward:
+        return "the model is not IntegratorLanguageModel's own forward"
+    if "cpu" not in inl_kernels.backends():
+        return "the C++ CPU backend is not built"
+    if not isinstance(cache, KVCache):
+        return "no static KV cache"
+    weight = model.norm.weight
+    if weight.device.type != "cpu":
+        return f"the model is on {weight.device}"
+    if model.training:
+        return "the model is in training mode"
+    if torch.is_autocast_enabled("cpu"):
+        return "autocast is on"
+    if torch.is_grad_enabled():
+        return "gradients are on"
+    if model.activation_dtype() not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"activations in {model.activation_dtype()}"
+    if _has_hooks(model):
+        return "a module hook is registered"
+    if type(model.norm) is not RMSNorm:
+        return "the final norm is not RMSNorm"
+    for block in model.blocks:
+        kinds = (type(block), type(block.attn), type(block.integrator), type(block.ffn), type(block.attn_norm),
+                 type(block.integrator_norm), type(block.ffn_norm))
+        if kinds != (Block, GQAttention, IntegratorLayer, SwiGLU, RMSNorm, RMSNorm, RMSNorm):
+            return "a block is not made of the library's modules (a mixture of integrators, a subclass, ...)"
+    return None
+
+
+class LeanDecodeStep:
+    """step(token [B, 1]) -> logits [B, V], what `decode_one_token(model, token, cache)` returns,
+    with the same effect on the cache and the model's inference statistics. Build it with
+    `LeanDecodeStep.build(model, cache)`, after the prefill and inside the `no_grad` of the
+    generation: None where `why_not` gives a reason."""
+
+    def __init__(self, model: IntegratorLanguageModel, cache: KVCache, layers: list, ops: _Ops):
+        self.model, self.cache, self.layers, self.ops = model, cache, layers, ops
+        self.final_norm = (model.norm.weight, float(model.norm.eps))
+
+    @classmethod
+    def build(cls, model, cache) -> Optional["LeanDecodeStep"]:
+        if why_not(model, cache) is not None:
+            return None
+        from inl_kernels.cpu import iterate as cpu_iterate  # built: why_not checked it
+        cfg, B, act = model.config, cache.batch_size, model.activation_dtype()
+        d = cfg.d_model
+        budgets = model.iteration_budgets()
+        x = torch.zeros(B, 1, d, dtype=act)
+        layers, tensors = [], []
+        ops = None
+        for i, block in enumerate(model.blocks):
+            it = block.integrator
+            it.apply_mu_ema()  # a pending update is applied at the start of a forward: none after the prefill
+            # the op's own checks, once: IntegratorLayer.forward's arguments in eval mode
+            params = IterateParams(**it.controller.weights(), mod_scale=it.mod_scale, mod_bias=it.mod_bias,
+                                   mu=it.equilibrium(), exc_index=it.exc_index, gamma=it.gamma, phi=it.phi)
+            rows = x.reshape(-1, d)
+            settings = check.iterate_args(rows, rows, None, params, it.excitation_amplitude, it.dt, it.kappa,
+                                          budgets[i] or it.num_iterations, it.tol, it.min_iterations, True, False)
+            at = block.attn
+            q = torch.zeros(B, at.num_heads, 1, at.head_dim, dtype=act)
+            k = torch.zeros(B, at.num_kv_heads, cache.max_len, at.head_dim, dtype=act)
+            lens = torch.zeros(B, dtype=torch.int32)
+            chosen = _Ops(
+                *(_cpu_function(op, module.backend, *args) for op, module, args in (
+                    ("rms_norm", block.attn_norm, (x, block.attn_norm.weight, float(block.attn_norm.eps), x)),
+                    ("attention", at, (q, k, k, True, None, (at.cos, at.sin), lens, lens)),
+                    ("swiglu", block.ffn, (x, block.ffn.gate.weight, block.ffn.up.weight, block.ffn.down.weight)))))
+            for norm in (block.integrator_norm, block.ffn_norm):
+                if _cpu_function("rms_norm", norm.backend, x, norm.weight, float(norm.eps), x) is None:
+                    return None
+            if (None in chosen or (ops is not None and chosen != ops)
+                    or _cpu_function("iterate", it.backend, rows, rows, None, params, settings) is None):
+                return None
+            ops = chosen
+            if any(linear.bias is not None for linear in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
+                return None
+            layer_cache = cache.layers[i]
+            if layer_cache.k is None or layer_cache.k.dtype != act:
+                return None
+            layers.append(_Layer(
+                *((norm.weight, float(norm.eps)) for norm in (block.attn_norm, block.integrator_norm, block.ffn_norm)),
+                at.q_proj.weight, at.k_proj.weight, at.v_proj.weight, at.o_proj.weight,
+                (at.num_heads, at.num_kv_heads, at.head_dim), (at.cos, at.sin), layer_cache,
+                cpu_iterate.prepared_inference(params, settings, d),
+                (block.ffn.gate.weight, block.ffn.up.weight, block.ffn.down.weight)))
+            tensors += [*params, *(p for p in block.parameters()), at.cos, at.sin]
+        if (_cpu_function("rms_norm", model.norm.backend, x, model.norm.weight, float(model.norm.eps), None) is None
+                or not eager_direct(*tensors)):  # a tensor subclass (DTensor, ...), the profiler, a mode, ...
+            return None
+        return cls(model, cache, layers, ops)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        # the tensors were found plain when the step was built; what may change is the state
+        if torch.is_grad_enabled() or not eager_direct():  # the profiler records, a tracer or a mode is on
+            from .generate import decode_one_token
+            return decode_one_token(self.model, token, self.cache)
+        with direct_calls():
+            return self._step(token)
+
+    def _step(self, token: torch.Tensor) -> torch.Tensor:
+        model, cache, ops = self.model, self.cache, self.ops
+        rms_norm, attention, swiglu = ops
+        B, S = token.shape
+        cache.begin(S)
+        index, kv_lens = cache.pending(S)
+        kv_starts = cache.starts
+        x = model._embed(token)
+        iterations = []
+        for (attn_norm, integrator_norm, ffn_norm, w_q, w_k, w_v, w_o, (Hq, Hkv, D), rope, layer_cache, iterate,
+             ffn) in self.layers:
+            # GQAttention.forward with a static cache (LayerKVCache.update: its checks hold for
+            # every step once they held when this step was built)
+            n = rms_norm(x, *attn_norm, None)
+            q = F.linear(n, w_q).view(B, S, Hq, D).transpose(1, 2)
+            k = F.linear(n, w_k).view(B, S, Hkv, D).transpose(1, 2)
+            v = F.linear(n, w_v).view(B, S, Hkv, D).transpose(1, 2)
+            layer_cache.k.index_copy_(2, index, k)
+            layer_cache.v.index_copy_(2, index, v)
+            out = attention(q, layer_cache.k, layer_cache.v, True, None, rope, kv_lens, kv_starts)
+            a = F.linear(out.transpose(1, 2).reshape(B, S, Hq * D), w_o)
+            # Block.forward (dropout is the identity in eval mode) and IntegratorLayer.forward
+            state, x = rms_norm(a, *integrator_norm, x)
+            d = x.shape[-1]
+            s, info = iterate(a.reshape(-1, d).contiguous(), state.reshape(-1, d).contiguous())
+            iterations.append(info.iterations)
+            ffn_in, x = rms_norm(s.view(B, S, d), *ffn_norm, x)
+            x = x + swiglu(ffn_in, *ffn)
+        # the model's inference statistics, as its forward keeps them in eval mode
+        model._steps_run += torch.stack(iterations).sum(1, dtype=torch.int64)
+        model._rows_seen += B * S
+        cache.commit()
+        return model._logits(rms_norm(x, *self.final_norm, None))[:, -1]
+
+
+def _cpu_function(op: str, backend: str, *args):
+    """The C++ backend's function for `op` when a module configured with `backend` would run it
+    on these arguments, else None."""
+    name = preferred(backend, op)
+    if name not in ("auto", "cpu") or not implements("cpu", op):
+        return None
+    try:
+        cpu = resolve(op, "cpu", "cpu", *args)
+    except ValueError:  # the C++ backend does not run these arguments (their dtype)
+        return None
+    return cpu if resolve(op, name, "cpu", *args) is cpu else None

@@ -1,0 +1,147 @@
+"""The lean eager decode step on a CPU (inl_llm/lean_decode.py): the model's forward without the
+per-op Python, so it must give that forward's bits.
+
+Checked step by step against `decode_one_token` on two copies of one model: the logits, the KV
+cache's buffers and length, and the model's inference statistics, bit for bit, over feature
+switches (embeddings tied, untied and low-rank, fixed and dynamic alpha, per-dim mu, budgets, a
+second dtype, dropout configured), for a left-padded batch; `generate` uses it and gives the
+tokens of the forward; it steps aside where it does not apply (hooks, a mixture of integrators,
+the reference backend, autocast, training, a profiler recording)."""
+import copy
+
+import pytest
+import torch
+
+import inl_kernels
+import inl_llm
+from inl_llm import lean_decode
+from inl_llm.generate import decode_one_token, prefill
+
+pytestmark = pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built")
+
+
+def tiny(**overrides):
+    return inl_llm.create_model("tiny", num_layers=2, **overrides).eval()
+
+
+def left_padded(lengths, vocab=259, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), 258)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, width - n:] = torch.randint(0, vocab, (n,), generator=g)
+        mask[b, width - n:] = 1
+    return ids, mask
+
+
+def run_both(model, ids, mask, steps):
+    """The lean step on `model` and the forward on a copy, fed the same greedy tokens; asserts
+    the same bits at every step and returns the lean step."""
+    twin = copy.deepcopy(model)
+    caches, logits = [], []
+    with torch.no_grad():
+        for m in (model, twin):
+            m.reset_inference_stats()
+            cache = m.new_cache(ids.shape[0], ids.shape[1] + steps)
+            logits.append(prefill(m, ids, cache, mask))
+            caches.append(cache)
+        step = lean_decode.LeanDecodeStep.build(model, caches[0])
+        assert step is not None, lean_decode.why_not(model, caches[0])
+        lean_logits, want = logits
+        for _ in range(steps):
+            assert torch.equal(lean_logits, want)
+            token = want.argmax(-1)[:, None]
+            lean_logits = step(token)
+            want = decode_one_token(twin, token, caches[1])
+        assert torch.equal(lean_logits, want)
+    a, b = caches
+    assert a.length == b.length and torch.equal(a.lens, b.lens) and torch.equal(a.starts, b.starts)
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.k, lb.k) and torch.equal(la.v, lb.v)
+    assert model.get_inference_stats() == twin.get_inference_stats()
+    return step
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(tie_embeddings=True),
+    dict(low_rank_embeddings=False, tie_embeddings=True),
+    dict(dynamic_alpha=False, hierarchical_mu=False, shared_controller=False),
+    dict(dropout=0.1, iteration_budgets=False, tol=0.05),
+])
+def test_the_lean_step_gives_the_forwards_bits(overrides):
+    model = tiny(**overrides)
+    ids, mask = left_padded([7, 3, 5])
+    run_both(model, ids, mask, steps=6)
+
+
+def test_the_lean_step_in_bf16_and_with_budgets_moved():
+    model = tiny().to(torch.bfloat16)
+    ids, mask = left_padded([6, 6])
+    run_both(model, ids, mask, steps=4)
+    # budgets below the step count: the iterate runs the layer's budget, as the forward does
+    model = tiny()
+    model.budget.average.fill_(1.0)
+    model.budget.update(torch.tensor([1.0, 2.0]))
+    assert model.iteration_budgets() != [model.config.num_iterations] * 2
+    run_both(model, *left_padded([4]), steps=3)
+
+
+def test_generate_runs_the_lean_step_and_gives_the_forwards_tokens(monkeypatch):
+    model = tiny()
+    ids, mask = left_padded([8, 5])
+    calls = []
+    step = lean_decode.LeanDecodeStep._step
+    monkeypatch.setattr(lean_decode.LeanDecodeStep, "_step", lambda self, token: calls.append(1) or step(self, token))
+    lean = model.generate(ids, 7, do_sample=False, attention_mask=mask)
+    assert len(calls) == 6  # every new token but the first, which the prefill gives
+    monkeypatch.setattr(lean_decode.LeanDecodeStep, "build", classmethod(lambda cls, model, cache: None))
+    assert torch.equal(model.generate(ids, 7, do_sample=False, attention_mask=mask), lean)
+
+
+def test_where_it_does_not_apply():
+    ids, mask = left_padded([4])
+    with torch.no_grad():
+        model = tiny()
+        cache = model.new_cache(1, 8)
+        prefill(model, ids, cache, mask)
+        assert lean_decode.why_not(model, cache) is None
+        handle = model.blocks[1].ffn.register_forward_hook(lambda *args: None)
+        assert "hook" in lean_decode.why_not(model, cache)
+        handle.remove()
+        model.train()
+        assert "training" in lean_decode.why_not(model, cache)
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "autocast" in lean_decode.why_not(model, cache)
+        assert "cache" in lean_decode.why_not(model, None)
+        mixture = tiny(mixture_of_integrators=True, num_experts=2, top_k=1)
+        assert "mixture" in lean_decode.why_not(mixture, mixture.new_cache(1, 8))
+        # the reference backend: nothing to skip, the forward runs
+        reference = tiny(backend="reference")
+        cache = reference.new_cache(1, 8)
+        prefill(reference, ids, cache, mask)
+        assert lean_decode.LeanDecodeStep.build(reference, cache) is None
+    with torch.enable_grad():
+        assert "gradients" in lean_decode.why_not(model, cache)
+
+
+def test_a_profiled_step_runs_the_forward_and_shows_its_ops(monkeypatch):
+    model = tiny()
+    ids, mask = left_padded([5])
+    with torch.no_grad():
+        cache = model.new_cache(1, 9)
+        logits = prefill(model, ids, cache, mask)
+        step = lean_decode.LeanDecodeStep.build(model, cache)
+        calls = []
+        inner = lean_decode.LeanDecodeStep._step
+        monkeypatch.setattr(lean_decode.LeanDecodeStep, "_step", lambda self, t: calls.append(1) or inner(self, t))
+        token = logits.argmax(-1)[:, None]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(token)
+        assert not calls
+        names = {e.name for e in prof.events()}
+        assert "inl::rms_norm" in names and "inl::iterate" in names
+        step(token)
+        assert calls == [1]
