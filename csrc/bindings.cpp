@@ -32,6 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "up"_a);
   m.def("swiglu_backward", &inl::swiglu_backward, "Gradients of gate and up from the gradient of silu(gate)·up",
         "grad"_a, "gate"_a, "up"_a);
+  m.def("swiglu_rows", &inl::swiglu_rows,
+        "(silu(x·w_gateᵀ)·(x·w_upᵀ))·w_downᵀ of 1 to 4 fp32 rows as matrix-vector products (decode, inference)",
+        "x"_a, "w_gate"_a, "w_up"_a, "w_down"_a);
   m.def("attention_decode", &inl::attention_decode,
         "Attention of a few queries per row (decode) with RoPE on the fly, inference only", "q"_a, "k"_a, "v"_a,
         "causal"_a, "scale"_a, "cos"_a, "sin"_a, "kv_lens"_a, "kv_starts"_a);

@@ -70,6 +70,9 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const c10::o
 // silu(gate)·up, and from its gradient the gradients of gate and up
 at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up);
 std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up);
+// the whole SwiGLU of 1 to 4 rows (decode, fp32, inference)
+at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                       const at::Tensor& w_down);
 
 // softmax(scale·rope(q)·rope(k)ᵀ + mask)·v for a few queries per row (decode), inference only;
 // cos/sin: the RoPE tables or None; kv_lens/kv_starts: each row's keys [start, len) or None

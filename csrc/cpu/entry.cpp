@@ -526,6 +526,27 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor
   return {grad_gate, grad_up};
 }
 
+at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                       const at::Tensor& w_down) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kSwigluRows,
+              "x must be [rows, d] with 1 to ", kSwigluRows, " rows, got ", x.sizes());
+  const int64_t d = x.size(1), F = w_gate.dim() == 2 ? w_gate.size(0) : -1;
+  TORCH_CHECK(w_gate.dim() == 2 && w_gate.size(1) == d && F >= 1, "w_gate must be [F, ", d, "], got ", w_gate.sizes());
+  TORCH_CHECK(w_up.sizes() == w_gate.sizes(), "w_up must be [", F, ", ", d, "], got ", w_up.sizes());
+  TORCH_CHECK(w_down.dim() == 2 && w_down.size(0) == d && w_down.size(1) == F, "w_down must be [", d, ", ", F,
+              "], got ", w_down.sizes());
+  for (const at::Tensor* t : {&x, &w_gate, &w_up, &w_down}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "swiglu_rows takes contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(d * F < (int64_t(1) << 31), "swiglu_rows: d·F must stay below 2^31");
+  at::Tensor out = at::empty({x.size(0), d}, x.options());
+  SwigluRowsArgs a{int(x.size(0)), int(d), int(F), x.data_ptr<float>(), w_gate.data_ptr<float>(),
+                   w_up.data_ptr<float>(), w_down.data_ptr<float>(), out.data_ptr<float>(), threads()};
+  cpu_kernels().swiglu_rows(a);
+  return out;
+}
+
 // ---- attention (decode) -----------------------------------------------------------------------
 
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,

@@ -17,6 +17,7 @@ void rms_norm_backward(const RmsNormBackwardArgs&);
 void swiglu_forward(const SwigluArgs&);
 void swiglu_backward(const SwigluArgs&);
 void attention_decode(const AttentionDecodeArgs&);
+void swiglu_rows(const SwigluRowsArgs&);
 
 #define INL_STRINGIFY2(x) #x
 #define INL_STRINGIFY(x) INL_STRINGIFY2(x)
@@ -24,7 +25,7 @@ void attention_decode(const AttentionDecodeArgs&);
 const CpuKernels kernels = {
     INL_STRINGIFY(INL_ISA), kVec,          kColBlock,        &iterate_pack,      &iterate_pack_free,
     &iterate_hidden_floats, &iterate_forward, &iterate_backward, &rms_norm_forward, &rms_norm_backward,
-    &swiglu_forward,        &swiglu_backward,     &attention_decode,
+    &swiglu_forward,        &swiglu_backward,     &attention_decode, &swiglu_rows,
 };
 
 }  // namespace INL_ISA

@@ -102,6 +102,17 @@ struct SwigluArgs {
   int threads;
 };
 
+// The whole SwiGLU of a few rows (decode), fp32, inference only: out = (silu(x·w_gateᵀ) ·
+// (x·w_upᵀ))·w_downᵀ as matrix-vector products streaming the weights once; csrc/cpu/swiglu.cpp.
+constexpr int kSwigluRows = 4;  // the most rows it takes
+struct SwigluRowsArgs {
+  int M, d, F;                         // M <= kSwigluRows rows of x [M][d]
+  const float *x, *w_gate, *w_up;      // [M][d], [F][d], [F][d], contiguous
+  const float* w_down;                 // [d][F]
+  float* out;                          // [M][d]
+  int threads;
+};
+
 // Attention of a few queries per sequence (decode), inference only; csrc/cpu/attention.cpp.
 struct AttentionDecodeArgs {
   DType dtype;
@@ -130,6 +141,7 @@ struct CpuKernels {
   void (*swiglu_forward)(const SwigluArgs&);
   void (*swiglu_backward)(const SwigluArgs&);
   void (*attention_decode)(const AttentionDecodeArgs&);
+  void (*swiglu_rows)(const SwigluRowsArgs&);
 };
 
 // One table per compiled path. Weak: a build pinned to one target (INL_KERNELS_MARCH) holds

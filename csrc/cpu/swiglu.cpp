@@ -62,7 +62,97 @@ void run(const SwigluArgs& a) {
   }
 }
 
+// ---- a few rows (decode): the whole SwiGLU as matrix-vector products -----------------------
+//
+// At one token the three products stream 3·F·d weights for 6·F·d FLOPs: memory-bound. Each
+// output element is a dot product along a contiguous weight row, kOutputs rows at a time (their
+// loads interleaved, prefetched a fixed distance ahead), kVec lanes of partial sums added in a
+// fixed tree at the end and the tail of K after them: an element's value depends on nothing but
+// its inputs (not on M, the thread count or which thread computes it). The threads split the
+// F outputs of gate and up (each thread applies silu·u to its own), meet at a barrier, then
+// split the d outputs of down.
+constexpr int kOutputs = 4;
+constexpr int kPrefetch = 512;  // floats ahead in each weight row
+
+inline float lane_sum(Vec v) {  // a fixed tree
+  float a[kVec];
+  store(a, v);
+  for (int w = kVec / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
+}
+
+// y[m][o] = Σ_k x[m][k]·W[o][k] for outputs o in [o0, o1) (W row-major [O][K], y rows ldy apart)
+template <int M>
+void dot_rows(const float* x, int K, const float* W, int o0, int o1, float* y, long ldy) {
+  const int kv = K / kVec * kVec;
+  for (int o = o0; o < o1; o += kOutputs) {
+    const int n = std::min(kOutputs, o1 - o);
+    const float* w[kOutputs];
+    for (int q = 0; q < kOutputs; ++q) w[q] = W + size_t(o + std::min(q, n - 1)) * K;
+    Vec acc[kOutputs][M] = {};
+    for (int k = 0; k < kv; k += kVec) {
+      Vec xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = load(x + size_t(m) * K + k);
+      for (int q = 0; q < kOutputs; ++q) {
+        __builtin_prefetch(w[q] + k + kPrefetch, 0, 3);
+        const Vec wv = load(w[q] + k);
+        for (int m = 0; m < M; ++m) acc[q][m] += wv * xv[m];
+      }
+    }
+    for (int q = 0; q < n; ++q)
+      for (int m = 0; m < M; ++m) {
+        float sum = lane_sum(acc[q][m]);
+        for (int k = kv; k < K; ++k) sum += x[size_t(m) * K + k] * w[q][k];
+        y[m * ldy + o + q] = sum;
+      }
+  }
+}
+
+template <int M>
+void swiglu_rows_m(const SwigluRowsArgs& a, float* gate, float* up) {
+  const int d = a.d, F = a.F;
+  // outputs are shared out in runs of kOutputs
+#pragma omp parallel num_threads(threads_for(a.threads, (F + kOutputs - 1) / kOutputs))
+  {
+    const int tid = omp_thread_id(), nth = omp_threads();
+    auto range = [&](int O, int& o0, int& o1) {
+      const int runs = (O + kOutputs - 1) / kOutputs;
+      o0 = std::min(O, int(int64_t(runs) * tid / nth) * kOutputs);
+      o1 = std::min(O, int(int64_t(runs) * (tid + 1) / nth) * kOutputs);
+    };
+    int f0, f1;
+    range(F, f0, f1);
+    dot_rows<M>(a.x, d, a.w_gate, f0, f1, gate, F);
+    dot_rows<M>(a.x, d, a.w_up, f0, f1, up, F);
+    for (int m = 0; m < M; ++m)  // gate becomes silu(gate)·up, as swiglu_forward computes it
+      for (int f = f0; f < f1; f += kVec) {
+        const int n = std::min(kVec, f1 - f);
+        float* g = gate + size_t(m) * F + f;
+        const Vec gv = load_as_float(g, n), uv = load_as_float(up + size_t(m) * F + f, n);
+        const Vec sig = vsigmoid(gv), silu = gv * sig;
+        store_from_float(g, silu * uv, n);
+      }
+#pragma omp barrier
+    int j0, j1;
+    range(d, j0, j1);
+    dot_rows<M>(gate, F, a.w_down, j0, j1, a.out, d);
+  }
+}
+
 }  // namespace
+
+void swiglu_rows(const SwigluRowsArgs& a) {
+  static thread_local Buffer gate, up;
+  gate.resize(size_t(a.M) * a.F);
+  up.resize(size_t(a.M) * a.F);
+  switch (a.M) {
+    case 1: return swiglu_rows_m<1>(a, gate.data(), up.data());
+    case 2: return swiglu_rows_m<2>(a, gate.data(), up.data());
+    case 3: return swiglu_rows_m<3>(a, gate.data(), up.data());
+    default: return swiglu_rows_m<4>(a, gate.data(), up.data());
+  }
+}
 
 void swiglu_forward(const SwigluArgs& a) {
   dispatch(a.dtype, [&](auto tag) { run<decltype(tag), false>(a); });

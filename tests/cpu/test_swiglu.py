@@ -94,3 +94,58 @@ def test_opcheck(dtype):
     gate = torch.randn(3, 5, 7, generator=g).to(dtype).requires_grad_(True)
     up = torch.randn(3, 5, 7, generator=g).to(dtype).requires_grad_(True)
     torch.library.opcheck(cpu_silu_mul_op, (gate, up))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_few_rows_run_whole_in_one_call(rows):
+    """Up to 4 fp32 rows without a gradient run as matrix-vector products in one call
+    (_C.swiglu_rows): within fp32 rounding of the fp64 formula (d = 45 and F = 37 leave tails in
+    every dot product and output run), each row's bits independent of the other rows and of
+    the thread count, and the registered op gives the direct call's bits."""
+    from inl_kernels.cpu import _C
+    from inl_kernels.cpu.swiglu import cpu_swiglu_rows_op
+    x, wg, wu, wd = inputs((rows, 45), 37, torch.float32, seed=7)
+    with torch.no_grad():
+        out = swiglu(x, wg, wu, wd, backend="cpu")
+    assert torch.equal(out, _C.swiglu_rows(x, wg, wu, wd))
+    exact = formula(x, wg, wu, wd)
+    assert (out.double() - exact).abs().max() <= 2e-6 * max(1.0, exact.abs().max().item())
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            assert torch.equal(_C.swiglu_rows(x, wg, wu, wd), out)
+            for r in range(rows):
+                assert torch.equal(_C.swiglu_rows(x[r:r + 1], wg, wu, wd)[0], out[r])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(cpu_swiglu_rows_op(x, wg, wu, wd), out)
+    torch.library.opcheck(cpu_swiglu_rows_op, (x, wg, wu, wd), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_few_rows_with_a_gradient_take_the_matmul_path():
+    x, wg, wu, wd = inputs((2, 16), 24, torch.float32, seed=8)
+    wg.requires_grad_(True)
+    out = swiglu(x, wg, wu, wd, backend="cpu")
+    out.sum().backward()
+    leaf = wg.detach().double().requires_grad_(True)
+    formula(x, leaf, wu, wd).sum().backward()
+    torch.testing.assert_close(wg.grad.double(), leaf.grad, rtol=2e-5, atol=2e-5)
+    with torch.no_grad():  # the same rows without a gradient: the one-call path, within rounding
+        torch.testing.assert_close(swiglu(x, wg, wu, wd, backend="cpu"), out.detach(), rtol=2e-6, atol=2e-6)
+
+
+def test_few_rows_keep_nan_in_their_row_and_check_their_arguments():
+    from inl_kernels.cpu import _C
+    x, wg, wu, wd = inputs((3, 20), 24, torch.float32, seed=9)
+    x[1, 4] = float("nan")
+    out = _C.swiglu_rows(x, wg, wu, wd)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        _C.swiglu_rows(torch.zeros(5, 20), wg, wu, wd)
+    with pytest.raises(RuntimeError, match="w_down must be"):
+        _C.swiglu_rows(x, wg, wu, wd.t().contiguous())
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.swiglu_rows(x.bfloat16(), wg, wu, wd)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.swiglu_rows(x, wg, wu, wd.t().contiguous().t())
