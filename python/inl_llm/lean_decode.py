@@ -11,10 +11,13 @@ forward, in the same order (the same bits: tests/inl_llm/test_lean_decode.py com
 and the model's inference statistics with the forward's, step by step).
 
 It applies to the model as `IntegratorLanguageModel` defines it, on CPU tensors, with every op
-on the C++ backend ("auto" or "cpu"), a single integrator per block (no mixture), no autocast
-and no module hooks; `generate` then uses it for every eager decode step with the cache. A step
-that finds the profiler recording, a tracer or a dispatch mode active (`eager_direct` false)
-runs the model's forward instead, so that a trace shows every op. Keep `_step` in line with
+on the C++ backend ("auto" or "cpu"), a single integrator per block (no mixture), plain
+nn.Linear projections, every module in eval mode and called as its class defines it (no hooks,
+no `module.compile()`, no forward replaced on an instance), no autocast, and RoPE tables as long
+as the cache; `generate` then uses it for every eager decode step with the cache (`why_not`
+says what stops it). A step that finds gradients or autocast on, the profiler recording, a
+tracer or a dispatch mode active runs the model's forward instead, so that a trace shows every
+op. Keep `_step` in line with
 `Block.forward`, `GQAttention.forward`, `IntegratorLayer.forward` and the model's forward.
 """
 from __future__ import annotations
@@ -57,12 +60,22 @@ class _Ops(NamedTuple):
     swiglu: object
 
 
-def _has_hooks(model: nn.Module) -> bool:
+def _redirected(model: nn.Module) -> Optional[str]:
+    """Why calling some module would not run its class's own forward: a forward hook (global or
+    on a module), `module.compile()`, or a forward / __call__ set on the instance (as adapters
+    that wrap modules do). The lean step reads the modules' tensors and never calls them."""
     from torch.nn.modules import module as nn_module
 
     if any(getattr(nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        return "a global module hook is registered"
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return "a module hook is registered"
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            return "a module is compiled (module.compile())"
+        if "forward" in m.__dict__ or "__call__" in m.__dict__:
+            return "a module's forward is replaced on the instance"
+    return None
 
 
 def why_not(model, cache) -> Optional[str]:
@@ -76,16 +89,17 @@ def why_not(model, cache) -> Optional[str]:
     weight = model.norm.weight
     if weight.device.type != "cpu":
         return f"the model is on {weight.device}"
-    if model.training:
-        return "the model is in training mode"
+    if any(m.training for m in model.modules()):
+        return "the model (or one of its modules) is in training mode"
     if torch.is_autocast_enabled("cpu"):
         return "autocast is on"
     if torch.is_grad_enabled():
         return "gradients are on"
     if model.activation_dtype() not in (torch.float32, torch.bfloat16, torch.float16):
         return f"activations in {model.activation_dtype()}"
-    if _has_hooks(model):
-        return "a module hook is registered"
+    redirected = _redirected(model)
+    if redirected is not None:
+        return redirected
     if type(model.norm) is not RMSNorm:
         return "the final norm is not RMSNorm"
     for block in model.blocks:
@@ -93,6 +107,12 @@ def why_not(model, cache) -> Optional[str]:
                  type(block.integrator_norm), type(block.ffn_norm))
         if kinds != (Block, GQAttention, IntegratorLayer, SwiGLU, RMSNorm, RMSNorm, RMSNorm):
             return "a block is not made of the library's modules (a mixture of integrators, a subclass, ...)"
+        at, ffn = block.attn, block.ffn
+        if any(type(m) is not nn.Linear for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, ffn.gate, ffn.up,
+                                                   ffn.down)):
+            return "a projection is not a plain nn.Linear (an adapter, a quantized layer, ...)"
+        if cache.max_len > at.cos.shape[0]:
+            return f"the cache holds {cache.max_len} positions, the RoPE tables {at.cos.shape[0]}"
     return None
 
 
@@ -155,13 +175,15 @@ class LeanDecodeStep:
                 (block.ffn.gate.weight, block.ffn.up.weight, block.ffn.down.weight)))
             tensors += [*params, *(p for p in block.parameters()), at.cos, at.sin]
         if (_cpu_function("rms_norm", model.norm.backend, x, model.norm.weight, float(model.norm.eps), None) is None
-                or not eager_direct(*tensors)):  # a tensor subclass (DTensor, ...), the profiler, a mode, ...
+                or not eager_direct(*tensors, model.norm.weight)):  # a tensor subclass (DTensor, ...), the profiler, a mode, ...
             return None
         return cls(model, cache, layers, ops)
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        # the tensors were found plain when the step was built; what may change is the state
-        if torch.is_grad_enabled() or not eager_direct():  # the profiler records, a tracer or a mode is on
+        # the model's structure, hooks and tensors were checked when the step was built (generate
+        # changes none of them between tokens); what may change is the global state
+        if (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
+                or not eager_direct()):  # the profiler records, a tracer or a mode is on
             from .generate import decode_one_token
             return decode_one_token(self.model, token, self.cache)
         with direct_calls():

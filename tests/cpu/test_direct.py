@@ -148,6 +148,7 @@ def test_model_generation_unchanged_by_the_direct_path(monkeypatch):
     and without the direct calls."""
     import inl_llm
     from inl_kernels.cpu import iterate, rms_norm, swiglu
+    from inl_llm import lean_decode
     torch.manual_seed(0)
     model = inl_llm.create_model("tiny", backend="cpu").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
@@ -157,6 +158,8 @@ def test_model_generation_unchanged_by_the_direct_path(monkeypatch):
         with monkeypatch.context() as m:
             for mod in (iterate, rms_norm, swiglu):
                 _no_direct(m, mod)
+            # every decode step through the model's forward too (the lean step would call direct)
+            m.setattr(lean_decode.LeanDecodeStep, "build", classmethod(lambda cls, model, cache: None))
             through_op = inl_llm.generate(model, ids, max_new_tokens=6, do_sample=False)
             logits_op = model(ids)[0]
     assert torch.equal(direct, through_op)

@@ -376,16 +376,15 @@ def test_decode_rows_split_over_threads_give_the_bits_of_a_block(threads):
     kw["v"] = torch.randn(n, 45, generator=torch.Generator().manual_seed(6)) * 0.01
     before = torch.get_num_threads()
 
-    def run(rows):
+    def run(rows, count):
+        torch.set_num_threads(count)  # each call: the ops' thread governor takes a count set just before
         with torch.no_grad():
             return inl_iterate(h[rows], x[rows], **dict(kw, v=kw["v"][rows]), tol=CONVERGE_TOL, min_iterations=1,
                                return_trajectory=True, backend="cpu")
     try:
-        torch.set_num_threads(2)
-        full, full_info = run(slice(None))
-        torch.set_num_threads(threads)
+        full, full_info = run(slice(None), 2)
         for rows in ([3], [0, 9, 17, 33], [5, 6, 7]):
-            out, info = run(rows)
+            out, info = run(rows, threads)
             assert torch.equal(out, full[rows])
             for name in ("v", "iterations", "energy", "distance", "trajectory_x", "trajectory_v"):
                 assert torch.equal(getattr(info, name), getattr(full_info, name)[rows]), name

@@ -113,10 +113,12 @@ def test_few_rows_run_whole_in_one_call(rows):
     threads = torch.get_num_threads()
     try:
         for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            assert torch.equal(_C.swiglu_rows(x, wg, wu, wd), out)
-            for r in range(rows):
-                assert torch.equal(_C.swiglu_rows(x[r:r + 1], wg, wu, wd)[0], out[r])
+            for r in [None, *range(rows)]:
+                torch.set_num_threads(count)  # each call: the ops' thread governor takes a count set just before
+                if r is None:
+                    assert torch.equal(_C.swiglu_rows(x, wg, wu, wd), out)
+                else:
+                    assert torch.equal(_C.swiglu_rows(x[r:r + 1], wg, wu, wd)[0], out[r])
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(cpu_swiglu_rows_op(x, wg, wu, wd), out)

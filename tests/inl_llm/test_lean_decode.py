@@ -4,9 +4,11 @@ per-op Python, so it must give that forward's bits.
 Checked step by step against `decode_one_token` on two copies of one model: the logits, the KV
 cache's buffers and length, and the model's inference statistics, bit for bit, over feature
 switches (embeddings tied, untied and low-rank, fixed and dynamic alpha, per-dim mu, budgets, a
-second dtype, dropout configured), for a left-padded batch; `generate` uses it and gives the
-tokens of the forward; it steps aside where it does not apply (hooks, a mixture of integrators,
-the reference backend, autocast, training, a profiler recording)."""
+second and third dtype, dropout configured, the mu EMA, no excitation, no early exit), for
+left-padded batches of up to four rows and of five (other kernel paths); `generate` uses it and
+gives the tokens of the forward; it steps aside where it does not apply (hooks, a compiled or
+rewired module, an adapter layer, a module in training mode, a mixture of integrators, the
+reference backend, autocast, a cache longer than the RoPE tables, a profiler recording)."""
 import copy
 
 import pytest
@@ -69,11 +71,20 @@ def run_both(model, ids, mask, steps):
     dict(low_rank_embeddings=False, tie_embeddings=True),
     dict(dynamic_alpha=False, hierarchical_mu=False, shared_controller=False),
     dict(dropout=0.1, iteration_budgets=False, tol=0.05),
+    dict(mu_ema_rate=0.1, learnable_mu=False, sparse_excitation=False),
+    dict(adaptive_stopping=False),
 ])
 def test_the_lean_step_gives_the_forwards_bits(overrides):
     model = tiny(**overrides)
     ids, mask = left_padded([7, 3, 5])
     run_both(model, ids, mask, steps=6)
+
+
+def test_the_lean_step_at_a_batch_of_blocks_and_in_fp16():
+    """Five rows: the iterate's block path and SwiGLU's matmul path (the few-row paths take up to
+    four); fp16 activations."""
+    run_both(tiny(), *left_padded([6, 2, 9, 4, 5]), steps=4)
+    run_both(tiny().to(torch.float16), *left_padded([5, 3]), steps=4)
 
 
 def test_the_lean_step_in_bf16_and_with_budgets_moved():
@@ -116,6 +127,27 @@ def test_where_it_does_not_apply():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert "autocast" in lean_decode.why_not(model, cache)
         assert "cache" in lean_decode.why_not(model, None)
+        # a module that would not run its class's forward when called: the step reads its tensors
+        model.blocks[0].train()
+        assert "training" in lean_decode.why_not(model, cache)
+        model.eval()
+        other = tiny()
+        other.compile()
+        assert "compiled" in lean_decode.why_not(other, cache)
+        other = tiny()
+        attn = other.blocks[1].attn
+        attn.o_proj.forward = lambda x: torch.nn.functional.linear(x, attn.o_proj.weight) * 2
+        assert "replaced" in lean_decode.why_not(other, cache)
+
+        class Adapter(torch.nn.Linear):
+            pass
+        other = tiny()
+        old = other.blocks[0].attn.q_proj
+        other.blocks[0].attn.q_proj = Adapter(old.in_features, old.out_features, bias=False).eval()
+        assert "nn.Linear" in lean_decode.why_not(other, cache)
+        short = tiny(max_seq_len=16)
+        assert "RoPE" in lean_decode.why_not(short, short.new_cache(1, 64))
+        assert lean_decode.why_not(short, short.new_cache(1, 16)) is None
         mixture = tiny(mixture_of_integrators=True, num_experts=2, top_k=1)
         assert "mixture" in lean_decode.why_not(mixture, mixture.new_cache(1, 8))
         # the reference backend: nothing to skip, the forward runs
