@@ -111,6 +111,8 @@ def why_not(model, cache) -> Optional[str]:
         if any(type(m) is not nn.Linear for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, ffn.gate, ffn.up,
                                                    ffn.down)):
             return "a projection is not a plain nn.Linear (an adapter, a quantized layer, ...)"
+        if any(m.bias is not None for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
+            return "an attention projection has a bias"
         if cache.max_len > at.cos.shape[0]:
             return f"the cache holds {cache.max_len} positions, the RoPE tables {at.cos.shape[0]}"
     return None
@@ -162,8 +164,6 @@ class LeanDecodeStep:
                     or _cpu_function("iterate", it.backend, rows, rows, None, params, settings) is None):
                 return None
             ops = chosen
-            if any(linear.bias is not None for linear in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
-                return None
             layer_cache = cache.layers[i]
             if layer_cache.k is None or layer_cache.k.dtype != act:
                 return None
@@ -174,8 +174,9 @@ class LeanDecodeStep:
                 cpu_iterate.prepared_inference(params, settings, d),
                 (block.ffn.gate.weight, block.ffn.up.weight, block.ffn.down.weight)))
             tensors += [*params, *(p for p in block.parameters()), at.cos, at.sin]
+        # eager_direct: no tensor subclass (DTensor, ...), no profiler recording, no mode
         if (_cpu_function("rms_norm", model.norm.backend, x, model.norm.weight, float(model.norm.eps), None) is None
-                or not eager_direct(*tensors, model.norm.weight)):  # a tensor subclass (DTensor, ...), the profiler, a mode, ...
+                or not eager_direct(*tensors, model.norm.weight)):
             return None
         return cls(model, cache, layers, ops)
 

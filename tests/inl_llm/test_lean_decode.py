@@ -145,6 +145,8 @@ def test_where_it_does_not_apply():
         old = other.blocks[0].attn.q_proj
         other.blocks[0].attn.q_proj = Adapter(old.in_features, old.out_features, bias=False).eval()
         assert "nn.Linear" in lean_decode.why_not(other, cache)
+        other.blocks[0].attn.q_proj = torch.nn.Linear(old.in_features, old.out_features).eval()
+        assert "bias" in lean_decode.why_not(other, cache)
         short = tiny(max_seq_len=16)
         assert "RoPE" in lean_decode.why_not(short, short.new_cache(1, 64))
         assert lean_decode.why_not(short, short.new_cache(1, 16)) is None
