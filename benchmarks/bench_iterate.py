@@ -355,12 +355,11 @@ def main(argv=None):
     print("implementations:", ", ".join(impls))
     machine = {}
     if device == "cpu":
-        import inl_kernels
+        from benchmarks.common import cpu_path
         from inl_kernels.profile import cpu_model
         machine = dict(cpu_model=cpu_model(), cpu_threads=torch.get_num_threads())
-        if "cpu" in inl_kernels.backends():
-            from inl_kernels.cpu import info
-            machine["cpu_path"] = info()["capability"]
+        if cpu_path() is not None:
+            machine["cpu_path"] = cpu_path()
         print(f"{machine}")
     rows = []
     for dtype in dtypes:

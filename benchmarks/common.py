@@ -36,7 +36,22 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name()
+    path = cpu_path()
+    if path is not None:
+        env["cpu_path"] = path
+    # what pins the vector path of torch's own CPU kernels and MKL, when set (see bench_iterate)
+    env.update({k: os.environ[k] for k in ("INL_KERNELS_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                            "ATEN_CPU_CAPABILITY") if k in os.environ})
     return env
+
+
+def cpu_path():
+    """The vector path the C++ backend runs (avx512, avx2, base), or None without it."""
+    import inl_kernels
+    if "cpu" not in inl_kernels.backends():
+        return None
+    from inl_kernels.cpu import info
+    return info()["capability"]
 
 
 def sync(device) -> None:
