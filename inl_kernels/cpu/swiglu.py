@@ -98,3 +98,21 @@ def swiglu(x, w_gate, w_up, w_down):
     # eager inference calls the op's own function, without its dispatch
     hidden = _C.swiglu_forward(gate, up) if eager_direct(x, w_gate, w_up) else cpu_silu_mul_op(gate, up)
     return hidden @ w_down.t()
+
+
+def prepared_inference(w_gate, w_up, w_down, dtype):
+    """swiglu(x, w_gate, w_up, w_down) for eager inference on `dtype` activations as a function of
+    x alone, the weights cast and laid out once: for a caller that makes many small calls inside
+    `common.direct_calls()`, with gradients and autocast off, on weights that do not change while
+    it is used (a decode loop). Few fp32 rows run the one-call kernel as swiglu() does; anything
+    else runs swiglu() itself."""
+    if dtype != torch.float32:
+        return lambda x: swiglu(x, w_gate, w_up, w_down)
+    weights = tuple(w.to(dtype).contiguous() for w in (w_gate, w_up, w_down))
+
+    def run(x):
+        d = x.shape[-1]
+        if 0 < x.numel() <= ROWS * d:
+            return _C.swiglu_rows(x.reshape(-1, d).contiguous(), *weights).view(x.shape)
+        return swiglu(x, w_gate, w_up, w_down)
+    return run

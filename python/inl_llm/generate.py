@@ -6,7 +6,7 @@ The decode step reads and writes only device tensors of fixed shapes (the cache'
 its filled length), so it can run three ways with the same tokens:
 - eager (default); on a CPU with the C++ backend through `lean_decode.LeanDecodeStep`, the
   same kernels on the same arguments without the per-op Python (argument checks, backend
-  choice, module calls) that otherwise takes more time than the kernels (`small`: ~8.3 -> ~5
+  choice, module calls) that otherwise takes more time than the kernels (`small`: ~8.3 -> ~4.7
   ms a token on 2 cores, the same logits);
 - `compile=True`: torch.compile(fullgraph=True) of the step, mode "reduce-overhead" on CUDA
   (which captures a CUDA graph under the hood); on a CPU the default mode with inductor's C++

@@ -51,13 +51,12 @@ class _Layer(NamedTuple):
     rope: tuple  # (cos, sin)
     cache: object  # the layer's LayerKVCache
     iterate: object  # (h, x) -> (x_T, IterateInfo): the C++ iterate with this layer's parameters
-    ffn: tuple  # (w_gate, w_up, w_down)
+    ffn: object  # x -> swiglu(x, w_gate, w_up, w_down) on the C++ backend
 
 
 class _Ops(NamedTuple):
     rms_norm: object
     attention: object
-    swiglu: object
 
 
 def _redirected(model: nn.Module) -> Optional[str]:
@@ -132,7 +131,7 @@ class LeanDecodeStep:
     def build(cls, model, cache) -> Optional["LeanDecodeStep"]:
         if why_not(model, cache) is not None:
             return None
-        from inl_kernels.cpu import iterate as cpu_iterate  # built: why_not checked it
+        from inl_kernels.cpu import iterate as cpu_iterate, swiglu as cpu_swiglu  # built: why_not checked it
         cfg, B, act = model.config, cache.batch_size, model.activation_dtype()
         d = cfg.d_model
         budgets = model.iteration_budgets()
@@ -155,13 +154,15 @@ class LeanDecodeStep:
             chosen = _Ops(
                 *(_cpu_function(op, module.backend, *args) for op, module, args in (
                     ("rms_norm", block.attn_norm, (x, block.attn_norm.weight, float(block.attn_norm.eps), x)),
-                    ("attention", at, (q, k, k, True, None, (at.cos, at.sin), lens, lens)),
-                    ("swiglu", block.ffn, (x, block.ffn.gate.weight, block.ffn.up.weight, block.ffn.down.weight)))))
+                    ("attention", at, (q, k, k, True, None, (at.cos, at.sin), lens, lens)))))
             for norm in (block.integrator_norm, block.ffn_norm):
                 if _cpu_function("rms_norm", norm.backend, x, norm.weight, float(norm.eps), x) is None:
                     return None
+            ffn = block.ffn
+            w_ffn = (ffn.gate.weight, ffn.up.weight, ffn.down.weight)
             if (None in chosen or (ops is not None and chosen != ops)
-                    or _cpu_function("iterate", it.backend, rows, rows, None, params, settings) is None):
+                    or _cpu_function("iterate", it.backend, rows, rows, None, params, settings) is None
+                    or _cpu_function("swiglu", ffn.backend, x, *w_ffn) is None):
                 return None
             ops = chosen
             layer_cache = cache.layers[i]
@@ -172,7 +173,7 @@ class LeanDecodeStep:
                 at.q_proj.weight, at.k_proj.weight, at.v_proj.weight, at.o_proj.weight,
                 (at.num_heads, at.num_kv_heads, at.head_dim), (at.cos, at.sin), layer_cache,
                 cpu_iterate.prepared_inference(params, settings, d),
-                (block.ffn.gate.weight, block.ffn.up.weight, block.ffn.down.weight)))
+                cpu_swiglu.prepared_inference(*w_ffn, act)))
             tensors += [*params, *(p for p in block.parameters()), at.cos, at.sin]
         # eager_direct: no tensor subclass (DTensor, ...), no profiler recording, no mode
         if (_cpu_function("rms_norm", model.norm.backend, x, model.norm.weight, float(model.norm.eps), None) is None
@@ -192,7 +193,7 @@ class LeanDecodeStep:
 
     def _step(self, token: torch.Tensor) -> torch.Tensor:
         model, cache, ops = self.model, self.cache, self.ops
-        rms_norm, attention, swiglu = ops
+        rms_norm, attention = ops
         B, S = token.shape
         cache.begin(S)
         index, kv_lens = cache.pending(S)
@@ -217,7 +218,7 @@ class LeanDecodeStep:
             s, info = iterate(a.reshape(-1, d).contiguous(), state.reshape(-1, d).contiguous())
             iterations.append(info.iterations)
             ffn_in, x = rms_norm(s.view(B, S, d), *ffn_norm, x)
-            x = x + swiglu(ffn_in, *ffn)
+            x = x + ffn(ffn_in)
         # the model's inference statistics, as its forward keeps them in eval mode
         model._steps_run += torch.stack(iterations).sum(1, dtype=torch.int64)
         model._rows_seen += B * S

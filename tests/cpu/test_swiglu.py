@@ -151,3 +151,19 @@ def test_few_rows_keep_nan_in_their_row_and_check_their_arguments():
         _C.swiglu_rows(x.bfloat16(), wg, wu, wd)
     with pytest.raises(RuntimeError, match="contiguous"):
         _C.swiglu_rows(x, wg, wu, wd.t().contiguous().t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_inference_gives_the_bits_of_swiglu(dtype):
+    """cpu.swiglu.prepared_inference casts and lays out the weights once and then computes what
+    swiglu() computes, for few rows (the one-call kernel in fp32) and for more."""
+    from inl_kernels.common import direct_calls
+    from inl_kernels.cpu import swiglu as mod
+    for shape in ((1, 1, 40), (3, 40), (2, 3, 40)):
+        x, wg, wu, wd = inputs(shape, 24, dtype, seed=10, weight_dtype=torch.float32)
+        with torch.no_grad():
+            want = mod.swiglu(x, wg, wu, wd)
+            run = mod.prepared_inference(wg, wu, wd, dtype)
+            with direct_calls():
+                got = run(x)
+        assert got.dtype == want.dtype and torch.equal(got, want), shape
