@@ -721,12 +721,6 @@ inline void gemv_panels(const Panels& A, int R, int nseg, int kseg, const float*
 // them stay on one thread, between barriers.
 constexpr int kSmallThreads = 4;
 
-// panels [first, last) of `panels` for thread `tid` of `nth`
-inline void share(int panels, int tid, int nth, int& first, int& last) {
-  first = int(int64_t(panels) * tid / nth);
-  last = int(int64_t(panels) * (tid + 1) / nth);
-}
-
 template <typename scalar_t>
 void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>& io, int threads) {
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;

@@ -138,6 +138,13 @@ inline int omp_thread_id() {
 #endif
 }
 
+// Thread `tid` of `nth`'s share [first, last) of `tasks` tasks: contiguous runs, in order, of
+// sizes differing by at most one (some empty when there are more threads than tasks).
+inline void share(int tasks, int tid, int nth, int& first, int& last) {
+  first = int(int64_t(tasks) * tid / nth);
+  last = int(int64_t(tasks) * (tid + 1) / nth);
+}
+
 // threads of the enclosing parallel region
 inline int omp_threads() {
 #ifdef _OPENMP

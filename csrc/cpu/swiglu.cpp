@@ -116,10 +116,10 @@ void swiglu_rows_m(const SwigluRowsArgs& a, float* gate, float* up) {
 #pragma omp parallel num_threads(threads_for(a.threads, (F + kOutputs - 1) / kOutputs))
   {
     const int tid = omp_thread_id(), nth = omp_threads();
-    auto range = [&](int O, int& o0, int& o1) {
-      const int runs = (O + kOutputs - 1) / kOutputs;
-      o0 = std::min(O, int(int64_t(runs) * tid / nth) * kOutputs);
-      o1 = std::min(O, int(int64_t(runs) * (tid + 1) / nth) * kOutputs);
+    auto range = [&](int O, int& o0, int& o1) {  // this thread's runs of kOutputs outputs
+      share((O + kOutputs - 1) / kOutputs, tid, nth, o0, o1);
+      o0 = std::min(O, o0 * kOutputs);
+      o1 = std::min(O, o1 * kOutputs);
     };
     int f0, f1;
     range(F, f0, f1);
