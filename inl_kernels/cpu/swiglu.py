@@ -85,12 +85,10 @@ def supports(x, w_gate, w_up, w_down):
 def swiglu(x, w_gate, w_up, w_down):
     # fp32 master weights under bf16/fp16 activations: the matmuls run in the activations' dtype
     w_gate, w_up, w_down = (w.to(x.dtype) for w in (w_gate, w_up, w_down))
-    d = x.shape[-1]
-    if (x.dtype == torch.float32 and 0 < x.numel() <= ROWS * d and not torch.is_autocast_enabled("cpu")
+    if (x.dtype == torch.float32 and _few_rows(x) and not torch.is_autocast_enabled("cpu")
             and not needs_grad(x, w_gate, w_up, w_down)):
-        args = (x.reshape(-1, d).contiguous(), w_gate.contiguous(), w_up.contiguous(), w_down.contiguous())
         run = _C.swiglu_rows if eager_direct(x, w_gate, w_up, w_down) else cpu_swiglu_rows_op
-        return run(*args).view(x.shape)
+        return _whole(run, x, tuple(w.contiguous() for w in (w_gate, w_up, w_down)))
     gate, up = x @ w_gate.t(), x @ w_up.t()  # contiguous, in the autocast dtype under autocast
     if up.dtype != gate.dtype:
         up = up.to(gate.dtype)
@@ -111,8 +109,15 @@ def prepared_inference(w_gate, w_up, w_down, dtype):
     weights = tuple(w.to(dtype).contiguous() for w in (w_gate, w_up, w_down))
 
     def run(x):
-        d = x.shape[-1]
-        if 0 < x.numel() <= ROWS * d:
-            return _C.swiglu_rows(x.reshape(-1, d).contiguous(), *weights).view(x.shape)
-        return swiglu(x, w_gate, w_up, w_down)
+        return _whole(_C.swiglu_rows, x, weights) if _few_rows(x) else swiglu(x, w_gate, w_up, w_down)
     return run
+
+
+def _few_rows(x) -> bool:
+    """Whether x's rows are few enough for the one-call kernel."""
+    return 0 < x.numel() <= ROWS * x.shape[-1]
+
+
+def _whole(run, x, weights):
+    """The one-call kernel (`run`: the op or its direct function) on x's rows, in x's shape."""
+    return run(x.reshape(-1, x.shape[-1]).contiguous(), *weights).view(x.shape)
