@@ -86,7 +86,7 @@ def auto_backend(device: str, op: str = "iterate") -> str:
 def section_iterate(ctx):
     from benchmarks import bench_iterate
 
-    argv = ["--device", ctx.device, "--json", ctx.path("iterate")]
+    argv = ["--device", ctx.device, "--json", ctx.path("iterate"), "--malloc", ctx.args.malloc]
     # the smoke run takes the decode path only: the interpreter runs the tile path's quick shape
     # for a minute (tests/triton/test_iterate_bench.py smoke-tests that one)
     argv += ["--quick", "--shapes", "5x40x3"] if ctx.quick else ["--warmup", str(ctx.warmup),
@@ -243,7 +243,8 @@ def section_model(ctx):
     for size in sizes:
         limit = inl_llm.INLConfig.from_name(size).max_seq_len
         seq = 16 if ctx.quick else min(1024 if ctx.cuda else 256, limit)
-        argv = ["--device", ctx.device, "--size", size, "--seq", str(seq), "--json", ctx.path(f"model-{size}")]
+        argv = ["--device", ctx.device, "--size", size, "--seq", str(seq), "--json", ctx.path(f"model-{size}"),
+                "--malloc", ctx.args.malloc]
         argv += ["--quick"] if ctx.quick else ["--warmup", str(ctx.warmup), "--repeat", str(ctx.repeat)]
         if ctx.compile:
             argv.append("--compile")
@@ -407,6 +408,8 @@ def environment(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from benchmarks.common import add_malloc_argument, apply_malloc
+
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -417,7 +420,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (the median is kept)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<cpu|cuda>[-quick])")
+    add_malloc_argument(p)
     args = p.parse_args(argv)
+    apply_malloc(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
     if args.device == "cpu" and args.quick:

@@ -314,6 +314,8 @@ def bench_shape(n, d, T, dtype, device, modes, early_exits, impls, hidden, warmu
 
 
 def main(argv=None):
+    from benchmarks.common import add_malloc_argument, apply_malloc
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: bf16 fp32 on cuda, fp32 on cpu")
@@ -329,7 +331,9 @@ def main(argv=None):
     p.add_argument("--no-split", action="store_true", help="CPU: skip the early-exit case (2048×512×8)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
+    add_malloc_argument(p)
     args = p.parse_args(argv)
+    apply_malloc(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device

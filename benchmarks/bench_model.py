@@ -331,6 +331,8 @@ def run(args):
 
 
 def main(argv=None):
+    from benchmarks.common import add_malloc_argument, apply_malloc
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", nargs="+", default=None, help="named sizes (default: medium on cuda, tiny small on cpu)")
@@ -347,7 +349,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
+    add_malloc_argument(p)
     args = p.parse_args(argv)
+    apply_malloc(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
     if args.new_tokens < 3 and not args.quick and "decode" in args.modes:

@@ -39,10 +39,27 @@ def environment() -> dict:
     path = cpu_path()
     if path is not None:
         env["cpu_path"] = path
+        from inl_kernels.cpu import memory_info
+        env.update(memory_info())  # whether freed memory was kept (add_malloc_argument)
     # what pins the vector path of torch's own CPU kernels and MKL, when set (see bench_iterate)
     env.update({k: os.environ[k] for k in ("INL_KERNELS_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
                                             "ATEN_CPU_CAPABILITY") if k in os.environ})
     return env
+
+
+def add_malloc_argument(parser) -> None:
+    """--malloc keep|default: whether the run has glibc keep freed memory (inl_kernels.cpu.
+    keep_freed_memory; the default, as the CLI does) or leaves malloc as the process found it."""
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: glibc keeps freed memory for reuse (no page faults on every large "
+                             "buffer; inl_kernels.cpu.keep_freed_memory); default: leave malloc alone")
+
+
+def apply_malloc(args) -> None:
+    """Applies the --malloc choice (before anything is timed)."""
+    if args.malloc == "keep":
+        from inl_kernels.cpu.memory import keep_freed_memory
+        keep_freed_memory()
 
 
 def cpu_path():

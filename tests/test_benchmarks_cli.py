@@ -26,6 +26,10 @@ def test_quick_run_writes_results_and_valid_plots(tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     env_record = report["environment"]
     assert env_record["torch"] == torch.__version__ and env_record["cpu_model"] and env_record["quick"] is True
+    # the suite keeps freed memory by default (--malloc keep) and says so, in its sections too
+    if "cpu" in env_record["backends"]:
+        assert env_record["malloc"] in ("keep", "unchanged: the C library is not glibc (mallopt is glibc's)")
+        assert report["sections"]["model"]["environment"]["malloc"] == env_record["malloc"]
     assert not [name for name, s in report["sections"].items() if s.get("error")]
     assert any("interpreter" in n for n in report["notes"])  # the smoke run says it measures nothing
     for name in ("iterate", "ops", "iterate_rows", "attention_seq", "early_exit", "model"):

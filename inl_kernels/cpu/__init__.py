@@ -5,8 +5,17 @@ The kernels are compiled once per instruction set (AVX-512, AVX2 + FMA, the x86-
 one path runs, chosen from the CPU's features at first use or pinned by
 INL_KERNELS_CPU_CAPABILITY=avx512|avx2|base: `capability()` names it, `capabilities()` lists
 those this machine can run, `set_capability(name)` switches (tests run every path this way).
+
+`keep_freed_memory()` (memory.py) has glibc's malloc keep freed memory for the next step instead
+of returning it to the OS and faulting it back in: opt-in, process-wide (the CLI and the
+benchmarks call it; INL_KERNELS_KEEP_FREED_MEMORY=1 at import).
 """
 from __future__ import annotations
+
+from .memory import keep_freed_memory, memory_info
+from .memory import _from_environment as _malloc_from_environment
+
+_malloc_from_environment()
 
 try:
     from .. import _C
@@ -43,6 +52,7 @@ def set_capability(name: str) -> None:
 
 
 def info() -> dict:
-    """What runs here: the path in use, the runnable and the built paths, the vector width."""
+    """What runs here: the path in use, the runnable and the built paths, the vector width, and
+    how malloc treats freed memory (memory_info())."""
     return dict(capability=capability(), capabilities=capabilities(), built=list(_C.cpu_built_capabilities()),
-                vector_width=_C.cpu_vector_width(), max_iterations=_C.iterate_max_iterations)
+                vector_width=_C.cpu_vector_width(), max_iterations=_C.iterate_max_iterations, **memory_info())
