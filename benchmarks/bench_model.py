@@ -106,7 +106,10 @@ def train_call(model, batch, seq, device, autocast_dtype=None):
     ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    from inl_llm.train import fused_adamw_runs
+
+    # the optimizer inl_llm.train uses: fused where torch has the kernel (both implementations)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_runs(model.parameters()))
 
     def call():
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -12,10 +12,12 @@ forward op's registered autograd formula), so torch.compile and torch.export see
 
 The controller's weights, packed for the kernel's micro-kernel (with mod_scale folded in), are
 cached per parameter version inside the ops: a decode step, or every layer of a model that
-shares one controller, reuses them until a weight or mod_scale changes (an optimizer step bumps
-a parameter's version; a change made through `.data` does not, and is not seen). Without
-gradients, outside torch.compile's tracing, the folded biases and excitation table are cached
-the same way.
+shares one controller, reuses them until a weight or mod_scale changes. An in-place change bumps
+a tensor's version, but torch's fused optimizers (AdamW(fused=True) and the like) write the
+parameters without bumping it, so every step of a torch.optim optimizer also invalidates the
+cache (a global step post-hook counts the steps). A change made through `.data` bumps nothing and
+is not seen. Without gradients, outside torch.compile's tracing, the folded biases and
+excitation table are cached the same way.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..common import (IterateInfo, IterateParams, IterateSettings, dtype_name, eager_direct, fold_parameters,
                       needs_grad)
@@ -31,15 +34,25 @@ from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_CACHED = 64  # entries per holder tensor: one per layer that shares the controller
+# torch.optim steps taken in this process: part of every cache key (see the module's docstring;
+# a fused optimizer writes parameters without bumping their version counters)
+_optimizer_steps = [0]
+
+
+def _count_step(optimizer, args, kwargs):
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 def _cached(holder, slot, tensors, extra, build, usable=lambda value: True):
     """build(), remembered on `holder` under `slot` for these same tensors (alive, at these
-    versions) and `extra`; rebuilt when any of them changed in place. Inference tensors have no
-    version counter: nothing is cached for them."""
+    versions, no optimizer step since) and `extra`; rebuilt when any of them changed in place.
+    Inference tensors have no version counter: nothing is cached for them."""
     if any(t.is_inference() for t in tensors):
         return build()
-    versions = tuple((t.data_ptr(), t._version) for t in tensors)
+    versions = tuple((t.data_ptr(), t._version) for t in tensors) + (_optimizer_steps[0],)
     cache = getattr(holder, slot, None)
     if cache is None:
         cache = {}

@@ -36,7 +36,7 @@ from . import data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import INLConfig
 from .model import IntegratorLanguageModel, build_model
-from .train import evaluate
+from .train import evaluate, fused_adamw_runs
 
 
 @dataclass
@@ -162,7 +162,8 @@ def distill(teacher: IntegratorLanguageModel, student: IntegratorLanguageModel, 
         p.requires_grad_(False)
     loss_fn = Distiller(teacher, student, dc).to(device)
     params = list(student.parameters()) + list(loss_fn.parameters())
-    optimizer = torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay, betas=(0.9, 0.95),
+                                  fused=fused_adamw_runs(params))
     generator = torch.Generator().manual_seed(dc.seed)
     student.train()
     start, step, terms = time.perf_counter(), 0, {}

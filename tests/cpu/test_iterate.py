@@ -314,11 +314,13 @@ def test_auto_dispatch_and_fallbacks():
     assert x_grad.grad is not None
 
 
-def test_packed_controller_is_cached_per_parameter_version():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused"])
+def test_packed_controller_is_cached_per_parameter_version(optimizer):
     """The controller packed for the kernel (and, without gradients, the folded biases, modulation
     and excitation table) is made once and reused while the parameters keep their versions (a
     decode step repacks nothing); an optimizer step changes them in place, and the next call packs
-    again and computes with the new values."""
+    again and computes with the new values. Also after torch's fused AdamW, which writes the
+    parameters without bumping their versions (the cache counts optimizer steps too)."""
     from inl_kernels.cpu.iterate import packed_controller
     from inl_kernels.modules import Controller, IntegratorLayer
 
@@ -346,7 +348,10 @@ def test_packed_controller_is_cached_per_parameter_version():
     # every parameter moves: the controller, and layer 0's modulation, mu, excitation (gamma, phi)
     params = list(dict.fromkeys(list(controller.parameters()) + list(layers[0].parameters())))
     assert all(p.grad is not None for p in params)
-    torch.optim.SGD(params, lr=0.5).step()
+    if optimizer == "sgd":
+        torch.optim.SGD(params, lr=0.5).step()
+    else:
+        torch.optim.AdamW(params, lr=0.1, fused=True).step()
     after = packs()
     assert all(a is not b for a, b in zip(first, after))  # every layer sees the new w_o
     for layer, old in zip(layers, before):
