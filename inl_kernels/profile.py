@@ -720,7 +720,10 @@ def model_target(args, device: torch.device, dtype: torch.dtype) -> Target:
         ids = torch.randint(0, V, (args.batch, args.seq + 1), generator=g).to(device)
         title += f", batch {args.batch} × {args.seq} tokens"
     if train:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        from inl_llm.train import fused_adamw_runs
+
+        # the optimizer inl_llm.train uses: fused where torch has the kernel
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_runs(model.parameters()))
         title += (f" (autocast {args.dtype})" if autocast else "")
 
         def step(phases):
