@@ -78,7 +78,7 @@ def compiled_backends():
 # the instruction-set paths of the CPU kernels: name -> -march
 CPU_PATHS = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "base": "x86-64"}
 KERNEL_SOURCES = ["csrc/cpu/kernels.cpp", "csrc/cpu/iterate.cpp", "csrc/cpu/rms_norm.cpp", "csrc/cpu/swiglu.cpp",
-                  "csrc/cpu/attention.cpp"]
+                  "csrc/cpu/attention.cpp", "csrc/cpu/rope.cpp"]
 
 
 def kernel_targets():

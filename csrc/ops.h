@@ -74,6 +74,12 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor
 at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                        const at::Tensor& w_down);
 
+// q and k rotated (RoPE, rotate-half; by −θ with inverse) at positions q_pos [Sq] and k_pos [Sk],
+// or [B, Sq] and [B, Sk] (per row); new contiguous tensors in q's dtype
+std::vector<at::Tensor> rope_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                     const at::Tensor& sin, const at::Tensor& q_pos, const at::Tensor& k_pos,
+                                     bool inverse);
+
 // softmax(scale·rope(q)·rope(k)ᵀ + mask)·v for a few queries per row (decode), inference only;
 // cos/sin: the RoPE tables or None; kv_lens/kv_starts: each row's keys [start, len) or None
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,

@@ -33,7 +33,7 @@ BACKENDS = ("reference", "triton", "cpu", "cuda")
 OPS = {
     "iterate": ("reference", "triton", "cpu", "cuda"),
     "rms_norm": ("reference", "triton", "cpu"),
-    "rope": ("reference", "triton"),
+    "rope": ("reference", "triton", "cpu"),
     "attention": ("reference", "triton", "cpu"),
     "swiglu": ("reference", "triton", "cpu"),
     "embedding": ("reference",),

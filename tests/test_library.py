@@ -263,7 +263,8 @@ def test_every_compiled_kernel_is_a_registered_op():
                       "triton_iterate_backward", "triton_rms_norm",
                       "triton_rms_norm_backward", "triton_rope"}
         if backend == "cpu":
-            names |= {"cpu_iterate", "cpu_iterate_backward", "cpu_rms_norm", "cpu_rms_norm_backward"}
+            names |= {"cpu_iterate", "cpu_iterate_backward", "cpu_rms_norm", "cpu_rms_norm_backward", "cpu_rope",
+                      "cpu_silu_mul", "cpu_silu_mul_backward", "cpu_swiglu_rows"}
     for name in names:
         assert hasattr(torch.ops.inl, name), name
 

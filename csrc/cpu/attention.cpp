@@ -18,6 +18,7 @@
 
 #include "kernels.h"
 #include "parallel.h"
+#include "rope.h"
 #include "simd.h"
 
 namespace inl {
@@ -37,13 +38,8 @@ inline void rotate_row(const scalar_t* p, int D, const float* cos, const float* 
     for (int i = 0; i < D; ++i) dst[i] = to_float(p[i]);
     return;
   }
-  const float* c = cos + row * half;
-  const float* s = sin + row * half;
-  for (int i = 0; i < half; ++i) {
-    const float x1 = to_float(p[i]), x2 = to_float(p[half + i]);
-    dst[i] = round_to<scalar_t>(x1 * c[i] - x2 * s[i]);
-    dst[half + i] = round_to<scalar_t>(x2 * c[i] + x1 * s[i]);
-  }
+  rotate_half_row(p, half, cos + row * half, sin + row * half, 1.f,
+                  [&](int j, float y) { dst[j] = round_to<scalar_t>(y); });
 }
 
 template <typename scalar_t>

@@ -549,6 +549,42 @@ at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::
 
 // ---- attention (decode) -----------------------------------------------------------------------
 
+std::vector<at::Tensor> rope_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                     const at::Tensor& sin, const at::Tensor& q_pos, const at::Tensor& k_pos,
+                                     bool inverse) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be [B, H, S, D]");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "q and k must be CPU tensors");
+  const DType dtype = dtype_of(q, "rope");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "q and k must share a dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "k must be [B, Hkv, Sk, D] with q's B and D");
+  TORCH_CHECK(D >= 2 && D % 2 == 0, "RoPE needs an even head dimension, got ", D);
+  for (const at::Tensor* t : {&q, &k}) TORCH_CHECK(t->stride(3) == 1, "q and k must have a contiguous last dimension");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
+                  cos.size(1) == D / 2 && sin.sizes() == cos.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.device().is_cpu() && sin.device().is_cpu(),
+              "cos and sin must be contiguous float32 CPU tensors [rows, D/2]");
+  const bool per_row = q_pos.dim() == 2;
+  auto check_positions = [&](const at::Tensor& pos, int64_t S, const char* name) {
+    TORCH_CHECK(pos.scalar_type() == at::kLong && pos.device().is_cpu() && pos.is_contiguous(), name,
+                " must be a contiguous int64 CPU tensor");
+    TORCH_CHECK(per_row ? (pos.dim() == 2 && pos.size(0) == B && pos.size(1) == S) : (pos.dim() == 1 && pos.size(0) == S),
+                name, " must be [S] or, for both, [B, S]");
+    const int64_t* p = pos.data_ptr<int64_t>();
+    for (int64_t i = 0; i < pos.numel(); ++i)
+      TORCH_CHECK(p[i] >= 0 && p[i] < cos.size(0), name, " values must lie in [0, ", cos.size(0), "), got ", p[i]);
+  };
+  check_positions(q_pos, Sq, "q_pos");
+  check_positions(k_pos, Sk, "k_pos");
+  at::Tensor q_out = at::empty({B, Hq, Sq, D}, q.options()), k_out = at::empty({B, Hkv, Sk, D}, k.options());
+  RopeArgs a{dtype, int(B), int(Hq), int(Hkv), int(Sq), int(Sk), int(D), q.data_ptr(), k.data_ptr(),
+             {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)}, cos.data_ptr<float>(),
+             sin.data_ptr<float>(), q_pos.data_ptr<int64_t>(), k_pos.data_ptr<int64_t>(), per_row, inverse,
+             q_out.data_ptr(), k_out.data_ptr(), threads()};
+  if (q_out.numel() + k_out.numel() > 0) cpu_kernels().rope(a);
+  return {q_out, k_out};
+}
+
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
                             const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
                             const c10::optional<at::Tensor>& kv_lens, const c10::optional<at::Tensor>& kv_starts) {

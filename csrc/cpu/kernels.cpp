@@ -1,5 +1,5 @@
 // The table of one compiled path: setup.py compiles this file with iterate.cpp, rms_norm.cpp,
-// swiglu.cpp and attention.cpp once per instruction set, and csrc/cpu/entry.cpp picks a table at run time.
+// swiglu.cpp, attention.cpp and rope.cpp once per instruction set, and csrc/cpu/entry.cpp picks a table at run time.
 #include "kernels.h"
 
 #include "simd.h"
@@ -18,6 +18,7 @@ void swiglu_forward(const SwigluArgs&);
 void swiglu_backward(const SwigluArgs&);
 void attention_decode(const AttentionDecodeArgs&);
 void swiglu_rows(const SwigluRowsArgs&);
+void rope(const RopeArgs&);
 
 #define INL_STRINGIFY2(x) #x
 #define INL_STRINGIFY(x) INL_STRINGIFY2(x)
@@ -25,7 +26,7 @@ void swiglu_rows(const SwigluRowsArgs&);
 const CpuKernels kernels = {
     INL_STRINGIFY(INL_ISA), kVec,          kColBlock,        &iterate_pack,      &iterate_pack_free,
     &iterate_hidden_floats, &iterate_forward, &iterate_backward, &rms_norm_forward, &rms_norm_backward,
-    &swiglu_forward,        &swiglu_backward,     &attention_decode, &swiglu_rows,
+    &swiglu_forward,        &swiglu_backward,     &attention_decode, &swiglu_rows,     &rope,
 };
 
 }  // namespace INL_ISA

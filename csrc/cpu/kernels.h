@@ -1,5 +1,5 @@
 // The interface between the ATen-facing entry points (csrc/cpu/entry.cpp, compiled for any
-// x86-64 CPU) and the CPU kernels (iterate.cpp, rms_norm.cpp, swiglu.cpp), which setup.py
+// x86-64 CPU) and the CPU kernels (iterate.cpp, rms_norm.cpp, swiglu.cpp, attention.cpp, rope.cpp), which setup.py
 // compiles once per instruction set into namespaces inl::avx512, inl::avx2 and inl::base. Plain
 // structs of sizes and raw pointers only: no ATen type crosses it, so the kernel translation units
 // include no ATen header. The entry checks every argument and allocates every output; a kernel
@@ -127,6 +127,19 @@ struct AttentionDecodeArgs {
   int threads;
 };
 
+// RoPE (rotate-half) of q and k in one call, or its inverse (the gradient); csrc/cpu/rope.cpp.
+struct RopeArgs {
+  DType dtype;
+  int B, Hq, Hkv, Sq, Sk, D;
+  const void *q, *k;              // [B][H][S][D] with these element strides (the last is 1)
+  int64_t q_stride[3], k_stride[3];
+  const float *cos, *sin;         // [rows][D/2]; every position < rows
+  const int64_t *q_pos, *k_pos;   // positions [Sq], [Sk]; or with per_row [B][Sq], [B][Sk]
+  bool per_row;
+  bool inverse;                   // rotate by −θ
+  void *q_out, *k_out;            // [B][Hq][Sq][D], [B][Hkv][Sk][D], contiguous
+  int threads;
+};
 struct CpuKernels {
   const char* name;  // "avx512", "avx2", "base"
   int vector_width;  // floats per vector
@@ -142,6 +155,7 @@ struct CpuKernels {
   void (*swiglu_backward)(const SwigluArgs&);
   void (*attention_decode)(const AttentionDecodeArgs&);
   void (*swiglu_rows)(const SwigluRowsArgs&);
+  void (*rope)(const RopeArgs&);
 };
 
 // One table per compiled path. Weak: a build pinned to one target (INL_KERNELS_MARCH) holds

@@ -8,8 +8,9 @@ K/V heads are shared by their group through `enable_gqa` (never repeated in memo
 sit at the end of the keys: query i has index Skv − Sq + i and, when causal, sees keys
 j ≤ Skv − Sq + i. SDPA's own `is_causal` aligns the mask top-left, so it is used only where the
 two agree (Sq = Skv); one query sees every key (decode); otherwise the bottom-right mask is passed
-explicitly. With rope=(cos, sin), q and k are rotated at their positions first (the reference's
-rotation: the KV cache holds unrotated keys).
+explicitly. With rope=(cos, sin), q and k are rotated at their positions first, both in one call
+of the C++ rope (cpu/rope.py: the reference's rotation, its products possibly fused; the KV
+cache holds unrotated keys).
 
 kv_lens / kv_starts (a static KV cache, left padding) as in the reference: row b sees keys
 [kv_starts[b], kv_lens[b]), its queries end at kv_lens[b], positions count from kv_starts[b], and a
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from ..common import dtype_name, eager_direct
 from ..reference.rope import rotate
 from . import _C
+from .rope import rotate_pair, tables_supported
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -64,6 +66,17 @@ def _decode_kernel_runs(q, k, v, rope, kv_lens, kv_starts):
             and cos.dim() == 2 and cos.shape[0] >= k.shape[2])
 
 
+def _rotated(q, k, rope, q_pos, k_pos):
+    """q and k rotated at positions q_pos and k_pos ([S], or [B, S] per row): both in one call of
+    the C++ rope (cpu/rope.py) where it takes the tables, else the reference's rotation."""
+    cos, sin = rope
+    if tables_supported(q, cos, sin) is None:
+        return rotate_pair(q, k, cos, sin, q_pos, k_pos)
+    per_row = q_pos.dim() == 2
+    return (rotate(q, cos, sin, q_pos[:, None] if per_row else q_pos),
+            rotate(k, cos, sin, k_pos[:, None] if per_row else k_pos))
+
+
 def attention(q, k, v, causal=True, scale=None, rope=None, kv_lens=None, kv_starts=None):
     B, Hq, Sq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -80,9 +93,7 @@ def attention(q, k, v, causal=True, scale=None, rope=None, kv_lens=None, kv_star
     Skv = k.shape[2]
     if kv_lens is None and kv_starts is None:
         if rope is not None:
-            cos, sin = rope
-            q = rotate(q, cos, sin, torch.arange(Skv - Sq, Skv, device=q.device))
-            k = rotate(k, cos, sin, torch.arange(Skv, device=q.device))
+            q, k = _rotated(q, k, rope, torch.arange(Skv - Sq, Skv, device=q.device), torch.arange(Skv, device=q.device))
         if causal and Sq == Skv:
             return _sdpa(q, k, v, None, True, scale)
         mask = None
@@ -95,9 +106,7 @@ def attention(q, k, v, causal=True, scale=None, rope=None, kv_lens=None, kv_star
     qidx = lens[:, None] - Sq + torch.arange(Sq, device=dev)[None, :]  # [B, Sq] key index of each query
     kidx = torch.arange(Skv, device=dev)
     if rope is not None:
-        cos, sin = rope
-        q = rotate(q, cos, sin, (qidx - starts[:, None]).clamp(min=0)[:, None])
-        k = rotate(k, cos, sin, (kidx[None, :] - starts[:, None]).clamp(min=0)[:, None])
+        q, k = _rotated(q, k, rope, (qidx - starts[:, None]).clamp(min=0), (kidx[None, :] - starts[:, None]).clamp(min=0))
     visible = (kidx[None, None, :] >= starts[:, None, None]) & (kidx[None, None, :] < lens[:, None, None])
     if causal:
         visible = visible & (kidx[None, None, :] <= qidx[:, :, None])  # [B, Sq, Skv]
