@@ -41,6 +41,11 @@ What it does:
   caching allocator); on a CPU the profiler's allocation events, i.e. tensors from PyTorch's
   CPU allocator (a C++ kernel's own scratch buffers, Python objects and what the system
   allocator keeps cached are not seen).
+* On a CPU, the minor page faults of the last warm-up step (getrusage; unprofiled, since the
+  profiler's own buffers fault too) and how malloc treats freed memory: thousands a step mean
+  the step's buffers come back from the OS as fresh pages every time (see
+  inl_kernels.cpu.keep_freed_memory, which this entry point applies, as the inl_llm CLI does;
+  INL_KERNELS_KEEP_FREED_MEMORY=0 leaves malloc alone).
 """
 from __future__ import annotations
 
@@ -766,7 +771,8 @@ def model_target(args, device: torch.device, dtype: torch.dtype) -> Target:
 def run_profile(target: Target, device: torch.device, warmup: int, steps: int, memory: bool,
                 trace: Optional[str], progress: bool = True) -> tuple:
     """Warm-up (its last step counting our ops' work), then `steps` profiled steps. Returns
-    (profiler, step wall times in ms, op work, phase peaks in bytes, module range names)."""
+    (profiler, step wall times in ms, op work, phase peaks in bytes, module range names, minor
+    page faults of the last warm-up step (unprofiled) or None)."""
     from torch.profiler import ProfilerActivity, profile
     from tqdm import tqdm
 
@@ -783,9 +789,11 @@ def run_profile(target: Target, device: torch.device, warmup: int, steps: int, m
             target.step(phases)
             synchronize(device)
             bar.update()
+        faults = _minor_faults()  # over the last warm-up step: the profiler's own buffers fault too
         with count_op_work() as work:  # the last warm-up step counts our ops' work (untimed)
             target.step(phases)
             synchronize(device)
+        faults = None if faults is None else _minor_faults() - faults
         bar.update()
         phases.peak_bytes.clear()
         walls = []
@@ -806,7 +814,17 @@ def run_profile(target: Target, device: torch.device, warmup: int, steps: int, m
     peaks = dict(phases.peak_bytes)
     if memory and device.type != "cuda":
         peaks = cpu_phase_peaks(prof)
-    return prof, walls, dict(work), peaks, ranges
+    return prof, walls, dict(work), peaks, ranges, faults
+
+
+def _minor_faults() -> Optional[int]:
+    """This process's minor page faults so far (first touches of fresh pages), where getrusage
+    exists."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def summarize(prof, walls: list, work: dict, peaks: Peaks, device: torch.device, ranges: set,
@@ -874,6 +892,19 @@ OP_COLUMNS = [("op", "op"), ("calls", "calls"), ("ms", "total ms"), ("share", "s
 LAYER_COLUMNS = [("layer", "layer (forward)"), ("calls", "calls"), ("ms", "total ms"), ("share", "share %")]
 
 
+def _malloc_setting() -> Optional[str]:
+    """How malloc treats freed memory here (inl_kernels.cpu.memory_info), None without the C++ backend."""
+    try:
+        from inl_kernels.cpu.memory import memory_info
+    except ImportError:
+        return None
+    return memory_info()["malloc"]
+
+
+# more minor page faults than this a step: large buffers come back from the OS as fresh pages
+FAULTS_HINT = 1000
+
+
 def report_text(report: dict) -> str:
     p = report["peaks"]
     lines = [f"== {report['title']} on {report['device']} ({report['backend']} backend), "
@@ -889,6 +920,12 @@ def report_text(report: dict) -> str:
             report.get("omp_wait_policy") is None:
         lines.append(f"load average {load:.1f} on {os.cpu_count()} cores: OpenMP threads spin while a sibling is "
                      "descheduled; OMP_WAIT_POLICY=PASSIVE makes times on a shared machine far less distorted")
+    faults = report.get("minor_faults_last_warmup")
+    if faults is not None and report["device_type"] == "cpu":
+        lines.append(f"minor page faults: {faults:.0f} in the last warm-up step (malloc: {report.get('malloc')})")
+        if faults > FAULTS_HINT and report.get("malloc") != "keep":
+            lines.append("  freed buffers go back to the OS and fault in again at every step: "
+                         "inl_kernels.cpu.keep_freed_memory() keeps them (the CLI and this tool's entry point do)")
     if report["layers"]:
         lines += ["", format_table(report["layers"], LAYER_COLUMNS)]
     if report.get("memory_mib") is not None:
@@ -961,7 +998,8 @@ def profile_command(argv=None) -> dict:
     label = f"{args.size}-{args.mode}" if args.what == "model" else args.op + ("-bwd" if args.backward else "")
     trace = None if args.no_trace else (args.trace or f"profile-{label}-{device.type}.json")
     peaks = measure_peaks(device, dtype, args.gemm_size, args.copy_mib)
-    prof, walls, work, phase_peaks, ranges = run_profile(target, device, args.warmup, args.steps, args.memory, trace)
+    prof, walls, work, phase_peaks, ranges, faults = run_profile(target, device, args.warmup, args.steps,
+                                                                 args.memory, trace)
     summary = summarize(prof, walls, work, peaks, device, ranges, top=args.rows)
     import inl_kernels
 
@@ -977,6 +1015,7 @@ def profile_command(argv=None) -> dict:
         work={k: vars(v) for k, v in work.items()}, trace=trace,
         load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        minor_faults_last_warmup=faults, malloc=_malloc_setting(),
         command=" ".join(["python -m inl_kernels.profile"] + list(sys.argv[1:] if argv is None else argv)))
     if args.memory:
         report["memory_mib"] = {k: v / 2**20 for k, v in phase_peaks.items()}
@@ -993,6 +1032,14 @@ def profile_command(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
+    # an entry point owns its process: freed memory is kept, as the CLI keeps it (unless
+    # INL_KERNELS_KEEP_FREED_MEMORY=0), so the profile shows the step a run of ours takes
+    try:
+        from inl_kernels.cpu.memory import keep_unless_disabled
+    except ImportError:
+        pass
+    else:
+        keep_unless_disabled()
     profile_command(argv)
     return 0
 

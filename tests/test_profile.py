@@ -13,6 +13,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from inl_kernels import profile as P
+from inl_kernels.cpu import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUR_OPS = {"inl::iterate", "inl::rms_norm", "inl::attention", "inl::swiglu", "inl::embedding"}
@@ -52,6 +53,8 @@ def test_tiny_model_training_step(tmp_path):
     n, d, H, T = 8, cfg.d_model, cfg.controller_hidden, cfg.num_iterations
     assert rows["inl::iterate"]["calls"] == cfg.num_layers * 2
     assert rows["inl::iterate"]["flops"] == pytest.approx(cfg.num_layers * 2 * 2 * n * H * d * (1 + 6 * T))
+    # page faults of the last (unprofiled) warm-up step, counted by getrusage, with the malloc setting
+    assert report["minor_faults_last_warmup"] >= 0 and report["malloc"] in ("default", "keep")
     assert set(report["memory_mib"]) == {"forward", "backward", "optimizer"}
     assert report["memory_mib"]["forward"] > 0  # the activations kept for the backward
     assert any(r["layer"] == "blocks.*.integrator" and r["calls"] == cfg.num_layers * 2 for r in report["layers"])
@@ -67,6 +70,8 @@ def test_one_op_through_the_module_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "roofline %" in proc.stdout
     report = json.loads(out.read_text())
+    if memory._glibc()[0] is not None:  # the entry point keeps freed memory, as the CLI does
+        assert report["malloc"] == "keep" and "minor page faults:" in proc.stdout
     names = _trace_names(trace)
     assert {"inl::iterate", "iterate", "phase:forward", "phase:backward"} <= names
     assert sum(r["share"] for r in report["ops"]) == pytest.approx(100, abs=5)

@@ -68,6 +68,14 @@ def keep_freed_memory(mmap_threshold_mib: int = MAX_MMAP_THRESHOLD_MIB, trim_thr
     return True
 
 
+def keep_unless_disabled() -> bool:
+    """What an entry point that owns its process does (the inl_llm CLI, `python -m
+    inl_kernels.profile`): keep_freed_memory() unless INL_KERNELS_KEEP_FREED_MEMORY=0."""
+    if os.environ.get("INL_KERNELS_KEEP_FREED_MEMORY", "").strip() == "0":
+        return False
+    return keep_freed_memory()
+
+
 def memory_info() -> dict:
     """How this process's malloc treats freed memory: "keep" (with the thresholds, MiB) after
     keep_freed_memory(), else "default" (or "unchanged: <reason>" where it could not apply)."""

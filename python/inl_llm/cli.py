@@ -365,9 +365,8 @@ def _process_setup():
     """What the CLI does to the process it owns before any work: glibc keeps freed memory for the
     next step (inl_kernels.cpu.keep_freed_memory: a CPU forward of `small` ~15 % faster, no page
     fault per large buffer) unless INL_KERNELS_KEEP_FREED_MEMORY=0."""
-    if os.environ.get("INL_KERNELS_KEEP_FREED_MEMORY", "").strip() != "0":
-        from inl_kernels.cpu.memory import keep_freed_memory
-        keep_freed_memory()
+    from inl_kernels.cpu.memory import keep_unless_disabled
+    keep_unless_disabled()
 
 
 def main(argv=None):
