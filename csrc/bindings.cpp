@@ -28,8 +28,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "residual"_a);
   m.def("rms_norm_backward", &inl::rms_norm_backward, "Gradients of rms_norm_forward", "grad_y"_a, "grad_s"_a, "x"_a,
         "weight"_a, "rstd"_a);
-  m.def("swiglu_forward", &inl::swiglu_forward, "silu(gate)·up on CPU tensors (SwiGLU's pointwise part)", "gate"_a,
-        "up"_a);
+  m.def("swiglu_forward", &inl::swiglu_forward,
+        "silu(gate)·up on CPU tensors (SwiGLU's pointwise part), into `out` when given (gate itself allowed)",
+        "gate"_a, "up"_a, "out"_a = pybind11::none());
   m.def("swiglu_backward", &inl::swiglu_backward, "Gradients of gate and up from the gradient of silu(gate)·up",
         "grad"_a, "gate"_a, "up"_a);
   m.def("swiglu_rows", &inl::swiglu_rows,

@@ -68,7 +68,9 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const c10::o
                                           const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd);
 
 // silu(gate)·up, and from its gradient the gradients of gate and up
-at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up);
+// (into `out` when given: gate itself, for a caller that needs gate no more)
+at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up,
+                          const c10::optional<at::Tensor>& out = c10::nullopt);
 std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up);
 // the whole SwiGLU of 1 to 4 rows (decode, fp32, inference)
 at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,

@@ -504,10 +504,18 @@ void check_swiglu(const at::Tensor& gate, const at::Tensor& up) {
 }
 }  // namespace
 
-at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
+at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up, const c10::optional<at::Tensor>& out_arg) {
   check_swiglu(gate, up);
   const CpuKernels& kernels = cpu_kernels();
-  at::Tensor out = at::empty_like(gate);
+  // out may be gate itself: each element is read before it is written
+  if (out_arg)
+    TORCH_CHECK(out_arg->sizes() == gate.sizes() && out_arg->scalar_type() == gate.scalar_type() &&
+                    out_arg->is_contiguous() && out_arg->device().is_cpu() &&
+                    (out_arg->data_ptr() == gate.data_ptr() ||
+                     (!out_arg->is_alias_of(up) && !out_arg->is_alias_of(gate))),
+                "out must be a contiguous CPU tensor matching gate (gate itself, or sharing no memory with gate "
+                "or up)");
+  at::Tensor out = out_arg ? *out_arg : at::empty_like(gate);
   SwigluArgs a{dtype_of(gate, "swiglu"), gate.numel(), gate.data_ptr(), up.data_ptr(), nullptr, out.data_ptr(),
                nullptr, threads()};
   if (a.n > 0) kernels.swiglu_forward(a);

@@ -93,8 +93,9 @@ def swiglu(x, w_gate, w_up, w_down):
     if up.dtype != gate.dtype:
         up = up.to(gate.dtype)
     gate, up = gate.contiguous(), up.contiguous()
-    # eager inference calls the op's own function, without its dispatch
-    hidden = _C.swiglu_forward(gate, up) if eager_direct(x, w_gate, w_up) else cpu_silu_mul_op(gate, up)
+    # eager inference calls the op's own function, without its dispatch, and writes the product
+    # over gate, which nothing else holds (no fresh buffer of N × F: ~3 % of small's prefill)
+    hidden = _C.swiglu_forward(gate, up, gate) if eager_direct(x, w_gate, w_up) else cpu_silu_mul_op(gate, up)
     return hidden @ w_down.t()
 
 
