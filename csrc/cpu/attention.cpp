@@ -9,8 +9,8 @@
 // One task per (row, K/V head): its visible keys are rotated once into a scratch buffer, in fp32,
 // then every query of the head group (G = Hq / Hkv heads × Sq queries) takes its scores, softmax
 // and weighted sum of values from there. The rotated q and k are rounded to the input dtype, as
-// the reference's rotation returns them (the products may be fused here: within an fp32 ulp of
-// the reference's rotation before that rounding). This replaces, for a decode step, the ~20 small
+// the reference's rotation returns them (the products may be fused here: within about an fp32 ulp
+// of |x| of the reference's rotation before that rounding; rope.h). This replaces, for a decode step, the ~20 small
 // ATen ops of the SDPA path (two rotations, index tensors, the mask) by one call.
 #include <algorithm>
 #include <cmath>

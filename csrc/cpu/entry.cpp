@@ -511,10 +511,11 @@ at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up, const c1
   if (out_arg)
     TORCH_CHECK(out_arg->sizes() == gate.sizes() && out_arg->scalar_type() == gate.scalar_type() &&
                     out_arg->is_contiguous() && out_arg->device().is_cpu() &&
-                    (out_arg->data_ptr() == gate.data_ptr() ||
-                     (!out_arg->is_alias_of(up) && !out_arg->is_alias_of(gate))),
-                "out must be a contiguous CPU tensor matching gate (gate itself, or sharing no memory with gate "
-                "or up)");
+                    (out_arg->data_ptr() == gate.data_ptr()
+                         ? (!up.is_alias_of(gate) || up.data_ptr() == gate.data_ptr())
+                         : (!out_arg->is_alias_of(up) && !out_arg->is_alias_of(gate))),
+                "out must be a contiguous CPU tensor matching gate: gate itself (with up not overlapping it "
+                "elsewhere), or sharing no memory with gate or up");
   at::Tensor out = out_arg ? *out_arg : at::empty_like(gate);
   SwigluArgs a{dtype_of(gate, "swiglu"), gate.numel(), gate.data_ptr(), up.data_ptr(), nullptr, out.data_ptr(),
                nullptr, threads()};

@@ -17,13 +17,15 @@ resident memory: it stays near its high-water mark instead of shrinking between 
 process-wide and one-way (glibc cannot be returned to its adaptive defaults), so the library never
 does it on its own: the CLI and the benchmarks do (they own their process), a user calls it, or
 sets INL_KERNELS_KEEP_FREED_MEMORY=1 to have `import inl_kernels` do it. Elsewhere than glibc
-(musl, macOS, Windows) it does nothing and says why.
+(musl, macOS, Windows) or with another allocator preloaded (LD_PRELOAD: jemalloc, tcmalloc, which
+answer mallopt through glibc without using it) it does nothing and says why.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import sys
 import warnings
 from typing import Optional
 
@@ -36,10 +38,15 @@ _state = {"applied": None}  # None, or the (mmap, trim) MiB last applied
 
 
 def _glibc():
-    """(libc handle, None) when the process runs glibc, else (None, the reason)."""
+    """(libc handle, None) when the process's malloc is glibc's, else (None, the reason)."""
+    if not sys.platform.startswith("linux"):
+        return None, f"mallopt is glibc's; this is {sys.platform}"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "malloc" in preload:  # jemalloc, tcmalloc, mimalloc: glibc's mallopt would answer but do nothing
+        return None, f"another allocator is preloaded (LD_PRELOAD={preload})"
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-    except OSError as e:
+    except (OSError, TypeError) as e:
         return None, f"no C library to load: {e}"
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return None, "the C library is not glibc (mallopt is glibc's)"
@@ -70,9 +77,10 @@ def keep_freed_memory(mmap_threshold_mib: int = MAX_MMAP_THRESHOLD_MIB, trim_thr
 
 def keep_unless_disabled() -> bool:
     """What an entry point that owns its process does (the inl_llm CLI, `python -m
-    inl_kernels.profile`): keep_freed_memory() unless INL_KERNELS_KEEP_FREED_MEMORY=0."""
-    if os.environ.get("INL_KERNELS_KEEP_FREED_MEMORY", "").strip() == "0":
-        return False
+    inl_kernels.profile`): keep_freed_memory() unless INL_KERNELS_KEEP_FREED_MEMORY is set to
+    anything but 1 (0 opts out; another value has warned at import and changes nothing)."""
+    if os.environ.get("INL_KERNELS_KEEP_FREED_MEMORY", "").strip() not in ("", "1"):
+        return False  # 0, or a value the import already warned about: malloc left as it is
     return keep_freed_memory()
 
 

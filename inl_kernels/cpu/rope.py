@@ -6,8 +6,9 @@ q and k in one call, forward and backward.
 with c, s the table rows of each position. The rotation is orthogonal, so the gradient is the
 rotation by −θ: the backward is the same kernel with `inverse`. Computed in fp32 for fp32, bf16
 and fp16 and rounded once to the input dtype, as the reference rounds its rotation; the
-products may be fused (FMA), so a value can differ from the reference's by an fp32 ulp before
-that rounding. Positions are one per sequence index ([S]) or, for a left-padded batch, one per
+products may be fused (FMA), so a value can differ from the reference's by about an fp32 ulp of
+|x| before that rounding (absolute: under cancellation, many ulps of the result), and a bf16/fp16
+value then by one of its ulps. Positions are one per sequence index ([S]) or, for a left-padded batch, one per
 row and index ([B, S]); the attention op (cpu/attention.py) rotates through this too.
 
 Registered as the torch.library op `inl::cpu_rope` (its own autograd formula), so

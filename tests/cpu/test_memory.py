@@ -18,7 +18,8 @@ GLIBC = memory._glibc()[0] is not None
 def run_child(code, **env):
     full = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
                                                        os.environ.get("PYTHONPATH", "")]), **env)
-    full.pop("INL_KERNELS_KEEP_FREED_MEMORY", None)
+    for name in ("INL_KERNELS_KEEP_FREED_MEMORY", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD"):
+        full.pop(name, None)  # THP_MEM_ALLOC_ENABLE: torch would back the buffers with huge pages
     full.update(env)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True, text=True,
                           timeout=300)
@@ -44,7 +45,16 @@ print(*counts)
 """
 
 
+def _huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+@pytest.mark.skipif(_huge_pages_always(), reason="transparent huge pages always on: faults are not counted in 4 KiB pages")
 @pytest.mark.parametrize("mmap_mib", [32, 1])
 def test_kept_memory_is_reused_without_page_faults(mmap_mib):
     """After keep_freed_memory() the first round faults its 24 MiB in (3 × 2048 pages of 4 KiB)
@@ -82,6 +92,7 @@ def test_the_cli_applies_it_unless_told_not_to():
             "cli._process_setup()\nprint(memory_info()['malloc'])\n")
     assert run_child(code).stdout.split() == ["keep"]
     assert run_child(code, INL_KERNELS_KEEP_FREED_MEMORY="0").stdout.split() == ["default"]
+    assert run_child(code, INL_KERNELS_KEEP_FREED_MEMORY="off").stdout.split() == ["default"]  # warned, left alone
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -95,6 +106,15 @@ def test_bad_thresholds_raise_before_changing_anything(kwargs, name, monkeypatch
     with pytest.raises(ValueError, match=name):
         memory.keep_freed_memory(**kwargs)
     assert calls == [] and memory.memory_info() == before
+
+
+def test_a_preloaded_allocator_or_another_platform_is_left_alone(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert memory._glibc() == (None, "another allocator is preloaded (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/"
+                                     "libjemalloc.so.2)")
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr(memory.sys, "platform", "win32")
+    assert memory._glibc() == (None, "mallopt is glibc's; this is win32")
 
 
 def test_without_glibc_it_does_nothing_and_says_why(monkeypatch):

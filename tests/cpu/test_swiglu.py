@@ -107,6 +107,8 @@ def test_pointwise_product_written_over_gate_gives_the_same_bits(dtype):
     shifted[1:] = gate.flatten()
     with pytest.raises(RuntimeError, match="out must be"):
         _C.swiglu_forward(shifted[1:].view(5, 37), up, shifted[:-1].view(5, 37))
+    with pytest.raises(RuntimeError, match="out must be"):  # out = gate, but up overlaps it one element off
+        _C.swiglu_forward(shifted[1:].view(5, 37), shifted[:-1].view(5, 37), shifted[1:].view(5, 37))
 
 
 def test_inference_swiglu_gives_the_bits_of_the_op_path():
