@@ -19,7 +19,8 @@ Floors: the forward's FLOPs (the matmuls of every projection, the attention scor
 iterate's controller at its full step count, the LM head) over the GEMM rate measured in the
 same interleaved rounds as the rows it judges (`torch.mm` of 2048³ on a CPU, 8192³ bf16 on a
 GPU) give the forward's floor, three times that the training step's; the decode floor streams
-every parameter byte once per token at the copy bandwidth measured in the same run. "floor_frac" = floor / time (1.0 = at the floor).
+every parameter byte once per token at the copy bandwidth measured in the same interleaved rounds
+as the decode. "floor_frac" = floor / time (1.0 = at the floor).
 """
 from __future__ import annotations
 
@@ -64,6 +65,15 @@ def gemm_call(device, dtype):
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
     return (lambda: a @ b), 2 * n**3
+
+
+def copy_call(device, mib: int = 512):
+    """(call, bytes moved) of one device copy of `mib` MiB (read + write): the decode floor's
+    bandwidth, timed in the decode's rounds."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * n * 4
 
 
 def gemm_rate(gemm, device) -> float:
@@ -236,12 +246,17 @@ def _inference_rows(size, args, impls, device, dtype, rate, bandwidth, gemm, war
             if device == "cuda" and name == "ours":
                 ways.append(("ours+cuda_graph", model, dict(cuda_graph=True)))
         weight_bytes = sum(p.numel() * p.element_size() for p in variants[0][1].parameters())
-        floor = weight_bytes / (bandwidth * 1e9) * 1e3
         calls = []
         for way, model, how in ways:
             two, full = decode_calls(model, args.prompt, args.new_tokens, device, **how)
             calls += [((way, "two"), two), ((way, "all"), full)]
-        timed = _time_side_by_side(calls, device, warmup, repeat)
+        # the copy that gives the floor runs in the same rounds as the decode it judges (as the
+        # GEMM does for the forward): a slow stretch of a shared machine moves both
+        copy, copy_bytes = copy_call(device, mib=64 if args.quick else 512)
+        timed = _time_side_by_side(calls + [("copy", copy)], device, warmup, repeat)
+        copy_ms = timed.pop("copy")
+        bandwidth_now = copy_bytes / (copy_ms / 1e3) / 1e9 if isinstance(copy_ms, float) else bandwidth
+        floor = weight_bytes / (bandwidth_now * 1e9) * 1e3
         for way, _, _ in ways:
             base = dict(size=size, impl=way, dtype=args.dtype, mode="decode", tokens=1)
             two, full = timed[(way, "two")], timed[(way, "all")]
@@ -250,7 +265,7 @@ def _inference_rows(size, args, impls, device, dtype, rate, bandwidth, gemm, war
                 rows.append(dict(base, note=_failed(bad)))
                 continue
             ms = (full - two) / (args.new_tokens - 2)
-            rows.append(dict(base, ms=ms, tokens_per_s=1e3 / ms, floor_frac=floor / ms,
+            rows.append(dict(base, ms=ms, tokens_per_s=1e3 / ms, floor_frac=floor / ms, copy_gbs=bandwidth_now,
                              note=f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy"))
     return rows
 
