@@ -93,7 +93,8 @@ def attention(q, k, v, causal=True, scale=None, rope=None, kv_lens=None, kv_star
     Skv = k.shape[2]
     if kv_lens is None and kv_starts is None:
         if rope is not None:
-            q, k = _rotated(q, k, rope, torch.arange(Skv - Sq, Skv, device=q.device), torch.arange(Skv, device=q.device))
+            q, k = _rotated(q, k, rope, torch.arange(Skv - Sq, Skv, device=q.device),
+                            torch.arange(Skv, device=q.device))
         if causal and Sq == Skv:
             return _sdpa(q, k, v, None, True, scale)
         mask = None
@@ -106,7 +107,8 @@ def attention(q, k, v, causal=True, scale=None, rope=None, kv_lens=None, kv_star
     qidx = lens[:, None] - Sq + torch.arange(Sq, device=dev)[None, :]  # [B, Sq] key index of each query
     kidx = torch.arange(Skv, device=dev)
     if rope is not None:
-        q, k = _rotated(q, k, rope, (qidx - starts[:, None]).clamp(min=0), (kidx[None, :] - starts[:, None]).clamp(min=0))
+        q, k = _rotated(q, k, rope, (qidx - starts[:, None]).clamp(min=0),
+                        (kidx[None, :] - starts[:, None]).clamp(min=0))
     visible = (kidx[None, None, :] >= starts[:, None, None]) & (kidx[None, None, :] < lens[:, None, None])
     if causal:
         visible = visible & (kidx[None, None, :] <= qidx[:, :, None])  # [B, Sq, Skv]

@@ -54,7 +54,8 @@ def _huge_pages_always() -> bool:
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
-@pytest.mark.skipif(_huge_pages_always(), reason="transparent huge pages always on: faults are not counted in 4 KiB pages")
+@pytest.mark.skipif(_huge_pages_always(),
+                    reason="transparent huge pages always on: faults are not counted in 4 KiB pages")
 @pytest.mark.parametrize("mmap_mib", [32, 1])
 def test_kept_memory_is_reused_without_page_faults(mmap_mib):
     """After keep_freed_memory() the first round faults its 24 MiB in (3 × 2048 pages of 4 KiB)
@@ -64,7 +65,8 @@ def test_kept_memory_is_reused_without_page_faults(mmap_mib):
     proc = run_child(f"from inl_kernels.cpu import keep_freed_memory, memory_info\n"
                      f"assert keep_freed_memory(mmap_threshold_mib={mmap_mib}) is True\n"
                      f"info = memory_info()\n"
-                     f"assert info == dict(malloc='keep', mmap_threshold_mib={mmap_mib}, trim_threshold_mib=1024), info\n"
+                     f"assert info == dict(malloc='keep', mmap_threshold_mib={mmap_mib}, "
+                     f"trim_threshold_mib=1024), info\n"
                      + ROUNDS)
     counts = list(map(int, proc.stdout.split()))
     pages = 3 * (8 << 20) // os.sysconf("SC_PAGE_SIZE")
