@@ -67,15 +67,6 @@ def gemm_call(device, dtype):
     return (lambda: a @ b), 2 * n**3
 
 
-def copy_call(device, mib: int = 512):
-    """(call, bytes moved) of one device copy of `mib` MiB (read + write): the decode floor's
-    bandwidth, timed in the decode's rounds."""
-    n = mib * 2**20 // 4
-    src = torch.empty(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    return (lambda: dst.copy_(src)), 2 * n * 4
-
-
 def gemm_rate(gemm, device) -> float:
     """FLOP/s of `gemm` (a gemm_call pair), measured now: the rate when no rows are timed beside it."""
     from benchmarks.common import time_fn
@@ -252,6 +243,8 @@ def _inference_rows(size, args, impls, device, dtype, rate, bandwidth, gemm, war
             calls += [((way, "two"), two), ((way, "all"), full)]
         # the copy that gives the floor runs in the same rounds as the decode it judges (as the
         # GEMM does for the forward): a slow stretch of a shared machine moves both
+        from benchmarks.common import copy_call
+
         copy, copy_bytes = copy_call(device, mib=64 if args.quick else 512)
         timed = _time_side_by_side(calls + [("copy", copy)], device, warmup, repeat)
         copy_ms = timed.pop("copy")

@@ -117,14 +117,20 @@ def interleaved_ms(calls, warmup, repeat, rounds=5, device="cpu") -> list[float]
     return [statistics.median(s) for s in samples]
 
 
-def copy_bandwidth(device, mib: int = 512, repeat: int = 10) -> float:
-    """Device-to-device copy bandwidth in GB/s (read + write), measured now: the bandwidth
-    floor the memory-bound ops are judged against."""
+def copy_call(device, mib: int = 512):
+    """(call, bytes moved) of one device copy of `mib` MiB (read + write)."""
     n = mib * 2**20 // 4
     src = torch.empty(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device=device, warmup=2, repeat=repeat)
-    return 2 * n * 4 / ms / 1e6
+    return (lambda: dst.copy_(src)), 2 * n * 4
+
+
+def copy_bandwidth(device, mib: int = 512, repeat: int = 10) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write), measured now: the bandwidth
+    floor the memory-bound ops are judged against."""
+    call, moved = copy_call(device, mib)
+    ms = time_fn(call, device=device, warmup=2, repeat=repeat)
+    return moved / ms / 1e6
 
 
 def op_parser(description: str, shape_default=None, shape_help=None) -> argparse.ArgumentParser:

@@ -79,7 +79,7 @@ def keep_unless_disabled() -> bool:
     """What an entry point that owns its process does (the inl_llm CLI, `python -m
     inl_kernels.profile`): keep_freed_memory() unless INL_KERNELS_KEEP_FREED_MEMORY is set to
     anything but 1 (0 opts out; another value has warned at import and changes nothing)."""
-    if os.environ.get("INL_KERNELS_KEEP_FREED_MEMORY", "").strip() not in ("", "1"):
+    if _env_setting() not in ("", "1"):
         return False  # 0, or a value the import already warned about: malloc left as it is
     return keep_freed_memory()
 
@@ -94,10 +94,15 @@ def memory_info() -> dict:
     return dict(malloc=f"unchanged: {reason}" if reason else "default")
 
 
+def _env_setting() -> str:
+    """INL_KERNELS_KEEP_FREED_MEMORY as set ("" when unset)."""
+    return os.environ.get("INL_KERNELS_KEEP_FREED_MEMORY", "").strip()
+
+
 def _from_environment() -> None:
     """INL_KERNELS_KEEP_FREED_MEMORY=1 applies keep_freed_memory() at import; 0 or unset does not;
     another value warns (naming the variable) and changes nothing: an import does not fail on it."""
-    value = os.environ.get("INL_KERNELS_KEEP_FREED_MEMORY", "").strip()
+    value = _env_setting()
     if value in ("", "0"):
         return
     if value != "1":
