@@ -197,6 +197,7 @@ def implementations(device, use_compile):
 
     impls = {"eager": reference_iterate}
     if use_compile:
+        inl_kernels.pin_inductor_vec_isa()  # a cache written under another vector ISA would run wrong code
         impls["compile"] = torch.compile(reference_iterate)
     for name in inl_kernels.backends():
         if name == "reference" or (name in ("cpu",) and device != "cpu") or (name == "cuda" and device != "cuda"):

@@ -158,6 +158,9 @@ def _variants(size, impls, device, dtype, compile_too):
     """([(name, model, runner)], [failed rows' (name, exception)]) for every implementation and,
     with compile_too, torch.compile of each: a model that fails to build fails its rows only."""
     out, failed = [], []
+    if compile_too:
+        from inl_kernels import pin_inductor_vec_isa
+        pin_inductor_vec_isa()  # a cache written under another vector ISA would run wrong code
     for impl, backend in impls:
         for name, compiled in [(impl, False)] + ([(f"compile({impl})", True)] if compile_too else []):
             try:

@@ -6,7 +6,7 @@ nn.Modules.
 """
 from ._dispatch import BACKENDS, BackendUnavailableError, backends
 from ._validate import set_debug
-from .common import MAX_ITERATIONS, IterateInfo, IterateParams, IterateSettings, excitation_table
+from .common import MAX_ITERATIONS, IterateInfo, IterateParams, IterateSettings, excitation_table, pin_inductor_vec_isa
 from .functional import gqa_attention, inl_iterate, low_rank_embedding, rms_norm, rope, swiglu
 from .modules import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU
 from .reference.rope import rope_tables
@@ -14,7 +14,7 @@ from .reference.rope import rope_tables
 __version__ = "0.1.0"
 
 __all__ = [
-    "backends", "BACKENDS", "BackendUnavailableError", "set_debug",
+    "backends", "BACKENDS", "BackendUnavailableError", "set_debug", "pin_inductor_vec_isa",
     "inl_iterate", "IterateInfo", "IterateParams", "IterateSettings", "MAX_ITERATIONS",
     "rms_norm", "rope", "gqa_attention", "swiglu", "low_rank_embedding",
     "excitation_table", "rope_tables",

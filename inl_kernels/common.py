@@ -191,3 +191,35 @@ def fold_parameters(params: IterateParams, settings: IterateSettings, d: int, dt
 
 __all__ = ["IterateInfo", "IterateParams", "IterateSettings", "FoldedParams", "MAX_ITERATIONS", "compute_dtype",
            "dtype_name", "excitation_table", "fold_parameters", "iterate_bundle", "needs_grad"]
+
+
+def pin_inductor_vec_isa() -> Optional[str]:
+    """Keys torch.compile's CPU code on the vector instruction set it is generated for.
+
+    Inductor's on-disk FX graph cache (torch 2.13) does not include the vector ISA it generates
+    C++ for (AVX-512, AVX2, none): a graph cached by a process that picked one ISA is loaded by a
+    process that picks another, and its C++ source (loops that step by the first ISA's vector
+    length) is compiled with the second's flags. Measured here: a softmax-and-sum compiled under
+    AVX-512 and rerun with ATEN_CPU_CAPABILITY=avx2 returned half the right values, the reverse
+    twice them, and the compiled decode step of `inl_llm` crashed the process (SIGSEGV). Two
+    machines that share a cache directory (a home on a shared filesystem, a container image
+    with a warm cache) hit the same when one has AVX-512 and the other AVX2.
+
+    This sets `torch._inductor.config.cpp.simdlen` (part of the cache key) to the bit width of
+    the ISA inductor picks now — the best the CPU has, or ATEN_CPU_CAPABILITY's — which makes it
+    generate exactly what it would have, under a key of its own. Left alone when the caller set
+    simdlen. Returns the picked ISA's name ("none": scalar code), or None where inductor cannot
+    be imported. AVX-512 machines with and without AMX still share a key (both 512 bits); their
+    code differs only in max-autotune's bf16/int8 GEMM templates.
+
+    `inl_llm.generate(compile=True)`, the benchmarks and the test suite call it; call it before
+    your own torch.compile on a CPU where caches may be shared between machines."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except Exception:  # a torch build without inductor
+        return None
+    isa = pick_vec_isa()
+    if config.cpp.simdlen is None:
+        config.cpp.simdlen = isa.bit_width() if isa else 0
+    return str(isa) if isa else "none"

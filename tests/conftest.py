@@ -13,6 +13,13 @@ import random  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from inl_kernels import pin_inductor_vec_isa  # noqa: E402
+
+# torch.compile's on-disk cache (shared by every run on this machine) is keyed on the vector ISA
+# inductor generates for: a run under ATEN_CPU_CAPABILITY=avx2 (how the AVX2 machines of CI are
+# reproduced here) must not load the code of an AVX-512 run (inl_kernels.common.pin_inductor_vec_isa)
+pin_inductor_vec_isa()
+
 # every test starts from the same RNG state; INL_TEST_SEED=k runs the suite under another seed
 # (how a test's verdict is checked not to hang on one lucky draw)
 SEED = int(os.environ.get("INL_TEST_SEED", "0"))

@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from inl_kernels.common import pin_inductor_vec_isa
+
 from .lean_decode import LeanDecodeStep
 
 
@@ -96,6 +98,7 @@ def _compiled_step(device_type: str):
         elif device_type == "cpu":
             # a decode step's kernels are small: the wrapper's Python call per kernel is a large share
             how = dict(options={"cpp_wrapper": True})
+            pin_inductor_vec_isa()  # a cache shared with another ISA's processes would run wrong code
         _compiled[device_type] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **how)
     return _compiled[device_type]
 
