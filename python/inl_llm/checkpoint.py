@@ -58,6 +58,13 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _dcp_errors() -> tuple:
+    """What a DCP load raises on a bad file: its CheckpointException derives from BaseException,
+    which `except Exception` (ours, and a user's) does not catch."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    return (Exception, CheckpointException)
+
+
 def _dcp(method, state: dict, path: Path):
     """torch.distributed.checkpoint save or load; in one process without a process group too
     (DCP then warns that it assumes one process: that is the intent here)."""
@@ -238,6 +245,25 @@ def _repair(directory: Path):
             shutil.rmtree(path, ignore_errors=True)
 
 
+CHECKPOINT_ENTRIES = frozenset({WEIGHTS, CONFIG, MANIFEST, TRAIN_DIR, TRAIN_STATE})
+
+
+def _refuse_foreign(directory: Path):
+    """A save replaces the whole directory: refused (OSError naming what is there) when the
+    target exists and holds anything a checkpoint does not (other checkpoints, a Hugging Face
+    export, the user's files), which the replacement would delete."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise OSError(f"{directory} exists and is not a directory")
+    foreign = sorted(set(os.listdir(directory)) - CHECKPOINT_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OSError(f"{directory} holds entries that are not part of a checkpoint ({shown}); a save replaces the "
+                      f"whole directory and would delete them: save to a new or empty directory, or to a checkpoint's "
+                      f"own directory")
+
+
 def _swap_into_place(tmp: Path, directory: Path):
     old = directory.parent / f".{directory.name}.old-{os.getpid()}"
     if old.exists():
@@ -260,6 +286,7 @@ def _save_directory(directory: PathLike, write_all_ranks, write_rank0) -> Path:
         try:
             directory.parent.mkdir(parents=True, exist_ok=True)
             _repair(directory)
+            _refuse_foreign(directory)
             tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
         except OSError as e:
             error = f"cannot prepare {directory}: {e}"
@@ -373,7 +400,7 @@ def _load_weights_from_dcp(model: IntegratorLanguageModel, directory: Path):
     state = {"model": model.state_dict()}
     try:
         _dcp("load", state, directory / TRAIN_DIR)
-    except Exception as e:
+    except _dcp_errors() as e:
         raise CheckpointError(f"{directory / TRAIN_DIR} could not be read: {type(e).__name__}: {e}") from None
     model.load_state_dict(state["model"])
 
@@ -515,7 +542,7 @@ def load_training_checkpoint(model: IntegratorLanguageModel, directory: PathLike
     both = {"model": model_state, "optim": optim_state}
     try:
         _dcp("load", both, directory / TRAIN_DIR)
-    except Exception as e:
+    except _dcp_errors() as e:
         raise CheckpointError(f"{directory / TRAIN_DIR} could not be read: {type(e).__name__}: {e}") from None
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     world = torch.distributed.get_world_size() if _distributed() else 1

@@ -1,6 +1,7 @@
 """Checkpoints: save -> load gives identical logits; a mismatched config fails clearly; a
 checkpoint is never half written."""
 import os
+import shutil
 import warnings
 
 import pytest
@@ -88,6 +89,26 @@ def test_a_failed_save_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
         save_checkpoint(first, tmp_path / "ck")
     assert os.listdir(tmp_path) == ["ck"]  # no temporary directory left behind
     assert torch.equal(load_checkpoint(tmp_path / "ck").lm_head.weight, second.lm_head.weight)
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "older/model.safetensors", "generation_config.json"])
+def test_a_save_never_deletes_what_is_not_a_checkpoint(tmp_path, foreign):
+    """A save replaces its whole target directory: one that holds anything else (another
+    checkpoint inside it, a Hugging Face export, the user's notes) is refused, untouched."""
+    target = tmp_path / "checkpoints"
+    (target / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (target / foreign).write_text("the user's")
+    before = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
+    with pytest.raises(ckpt.CheckpointError, match=foreign.split("/")[0]):
+        save_checkpoint(micro(), target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == before
+    assert (target / foreign).read_text() == "the user's"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]  # nothing left beside it
+    shutil.rmtree(target / foreign.split("/")[0]) if "/" in foreign else (target / foreign).unlink()
+    # an empty directory, or a checkpoint's own, is replaced
+    save_checkpoint(micro(), target)
+    save_checkpoint(micro(seed=3), target)
+    assert torch.equal(load_checkpoint(target).lm_head.weight, micro(seed=3).lm_head.weight)
 
 
 def test_a_bf16_model_saves_an_fp32_budget_average(tmp_path):
@@ -320,3 +341,26 @@ def test_saves_killed_at_random_instants_never_lose_the_checkpoint(tmp_path):
     save_checkpoint(micro(seed=1), tmp_path / "ck")
     assert os.listdir(tmp_path) == ["ck"]
 
+
+
+def test_a_truncated_dcp_shard_is_a_checkpoint_error(tmp_path):
+    """Without a manifest (deleted after a deliberate edit: such checkpoints load unchecked) a
+    truncated DCP shard surfaces as CheckpointError naming train/, from both loaders, not as
+    DCP's CheckpointException (a BaseException, past every `except Exception`)."""
+    from inl_llm.checkpoint import load_training_checkpoint, save_training_checkpoint
+    from inl_llm.train import TrainConfig, optimizer_for
+
+    model = micro()
+    save_training_checkpoint(model, tmp_path / "ck", optimizer_for(model, TrainConfig()), {"step": 1})
+    os.remove(tmp_path / "ck" / ckpt.MANIFEST)
+    os.remove(tmp_path / "ck" / ckpt.WEIGHTS)  # load_checkpoint then reads the weights from train/
+    shard = sorted((tmp_path / "ck" / ckpt.TRAIN_DIR).glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 10)
+    fresh = micro()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: no process group, one process assumed
+        with pytest.raises(ckpt.CheckpointError, match=ckpt.TRAIN_DIR):
+            load_training_checkpoint(fresh, tmp_path / "ck", optimizer_for(fresh, TrainConfig()))
+        with pytest.raises(ckpt.CheckpointError, match=ckpt.TRAIN_DIR):
+            load_checkpoint(tmp_path / "ck")
