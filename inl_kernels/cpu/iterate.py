@@ -15,17 +15,21 @@ cached per parameter version inside the ops: a decode step, or every layer of a 
 shares one controller, reuses them until a weight or mod_scale changes. An in-place change bumps
 a tensor's version, but torch's fused optimizers (AdamW(fused=True) and the like) write the
 parameters without bumping it, so every step of a torch.optim optimizer also invalidates the
-cache (a global step post-hook counts the steps). A change made through `.data` bumps nothing and
-is not seen. Without gradients, outside torch.compile's tracing, the folded biases and
-excitation table are cached the same way.
+cache (a global step post-hook counts the steps). A parameter given new storage (`module.to()`,
+`load_state_dict(assign=True)`, `param.data = ...`) misses the cache; a change written in place
+through `.data` bumps nothing and is not seen. Without gradients, outside torch.compile's
+tracing, the folded biases and excitation table are cached the same way. Nothing is stored on
+the tensors (see `_cached`): models pickle and swap their parameters as without the cache.
 """
 from __future__ import annotations
 
-import weakref
+import threading
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..common import (IterateInfo, IterateParams, IterateSettings, dtype_name, eager_direct, fold_parameters,
@@ -33,7 +37,7 @@ from ..common import (IterateInfo, IterateParams, IterateSettings, dtype_name, e
 from . import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_CACHED = 64  # entries per holder tensor: one per layer that shares the controller
+_MAX_CACHED = 256  # entries in all: a model's layers (one per layer sharing a controller), a few models
 # torch.optim steps taken in this process: part of every cache key (see the module's docstring;
 # a fused optimizer writes parameters without bumping their version counters)
 _optimizer_steps = [0]
@@ -45,28 +49,47 @@ def _count_step(optimizer, args, kwargs):
 
 register_optimizer_step_post_hook(_count_step)
 
+# The caches live here, not on the tensors: an attribute on a Parameter goes into its pickle
+# (torch.save(model) failed once a forward had run) and a Python weakref to it makes
+# torch.utils.swap_tensors refuse it (module.to() under swap_module_params_on_conversion). An
+# entry holds C++-level weak references to the tensors' storages (StorageWeakRef, as torch's
+# multiprocessing does): they keep no data alive, but while one is held no other storage can
+# take the storage's address, so a tensor still showing that address is still on that storage
+# (module.to(bf16).to(fp32) replaces `.data`, keeping the Parameter, its id and its version: by
+# address alone, a new storage at a reused address passed for the old one).
+_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+_cache_lock = threading.Lock()
 
-def _cached(holder, slot, tensors, extra, build, usable=lambda value: True):
-    """build(), remembered on `holder` under `slot` for these same tensors (alive, at these
-    versions, no optimizer step since) and `extra`; rebuilt when any of them changed in place.
-    Inference tensors have no version counter: nothing is cached for them."""
+
+def _storage_state(t: Tensor) -> tuple:
+    """What identifies t's values short of reading them: its storage, view and version."""
+    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+
+
+def _cached(slot, tensors, extra, build, usable=lambda value: True):
+    """build(), remembered under `slot` for tensors on these same storages, at these versions,
+    with no optimizer step since, and `extra`; rebuilt when any of them changed in place or was
+    given other storage. Inference tensors have no version counter: nothing is cached for them.
+    Entries whose tensors were freed are dropped when the next entry is made."""
     if any(t.is_inference() for t in tensors):
         return build()
-    versions = tuple((t.data_ptr(), t._version) for t in tensors) + (_optimizer_steps[0],)
-    cache = getattr(holder, slot, None)
-    if cache is None:
-        cache = {}
-        setattr(holder, slot, cache)
-    key = tuple(id(t) for t in tensors) + tuple(extra)
-    hit = cache.get(key)
-    if (hit is not None and hit[1] == versions and usable(hit[2])
-            and all(r() is t for r, t in zip(hit[0], tensors))):
-        return hit[2]
+    states = tuple(_storage_state(t) for t in tensors)
+    key = (slot, tuple(extra)) + tuple(state[:5] for state in states)
+    versions = tuple(state[5] for state in states) + (_optimizer_steps[0],)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None and hit[1] == versions and usable(hit[2]) and not any(r.expired() for r in hit[0]):
+            _cache.move_to_end(key)
+            return hit[2]
     value = build()
-    cache.pop(key, None)
-    if len(cache) >= _MAX_CACHED:
-        cache.pop(next(iter(cache)))
-    cache[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+    refs = tuple(StorageWeakRef(t.untyped_storage()) for t in tensors)
+    with _cache_lock:
+        for k in [k for k, entry in _cache.items() if any(r.expired() for r in entry[0])]:
+            del _cache[k]
+        _cache.pop(key, None)
+        while len(_cache) >= _MAX_CACHED:
+            _cache.popitem(last=False)
+        _cache[key] = (refs, versions, value)
     return value
 
 
@@ -83,7 +106,7 @@ def packed_controller(w_h, w_x, w_v, w_o, mod, backward):
 
     def build():
         return _C.iterate_pack(w_h.detach(), w_x.detach(), w_v.detach(), w_o.detach(), scale, backward)
-    return _cached(w_o, "_inl_cpu_packs", tensors, (tuple(scale.tolist()), _C.cpu_capability()), build,
+    return _cached("pack", tensors, (tuple(scale.tolist()), _C.cpu_capability()), build,
                    usable=lambda pack: pack.backward or not backward)
 
 
@@ -199,7 +222,7 @@ def _kernel_weights(params: IterateParams, settings: IterateSettings, d: int, gr
     if grad or torch.compiler.is_compiling():  # autograd carries the gradients back through the folding
         folded = fold()
     else:  # a decode step builds the excitation table once per parameter version, not per call
-        folded = _cached(p.mod_bias, "_inl_cpu_folded", (p.b_h, p.b_x, p.b_v, p.mod_scale, p.mod_bias, p.exc_index,
+        folded = _cached("folded", (p.b_h, p.b_x, p.b_v, p.mod_scale, p.mod_bias, p.exc_index,
                                                          p.gamma, p.phi),
                          (s.amplitude, s.num_iterations, d), fold)
     return ((p.w_h.float(), p.w_x.float(), p.w_v.float(), p.w_o.float(), folded.bias, p.b_o.float(), folded.mod,

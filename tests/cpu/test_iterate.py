@@ -368,6 +368,41 @@ def test_packed_controller_is_cached_per_parameter_version(optimizer):
 
 
 
+def test_cached_packs_follow_new_storage_and_stay_off_the_tensors():
+    """module.to(bf16).to(fp32) gives the controller new storage (the Parameter keeps its id and
+    version, and the allocator often hands back the old address): the next call must compute with
+    the rounded weights, exactly as with an empty cache, in every trial. The cache keeps nothing on
+    the tensors: a layer that ran pickles, and its parameters swap (swap_tensors)."""
+    import pickle
+
+    from inl_kernels.cpu import iterate as cpu_iterate
+    from inl_kernels.modules import Controller, IntegratorLayer
+
+    for trial in range(12):
+        d, H = (24, 64, 96)[trial % 3], (8, 32, 24)[trial % 3]
+        torch.manual_seed(trial)
+        layer = IntegratorLayer(d, Controller(d, H), num_iterations=3, backend="cpu").eval()
+        h, x = torch.randn(5, d), torch.randn(5, d)
+        with torch.no_grad():
+            layer(h, x)  # packs the fp32 controller
+            layer.controller.out.to(torch.bfloat16).float()  # w_o rounded to bf16, on new storage
+            got = layer(h, x)
+            cpu_iterate._cache.clear()
+            fresh = layer(h, x)
+        assert torch.equal(got, fresh), trial
+    assert not any(vars(p) for p in layer.parameters())
+    clone = pickle.loads(pickle.dumps(layer))
+    with torch.no_grad():
+        assert torch.equal(clone(h, x), layer(h, x))
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.double()  # swap_tensors refuses a tensor that has a Python weakref
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert layer.controller.out.weight.dtype == torch.float64
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_decode_rows_split_over_threads_give_the_bits_of_a_block(threads):
     """Up to four rows run row by row with each step's products split by panels over up to four
