@@ -118,6 +118,22 @@ def _device_mismatch(backend: str, device_type: str) -> Optional[str]:
     return None
 
 
+def _transform_reason() -> Optional[str]:
+    """Why a fused op cannot run under the autograd transform in use, or None: its registered
+    ops carry a reverse-mode backward only, so forward-mode AD (torch.autograd.forward_ad,
+    torch.func.jvp) would see no tangent through them (a zero one, silently) and the functorch
+    transforms (torch.func.grad, vmap, ...) refuse them. Such calls run on the reference, whose
+    aten ops have every formula. Not while torch.compile traces (its own machinery is no user
+    transform)."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch.autograd.forward_ad._current_level >= 0:
+        return "forward-mode AD is on, and the fused ops register only a reverse-mode backward"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform is active, and the fused ops register only a reverse-mode backward"
+    return None
+
+
 def _why_not(backend: str, op: str, device_type: str, args) -> Optional[str]:
     reason = _UNAVAILABLE[backend]
     if reason is not None:
@@ -128,6 +144,10 @@ def _why_not(backend: str, op: str, device_type: str, args) -> Optional[str]:
     reason = _device_mismatch(backend, device_type)
     if reason is not None:
         return reason
+    if backend != "reference":
+        reason = _transform_reason()
+        if reason is not None:
+            return reason
     return entry.supports(*args) if entry.supports is not None else None
 
 

@@ -279,3 +279,57 @@ def test_model_runs_on_every_named_backend(backend):
     ids = torch.randint(0, 259, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[0], reference(ids)[0], rtol=1e-4, atol=1e-4)
+
+
+def _transform_cases():
+    from inl_kernels.reference.rope import rope_tables
+    from tests.iterate_cases import make_args
+
+    g = torch.Generator().manual_seed(0)
+    h, x, kw = make_args(n=4, d=8, H=4, E=2, T=3, dtype=torch.float32)
+    w = torch.randn(8, generator=g)
+    wg, wu, wd = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(8, 6, generator=g)
+    cos, sin = rope_tables(16, 4, 10000.0)
+    q, k, v = (torch.randn(1, 2, 3, 4, generator=g) for _ in range(3))
+    F = inl_kernels
+    return {  # op -> (function of one input and a backend, the input)
+        "rms_norm": (lambda a, be: F.rms_norm(a, w, backend=be), x),
+        "swiglu": (lambda a, be: F.swiglu(a, wg, wu, wd, backend=be), x),
+        "iterate": (lambda a, be: F.inl_iterate(h, a, **kw, backend=be), x),
+        "rope": (lambda a, be: F.rope(a, k, cos, sin, 2, backend=be)[0], q),
+        "attention": (lambda a, be: F.gqa_attention(a, k, v, rope=(cos, sin), backend=be), q),
+        "decode attention": (lambda a, be: F.gqa_attention(a[:, :, :1], k, v, rope=(cos, sin), backend=be), q),
+    }
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "iterate", "rope", "attention", "decode attention"])
+def test_forward_mode_ad_and_torch_func_run_on_the_reference(op):
+    """The fused ops register a reverse-mode backward only: under forward-mode AD (torch.func.jvp,
+    torch.autograd.forward_ad) they gave a zero tangent without a word, and torch.func.grad refused
+    them. `auto` now runs such calls on the reference (same values, bit for bit, as asking for it),
+    and naming a fused backend is a ValueError that says why."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, jvp, vmap
+
+    fn, a = _transform_cases()[op]
+    tangent = torch.randn_like(a)
+    want = jvp(lambda t: fn(t, "reference"), (a,), (tangent,))
+    got = jvp(lambda t: fn(t, "auto"), (a,), (tangent,))
+    assert want[1].abs().max() > 0
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(fn(fwAD.make_dual(a, tangent), "auto")).tangent
+    assert dual is not None and torch.equal(dual, want[1])
+    weights = torch.randn_like(fn(a, "reference"))
+    g_want = grad(lambda t: (fn(t, "reference") * weights).sum())(a)
+    assert torch.equal(grad(lambda t: (fn(t, "auto") * weights).sum())(a), g_want)
+    if op == "rms_norm":  # vmap over a batch of inputs
+        batch = torch.stack([a, 2 * a])
+        assert torch.equal(vmap(lambda t: fn(t, "auto"))(batch), vmap(lambda t: fn(t, "reference"))(batch))
+    if "cpu" in inl_kernels.backends():
+        with pytest.raises(ValueError, match="forward-mode AD"):
+            jvp(lambda t: fn(t, "cpu"), (a,), (tangent,))
+        # plain eager calls still take the fused kernel
+        from inl_kernels._dispatch import resolve
+        assert resolve("rms_norm", "auto", "cpu", a[..., :8].reshape(-1, 8), torch.ones(8), 1e-6, None).__module__ \
+            .startswith("inl_kernels.cpu")
