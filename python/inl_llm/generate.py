@@ -151,7 +151,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     `eos_check_every` tokens, the only reads back to the host). Without the cache each step
     re-runs the whole sequence (same tokens as with it: the test checks greedy). The prompt plus
     the new tokens but the last (never fed back) must fit in max_seq_len. attention_mask [B, S]:
-    left padding of batched prompts (1 = token, 0 = padding). compile / cuda_graph: see the module
+    left padding of batched prompts (1 = token, 0 = padding; a row that ends in padding is a
+    ValueError). compile / cuda_graph: see the module
     docstring (both need the cache)."""
     _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample)
     if input_ids.dim() == 1:
@@ -170,6 +171,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         raise ValueError(f"cuda_graph=True needs CUDA tensors, got input_ids on {input_ids.device}")
     if not isinstance(eos_check_every, int) or eos_check_every < 1:
         raise ValueError(f"eos_check_every must be an int >= 1, got {eos_check_every!r}")
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= 1:
+        # new tokens follow the last position of every row: a row whose prompt ends in padding
+        # (right padding) would be continued from a pad (one read of the mask, once per call)
+        ends_in_padding = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        if ends_in_padding:
+            raise ValueError(f"attention_mask: generate continues every row from its last position, so prompts must "
+                             f"be left-padded; row(s) {ends_in_padding[:8]} end in padding (pad on the left, e.g. a "
+                             f"tokenizer's padding_side='left')")
     sample = lambda logits, ids: next_token(logits, ids, temperature, top_k, top_p,  # noqa: E731
                                             repetition_penalty, do_sample, generator)
     was_training = model.training

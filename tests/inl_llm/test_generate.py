@@ -101,3 +101,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(prompt, -1)
     assert torch.equal(model.generate(prompt, 0), prompt)
+
+
+def test_a_right_padded_prompt_is_refused():
+    """generate continues every row from its last position: a right-padded row would be continued
+    from a pad (the forward accepts right padding; generate must not). Left padding works."""
+    model = micro()
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8]])
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=r"left-padded; row\(s\) \[0\]"):
+            model.generate(ids, 3, do_sample=False, attention_mask=right, use_cache=use_cache)
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    out = model.generate(torch.tensor([[0, 5, 6, 7], [5, 6, 7, 8]]), 3, do_sample=False, attention_mask=left)
+    assert torch.equal(out[0, 4:], model.generate(torch.tensor([[5, 6, 7]]), 3, do_sample=False)[0, 3:])
