@@ -85,7 +85,7 @@ def supports(x, w_gate, w_up, w_down):
 def swiglu(x, w_gate, w_up, w_down):
     # fp32 master weights under bf16/fp16 activations: the matmuls run in the activations' dtype
     w_gate, w_up, w_down = (w.to(x.dtype) for w in (w_gate, w_up, w_down))
-    if (x.dtype == torch.float32 and _few_rows(x) and not torch.is_autocast_enabled("cpu")
+    if (x.dtype == torch.float32 and _few_rows(x, w_gate) and not torch.is_autocast_enabled("cpu")
             and not needs_grad(x, w_gate, w_up, w_down)):
         run = _C.swiglu_rows if eager_direct(x, w_gate, w_up, w_down) else cpu_swiglu_rows_op
         return _whole(run, x, tuple(w.contiguous() for w in (w_gate, w_up, w_down)))
@@ -110,13 +110,14 @@ def prepared_inference(w_gate, w_up, w_down, dtype):
     weights = tuple(w.to(dtype).contiguous() for w in (w_gate, w_up, w_down))
 
     def run(x):
-        return _whole(_C.swiglu_rows, x, weights) if _few_rows(x) else swiglu(x, w_gate, w_up, w_down)
+        return _whole(_C.swiglu_rows, x, weights) if _few_rows(x, w_gate) else swiglu(x, w_gate, w_up, w_down)
     return run
 
 
-def _few_rows(x) -> bool:
-    """Whether x's rows are few enough for the one-call kernel."""
-    return 0 < x.numel() <= ROWS * x.shape[-1]
+def _few_rows(x, w_gate) -> bool:
+    """Whether x's rows are few enough for the one-call kernel (which needs a hidden layer: with
+    F = 0 the matmul path gives the zeros)."""
+    return 0 < x.numel() <= ROWS * x.shape[-1] and w_gate.shape[0] > 0
 
 
 def _whole(run, x, weights):

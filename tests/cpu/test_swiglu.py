@@ -189,6 +189,21 @@ def test_few_rows_keep_nan_in_their_row_and_check_their_arguments():
         _C.swiglu_rows(x, wg, wu, wd.t().contiguous().t())
 
 
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_an_empty_hidden_layer_gives_zeros(rows):
+    """F = 0 (no hidden units): zeros [N, d], as the reference gives, on every path (the few-row
+    kernel refused it with an error about w_gate's shape)."""
+    from inl_kernels.cpu.swiglu import prepared_inference
+    x = torch.randn(rows, 6)
+    wg, wu, wd = torch.randn(0, 6), torch.randn(0, 6), torch.randn(6, 0)
+    want = swiglu(x.double(), wg.double(), wu.double(), wd.double(), backend="reference")
+    assert torch.equal(want, torch.zeros(rows, 6, dtype=torch.float64))
+    with torch.no_grad():
+        for backend in ("cpu", "auto"):
+            assert torch.equal(swiglu(x, wg, wu, wd, backend=backend), want.float())
+        assert torch.equal(prepared_inference(wg, wu, wd, torch.float32)(x), want.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepared_inference_gives_the_bits_of_swiglu(dtype):
     """cpu.swiglu.prepared_inference casts and lays out the weights once and then computes what
