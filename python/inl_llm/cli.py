@@ -6,22 +6,31 @@ the iterations each layer used (early exit) while generating.
 
 train runs one process, or every rank of a torchrun job:
     torchrun --nproc_per_node 2 -m inl_llm train --parallel fsdp --size small --out ckpt
-and `--resume ckpt` continues a training checkpoint exactly (or starts a new run from the
-weights of a plain checkpoint).
+and `--resume ckpt` continues a training checkpoint exactly, with the settings it was trained with
+(a flag given overrides one; another corpus is refused), or starts a new run from the weights of
+a plain checkpoint. A bad argument is argparse's `error:` line naming the flag (exit status 2),
+before anything runs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import math
 import os
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
 import inl_kernels
 
 from . import data
-from .checkpoint import TRAIN_STATE, export_checkpoint, load_checkpoint, load_weights, read_config, resolve_checkpoint
+from .checkpoint import (TRAIN_STATE, CheckpointError, export_checkpoint, load_checkpoint, load_weights, read_config,
+                         resolve_checkpoint, verify_checkpoint)
 from .config import RUNTIME_FIELDS, SIZES, INLConfig
 from .data import ByteTokenizer
 from .distributed import PARALLEL_MODES, init_from_env, parallelize
@@ -31,6 +40,96 @@ from .train import PRECISIONS, TrainConfig, evaluate, train
 
 def _fail(message: str):
     raise SystemExit(f"error: {message}")
+
+
+def _usage_error(args, message: str):
+    """argparse's own `error:` line (usage, then the message; exit status 2) from the subcommand's
+    parser, for checks that span several flags or need the model or the data."""
+    parser = getattr(args, "_parser", None)
+    if parser is not None:
+        parser.error(message)
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ---- argument types: argparse turns an ArgumentTypeError into "argument --flag: message", exit 2
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (--eval-fraction: both splits must hold tokens)."""
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (--top-p)."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
+    return value
+
+
+def existing_path(text: str) -> str:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text!r}")
+    return text
+
+
+def checkpoint_path(text: str) -> str:
+    """A directory that exists, or one a save killed between its two renames left a complete copy
+    of beside it (resolve_checkpoint reads that)."""
+    if not Path(text).exists():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                resolve_checkpoint(text)
+        except FileNotFoundError:
+            raise argparse.ArgumentTypeError(f"no checkpoint at {text!r} (no such directory)") from None
+    return text
+
+
+def data_source(text: str) -> str:
+    """--data: "stdlib" or a file or directory that exists."""
+    return text if text == "stdlib" else existing_path(text)
 
 
 def _device(name: str) -> torch.device:
@@ -119,48 +218,229 @@ def _resume_config(checkpoint: str, size, overrides: dict, say) -> INLConfig:
         _fail(f"--set: {e}")
 
 
+# train's settings: parsed with default None, so that a flag given is known from one left out. A
+# new run fills in these defaults; a resumed training checkpoint fills in what it was trained with
+# (_checkpoint_settings), so `train --resume ckpt --steps N` continues the run as it was.
+TRAIN_DEFAULTS = {"steps": 1000, "time_budget": None, "batch_size": 16, "seq_len": 128, "lr": 3e-3, "warmup": 20,
+                  "grad_accum": 1, "data_shards": None, "precision": "fp32", "eval_every": 100,
+                  "eval_interval_s": None, "eval_batches": 8, "preset": "balanced", "cycle_unit": "steps",
+                  "cycle_scale": 1.0, "out": None, "checkpoint_every": None, "sharded_checkpoints": False, "seed": 0,
+                  "progress": True, "data": "stdlib", "max_bytes": None, "eval_fraction": 0.05,
+                  "activation_checkpointing": False}
+# train flag -> the TrainConfig field it sets under the same value
+_TRAIN_FIELDS = {"steps": "steps", "time_budget": "time_budget", "batch_size": "batch_size", "seq_len": "seq_len",
+                 "lr": "lr", "warmup": "warmup_steps", "grad_accum": "grad_accum_steps", "data_shards": "data_shards",
+                 "precision": "precision", "eval_every": "eval_every", "eval_interval_s": "eval_interval_s",
+                 "eval_batches": "eval_batches", "cycle_unit": "cycle_unit", "cycle_scale": "cycle_scale",
+                 "out": "checkpoint_dir", "checkpoint_every": "checkpoint_every", "seed": "seed",
+                 "progress": "progress"}
+# train flags the CLI records in TrainConfig.meta (train() does not read them)
+_META_FLAGS = ("data", "max_bytes", "eval_fraction", "activation_checkpointing")
+_CORPUS_EDGE = 2 ** 20  # tokens hashed at each end of the corpus for its fingerprint
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _read_train_state(directory) -> dict:
+    """train_state.pt of a training checkpoint (checked against the manifest first)."""
+    directory = resolve_checkpoint(directory)
+    verify_checkpoint(directory, [TRAIN_STATE])
+    try:
+        return torch.load(directory / TRAIN_STATE, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{directory / TRAIN_STATE} could not be read: {type(e).__name__}: {e}") from None
+
+
+def _checkpoint_settings(state: dict) -> dict:
+    """The train flags' values a training checkpoint was written with: its TrainConfig and what the
+    CLI recorded in TrainConfig.meta. Flags it does not record are left out."""
+    tc = state.get("train_config") or {}
+    settings = {flag: tc[field] for flag, field in _TRAIN_FIELDS.items() if field in tc}
+    if "preset" in tc:
+        settings["preset"] = tc["preset"] or "none"
+    if "export_weights" in tc:
+        settings["sharded_checkpoints"] = not tc["export_weights"]
+    meta = tc.get("meta") or {}
+    settings.update({key: meta[key] for key in (*_META_FLAGS, "corpus") if key in meta})
+    return settings
+
+
+def _shown(name: str, value) -> str:
+    """A train flag as it would be typed."""
+    if isinstance(value, bool):
+        return _flag(name) if value else "--no-" + _flag(name)[2:]
+    return f"{_flag(name)} {value}"
+
+
+def _corpus_source(data: str) -> str:
+    return data if data == "stdlib" else os.path.abspath(data)
+
+
+def _fingerprint(tokens: torch.Tensor) -> dict:
+    """The corpus as a run reads it: its length and a sha256 of its first and last 2^20 tokens."""
+    flat = tokens.reshape(-1)
+    digest = hashlib.sha256(f"{flat.numel()} {flat.dtype}".encode())
+    for part in (flat[:_CORPUS_EDGE], flat[-_CORPUS_EDGE:]):
+        digest.update(part.contiguous().numpy().tobytes())
+    return {"tokens": int(flat.numel()), "sha256": digest.hexdigest()}
+
+
+def _check_corpus(args, resume: str, saved: dict, values: dict, corpus: dict):
+    """A resumed run must read the corpus its checkpoint was trained on (refused otherwise, unless
+    --allow-data-change); a checkpoint that does not record it is resumed with a warning."""
+    recorded = saved.get("corpus")
+    if recorded is None:
+        warnings.warn(f"{resume} does not record the corpus it was trained on (written before the CLI recorded "
+                      f"it): --data {values['data']} --max-bytes {values['max_bytes']} are not checked against it",
+                      stacklevel=2)
+        return
+    if recorded == corpus:
+        return
+    flags = [f"{_flag(k)} {values[k]}" for k in ("data", "max_bytes")
+             if getattr(args, k) is not None and (_corpus_source(values[k]) if k == "data" else values[k]) != saved[k]]
+    what = " and ".join(flags) or f"--data {values['data']} (its contents have changed since)"
+    message = (f"{what}: --resume {resume} was trained on another corpus (--data {saved['data']} --max-bytes "
+               f"{saved['max_bytes']}: {recorded['tokens']:,} tokens, sha256 {recorded['sha256'][:12]}); this run "
+               f"would read {corpus['tokens']:,} tokens, sha256 {corpus['sha256'][:12]}. On other data the run does "
+               f"not continue as it was: leave --data and --max-bytes out (the checkpoint's are used), or pass "
+               f"--allow-data-change to train on this corpus anyway")
+    if not args.allow_data_change:
+        _usage_error(args, message)
+    warnings.warn(f"--allow-data-change: {message.split('; this run', 1)[0]}; continuing on the new corpus",
+                  stacklevel=2)
+
+
+def _train_settings(args, state) -> tuple[dict, dict]:
+    """(every train flag's value: given > the checkpoint's > the default, the checkpoint's)."""
+    saved = _checkpoint_settings(state) if state is not None else {}
+    values = {}
+    for name, default in TRAIN_DEFAULTS.items():
+        given = getattr(args, name, None)
+        values[name] = given if given is not None else saved.get(name, default)
+    return values, saved
+
+
 def cmd_train(args) -> dict:
-    if args.parallel == "none" and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        _fail("launched by torchrun with several ranks but --parallel none: pass --parallel ddp or fsdp")
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else 1
+    if args.parallel == "none" and world > 1:
+        _usage_error(args, "launched by torchrun with several ranks but --parallel none: pass --parallel ddp or fsdp")
+    if args.parallel != "none" and not torchrun:
+        _usage_error(args, f"--parallel {args.parallel} runs on the ranks of a torchrun job: launch with "
+                           f"`torchrun --nproc_per_node N -m inl_llm train --parallel {args.parallel} ...` "
+                           f"(one process trains with --parallel none)")
     _device(args.device)  # a clear error before anything starts
-    rank, world, device = init_from_env(args.device)
+    rank = int(os.environ["RANK"]) if torchrun else 0
     say = print if rank == 0 else (lambda *a, **k: None)
     overrides = _overrides(args.set)
-    resume_from = None
+    state = None
     if args.resume:
         config = _resume_config(args.resume, args.size, overrides, say)
-        model = build_model(config)
         if (resolve_checkpoint(args.resume) / TRAIN_STATE).exists():
-            resume_from = args.resume  # train() restores everything
-        else:
-            load_weights(model, args.resume)
-            say(f"{args.resume} holds weights only: a new run starts from them at step 0")
+            state = _read_train_state(args.resume)  # train() restores everything; the settings come from here
     else:
         try:
             config = INLConfig.from_name(args.size or "tiny", **overrides)
         except (TypeError, ValueError) as e:
             _fail(f"--set: {e}")
-        model = build_model(config)
+    values, saved = _train_settings(args, state)
+    v = values
+    recorded = (state or {}).get("data") or {}
+    if args.data_shards is None and v["data_shards"] is None and recorded.get("num_shards", world) != world:
+        # None meant the world size of the run that wrote the checkpoint: resuming on another world
+        # size reads that run's shard count (the data position is a function of it)
+        v["data_shards"] = recorded["num_shards"]
+        saved["data_shards"] = v["data_shards"]
+    inherited = [k for k in TRAIN_DEFAULTS if getattr(args, k, None) is None and k in saved]
+    taken = [_shown(k, v[k]) for k in inherited if v[k] != TRAIN_DEFAULTS[k]]
+    if taken:
+        say(f"settings of {args.resume} (flags not given): {' '.join(taken)}")
+    given = lambda name: " (the checkpoint's)" if name in inherited else ""  # noqa: E731
+
+    # what no training step may start without
+    if v["seq_len"] > config.max_seq_len:
+        _usage_error(args, f"--seq-len {v['seq_len']}{given('seq_len')} exceeds the model's max_seq_len="
+                           f"{config.max_seq_len}: pass --seq-len <= {config.max_seq_len}")
+    if v["batch_size"] % (world * v["grad_accum"]):
+        _usage_error(args, f"--grad-accum {v['grad_accum']}{given('grad_accum')}: --batch-size {v['batch_size']}"
+                           f"{given('batch_size')} must be a multiple of the world size × --grad-accum "
+                           f"({world} × {v['grad_accum']}); each rank splits its rows into that many micro-batches")
+    shards = v["data_shards"] or world
+    if v["batch_size"] % shards:
+        _usage_error(args, f"--data-shards {shards}{given('data_shards')} must divide --batch-size "
+                           f"{v['batch_size']}{given('batch_size')} (every shard gives the same rows to a batch)")
+    if shards % world:
+        _usage_error(args, f"--data-shards {shards}{given('data_shards')} must be a multiple of the world size "
+                           f"({world}): each rank reads whole shards")
+    unsharded = [k for k in ("mixture_of_integrators", "mu_ema_rate") if getattr(config, k)]
+    if args.parallel == "fsdp" and unsharded:
+        _usage_error(args, f"--parallel fsdp does not support {' or '.join(unsharded)} (the model's config): "
+                           f"use --parallel ddp")
+    if state is not None:
+        windows = {"seq_len": v["seq_len"], "batch_size": v["batch_size"], "num_shards": shards, "seed": v["seed"]}
+        names = {"seq_len": "seq_len", "batch_size": "batch_size", "num_shards": "data_shards", "seed": "seed"}
+        before = state.get("data") or {}
+        differ = [f"{_flag(names[k])} {windows[k]} (the checkpoint's: {before[k]})" for k in windows
+                  if k in before and before[k] != windows[k]]
+        if differ:
+            _usage_error(args, f"--resume {args.resume} was trained on other windows of the data: {', '.join(differ)}; "
+                               f"leave these flags out (the checkpoint's are used) to resume")
+
+    try:
+        tokens = data.load_corpus(v["data"], max_bytes=v["max_bytes"])
+    except (OSError, ValueError, ImportError) as e:
+        _usage_error(args, f"--data {v['data']}{given('data')}: {e}")
+    corpus = _fingerprint(tokens)
+    if state is not None:
+        _check_corpus(args, args.resume, saved, v, corpus)
+        if "eval_fraction" in saved and v["eval_fraction"] != saved["eval_fraction"]:
+            warnings.warn(f"resuming {args.resume} with --eval-fraction {v['eval_fraction']} (trained with "
+                          f"{saved['eval_fraction']}): the train and eval splits move, and the run does not "
+                          f"continue as the interrupted one would have", stacklevel=2)
+    train_tokens, eval_tokens = data.split(tokens, v["eval_fraction"])
+    if len(eval_tokens) < v["seq_len"] + 1:
+        _usage_error(args, f"--eval-fraction {v['eval_fraction']}{given('eval_fraction')} of {len(tokens):,} tokens "
+                           f"(--data {v['data']}, --max-bytes {v['max_bytes']}) leaves {len(eval_tokens)} eval tokens, "
+                           f"fewer than --seq-len + 1 = {v['seq_len'] + 1}")
+    shortest = min(len(train_tokens) * (s + 1) // shards - len(train_tokens) * s // shards for s in range(shards))
+    if shortest < v["seq_len"] + 1:
+        _usage_error(args, f"--max-bytes {v['max_bytes']}: the train split ({len(train_tokens):,} tokens of --data "
+                           f"{v['data']}) cut into --data-shards {shards} leaves a shard of {shortest} tokens, fewer "
+                           f"than --seq-len + 1 = {v['seq_len'] + 1}")
+    meta = {"data": _corpus_source(v["data"]), "max_bytes": v["max_bytes"], "eval_fraction": v["eval_fraction"],
+            "activation_checkpointing": bool(v["activation_checkpointing"]), "corpus": corpus}
+    before = state["train_config"] if state is not None else {}
+    kept = {k: before[k] for k in ("weight_decay", "grad_clip", "min_lr") if k in before}
+    if args.lr is not None or "min_lr" not in kept:
+        kept["min_lr"] = v["lr"] / 10
+    try:
+        tc = TrainConfig(**{field: v[flag] for flag, field in _TRAIN_FIELDS.items()}, **kept,
+                         preset=None if v["preset"] == "none" else v["preset"],
+                         export_weights=not v["sharded_checkpoints"], meta=meta)
+    except (TypeError, ValueError) as e:
+        _usage_error(args, str(e))
+
+    rank, world, device = init_from_env(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    model = build_model(config)
+    resume_from = None
+    if state is not None:
+        resume_from = args.resume  # train() restores everything
+    elif args.resume:
+        load_weights(model, args.resume)
+        say(f"{args.resume} holds weights only: a new run starts from them at step 0")
     model = model.to(device)
-    tokens = data.load_corpus(args.data, max_bytes=args.max_bytes)
-    train_tokens, eval_tokens = data.split(tokens, args.eval_fraction)
     parallel = f", {args.parallel} over {world} ranks" if args.parallel != "none" else ""
-    say(f"{_environment()}{parallel}\nmodel: {_describe(model)}\ndata: {args.data}, {len(train_tokens):,} train and "
+    say(f"{_environment()}{parallel}\nmodel: {_describe(model)}\ndata: {v['data']}, {len(train_tokens):,} train and "
         f"{len(eval_tokens):,} eval tokens")
-    engine = parallelize(model, args.parallel, precision=args.precision,
-                         activation_checkpointing=args.activation_checkpointing)
-    tc = TrainConfig(steps=args.steps, time_budget=args.time_budget, batch_size=args.batch_size, seq_len=args.seq_len,
-                     lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup, grad_accum_steps=args.grad_accum,
-                     data_shards=args.data_shards, precision=args.precision, eval_every=args.eval_every,
-                     eval_interval_s=args.eval_interval_s, eval_batches=args.eval_batches,
-                     preset=None if args.preset == "none" else args.preset, cycle_unit=args.cycle_unit,
-                     cycle_scale=args.cycle_scale, checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
-                     export_weights=not args.sharded_checkpoints, seed=args.seed,
-                     progress=not args.no_progress)
+    engine = parallelize(model, args.parallel, precision=v["precision"],
+                         activation_checkpointing=v["activation_checkpointing"])
     result = train(engine, train_tokens, eval_tokens, tc, resume_from=resume_from)
     first, last = result["history"][0], result["history"][-1]
     say(f"eval loss {first['loss']:.3f} -> {last['loss']:.3f} after {result['steps']} steps "
-        f"in {result['elapsed']:.0f} s" + (f"; checkpoint: {args.out}" if args.out else ""))
+        f"in {result['elapsed']:.0f} s" + (f"; checkpoint: {v['out']}" if v["out"] else ""))
     if world > 1:
         reports = [None] * world
         torch.distributed.all_gather_object(reports, result["memory"])
@@ -205,8 +485,10 @@ def cmd_generate(args, model=None):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     model.reset_inference_stats()
     start = time.perf_counter()
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, do_sample=not args.greedy,
+    # --temperature 0 is greedy decoding, --top-k 0 no top-k cut
+    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         do_sample=not args.greedy and args.temperature > 0,
                          eos_token_id=tok.eos_id, use_cache=not args.no_cache, generator=generator)
     elapsed = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
@@ -235,6 +517,12 @@ def _early_exit_probe(model, eval_tokens, tol: float, batches: int):
 
 
 def cmd_demo(args):
+    limit = INLConfig.from_name("tiny").max_seq_len
+    prompt = len(ByteTokenizer().encode(args.prompt, bos=True))
+    if prompt + max(args.tokens - 1, 0) > limit:  # before two minutes of training, not after
+        _usage_error(args, f"--tokens {args.tokens}: the prompt ({prompt} tokens with BOS) and {args.tokens} new "
+                           f"tokens need {prompt + args.tokens - 1} positions (the last is not fed back), more than "
+                           f"tiny's max_seq_len={limit}; pass --tokens <= {max(limit - prompt + 1, 0)}")
     torch.manual_seed(args.seed)
     print(f"INL-LLM demo: train `tiny` for about {args.seconds:.0f} s on the Python standard library's own source "
           f"files (no download)\n{_environment()}")
@@ -285,80 +573,115 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train tiny for ~2 minutes, save, reload, generate (the main job)")
-    demo.add_argument("--seconds", type=float, default=120.0, help="training time budget")
+    demo.set_defaults(_parser=demo)
+    demo.add_argument("--seconds", type=positive_float, default=120.0, help="training time budget")
     demo.add_argument("--out", default="checkpoints/demo", help="checkpoint directory")
-    demo.add_argument("--max-bytes", type=int, default=4_000_000, help="how much stdlib source to read")
+    demo.add_argument("--max-bytes", type=positive_int, default=4_000_000, help="how much stdlib source to read")
     demo.add_argument("--prompt", default="def ")
-    demo.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    demo.add_argument("--tokens", type=nonneg_int, default=200, help="bytes to generate")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--loose-tol", type=float, default=0.5, help="a looser early-exit tolerance to compare")
-    demo.add_argument("--eval-batches", type=int, default=8, help="batches of 16 × 128 bytes per evaluation")
+    demo.add_argument("--loose-tol", type=positive_float, default=0.5, help="a looser early-exit tolerance to compare")
+    demo.add_argument("--eval-batches", type=positive_int, default=8, help="batches of 16 × 128 bytes per evaluation")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
-    tr = sub.add_parser("train", help="train a model (cycle scheduler + IntegratorLoss); under torchrun on every rank")
+    tr = sub.add_parser("train", help="train a model (cycle scheduler + IntegratorLoss); under torchrun on every rank",
+                        epilog="With --resume of a training checkpoint, every setting flag left out takes the "
+                               "checkpoint's value (the defaults shown are for a new run).")
+    tr.set_defaults(_parser=tr)
+    d = TRAIN_DEFAULTS
+
+    def setting(flag, help="", **kw):  # a setting: default None here, filled in by cmd_train (_train_settings)
+        default = d[flag[2:].replace("-", "_")]
+        shown = "none" if default is None else {True: "on", False: "off"}[default] if isinstance(default, bool) \
+            else default
+        tr.add_argument(flag, default=None, help=f"{help}{' ' if help else ''}(default: {shown})", **kw)
+
     tr.add_argument("--size", default=None, choices=list(SIZES), help="named size (default tiny)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    tr.add_argument("--resume", metavar="CHECKPOINT",
-                    help="continue a training checkpoint exactly, or start from a plain checkpoint's weights")
+    tr.add_argument("--resume", metavar="CHECKPOINT", type=checkpoint_path,
+                    help="continue a training checkpoint exactly, with its settings (any setting flag given "
+                         "overrides it), or start from a plain checkpoint's weights")
+    tr.add_argument("--allow-data-change", action="store_true",
+                    help="with --resume: train on a corpus other than the checkpoint's (refused otherwise)")
     tr.add_argument("--parallel", default="none", choices=PARALLEL_MODES,
                     help="data parallelism under torchrun: ddp or fsdp (FSDP2)")
-    tr.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                    help="bf16: FSDP's mixed-precision policy (bf16 compute, fp32 reduce), else autocast")
-    tr.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
-    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
-    tr.add_argument("--data-shards", type=int, default=None,
-                    help="shards of the train stream (default: the world size); a run resumes on any world size "
-                         "that divides it")
-    tr.add_argument("--sharded-checkpoints", action="store_true",
-                    help="periodic checkpoints hold only the sharded training state (no gathered "
-                         "model.safetensors; the final one has it)")
-    tr.add_argument("--data", default="stdlib", help='"stdlib", a .txt file or directory, or a .parquet file')
-    tr.add_argument("--max-bytes", type=int, default=None)
-    tr.add_argument("--eval-fraction", type=float, default=0.05)
-    tr.add_argument("--steps", type=int, default=1000)
-    tr.add_argument("--time-budget", type=float, default=None, help="seconds")
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--seq-len", type=int, default=128)
-    tr.add_argument("--lr", type=float, default=3e-3)
-    tr.add_argument("--warmup", type=int, default=20)
-    tr.add_argument("--eval-every", type=int, default=100)
-    tr.add_argument("--eval-interval-s", type=float, default=None, help="evaluate by wall clock instead")
-    tr.add_argument("--eval-batches", type=int, default=8)
-    tr.add_argument("--preset", default="balanced", choices=["conservative", "balanced", "aggressive", "none"])
-    tr.add_argument("--cycle-unit", default="steps", choices=["steps", "epochs"])
-    tr.add_argument("--cycle-scale", type=float, default=1.0)
-    tr.add_argument("--out", default=None, help="checkpoint directory")
-    tr.add_argument("--checkpoint-every", type=int, default=None)
-    tr.add_argument("--seed", type=int, default=0)
+    setting("--precision", choices=PRECISIONS,
+            help="bf16: FSDP's mixed-precision policy (bf16 compute, fp32 reduce), else autocast")
+    setting("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+            help="recompute each block in the backward")
+    setting("--grad-accum", type=positive_int, help="micro-batches per optimizer step on each rank")
+    setting("--data-shards", type=positive_int,
+            help="shards of the train stream (a new run: the world size); a run resumes on any world size "
+                 "that divides it")
+    setting("--sharded-checkpoints", action=argparse.BooleanOptionalAction,
+            help="periodic checkpoints hold only the sharded training state (no gathered "
+                 "model.safetensors; the final one has it)")
+    setting("--data", type=data_source, help='"stdlib", a .txt file or directory, or a .parquet file')
+    setting("--max-bytes", type=positive_int)
+    setting("--eval-fraction", type=fraction, help="the share of the corpus held out, in (0, 1)")
+    setting("--steps", type=nonneg_int, help="the run's total steps (a resumed run counts from its step)")
+    setting("--time-budget", type=positive_float, help="seconds")
+    setting("--batch-size", type=positive_int, help="the global batch (windows per optimizer step)")
+    setting("--seq-len", type=positive_int, help="at most the model's max_seq_len")
+    setting("--lr", type=positive_float, help="peak learning rate (the cosine ends at a tenth of it)")
+    setting("--warmup", type=nonneg_int)
+    setting("--eval-every", type=positive_int)
+    setting("--eval-interval-s", type=positive_float, help="evaluate by wall clock instead")
+    setting("--eval-batches", type=positive_int)
+    setting("--preset", choices=["conservative", "balanced", "aggressive", "none"])
+    setting("--cycle-unit", choices=["steps", "epochs"])
+    setting("--cycle-scale", type=positive_float)
+    setting("--out", help="checkpoint directory")
+    setting("--checkpoint-every", type=positive_int)
+    setting("--seed", type=int)
     tr.add_argument("--device", default="auto")
-    tr.add_argument("--no-progress", action="store_true")
+    setting("--progress", action=argparse.BooleanOptionalAction, help="the tqdm bar")
 
     ex = sub.add_parser("export", help="a checkpoint's weights (e.g. a sharded training checkpoint) as a plain "
                                        "checkpoint directory with model.safetensors")
-    ex.add_argument("--checkpoint", required=True)
+    ex.set_defaults(_parser=ex)
+    ex.add_argument("--checkpoint", required=True, type=checkpoint_path)
     ex.add_argument("--out", required=True)
 
     cv = sub.add_parser("convert", help="checkpoint <-> Hugging Face model directory (needs the [hf] extra); the "
                                         "direction follows the source")
-    cv.add_argument("source")
+    cv.set_defaults(_parser=cv)
+    cv.add_argument("source", type=checkpoint_path)
     cv.add_argument("destination")
 
     gen = sub.add_parser("generate", help="sample from a checkpoint")
-    gen.add_argument("--checkpoint", required=True)
+    gen.set_defaults(_parser=gen)
+    gen.add_argument("--checkpoint", required=True, type=checkpoint_path)
     gen.add_argument("--prompt", default="def ")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=nonneg_int, default=200)
+    gen.add_argument("--temperature", type=nonneg_float, default=0.8, help="0: greedy")
+    gen.add_argument("--top-k", type=nonneg_int, default=None, help="0 or none: no top-k cut")
+    gen.add_argument("--top-p", type=probability, default=0.95, help="in (0, 1]; 1: no nucleus cut")
+    gen.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     gen.add_argument("--greedy", action="store_true")
     gen.add_argument("--no-cache", action="store_true")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
 
     from . import distill  # trajectory distillation (python/inl_llm/distill.py)
-    distill.add_subcommand(sub)
+    dist = distill.add_subcommand(sub)
+    dist.set_defaults(_parser=dist)
+    _check_types(dist, teacher=checkpoint_path, size=list(SIZES), iterations=positive_int, data=data_source,
+                 max_bytes=positive_int, eval_fraction=fraction, steps=positive_int, time_budget=positive_float,
+                 batch_size=positive_int, seq_len=positive_int, lr=positive_float, temperature=positive_float,
+                 alpha_kd=nonneg_float, alpha_ce=nonneg_float, lambda_traj=nonneg_float, eval_batches=positive_int)
     return parser
+
+
+def _check_types(parser: argparse.ArgumentParser, **checks):
+    """Gives a subcommand registered elsewhere (distill) the validating types of the CLI: a
+    function becomes the argument's type, a list its choices."""
+    for action in parser._actions:
+        check = checks.pop(action.dest, None)
+        if isinstance(check, list):
+            action.choices = check
+        elif check is not None:
+            action.type = check
 
 
 def _process_setup():

@@ -38,8 +38,9 @@ from .model import IntegratorLanguageModel
 from .scheduler import create_cycle_scheduler
 
 PRECISIONS = ("fp32", "bf16")
-# TrainConfig fields a resumed run may change without changing what it computes
-_FREE_ON_RESUME = {"checkpoint_dir", "checkpoint_every", "export_weights", "progress"}
+# TrainConfig fields a resumed run may change without changing what it computes (meta: the
+# caller checks its own record)
+_FREE_ON_RESUME = {"checkpoint_dir", "checkpoint_every", "export_weights", "progress", "meta"}
 
 
 @dataclass
@@ -67,6 +68,10 @@ class TrainConfig:
     export_weights: bool = True  # model.safetensors in every checkpoint (FSDP gathers it); False: the final one only
     seed: int = 0
     progress: bool = True
+    # the caller's record of the run, saved in every training checkpoint and not read by train():
+    # the CLI keeps its data source, eval fraction and a fingerprint of the corpus here, and checks
+    # them on --resume (plain values only: str, int, float, bool, None, lists and dicts of them)
+    meta: Optional[dict] = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "eval_every", "eval_batches"):
@@ -223,7 +228,12 @@ def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch
         step, elapsed, train_loss, history = state["step"], state["elapsed"], state["train_loss"], state["history"]
         # the LR schedule and the cycle scheduler are functions of the step and these settings
         # alone: a change makes the continuation differ from the run that was interrupted
-        before, now = state["train_config"], dataclasses.asdict(tc)
+        before, now = dict(state["train_config"]), dataclasses.asdict(tc)
+        # data_shards None means the world size: what counts is the shard count each run read (the
+        # check above holds those equal), so None on 2 ranks and 2 in one process are no change
+        for config, data in ((before, state["data"]), (now, sampler.state_dict())):
+            if "data_shards" in config and config["data_shards"] is None:
+                config["data_shards"] = data["num_shards"]
         changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now
                    if k not in _FREE_ON_RESUME and k in before and before[k] != now[k]]
         if changed:
