@@ -73,7 +73,12 @@ class IntegratorLayer(nn.Module):
     records mean(h), and the layer applies it at the start of its next forward (or when
     `apply_mu_ema()` is called, e.g. before a checkpoint is saved), so a forward, its backward
     and a gradient-checkpointing recomputation of it all see the same mu. A recomputation (a
-    forward run during a backward pass) neither applies nor records an update."""
+    forward run during a backward pass) neither applies nor records an update.
+
+    A recorded target keeps its row count (`_mu_rows`, 0 once combined) so that a caller running
+    one layer in several processes can replace it with the mean over all their rows before it is
+    applied: IntegratorLanguageModel does so after each training forward under torch.distributed,
+    which keeps the replicas' mu one (applying stays local, never a collective)."""
 
     def __init__(self, d: int, controller: Controller, num_iterations: int = 5, dt: float = 0.1,
                  kappa: Optional[float] = 1.0, excitation_sparsity: float = 0.1,
@@ -113,6 +118,7 @@ class IntegratorLayer(nn.Module):
         self.gamma = nn.Parameter(0.5 + k / max(count, 1))  # frequencies in [0.5, 1.5)
         self.phi = nn.Parameter(2 * math.pi * k / max(count, 1))  # phases spread over the circle
         self._mu_target: Optional[torch.Tensor] = None  # mean(h) of the last training forward, pending
+        self._mu_rows = 0  # rows behind _mu_target while it is this process's own (not yet combined)
 
     def equilibrium(self) -> torch.Tensor:
         """mu expanded to [d]."""
@@ -125,7 +131,7 @@ class IntegratorLayer(nn.Module):
     def apply_mu_ema(self):
         """mu ← (1−η)·mu + η·target with η = mu_ema_rate, toward the target the last training
         forward recorded; a no-op when none is pending."""
-        target, self._mu_target = self._mu_target, None
+        target, self._mu_target, self._mu_rows = self._mu_target, None, 0
         if target is None or not self.mu_ema_rate:
             return
         rate = self.mu_ema_rate
@@ -173,6 +179,7 @@ class IntegratorLayer(nn.Module):
             return_trajectory=return_trajectory)
         if self.training and self.mu_ema_rate and not recomputing and h2.shape[0] > 0:
             self._mu_target = h2.detach().float().mean(0)
+            self._mu_rows = h2.shape[0]
         if return_info or return_trajectory:
             x_out, info = out
             return x_out.view(shape), info

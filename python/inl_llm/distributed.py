@@ -3,7 +3,9 @@
 
     torchrun --nproc_per_node 2 -m inl_llm train --parallel fsdp --size small ...
 
-- DDP: every rank holds the whole model; gradients are averaged after each backward.
+- DDP: every rank holds the whole model; gradients are averaged after each backward. With the
+  mu EMA on, the model itself combines each training forward's targets over the ranks (the
+  mean of h over every rank's rows), so the replicas keep one mu (model.py).
 - FSDP2 (`fully_shard`): parameters, gradients and optimizer state are sharded over the ranks.
   Each block is its own group (gathered for its forward and backward, freed after); the root
   group holds the embedding, the final norm, the LM head, and the controller that every block

@@ -126,6 +126,21 @@ class INLForCausalLM(PreTrainedModel, GenerationMixin):
             model.model.budget._sync()  # the host copy of the iteration budgets, from the loaded buffer
         return model
 
+    def state_dict(self, *args, **kwargs):
+        """The weights, after every pending mu EMA update is applied (as save_checkpoint does; the
+        next forward would apply them anyway): what save_pretrained writes, and what
+        transformers.Trainer gathers when it saves, holds the up-to-date mu. Applying is local to
+        this process (under torch.distributed the targets were combined when they were recorded),
+        so one rank may call it alone."""
+        self.model.apply_mu_ema()
+        return super().state_dict(*args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        """transformers' save_pretrained, pending mu EMA updates applied first (also when a
+        state_dict is passed: call state_dict() for it, which applies them too)."""
+        self.model.apply_mu_ema()
+        return super().save_pretrained(*args, **kwargs)
+
     def get_input_embeddings(self):
         return self.model.embed
 

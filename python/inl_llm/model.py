@@ -18,6 +18,7 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -52,6 +53,11 @@ def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
     # and refuses scalars (it broadcasts in equilibrium() the same way); checkpoints saved with
     # the scalar still load (_mu_global_as_vector)
     layer.mu_global.data = layer.mu_global.data.reshape(1)
+    # the excitation's frequencies and phases are made in fp32; like every other parameter they
+    # take the default dtype the model is built in (transformers' from_pretrained(dtype=bf16) sets
+    # it), so that loading in a dtype gives what build_model(...).to(dtype) gives
+    for name in ("gamma", "phi"):
+        getattr(layer, name).data = getattr(layer, name).data.to(torch.get_default_dtype())
     return layer
 
 
@@ -61,6 +67,40 @@ def _mu_global_as_vector(module, state_dict, prefix, *args):
     for key, value in state_dict.items():
         if key.startswith(prefix) and key.endswith("mu_global") and value.dim() == 0:
             state_dict[key] = value.reshape(1)
+
+
+@torch.compiler.disable  # a collective between forwards: eager, also inside a compiled forward
+def _combine_mu_targets_over_ranks(layers: list) -> None:
+    """Under torch.distributed with more than one rank (data parallel: every rank runs this
+    training forward on its own rows), replaces each layer's mu EMA target just recorded by the
+    mean of h over every rank's rows, so every replica applies the same update: what one process
+    computes with the whole batch. One all_reduce of [sum of h, rows] per layer, packed into one
+    tensor, issued by every rank after every training forward (each rank's training forwards
+    match one to one under DDP; eval forwards and applying an update issue nothing, so a save or
+    a forward on one rank alone never waits on the others).
+
+    A mixture's expert may get no rows on a rank: it sends zeros there. If it ran on another
+    rank, the update pending from before (the same on every rank), which the ranks where it ran
+    applied at the start of their forward, is applied here now, then the combined target
+    replaces it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not layers:
+        return
+    device = layers[0].mu_local.device
+    parts = []
+    for layer in layers:
+        rows = torch.full((1,), float(layer._mu_rows), device=device)
+        own = layer._mu_target.to(device) * rows if layer._mu_rows else torch.zeros(layer.d, device=device)
+        parts += [own, rows]
+    packed = torch.cat(parts)
+    dist.all_reduce(packed)
+    sums = packed.split([n for layer in layers for n in (layer.d, 1)])
+    totals = torch.cat(sums[1::2]).tolist()  # one host sync
+    for layer, total, summed in zip(layers, totals, sums[0::2]):
+        if total == 0:  # no rank ran it: whatever it had pending stays so
+            continue
+        if not layer._mu_rows and layer._mu_target is not None:
+            layer.apply_mu_ema()  # the ranks where it ran applied it at the start of their forward
+        layer._mu_target, layer._mu_rows = summed / total, 0
 
 
 class MixtureOfIntegrators(nn.Module):
@@ -118,6 +158,11 @@ class MixtureOfIntegrators(nn.Module):
         return (out, stats, balance, (path_x, path_v)) if trajectory else (out, stats, balance)
 
 
+def _sync_budgets(module, incompatible_keys):
+    """IterationBudget's load_state_dict post-hook: the host copy follows the loaded budgets."""
+    module._sync()
+
+
 class IterationBudget(nn.Module):
     """The seeds' adaptive budget allocator: layers that converge fast get fewer steps.
 
@@ -134,10 +179,12 @@ class IterationBudget(nn.Module):
         super().__init__()
         self.num_iterations, self.min_iterations = num_iterations, max(1, min_iterations)
         self.slack, self.momentum = slack, momentum
-        self.register_buffer("average", torch.full((num_layers,), float(num_iterations)))
+        # fp32 whatever the default dtype is while the model is built (transformers' from_pretrained
+        # sets it to the dtype asked for) and whatever the model is cast to later (_apply)
+        self.register_buffer("average", torch.full((num_layers,), float(num_iterations), dtype=torch.float32))
         self.register_buffer("budgets", torch.full((num_layers,), num_iterations, dtype=torch.int64))
         self._budgets = [num_iterations] * num_layers  # host copy: a forward reads it without a sync
-        self.register_load_state_dict_post_hook(lambda module, _: module._sync())
+        self.register_load_state_dict_post_hook(_sync_budgets)  # a module-level function: pickles
 
     def _apply(self, fn, recurse=True):
         average = self.average
@@ -232,7 +279,16 @@ class IntegratorLanguageModel(nn.Module):
     def _init_weights(self):
         """GPT-2 style: N(0, 0.02) for the projections, 0.02/sqrt(2·layers) for the two that write
         into the residual stream. The controller keeps its own initialisation (it sets where the
-        dynamics start), the embedding too (unit-scale rows)."""
+        dynamics start), the embedding too (unit-scale rows).
+
+        With tied embeddings the final norm's weight starts at 1/d_model instead of 1. The head is
+        the embedding matrix E itself, and at initialisation the residual stream is still mostly
+        the input token's own row e (the blocks write little into it): rms_norm(x) ≈ √d·e/|e|
+        with |e| ≈ √d, so the current token would get a logit of about d (124 nats of initial
+        loss at `tiny`, against ln V ≈ 5.6). At 1/d it gets about 1 and every other token about
+        N(0, 1/d), so the tied model starts near ln V as the untied one does; the weight is
+        learned (no decay) and grows as training needs. Only the starting point changes: what the
+        head computes, and so what every checkpoint computes, stays as it was."""
         residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
         for block in self.blocks:
             for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.ffn.gate, block.ffn.up):
@@ -243,6 +299,8 @@ class IntegratorLanguageModel(nn.Module):
                 nn.init.normal_(block.integrator.router.weight, std=0.02)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=0.02)
+        else:
+            self.norm.weight.fill_(1.0 / self.config.d_model)
         if isinstance(self.embed, nn.Embedding):
             nn.init.normal_(self.embed.weight, std=1.0)
 
@@ -374,6 +432,8 @@ class IntegratorLanguageModel(nn.Module):
 
         if past_key_values is not None:
             past_key_values.commit()
+        if self.training and cfg.mu_ema_rate and dist.is_available() and dist.is_initialized():
+            _combine_mu_targets_over_ranks(list(self.integrator_layers()))
         logits = self._logits(self.norm(x))
 
         aux = None
@@ -405,7 +465,10 @@ class IntegratorLanguageModel(nn.Module):
         return self.dropout(self.embed(input_ids).to(self.activation_dtype()))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The LM head on the final normed states."""
+        """The LM head on the final normed states: lm_head(x), or tied, x·Eᵀ with E [V, d] the
+        embedding matrix (embed_low·project_upᵀ for the low-rank embedding, computed as
+        (x·project_up)·embed_lowᵀ), unscaled. Every path to logits (forward, the lean decoder,
+        the Hugging Face wrapper) goes through here."""
         if self.lm_head is not None:
             return self.lm_head(x)
         if isinstance(self.embed, LowRankEmbedding):  # tied low-rank: (x · project_up) · embed_lowᵀ
