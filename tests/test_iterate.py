@@ -170,6 +170,32 @@ def test_gradcheck_every_input(kappa, with_v):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
+def test_a_row_at_its_equilibrium_has_finite_gradients():
+    """x = mu makes rms(x − mu) = 0 at step 0, where sqrt has no derivative: the reference took
+    inf·0 = NaN for all of x.grad's row and every element of mu.grad (one such row poisons a
+    shared mu). It now takes the norm's convention at 0 (a zero gradient through rms), as the
+    fused backends do: finite, and the CPU backend's fp32 gradients agree."""
+    h, x, kw = make_args(n=3, d=5, H=4, E=2, T=3, kappa=0.7)
+    kw["mu"] = torch.linspace(-0.2, 0.3, 5, dtype=torch.float64)
+    x = x.clone()
+    x[1] = kw["mu"]  # row 1 starts at the equilibrium
+    names = ("h", "x", "mu", "w_o", "mod_scale")
+    grads = {}
+    for backend, dtype in [("reference", torch.float64)] + ([("cpu", torch.float32)]
+                                                           if "cpu" in inl_kernels.backends() else []):
+        args = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in dict(kw, h=h, x=x).items()}
+        leaves = {k: args[k].clone().requires_grad_(True) for k in names}
+        args.update(leaves)
+        out = inl_iterate(args.pop("h"), args.pop("x"), **args, backend=backend)
+        (out * torch.linspace(0.5, 1.5, out.numel(), dtype=dtype).view(out.shape)).sum().backward()
+        grads[backend] = {k: t.grad for k, t in leaves.items()}
+        assert all(torch.isfinite(g).all() for g in grads[backend].values()), backend
+    if "cpu" in grads:
+        for k in names:
+            torch.testing.assert_close(grads["cpu"][k].double(), grads["reference"][k], rtol=2e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_inputs_follow_fp64(dtype):
     h, x, kw = make_args(n=4, d=16, H=8, E=2, T=3)

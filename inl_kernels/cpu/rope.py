@@ -57,6 +57,8 @@ cpu_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _unit_last(t: Tensor) -> Tensor:
+    if t.numel() == 0:  # .contiguous() keeps an empty tensor's strides, which the kernel refuses
+        return t.new_empty(t.shape)
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 

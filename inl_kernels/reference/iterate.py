@@ -57,7 +57,13 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
         v_cand = ms[3] * u + mb[3]
         err = xs - mu_
         if kappa is not None:
-            rms = err.pow(2).mean(dim=-1, keepdim=True).sqrt()
+            # rms(err) with the norm's gradient convention at 0 (a zero one, as the fused backends
+            # give): sqrt's derivative at 0 is inf, and inf·0 made x.grad and all of mu.grad NaN
+            # for a row that starts at its equilibrium; the value is sqrt(mean err²) bit for bit
+            mean_sq = err.pow(2).mean(dim=-1, keepdim=True)
+            positive = mean_sq > 0
+            rms = torch.where(positive, torch.where(positive, mean_sq, torch.ones_like(mean_sq)).sqrt(),
+                              torch.zeros_like(mean_sq))
             alpha = alpha * (1 - torch.exp(-kappa * rms))
         v_new = alpha * vs + (1 - alpha) * v_cand - beta * err
         if exc_index.numel() > 0:

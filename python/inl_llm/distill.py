@@ -10,7 +10,7 @@ aligned layer pair (l_s, l_t) the iterate trajectories X_s [rows, T_s+1, d_s], X
 
 Student step k is aligned with the teacher step that covers the same fraction of the iterate
 (half the steps: student step k with teacher step 2k). Layers pair up the same way (student
-layer l with teacher layer round((l+1)·L_t/L_s) − 1). P is the identity when the widths match,
+layer l with teacher layer max(0, round((l+1)·L_t/L_s) − 1)). P is the identity when the widths match,
 else a learned linear map d_s → d_t per pair (discarded after training). The teacher runs in
 eval mode (as at inference: early exit on, dropout off) without gradients; the student trains.
 
@@ -100,7 +100,10 @@ def make_student(teacher: IntegratorLanguageModel, config: INLConfig) -> tuple[I
 
 
 def layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    return [(s, round((s + 1) * teacher_layers / student_layers) - 1) for s in range(student_layers)]
+    """(student layer l, teacher layer max(0, round((l+1)·L_t/L_s) − 1)) for every student layer:
+    in order and in range also for a student deeper than its teacher, where round(0.5) − 1 gave
+    −1 (Python's index of the teacher's last layer)."""
+    return [(s, max(0, round((s + 1) * teacher_layers / student_layers) - 1)) for s in range(student_layers)]
 
 
 def aligned_steps(student_steps: int, teacher_steps: int) -> list[int]:

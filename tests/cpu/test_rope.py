@@ -52,9 +52,10 @@ def test_forward_matches_the_reference(shape, dtype, offset, strided):
         torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 2, 7, 8), (1, 3, 1, 5, 6)])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 7, 8), (1, 3, 1, 5, 6), (1, 2, 2, 0, 8)])
 def test_backward_matches_the_reference(shape):
-    """The gradient is the rotation back (by −θ): against autograd through the fp64 reference."""
+    """The gradient is the rotation back (by −θ): against autograd through the fp64 reference;
+    also of an empty sequence (S = 0: the kernel refused the empty gradient's strides)."""
     q, k = qk(*shape, seed=1, strided=True)
     cos, sin = rope_tables(16, shape[-1])
     g = torch.Generator().manual_seed(2)

@@ -319,6 +319,16 @@ def test_cycle_scheduler_phase_info():
     assert [custom.step(e)["phase_name"][:3] for e in range(7)] == ["equ"] * 3 + ["exp"] * 3 + ["equ"]
     with pytest.raises(ValueError, match="preset"):
         core.create_cycle_scheduler(preset="equilibrium")
+    # a phase dict that gives some keys takes the rest from the preset asked for (not balanced's)
+    for preset in ("conservative", "aggressive"):
+        full = core.create_cycle_scheduler(preset)
+        part = core.create_cycle_scheduler(preset, equilibrium_config={"lambda_mean": 0.9},
+                                           exploration_config={"excitation_amplitude": 0.2})
+        assert part.equilibrium.lambda_mean == 0.9 and part.exploration.excitation_amplitude == 0.2
+        assert (part.equilibrium.duration, part.equilibrium.excitation_amplitude, part.equilibrium.lambda_energy) == \
+            (full.equilibrium.duration, full.equilibrium.excitation_amplitude, full.equilibrium.lambda_energy)
+        assert (part.exploration.duration, part.exploration.lambda_mean, part.exploration.lambda_energy) == \
+            (full.exploration.duration, full.exploration.lambda_mean, full.exploration.lambda_energy)
 
 
 def test_convergence_metrics_by_hand():

@@ -22,6 +22,12 @@ def test_alignment():
     assert distill.aligned_steps(4, 4) == [1, 2, 3, 4]
     assert distill.layer_pairs(2, 4) == [(0, 1), (1, 3)]
     assert distill.layer_pairs(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    # a student deeper than its teacher: in order, in range (round(0.5) - 1 was -1: the last layer)
+    assert distill.layer_pairs(4, 2) == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    for s_layers in range(1, 9):
+        for t_layers in range(1, 9):
+            teachers = [t for _, t in distill.layer_pairs(s_layers, t_layers)]
+            assert teachers == sorted(teachers) and 0 <= teachers[0] and teachers[-1] == t_layers - 1
 
 
 def test_student_starts_from_the_teacher():

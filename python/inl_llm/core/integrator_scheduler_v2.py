@@ -89,11 +89,16 @@ CYCLE_PRESETS = {name: {"equilibrium_config": _as_dict(p["equilibrium"]),
 
 def create_cycle_scheduler(preset: str = "balanced", **overrides) -> EquilibriumExplorationScheduler:
     """A preset ('conservative', 'balanced', 'aggressive'); keyword arguments replace its
-    entries (equilibrium_config, exploration_config, num_cycles, warmup_epochs, unit)."""
+    entries (equilibrium_config, exploration_config, num_cycles, warmup_epochs, unit). A phase
+    dict that gives some of its keys takes the rest from this preset."""
     if preset not in CYCLE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(CYCLE_PRESETS)}")
     known = {"equilibrium_config", "exploration_config", "num_cycles", "warmup_epochs", "unit"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"create_cycle_scheduler got unknown arguments {unknown}; it takes {sorted(known)}")
-    return EquilibriumExplorationScheduler(**{**CYCLE_PRESETS[preset], **overrides})
+    base = CYCLE_PRESETS[preset]
+    for key in ("equilibrium_config", "exploration_config"):  # a partial phase dict completes from this preset
+        if isinstance(overrides.get(key), dict) and isinstance(base.get(key), dict):
+            overrides[key] = {**base[key], **overrides[key]}
+    return EquilibriumExplorationScheduler(**{**base, **overrides})
