@@ -423,3 +423,32 @@ def test_parameter_reports_count_the_modules():
     assert gains["shared_controller_params"] == shared.num_parameters()
     hier = optimizations.HierarchicalEquilibriumINL(hidden_dim=32, output_dim=32)
     assert gains["hierarchical_mu_params"] == hier.num_mu_parameters()
+
+
+@pytest.mark.parametrize("cls", ["UltraOptimizedIntegratorLanguageModel", "OptimizedIntegratorLanguageModel"])
+def test_seed_keyword_makes_the_parameters_a_function_of_it(cls):
+    """`seed=` (an INLConfig field the compat constructors take by keyword) was accepted and
+    ignored: the weights came from the global RNG. With it they are a function of the seed alone
+    and the caller's RNG is untouched; without it they come from the global RNG, as the
+    original's did (torch.manual_seed before the constructor reproduces a model)."""
+    make = getattr(models, cls)
+    kw = dict(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_iterations_per_layer=3, max_seq_len=32)
+
+    def params(model):
+        return [p.detach().clone() for p in model.state_dict().values()]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    torch.manual_seed(123)
+    a = params(make(**kw, seed=1))
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    b = params(make(**kw, seed=1))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
+    c = params(make(**kw, seed=2))
+    assert same(a, b) and not same(a, c)
+    torch.manual_seed(7)
+    d = params(make(**kw))
+    torch.manual_seed(7)
+    assert same(d, params(make(**kw))) and not same(d, a)  # the global RNG, as the original

@@ -102,8 +102,17 @@ class CompatLanguageModel(_Model):
     """What the original's language models share: the call signature, the aux list, the layer
     views and the running average of the steps run."""
 
-    def __init__(self, config: INLConfig):
-        super().__init__(config)
+    def __init__(self, config: INLConfig, seeded: bool = False):
+        """seeded (the caller passed `seed=`): the parameters are a function of config.seed alone,
+        drawn under it with the caller's RNG left untouched, as build_model draws them; without it
+        they come from the caller's RNG, as the original's did (torch.manual_seed before the
+        constructor)."""
+        if seeded:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                super().__init__(config)
+        else:
+            super().__init__(config)
         L = config.num_layers
         self.register_buffer("_avg_iterations", torch.zeros(L), persistent=False)
         self.register_buffer("_num_forwards", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -211,7 +220,9 @@ class CompatLanguageModel(_Model):
 class UltraOptimizedIntegratorLanguageModel(CompatLanguageModel):
     """The original's keyword constructor and defaults (every optimization on), plus the v3
     document's num_kv_heads (default: num_heads, i.e. plain multi-head attention as the
-    original) and any INLConfig field by keyword (seed, backend, ...)."""
+    original) and any INLConfig field by keyword (seed, backend, ...). With `seed=` the
+    parameters are a function of it alone; without, they come from torch's global RNG, as the
+    original's did."""
 
     def __init__(self, vocab_size: int, d_model: int = 512, num_layers: int = 6, num_heads: int = 8,
                  num_iterations_per_layer: int = 5, feedforward_dim: Optional[int] = None, max_seq_len: int = 2048,
@@ -228,7 +239,7 @@ class UltraOptimizedIntegratorLanguageModel(CompatLanguageModel):
             gradient_checkpointing=use_gradient_checkpointing, shared_controller=use_shared_controllers,
             adaptive_stopping=use_adaptive_stopping, tol=adaptive_convergence_threshold,
             min_iterations=min(3, num_iterations_per_layer), hierarchical_mu=True, mu_group_size=hierarchical_group_size,
-            sparse_excitation=True, excitation_sparsity=excitation_sparsity, **config))
+            sparse_excitation=True, excitation_sparsity=excitation_sparsity, **config), seeded="seed" in config)
 
     def get_inference_stats(self) -> dict:
         """The original's keys (num_params, num_layers, d_model, optimizations_enabled) and ours

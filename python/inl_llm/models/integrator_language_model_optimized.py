@@ -31,7 +31,7 @@ class OptimizedIntegratorLanguageModel(CompatLanguageModel):
             embedding_rank_ratio=lowrank_ratio, gradient_checkpointing=use_gradient_checkpointing,
             adaptive_stopping=use_adaptive_stopping, tol=convergence_threshold,
             min_iterations=min(2, num_iterations_per_layer), shared_controller=False, hierarchical_mu=False,
-            sparse_excitation=False, **config))
+            sparse_excitation=False, **config), seeded="seed" in config)
 
     def get_inference_stats(self) -> dict:
         """{'layer_{i}_avg_iterations': running average of the steps layer i ran} with adaptive
