@@ -23,9 +23,11 @@ What it does:
   the `(between ops)` row: Python, hooks, autograd and dispatch. Times are CPU wall times on a
   CPU. On a GPU they are kernel times on the device, `(kernels outside ops)` holds the kernels
   launched outside any op, and `(device idle)` the rest of the steps' wall time (launch gaps,
-  host work the device waits for). Shares are of the steps' wall time, measured around each step
-  (perf_counter after a device synchronisation), so they sum to 100 % when nothing is counted
-  twice or missed.
+  host work the device waits for); on a CPU `(outside the step ranges)` holds the wall time
+  the profiler's step ranges do not cover (entering and leaving them). Shares are of the steps'
+  wall time, measured around each step (perf_counter after a device synchronisation), so they
+  sum to 100 %; that the rows other than these last add up to the profiler's own step ranges
+  (nothing counted twice or missed) is what tests/test_profile.py checks.
 * Roofline: the peaks are measured in the same run, before the profile: a torch.mm GEMM
   (2048³ on a CPU, 8192³ on a GPU, in the run's dtype) and a device copy (bytes read + written).
   Each op's FLOPs and bytes come from a small cost model of its shapes: `op_cost` for ours, from
@@ -76,6 +78,8 @@ FUNCTIONAL_OPS = {"inl_iterate": "iterate", "rms_norm": "rms_norm", "rope": "rop
 BETWEEN_OPS = "(between ops)"
 OUTSIDE_OPS = "(kernels outside ops)"
 DEVICE_IDLE = "(device idle)"
+OUTSIDE_STEPS = "(outside the step ranges)"  # CPU: wall time the profiler's step ranges do not cover
+EXTRA_ROWS = (BETWEEN_OPS, OUTSIDE_OPS, DEVICE_IDLE, OUTSIDE_STEPS)
 
 
 # ---- the machine ------------------------------------------------------------------------------
@@ -833,10 +837,13 @@ def summarize(prof, walls: list, work: dict, peaks: Peaks, device: torch.device,
     rows, layers = attribute(prof.events(), device.type, ranges)
     cost_rows(rows, work)
     wall_us = sum(walls) * 1e3
-    if device.type == "cuda":
-        counted = sum(r.us for r in rows.values())
-        rows[DEVICE_IDLE] = Row(DEVICE_IDLE, calls=None, us=max(0.0, wall_us - counted), flops=None, bytes=None)
-    ordered = sorted((r for r in rows.values() if r.name not in (BETWEEN_OPS, OUTSIDE_OPS, DEVICE_IDLE)),
+    counted = sum(r.us for r in rows.values())
+    # the rest of the steps' wall time: on a GPU the device's idle time; on a CPU what lies outside
+    # the profiler's own step ranges (entering and leaving them: on a busy machine a descheduled
+    # thread lands there, up to several % of a short step)
+    rest = DEVICE_IDLE if device.type == "cuda" else OUTSIDE_STEPS
+    rows[rest] = Row(rest, calls=None, us=max(0.0, wall_us - counted), flops=None, bytes=None)
+    ordered = sorted((r for r in rows.values() if r.name not in EXTRA_ROWS),
                      key=lambda r: -r.us)
     # our ops always get their own row; the smallest of the rest are folded into one
     shown = [r for i, r in enumerate(ordered) if i < top or r.name.startswith("inl::")]
@@ -845,7 +852,7 @@ def summarize(prof, walls: list, work: dict, peaks: Peaks, device: torch.device,
         folded = Row(f"(other ops: {len(rest)} more)", calls=sum(r.calls for r in rest),
                      us=sum(r.us for r in rest), flops=None, bytes=None)
         shown.append(folded)
-    shown += [rows[k] for k in (BETWEEN_OPS, OUTSIDE_OPS, DEVICE_IDLE) if k in rows]
+    shown += [rows[k] for k in EXTRA_ROWS if k in rows]
     table = []
     for r in shown:
         ms = r.us / 1e3
@@ -937,6 +944,27 @@ def report_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    """An integer >= 1 (argparse names the flag when this refuses)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m inl_kernels.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -946,32 +974,32 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on a GPU, fp32 on a CPU")
         q.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cpu", "cuda"])
-        q.add_argument("--warmup", type=int, default=2, help="steps before the profile (>= 1: the last counts work)")
-        q.add_argument("--steps", type=int, default=3, help="profiled steps")
+        q.add_argument("--warmup", type=_at_least_one, default=2, help="steps before the profile (>= 1: the last counts work)")
+        q.add_argument("--steps", type=_at_least_one, default=3, help="profiled steps")
         q.add_argument("--memory", action="store_true", help="peak memory per phase")
         q.add_argument("--trace", default=None, help="Chrome/Perfetto trace path (default: profile-<what>.json)")
         q.add_argument("--no-trace", action="store_true", help="write no trace")
         q.add_argument("--json", default=None, help="also write the report as JSON here")
-        q.add_argument("--rows", type=int, default=25,
+        q.add_argument("--rows", type=_at_least_one, default=25,
                        help="ops shown before the rest is folded into one row (ours are always shown)")
         q.add_argument("--per-layer", action="store_true", help="list every module range, not grouped by block")
-        q.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-        q.add_argument("--gemm-size", type=int, default=None, help="n of the n³ GEMM that measures the peak")
-        q.add_argument("--copy-mib", type=int, default=None, help="MiB copied to measure the bandwidth")
+        q.add_argument("--threads", type=_at_least_one, default=None, help="CPU threads (torch.set_num_threads)")
+        q.add_argument("--gemm-size", type=_at_least_one, default=None, help="n of the n³ GEMM that measures the peak")
+        q.add_argument("--copy-mib", type=_at_least_one, default=None, help="MiB copied to measure the bandwidth")
 
     m = sub.add_parser("model", help="a step of the INL-LLM model")
     m.add_argument("--size", default="tiny")
     m.add_argument("--mode", default="train", choices=["train", "prefill", "decode"])
-    m.add_argument("--batch", type=int, default=None, help="default 4 (train, prefill), 1 (decode)")
-    m.add_argument("--seq", type=int, default=128, help="tokens per sequence (train, prefill)")
-    m.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
+    m.add_argument("--batch", type=_at_least_one, default=None, help="default 4 (train, prefill), 1 (decode)")
+    m.add_argument("--seq", type=_at_least_one, default=128, help="tokens per sequence (train, prefill)")
+    m.add_argument("--prompt", type=_at_least_one, default=32, help="prompt tokens before decoding")
     common(m)
     o = sub.add_parser("op", help="one op at a shape")
     o.add_argument("op", choices=OPS)
     o.add_argument("--shape", default=None, help="; ".join(f"{k}: {v}" for k, v in SHAPE_HELP.items()))
     o.add_argument("--backward", action="store_true", help="forward and backward (default: forward, no grad)")
-    o.add_argument("--hidden", type=int, default=64, help="iterate: controller hidden size H")
-    o.add_argument("--tol", type=float, default=None, help="iterate: early exit tolerance (forward only)")
+    o.add_argument("--hidden", type=_at_least_one, default=64, help="iterate: controller hidden size H")
+    o.add_argument("--tol", type=_tolerance, default=None, help="iterate: early exit tolerance (forward only)")
     common(o)
     return p
 
@@ -985,8 +1013,6 @@ def profile_command(argv=None) -> dict:
         p.error("--device cuda: no CUDA GPU here")
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "model":
@@ -998,8 +1024,11 @@ def profile_command(argv=None) -> dict:
     label = f"{args.size}-{args.mode}" if args.what == "model" else args.op + ("-bwd" if args.backward else "")
     trace = None if args.no_trace else (args.trace or f"profile-{label}-{device.type}.json")
     peaks = measure_peaks(device, dtype, args.gemm_size, args.copy_mib)
-    prof, walls, work, phase_peaks, ranges, faults = run_profile(target, device, args.warmup, args.steps,
-                                                                 args.memory, trace)
+    try:  # the first call checks the op's arguments (ValueError naming the one at fault)
+        prof, walls, work, phase_peaks, ranges, faults = run_profile(target, device, args.warmup, args.steps,
+                                                                     args.memory, trace)
+    except ValueError as e:
+        p.error(f"{args.what} {args.op if args.what == 'op' else args.size}: {e}")
     summary = summarize(prof, walls, work, peaks, device, ranges, top=args.rows)
     import inl_kernels
 
