@@ -31,7 +31,7 @@ forward (the h layer once, x and v layers and the 4d output layer per step; 3× 
 forward+backward) and bytes = read h, x and write x_T, v_T (forward; forward+backward adds
 the upstream gradients read and dh, dx written). Peak defaults to the bf16 GEMM rate of
 benchmarks/README.md (792 TFLOP/s); the bandwidth is a copy measured in the same run. "floor_frac" is
-floor / time (1.0 = at the floor); on a CPU no floor is computed. "vs_eager", "vs_compile":
+floor / time (1.0 = at the floor; on a CPU at the GEMM rate above). "vs_eager", "vs_compile":
 eager (compile) time over this row's time (> 1: faster). "max_err": max |out − ref| / max |ref|
 against the fp64 reference, of x_T (fwd) or of the worst input gradient (fwd+bwd).
 """

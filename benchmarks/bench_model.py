@@ -12,7 +12,7 @@ Modes (each a row per implementation):
   forward  eval forward of batch × seq tokens, no KV cache (prefill): tokens/s
   train    forward + cross-entropy + backward + AdamW step in train mode: tokens/s, peak memory
   decode   greedy generation at batch 1 after a `prompt`-token prompt, KV cache on: new tokens/s
-           (the time of N new tokens minus the time of 1, over N − 1)
+           (the time of N new tokens minus the time of 2, over N − 2: decode_calls)
   block    one block's training step (forward + backward) on batch × seq tokens: ms, peak memory
 
 Floors: the forward's FLOPs (the matmuls of every projection, the attention scores, the
