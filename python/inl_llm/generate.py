@@ -50,13 +50,22 @@ def _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sam
 
 def next_token(logits: torch.Tensor, history: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                top_p: Optional[float] = None, repetition_penalty: float = 1.0, do_sample: bool = True,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits [B, V] of the next position, history [B, S] the ids so far -> next ids [B]."""
+               generator: Optional[torch.Generator] = None, history_mask: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    """logits [B, V] of the next position, history [B, S] the ids so far -> next ids [B].
+    history_mask [B, S] (True: a token, False: padding): the repetition penalty counts only the
+    ids of real tokens (a left-padded row then decodes as it does alone)."""
     logits = logits.float()
     if repetition_penalty != 1.0:
-        seen = logits.gather(1, history)
-        logits = logits.scatter(1, history, torch.where(seen > 0, seen / repetition_penalty,
-                                                        seen * repetition_penalty))
+        if history_mask is None:
+            seen = logits.gather(1, history)
+            logits = logits.scatter(1, history, torch.where(seen > 0, seen / repetition_penalty,
+                                                            seen * repetition_penalty))
+        else:  # an id counts when any of its positions is a token (amax: duplicates need no order)
+            present = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_reduce(
+                1, history, history_mask.to(torch.int32), reduce="amax")
+            logits = torch.where(present > 0, torch.where(logits > 0, logits / repetition_penalty,
+                                                          logits * repetition_penalty), logits)
     if not do_sample:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -179,8 +188,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             raise ValueError(f"attention_mask: generate continues every row from its last position, so prompts must "
                              f"be left-padded; row(s) {ends_in_padding[:8]} end in padding (pad on the left, e.g. a "
                              f"tokenizer's padding_side='left')")
-    sample = lambda logits, ids: next_token(logits, ids, temperature, top_k, top_p,  # noqa: E731
-                                            repetition_penalty, do_sample, generator)
+    # the repetition penalty sees the prompt's tokens, not its left padding
+    tokens_mask = None
+    if attention_mask is not None and repetition_penalty != 1.0:
+        tokens_mask = torch.cat((attention_mask[:, -length:].bool(),
+                                 attention_mask.new_ones(batch, max(max_new_tokens, 0), dtype=torch.bool)), dim=1)
+    sample = lambda logits, ids: next_token(  # noqa: E731
+        logits, ids, temperature, top_k, top_p, repetition_penalty, do_sample, generator,
+        None if tokens_mask is None else tokens_mask[:, :ids.shape[1]])
     was_training = model.training
     model.eval()
     try:

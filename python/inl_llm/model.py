@@ -405,6 +405,16 @@ class IntegratorLanguageModel(nn.Module):
                 raise ValueError(f"positions up to {start + input_ids.shape[1] - 1} exceed max_seq_len="
                                  f"{cfg.max_seq_len}")
         kv_starts = None if attention_mask is None else left_padding(attention_mask, input_ids)
+        cached = getattr(past_key_values, "length", 0) if not torch.compiler.is_compiling() else 0
+        if kv_starts is not None and cached and attention_mask.shape[1] == input_ids.shape[1]:
+            # a mask of the new tokens alone after a prefill: the prompt's padding stays as the cache
+            # holds it (its leading zeros, counted here, would have overwritten it with 0)
+            if not bool(attention_mask.bool().all()):
+                raise ValueError(f"attention_mask covers only the {input_ids.shape[1]} new token(s) and marks some as "
+                                 f"padding after {cached} cached positions: padding goes before a prompt; pass "
+                                 f"[batch, cached + new] = [{input_ids.shape[0]}, {cached + input_ids.shape[1]}] "
+                                 f"to restate it")
+            kv_starts = None
         if past_key_values is not None:
             past_key_values.begin(input_ids.shape[1], kv_starts)
             kv_starts = None  # the cache carries it

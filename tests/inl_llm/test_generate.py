@@ -115,3 +115,51 @@ def test_a_right_padded_prompt_is_refused():
     left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     out = model.generate(torch.tensor([[0, 5, 6, 7], [5, 6, 7, 8]]), 3, do_sample=False, attention_mask=left)
     assert torch.equal(out[0, 4:], model.generate(torch.tensor([[5, 6, 7]]), 3, do_sample=False)[0, 3:])
+
+
+def test_repetition_penalty_sees_tokens_not_left_padding():
+    """A left-padded row decodes as it does alone also with a repetition penalty: the penalty
+    counts the ids of the prompt's tokens, not of its padding (padding with the token the row
+    alone picks first changed every later token)."""
+    model = micro(vocab_size=40)
+    alone = model.generate(torch.tensor([[3, 20]]), 6, do_sample=False, repetition_penalty=1.5)
+    pad = int(alone[0, 2])
+    ids = torch.tensor([[3, 10, 11, 12, 13], [pad, pad, pad, 3, 20]])
+    mask = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+    for use_cache in (True, False):
+        out = model.generate(ids, 6, do_sample=False, repetition_penalty=1.5, attention_mask=mask,
+                             use_cache=use_cache)
+        assert torch.equal(out[1, 3:], alone[0])
+    # an all-token mask changes nothing, bit for bit
+    logits, history = torch.randn(3, 40), torch.randint(0, 40, (3, 9))
+    for penalty in (0.7, 1.3):
+        want = torch.softmax(next_token(logits, history, repetition_penalty=penalty, do_sample=False).float(), 0)
+        got = torch.softmax(next_token(logits, history, repetition_penalty=penalty, do_sample=False,
+                                       history_mask=torch.ones(3, 9, dtype=torch.bool)).float(), 0)
+        assert torch.equal(got, want)
+
+
+def test_a_mask_of_the_new_tokens_keeps_the_prompts_padding():
+    """After a left-padded prefill into a cache, a step whose attention_mask covers only its new
+    token keeps the padding the cache holds (it was reset to none: the padded row then attended
+    to its padding); a new token marked as padding is refused."""
+    model = micro().eval()
+    ids = torch.tensor([[5, 10, 11, 12, 13], [7, 7, 7, 5, 20]])
+    mask = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+    steps = []
+    for new_mask in (None, torch.ones(2, 1, dtype=torch.long), torch.ones(2, 6, dtype=torch.long)):
+        cache = model.new_cache(2, 16)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True, attention_mask=mask)
+            if new_mask is not None and new_mask.shape[1] == 6:
+                new_mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
+            steps.append(model(torch.tensor([[30], [31]]), past_key_values=cache, use_cache=True,
+                               attention_mask=new_mask)[0])
+        assert cache.starts.tolist() == [0, 3]
+    assert torch.equal(steps[1], steps[0]) and torch.equal(steps[2], steps[0])
+    cache = model.new_cache(2, 16)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True, attention_mask=mask)
+        with pytest.raises(ValueError, match="padding goes before a prompt"):
+            model(torch.tensor([[30], [31]]), past_key_values=cache, use_cache=True,
+                  attention_mask=torch.tensor([[1], [0]]))
