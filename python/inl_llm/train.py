@@ -189,6 +189,24 @@ def _gradient_sync(model: torch.nn.Module, enabled: bool):
         yield
 
 
+def _micro_batches(sampler: WindowSampler, grad_accum_steps: int) -> list:
+    """The rows of this rank's local batch (its shards' windows, shard after shard) that each
+    micro-batch takes: the m-th slice of every shard's windows, so that micro-batch m of the
+    global batch is the same set of windows on every world size (one process reading two shards
+    groups them as two ranks do; the integrator loss's batch statistics see the micro-batch).
+    Contiguous runs where a shard's windows do not split evenly."""
+    local, shards = sampler.local_batch_size, len(sampler.shards)
+    per_shard = local // shards
+    if grad_accum_steps == 1:
+        return [slice(None)]
+    if per_shard % grad_accum_steps:
+        micro = local // grad_accum_steps
+        return [slice(m * micro, (m + 1) * micro) for m in range(grad_accum_steps)]
+    part = per_shard // grad_accum_steps
+    return [torch.cat([torch.arange(j * per_shard + m * part, j * per_shard + (m + 1) * part) for j in range(shards)])
+            for m in range(grad_accum_steps)]
+
+
 def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor, tc: TrainConfig,
           loss_fn: Optional[IntegratorLoss] = None, log: Callable[[str], None] = tqdm.write,
           resume_from: Optional[str] = None) -> dict:
@@ -269,7 +287,7 @@ def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch
     next_eval_time = (math.floor(elapsed / tc.eval_interval_s) + 1) * tc.eval_interval_s if tc.eval_interval_s else None
     bar = tqdm(total=tc.steps if not tc.time_budget else None, initial=step, disable=not tc.progress or rank != 0,
                unit="step", dynamic_ncols=True)
-    micro = sampler.local_batch_size // tc.grad_accum_steps
+    micro_rows = _micro_batches(sampler, tc.grad_accum_steps)
     clock_matters = bool(tc.time_budget or tc.eval_interval_s)
     while step < tc.steps:
         # what depends on the clock (the time budget, a time-driven LR decay) follows rank 0's
@@ -287,8 +305,7 @@ def train(model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch
 
         x, y = sampler.batch(step)
         sums = None
-        for m in range(tc.grad_accum_steps):
-            rows = slice(m * micro, (m + 1) * micro)
+        for m, rows in enumerate(micro_rows):
             with _gradient_sync(model, m == tc.grad_accum_steps - 1), autocast:
                 logits, aux, _ = model(x[rows].to(device), return_aux=True)
                 terms = loss_fn(logits, y[rows].to(device), aux, epoch=t)

@@ -211,6 +211,27 @@ def test_gradient_accumulation_and_activation_checkpointing_under_fsdp(task_loss
     torch.testing.assert_close(losses(both), losses(single), rtol=1e-5, atol=0)
 
 
+def test_micro_batches_with_the_integrator_loss_group_as_two_ranks_do(tmp_path):
+    """IntegratorLoss's L_mean takes batch statistics over a micro-batch, so one process must
+    group a step's windows into micro-batches as two ranks do: micro-batch m = the m-th slice of
+    every shard's windows (it took shard 0's windows whole, then shard 1's: 2.9 % off in loss)."""
+    from inl_llm.data import WindowSampler
+    from inl_llm.train import _micro_batches
+
+    one = WindowSampler(torch.arange(400), 8, batch_size=8, num_shards=2)  # one process, both shards
+    groups = [rows.tolist() for rows in _micro_batches(one, 2)]
+    assert groups == [[0, 1, 4, 5], [2, 3, 6, 7]]  # each shard's first half, then each shard's second
+    ranks = [WindowSampler(torch.arange(400), 8, batch_size=8, num_shards=2, rank=r, world_size=2) for r in (0, 1)]
+    x_one = one.batch(3)[0]
+    for m, rows in enumerate(_micro_batches(one, 2)):
+        on_ranks = torch.cat([r.batch(3)[0][_micro_batches(r, 2)[m]] for r in ranks])
+        assert torch.equal(x_one[rows], on_ranks)
+    single = run_training(tmp_path / "one", steps=4, grad_accum_steps=2)
+    both = on_two_ranks(tmp_path / "two", parallel="ddp", steps=4, grad_accum_steps=2)
+    torch.testing.assert_close(losses(both), losses(single), rtol=1e-5, atol=0)
+    assert_states_close(both["state"], single["state"], rtol=1e-4)
+
+
 def test_the_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(task_loss_run, tmp_path):
     single = task_loss_run
     bf16 = on_two_ranks(tmp_path / "bf16", parallel="fsdp", steps=4, task_loss_only=True, precision="bf16")
