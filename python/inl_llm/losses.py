@@ -21,7 +21,11 @@ The seeds apply the terms to one layer; averaging over every integrator is our e
 Under data parallelism (`process_group` set, as the trainer does) the batch mean and variance of
 L_mean are taken over the global batch (all ranks' rows, through a differentiable all-reduce), so
 W ranks of n rows give the loss and gradients of one process with all W·n rows. Every other term
-is a mean over rows, which the gradient averaging of DDP/FSDP already makes global.
+is a mean over rows, which the gradient averaging of DDP/FSDP already makes global. A mixture of
+integrators routes different rows to an expert on each rank: there every term (and the router
+balance) is taken over all ranks' rows, each rank listing every expert (with no rows where it got
+none), so the ranks issue the same collectives and reproduce one process
+(`_mixture_terms_over_ranks`).
 
 λ_mean(epoch) = level · (r + (1 − r) · max(0, 1 − epoch / annealing_epochs)), r = final / init:
 the annealing scales the level from 1× down to r× (seeds: 1.0 → 0.1 over 100 epochs). The
@@ -119,11 +123,87 @@ class IntegratorLoss(nn.Module):
         torch.distributed.all_reduce(squares, group=group)
         return mean, squares / rows
 
+    def _distributed(self) -> bool:
+        group = self.process_group
+        return group is not None and torch.distributed.get_world_size(group) > 1
+
+    def _mixture_terms_over_ranks(self, stats: Sequence, epoch: float) -> dict:
+        """integrator_terms and the router balance over every rank's rows when a mixture's experts
+        get different rows on different ranks. Every rank builds the same list of integrators
+        (each block's, every expert of a mixture: the model's structure, not its routing), with zero
+        rows where an expert got none here, so every rank issues the same collectives and computes
+        the same loss; every mean is over all ranks' rows (sums through a differentiable all-reduce),
+        so W ranks give the loss and gradients of one process with all their rows. J counts the
+        integrators that got rows on some rank, as one process counts those that got rows."""
+        group = self.process_group
+        layers: dict = {}
+        for s in stats:
+            layers.setdefault(s.layer, []).append(s)
+        entries = []  # (x [n, d], mu [d], distance [n, T], energy [n, T]) in the same order on every rank
+        routings = []
+        for layer in sorted(layers):
+            found = layers[layer]
+            routing = found[0].routing
+            if routing is None:
+                entries += [(_wide(s.x), _wide(s.mu), _wide(s.distance), _wide(s.energy)) for s in found]
+                continue
+            routings.append(routing)
+            by_expert = {s.expert: s for s in found}
+            template = found[0]
+            for e in range(routing.mus.shape[0]):
+                s = by_expert.get(e)
+                if s is None:
+                    x, dist, energy = (_wide(t)[:0] for t in (template.x, template.distance, template.energy))
+                    entries.append((x, _wide(routing.mus[e]), dist, energy))
+                else:
+                    entries.append((_wide(s.x), _wide(s.mu), _wide(s.distance), _wide(s.energy)))
+        x0 = entries[0][0]
+        rows = torch.tensor([float(x.shape[0]) for x, *_ in entries], dtype=x0.dtype, device=x0.device)
+        torch.distributed.all_reduce(rows, group=group)
+        widths = [x.shape[1] for x, *_ in entries]
+        steps = [dist.shape[1] for _, _, dist, _ in entries]
+        means = _SumOverRanks.apply(torch.cat([x.sum(0) for x, *_ in entries]), group).split(widths)
+        means = [m / n.clamp(min=1) for m, n in zip(means, rows)]
+        squares = torch.cat([((x.detach() - m.detach()) ** 2).sum(0) for (x, *_), m in zip(entries, means)])
+        torch.distributed.all_reduce(squares, group=group)
+        variances = [q / n.clamp(min=1) for q, n in zip(squares.split(widths), rows)]
+        distances = _SumOverRanks.apply(torch.cat([dist.sum(0) for _, _, dist, _ in entries]), group).split(steps)
+        energies = _SumOverRanks.apply(torch.stack([energy.sum() for *_, energy in entries]), group)
+        mean_terms, speed_terms, energy_terms = [], [], []
+        for i, (x, mu, dist, energy) in enumerate(entries):
+            if rows[i] == 0:  # no rank routed a row to it: not one of the J integrators
+                continue
+            w = 1.0 / (1.0 + variances[i]) if self.variance_weighted else torch.ones_like(means[i])
+            mean_terms.append((w * (means[i] - mu) ** 2).sum())
+            decay = torch.exp(-torch.arange(steps[i], device=dist.device, dtype=dist.dtype) / self.tau)
+            speed_terms.append((decay * distances[i] / rows[i]).sum())
+            energy_terms.append(energies[i] / (rows[i] * max(energy.shape[1], 1)))
+        J = len(mean_terms)
+        terms = {
+            "L_mean": self.lambda_mean(epoch) * torch.stack(mean_terms).sum() / J,
+            "L_speed": self.lambda_speed * torch.stack(speed_terms).sum() / J,
+            "L_energy": self.current_lambda_energy() * torch.stack(energy_terms).sum() / J,
+        }
+        if routings:  # the Switch balance E·Σ_e f_e·P_e of every rank's rows, averaged over the mixture layers
+            counts = torch.stack([torch.cat((r.counts, r.counts.new_tensor([float(r.rows)]))) for r in routings])
+            torch.distributed.all_reduce(counts, group=group)
+            prob_sums = _SumOverRanks.apply(torch.stack([r.prob_sums for r in routings]), group)
+            balances = []
+            for r, c, p in zip(routings, counts, prob_sums):
+                E, n = r.counts.shape[0], c[-1].clamp(min=1)
+                balances.append(E * ((c[:-1] / (n * r.top_k)) * (p / n)).sum())
+            terms["_balance"] = torch.stack(balances).mean()
+        return terms
+
     def integrator_terms(self, stats: Sequence, epoch: float = 0) -> dict:
         """L_mean, L_speed, L_energy from a list of IntegratorStats (or anything with x, mu,
         energy, distance)."""
         if not stats:
             raise ValueError("IntegratorLoss needs the integrators' statistics: call the model with return_aux=True")
+        if self._distributed() and any(getattr(s, "routing", None) is not None for s in stats):
+            terms = self._mixture_terms_over_ranks(stats, epoch)
+            terms.pop("_balance", None)
+            return terms
         mean_terms, speed_terms, energy_terms = [], [], []
         for s in stats:
             x = _wide(s.x)
@@ -145,8 +225,15 @@ class IntegratorLoss(nn.Module):
         """logits [..., V], targets [...], aux the model's aux dict -> the terms and "total"."""
         task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=self.ignore_index)
-        terms = {"L_task": task, **self.integrator_terms(aux["integrators"], epoch)}
+        stats = aux["integrators"]
         balance = aux.get("router_balance")
+        if self._distributed() and any(getattr(s, "routing", None) is not None for s in stats):
+            # a mixture under data parallelism: its experts' rows differ by rank (see the method)
+            integrator = self._mixture_terms_over_ranks(stats, epoch)
+            balance = integrator.pop("_balance", balance)
+        else:
+            integrator = self.integrator_terms(stats, epoch)
+        terms = {"L_task": task, **integrator}
         if balance is not None:
             terms["L_balance"] = self.lambda_balance * balance
         terms["total"] = sum(terms.values())

@@ -38,6 +38,19 @@ class IntegratorStats(NamedTuple):
     energy: torch.Tensor  # [rows, T] mean_j v² after each step
     distance: torch.Tensor  # [rows, T] mean_j |x − mu| after each step
     iterations: torch.Tensor  # [rows] int32 steps run (fewer than T after early exit)
+    layer: int = -1  # the block it belongs to (set in the model's aux)
+    expert: int = -1  # a mixture's expert index (-1: a block's only integrator)
+    routing: Optional["Routing"] = None  # a mixture's routing of this forward (every expert's stats)
+
+
+class Routing(NamedTuple):
+    """A mixture's routing of one forward, what its load-balancing term is made of."""
+
+    counts: torch.Tensor  # [E] rows routed to each expert (top_k slots per row; no gradient)
+    prob_sums: torch.Tensor  # [E] the router's probabilities summed over the rows
+    rows: int
+    top_k: int
+    mus: torch.Tensor  # [E, d] every expert's equilibrium (also of experts that got no rows here)
 
 
 def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
@@ -143,7 +156,7 @@ class MixtureOfIntegrators(nn.Module):
         if trajectory:
             path_x, path_v = (x.new_zeros(n, num_iterations + 1, x.shape[1]) for _ in range(2))
         stats = []
-        for expert, (rows, w) in zip(self.experts, groups):
+        for index, (expert, (rows, w)) in enumerate(zip(self.experts, groups)):
             if rows.numel() == 0:
                 continue
             if trajectory:
@@ -154,7 +167,13 @@ class MixtureOfIntegrators(nn.Module):
             else:
                 y, info = expert(h[rows], x[rows], return_info=True, num_iterations=num_iterations)
             out = out.index_add(0, rows, y * w.to(y.dtype)[:, None])
-            stats.append(IntegratorStats(y, expert.equilibrium(), info.energy, info.distance, info.iterations))
+            stats.append(IntegratorStats(y, expert.equilibrium(), info.energy, info.distance, info.iterations,
+                                         expert=index))
+        # what the balance over several processes' rows needs (IntegratorLoss under data parallelism):
+        # the rows routed to each expert (no gradient) and the router's probabilities summed over rows
+        routing = Routing(share.detach() * max(n * k, 1), probs.sum(0), n, k,
+                          torch.stack([expert.equilibrium() for expert in self.experts]))
+        stats = [s._replace(routing=routing) for s in stats]
         return (out, stats, balance, (path_x, path_v)) if trajectory else (out, stats, balance)
 
 
@@ -458,7 +477,7 @@ class IntegratorLanguageModel(nn.Module):
                 "mu": [torch.stack([e.equilibrium() for e in b.integrator.experts])
                        if isinstance(b.integrator, MixtureOfIntegrators) else b.integrator.equilibrium()
                        for b in self.blocks],
-                "integrators": [s for stats in per_layer for s in stats],
+                "integrators": [s._replace(layer=i) for i, stats in enumerate(per_layer) for s in stats],
                 "router_balance": torch.stack(balances).mean() if balances else None,
             }
             if return_trajectories:

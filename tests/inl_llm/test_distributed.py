@@ -50,7 +50,7 @@ def full_state(model) -> dict:
 
 
 def run_training(out_dir, parallel="none", resume_from=None, kill_after=None, precision="fp32",
-                 activation_checkpointing=False, task_loss_only=False, **tc_overrides):
+                 activation_checkpointing=False, task_loss_only=False, model_overrides=None, **tc_overrides):
     """One training run (in this process, or on every rank). Checkpoints go to out_dir/stepN;
     with kill_after=N the process SIGKILLs itself right after writing step N's. Returns the step
     terms, the final weights (gathered) and rank 0's memory report."""
@@ -66,7 +66,7 @@ def run_training(out_dir, parallel="none", resume_from=None, kill_after=None, pr
 
     train_module.save_training_checkpoint = save_per_step
     try:
-        model = build_model(INLConfig(**CONFIG))
+        model = build_model(INLConfig(**{**CONFIG, **(model_overrides or {})}))
         engine = parallelize(model, parallel, precision=precision, activation_checkpointing=activation_checkpointing)
         config = tc(checkpoint_dir=str(out_dir), precision=precision, **tc_overrides)
         result = train(engine, *corpus(), config, loss_fn=TaskLossOnly() if task_loss_only else None,
@@ -230,6 +230,25 @@ def test_micro_batches_with_the_integrator_loss_group_as_two_ranks_do(tmp_path):
     both = on_two_ranks(tmp_path / "two", parallel="ddp", steps=4, grad_accum_steps=2)
     torch.testing.assert_close(losses(both), losses(single), rtol=1e-5, atol=0)
     assert_states_close(both["state"], single["state"], rtol=1e-4)
+
+
+def test_a_mixture_under_ddp_gives_the_losses_of_one_process(tmp_path):
+    """A mixture's experts get different rows on different ranks: IntegratorLoss lists every
+    expert on every rank (zero rows where it got none) and takes every term and the router balance
+    over all ranks' rows. Before, the ranks issued different collectives (gloo aborted when an
+    expert had rows on one rank only) or, when they happened to match, paired one expert's rows
+    with another's (5 % off in loss)."""
+    mixture = dict(mixture_of_integrators=True, num_experts=4, top_k=2)
+    single = run_training(tmp_path / "one", model_overrides=mixture)
+    both = on_two_ranks(tmp_path / "two", parallel="ddp", model_overrides=mixture)
+    torch.testing.assert_close(losses(both), losses(single), rtol=1e-5, atol=0)
+    assert_states_close(both["state"], single["state"], rtol=1e-4)
+    # 8 experts, top-1, 4 rows a rank: experts with rows on one rank only, every step
+    sparse = dict(mixture_of_integrators=True, num_experts=8, top_k=1)
+    kw = dict(model_overrides=sparse, batch_size=2, seq_len=4, steps=3, eval_every=100)
+    single = run_training(tmp_path / "one8", **kw)
+    both = on_two_ranks(tmp_path / "two8", parallel="ddp", **kw)
+    torch.testing.assert_close(losses(both), losses(single), rtol=1e-4, atol=0)
 
 
 def test_the_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(task_loss_run, tmp_path):
