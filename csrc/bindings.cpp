@@ -45,6 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capabilities", &inl::cpu_capabilities, "The CPU paths built in and runnable here, best first");
   m.def("cpu_built_capabilities", &inl::cpu_built_capabilities, "The CPU paths this build holds, best first");
   m.def("cpu_capability", &inl::cpu_capability, "The CPU path the ops run (avx512, avx2 or base)");
+  m.def("threads_set_by_caller", &inl::threads_set_by_caller,
+        "torch.set_num_threads(n) was called: n is the adaptive thread count's maximum from now on");
   m.def("set_cpu_capability", &inl::set_cpu_capability, "Runs the CPU ops on the named path ('auto': the best)",
         "name"_a);
   m.def("cpu_vector_width", [] { return inl::cpu_kernels().vector_width; }, "Floats per vector of the CPU path in use");

@@ -94,6 +94,7 @@ std::vector<std::string> cpu_capabilities();
 std::vector<std::string> cpu_built_capabilities();
 std::string cpu_capability();
 void set_cpu_capability(const std::string& name);
+void threads_set_by_caller(int64_t n);
 const CpuKernels& cpu_kernels();
 
 #ifdef INL_WITH_CUDA

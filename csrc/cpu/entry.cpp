@@ -16,6 +16,7 @@
 #include <cstring>
 #include <mutex>
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -140,8 +141,13 @@ bool process_schedstat(uint64_t& run, uint64_t& wait) {
 #endif
 }
 
-int threads() {
+ThreadGovernor& governor() {
   static ThreadGovernor g;
+  return g;
+}
+
+int threads() {
+  ThreadGovernor& g = governor();
   using clock = std::chrono::steady_clock;
   std::lock_guard<std::mutex> lock(g.mutex);
   const int current = at::get_num_threads();
@@ -184,6 +190,20 @@ int threads() {
   }
   return g.last_set;
 }
+
+}  // namespace
+
+// torch.set_num_threads(n) by the caller (inl_kernels.cpu wraps it): n is the maximum from now on,
+// also when it equals the count the governor itself last set (which `threads()` cannot tell apart)
+void threads_set_by_caller(int64_t n) {
+  ThreadGovernor& g = governor();
+  std::lock_guard<std::mutex> lock(g.mutex);
+  if (g.last_set == 0) return;  // not started: the first call reads the count
+  g.max_threads = g.last_set = int(std::max<int64_t>(1, n));
+  g.reduced = g.probing = false;
+}
+
+namespace {
 
 DType dtype_of(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
@@ -391,15 +411,16 @@ std::vector<at::Tensor> iterate_backward(const at::Tensor& h, const at::Tensor& 
                                          const IteratePackPtr& pack, const c10::optional<at::Tensor>& table_columns) {
   check_iterate(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, num_iterations);
   TORCH_CHECK(grad_x.sizes() == h.sizes() && grad_x.scalar_type() == h.scalar_type() && grad_x.is_contiguous() &&
-                  grad_v.sizes() == h.sizes() && grad_v.scalar_type() == h.scalar_type() && grad_v.is_contiguous(),
-              "iterate_backward: grad_x and grad_v must be contiguous and match h");
+                  grad_x.device().is_cpu() && grad_v.sizes() == h.sizes() && grad_v.scalar_type() == h.scalar_type() &&
+                  grad_v.is_contiguous() && grad_v.device().is_cpu(),
+              "iterate_backward: grad_x and grad_v must be contiguous CPU tensors matching h");
   const int64_t N = h.size(0), d = h.size(1), H = w_h.size(0), T = num_iterations;
   check_fp32("grad_energy", &grad_energy, {N, T});
   check_fp32("grad_distance", &grad_distance, {N, T});
   const CpuKernels& kernels = pack ? *pack->kernels : cpu_kernels();
   IteratePackPtr pk = pack_for(kernels, pack, w_h, w_x, w_v, w_o, mod, true);
   if (hidden)
-    TORCH_CHECK(hidden->scalar_type() == at::kFloat && hidden->is_contiguous() &&
+    TORCH_CHECK(hidden->scalar_type() == at::kFloat && hidden->is_contiguous() && hidden->device().is_cpu() &&
                     hidden->numel() == kernels.iterate_hidden_floats(N, int(T), int(H)),
                 "iterate_backward: hidden must be what iterate_forward(save_hidden=True) returned for these inputs, "
                 "on the same CPU path");
@@ -447,9 +468,9 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1 && x.size(-1) > 0,
               "x must be a contiguous CPU tensor with a non-empty last dimension");
   dtype_of(x, "rms_norm");
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(-1) &&
+  TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous() && weight.numel() == x.size(-1) &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == x.scalar_type()),
-              "weight must be a contiguous [D] tensor of x's dtype or float32");
+              "weight must be a contiguous [D] CPU tensor of x's dtype or float32");
 }
 }  // namespace
 
@@ -458,8 +479,8 @@ std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& 
   check_rms_norm(x, weight);
   if (residual)
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
-                    residual->is_contiguous(),
-                "residual must match x");
+                    residual->is_contiguous() && residual->device().is_cpu(),
+                "residual must be a contiguous CPU tensor matching x");
   const CpuKernels& kernels = cpu_kernels();
   at::Tensor y = at::empty_like(x), s = residual ? at::empty_like(x) : at::Tensor();
   at::Tensor rstd = at::empty({x.numel() / x.size(-1)}, x.options().dtype(at::kFloat));
@@ -474,12 +495,15 @@ std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& 
 std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_s,
                                           const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd) {
   check_rms_norm(x, weight);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
-              "grad_y must match x");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous() &&
+                  grad_y.device().is_cpu(),
+              "grad_y must be a contiguous CPU tensor matching x");
   if (grad_s)
-    TORCH_CHECK(grad_s->sizes() == x.sizes() && grad_s->scalar_type() == x.scalar_type() && grad_s->is_contiguous(),
-                "grad_s must match x");
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == x.numel() / x.size(-1),
+    TORCH_CHECK(grad_s->sizes() == x.sizes() && grad_s->scalar_type() == x.scalar_type() && grad_s->is_contiguous() &&
+                    grad_s->device().is_cpu(),
+                "grad_s must be a contiguous CPU tensor matching x");
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.device().is_cpu() &&
+                  rstd.numel() == x.numel() / x.size(-1),
               "rstd must be what rms_norm_forward returned for x");
   const CpuKernels& kernels = cpu_kernels();
   at::Tensor gx = at::empty(x.sizes(), x.options().dtype(at::kFloat));
@@ -525,8 +549,9 @@ at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up, const c1
 
 std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
   check_swiglu(gate, up);
-  TORCH_CHECK(grad.sizes() == gate.sizes() && grad.scalar_type() == gate.scalar_type() && grad.is_contiguous(),
-              "grad must be a contiguous tensor matching gate");
+  TORCH_CHECK(grad.sizes() == gate.sizes() && grad.scalar_type() == gate.scalar_type() && grad.is_contiguous() &&
+                  grad.device().is_cpu(),
+              "grad must be a contiguous CPU tensor matching gate");
   const CpuKernels& kernels = cpu_kernels();
   at::Tensor grad_gate = at::empty_like(gate), grad_up = at::empty_like(up);
   SwigluArgs a{dtype_of(gate, "swiglu"), gate.numel(), gate.data_ptr(), up.data_ptr(), grad.data_ptr(),
@@ -585,6 +610,9 @@ std::vector<at::Tensor> rope_forward(const at::Tensor& q, const at::Tensor& k, c
   };
   check_positions(q_pos, Sq, "q_pos");
   check_positions(k_pos, Sk, "k_pos");
+  for (int64_t size : {B, Hq, Hkv, Sq, Sk, D})
+    TORCH_CHECK(size <= INT32_MAX, "rope: every size of q and k must stay below 2^31, got q ", q.sizes(), ", k ",
+                k.sizes());
   at::Tensor q_out = at::empty({B, Hq, Sq, D}, q.options()), k_out = at::empty({B, Hkv, Sk, D}, k.options());
   RopeArgs a{dtype, int(B), int(Hq), int(Hkv), int(Sq), int(Sk), int(D), q.data_ptr(), k.data_ptr(),
              {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)}, cos.data_ptr<float>(),
@@ -606,12 +634,16 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
                   v.size(3) == D,
               "k and v must be [B, Hkv, Skv, D] with q's B and D");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "the query heads must be a multiple of the K/V heads");
+  for (int64_t size : {B, Hq, Hkv, Sq, Skv, D})
+    TORCH_CHECK(size <= INT32_MAX, "attention_decode: every size of q, k, v must stay below 2^31, got q ", q.sizes(),
+                ", k ", k.sizes());
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "q, k, v must have a contiguous last dimension");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin come together");
   at::Tensor c, s;
   if (cos) {
     TORCH_CHECK(D % 2 == 0, "RoPE needs an even head dimension");
+    TORCH_CHECK(cos->device().is_cpu() && sin->device().is_cpu(), "cos and sin must be CPU tensors");
     c = cos->contiguous(), s = sin->contiguous();
     TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && c.dim() == 2 &&
                     c.size(1) == D / 2 && s.sizes() == c.sizes(),
@@ -623,6 +655,8 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
     if (!t) return at::Tensor();
     TORCH_CHECK(t->dim() == 1 && t->size(0) == B, name, " must be [B]");
     TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+    TORCH_CHECK(!at::isFloatingType(t->scalar_type()) && t->scalar_type() != at::kBool, name,
+                " must be an integer tensor, got ", t->scalar_type());
     at::Tensor r = t->to(at::kLong).contiguous();
     const int64_t* p = r.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)

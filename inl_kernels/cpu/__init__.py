@@ -24,6 +24,28 @@ except ImportError as e:  # built without a compiler, or not built yet
     _import_error = str(e)
 
 
+def _watch_set_num_threads() -> None:
+    """torch.set_num_threads(n) also tells the C++ ops' adaptive thread count that n is the
+    caller's maximum (csrc/cpu/entry.cpp, `threads()`): by the count alone it cannot tell the
+    caller's 1 from the 1 it set itself on a busy machine, and then raised it again."""
+    import functools
+
+    import torch
+    original = torch.set_num_threads
+    if _C is None or getattr(original, "_inl_watched", False):
+        return
+
+    @functools.wraps(original)
+    def set_num_threads(n):
+        original(n)
+        _C.threads_set_by_caller(int(n))
+    set_num_threads._inl_watched = True
+    torch.set_num_threads = set_num_threads
+
+
+_watch_set_num_threads()
+
+
 def unavailable_reason():
     if _C is None:
         return (f"the C++ extension inl_kernels._C is not built ({_import_error}); install with a C++ "

@@ -188,9 +188,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, output[7], exc_index)
     ctx.constants = (dt, kappa, num_iterations)
     ctx.has = (v is not None, table is not None)
+    ctx.capability = _C.cpu_capability()  # the saved hidden activations are laid out for this path
 
 
 def _backward(ctx, grad_x, grad_v, _iterations, grad_energy, grad_distance, _tx, _tv, _hidden):
+    if not torch.compiler.is_compiling() and _C.cpu_capability() != ctx.capability:
+        # its row blocks (32, 16 or 8 rows) differ: the backward would read the activations wrongly
+        raise RuntimeError(f"the CPU path changed between the iterate's forward ({ctx.capability}) and its backward "
+                           f"({_C.cpu_capability()}): call inl_kernels.cpu.set_capability only with no backward "
+                           f"pending")
     h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, hidden, exc_index = ctx.saved_tensors
     gh, gx, gv, *grads = cpu_iterate_backward_op(
         h, x, v, w_h, w_x, w_v, w_o, bias, b_o, mod, mu, table, *ctx.constants, grad_x.contiguous(),

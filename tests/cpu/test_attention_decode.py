@@ -130,6 +130,17 @@ def test_extension_rejects_bad_arguments():
         _C.attention_decode(q[:, :3], k, v, True, 1.0, None, None, None, None)
     with pytest.raises(RuntimeError, match="share a dtype"):
         _C.attention_decode(q, k.double(), v, True, 1.0, None, None, None, None)
+    with pytest.raises(RuntimeError, match="kv_lens must be an integer tensor"):  # 4.7 was read as 4
+        _C.attention_decode(q, k, v, True, 1.0, cos, sin, torch.tensor([4.7, 5.0]), None)
+    with pytest.raises(RuntimeError, match="cos and sin must be CPU tensors"):
+        _C.attention_decode(q, k, v, True, 1.0, cos.to("meta"), sin.to("meta"), None, None)
+    # sizes past 2^31 (expanded views: no memory) were cut to 32 bits and attended to no key
+    big = k[:, :, :1].expand(2, 2, 2**31 + 1, 8)
+    with pytest.raises(RuntimeError, match="below 2"):
+        _C.attention_decode(q, big, big, False, 1.0, None, None, None, None)
+    heads = q[:, :1].expand(2, 2**31, 1, 8)
+    with pytest.raises(RuntimeError, match="below 2"):
+        _C.attention_decode(heads, k[:, :1], v[:, :1], False, 1.0, None, None, None, None)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -140,3 +140,57 @@ def test_paths_agree_within_a_few_ulp():
         for a, b in zip(results[paths[0]], results[other]):
             scale = max(1.0, a.abs().max().item())
             torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6 * scale)
+
+
+def test_switching_the_path_between_forward_and_backward_is_refused():
+    """The training forward saves the controller's activations in its path's row blocks (32, 16
+    or 8 rows): a backward on another path read them in the wrong layout and returned wrong
+    gradients without a word when N and H made the element counts equal. Now an error."""
+    from inl_kernels import cpu
+    paths = cpu.capabilities()
+    if len(paths) < 2:
+        pytest.skip("one runnable CPU path")
+    before = cpu.capability()
+    h, x, kw = make_args(n=64, d=16, H=32, E=2, T=3, dtype=torch.float32)
+    x = x.clone().requires_grad_(True)
+    try:
+        cpu.set_capability(paths[0])
+        out = inl_iterate(h, x, **kw, backend="cpu")
+        cpu.set_capability(paths[1])
+        with pytest.raises(RuntimeError, match="CPU path changed between the iterate's forward"):
+            out.sum().backward()
+        cpu.set_capability(paths[0])
+        out = inl_iterate(h, x, **kw, backend="cpu")
+        out.sum().backward()  # on its own path the backward runs
+        assert torch.isfinite(x.grad).all()
+    finally:
+        cpu.set_capability(before)
+
+
+@pytest.mark.parametrize("call", ["rms_norm weight", "rms_norm residual", "rms_norm_backward grad_y",
+                                  "rms_norm_backward grad_s", "swiglu_backward grad", "iterate_backward grad_x"])
+def test_the_bindings_refuse_tensors_off_the_cpu(call):
+    """A meta tensor handed to the extension directly: an error naming it (the weight, grad_y, the
+    swiglu gradient and the iterate's grad_x were read through a null pointer: a segfault)."""
+    from inl_kernels.cpu import _C
+    meta = lambda t: t.to("meta")  # noqa: E731
+    x, w = torch.randn(3, 8), torch.ones(8)
+    y, s, rstd = _C.rms_norm_forward(x, w, 1e-6, x.clone())
+    with pytest.raises(RuntimeError, match="CPU tensor"):
+        if call == "rms_norm weight":
+            _C.rms_norm_forward(x, meta(w), 1e-6, None)
+        elif call == "rms_norm residual":
+            _C.rms_norm_forward(x, w, 1e-6, meta(x))
+        elif call == "rms_norm_backward grad_y":
+            _C.rms_norm_backward(meta(x), None, x, w, rstd)
+        elif call == "rms_norm_backward grad_s":
+            _C.rms_norm_backward(x, meta(x), x, w, rstd)
+        elif call == "swiglu_backward grad":
+            _C.swiglu_backward(meta(x), x, x)
+        else:
+            from inl_kernels.cpu.iterate import _kernel_weights
+            from inl_kernels.common import iterate_bundle
+            h, xi, kw = make_args(n=3, d=8, H=4, E=1, T=2, dtype=torch.float32)
+            weights, _ = _kernel_weights(*iterate_bundle(h, xi, **kw)[3:], 8, False)
+            zeros = torch.zeros(3, 2)
+            _C.iterate_backward(h, xi, None, *weights, 0.1, 1.0, 2, meta(xi), xi, zeros, zeros, None, None, None)
