@@ -16,8 +16,8 @@ Sections (each fails alone: its error is recorded and the others run; the comman
   iterate_rows   time against work: the iterate forward from 256 to 16384 rows (d 2048 on a GPU,
                  512 on a CPU, T 5), eager vs ours
   attention_seq  time against sequence length: causal GQA attention forward, eager, SDPA and ours
-                 (on a CPU no attention kernel of ours exists: backend "auto" runs the eager
-                 reference, so that row is the eager one)
+                 (on a CPU ours is the cpu backend: SDPA's fused kernel with our RoPE, and the C++
+                 kernel for decode-sized queries)
   early_exit     time against the steps actually run: the iterate forward at a range of
                  tolerances (T 8), rows spread from near the equilibrium to far from it, in random
                  order and sorted by distance
@@ -72,12 +72,19 @@ def _load(path: str) -> dict:
         return json.load(f)
 
 
+def _interpreting() -> bool:
+    """Whether the Triton kernels of this process run through the interpreter (inl_kernels reads
+    TRITON_INTERPRET once, when it is first imported)."""
+    from inl_kernels import _dispatch
+    return bool(_dispatch._INTERPRETING)
+
+
 def auto_backend(device: str, op: str = "iterate") -> str:
     """What backend="auto" runs for `op` on this device (inl_kernels._dispatch.AUTO_ORDER)."""
     import inl_kernels
 
     native = {"iterate": ("triton",) if device == "cuda" else ("cpu",),
-              "attention": ("triton",) if device == "cuda" else ()}[op]
+              "attention": ("triton",) if device == "cuda" else ("cpu",)}[op]
     return next((b for b in native if b in inl_kernels.backends()), "reference")
 
 
@@ -115,7 +122,7 @@ def section_ops(ctx):
             rows += [dict(r, op=name) for r in _load(ctx.path(name))["results"]]
         except SystemExit as e:  # argparse's error exit: report it, keep going
             notes.append(f"{name}: exited {e.code}")
-    if not ctx.cuda:
+    if not ctx.cuda and _interpreting():
         notes.append("--quick on a CPU: ours ran through the Triton interpreter; these timings measure nothing")
     return dict(rows=rows, notes=notes)
 
@@ -161,11 +168,11 @@ def section_attention_seq(ctx):
              "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
     if ours != "reference":
         impls[f"ours ({ours})"] = lambda q, k, v: gqa_attention(q, k, v, causal=True, backend=ours)
-    elif ctx.quick and os.environ.get("TRITON_INTERPRET") == "1":
+    if not ctx.cuda and ctx.quick and _interpreting():
         impls["ours (triton, interpreter)"] = lambda q, k, v: gqa_attention(q, k, v, causal=True, backend="triton")
-        notes.append("ours ran through the Triton interpreter: its timings measure nothing")
-    else:
-        notes.append("no attention kernel of ours runs on a CPU: backend auto runs the eager reference (the eager row)")
+        notes.append("ours (triton) ran through the Triton interpreter: its timings measure nothing")
+    if ours == "reference":
+        notes.append("no attention kernel of ours runs here: backend auto runs the eager reference (the eager row)")
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for S in seqs:
@@ -422,12 +429,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<cpu|cuda>[-quick])")
     add_malloc_argument(p)
     args = p.parse_args(argv)
+    if args.device == "cpu" and args.quick:
+        # before inl_kernels (and triton) is imported, which reads it once: the smoke run drives the
+        # Triton kernels through the interpreter (apply_malloc below imports inl_kernels)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     apply_malloc(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
-    if args.device == "cpu" and args.quick:
-        # before triton is imported: the smoke run drives the Triton kernels through the interpreter
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or os.path.join(ROOT, "benchmarks", "results", args.device + ("-quick" if args.quick else ""))
@@ -439,7 +447,7 @@ def main(argv=None) -> int:
                                "shared with other jobs (load average at the start: "
                                f"{os.getloadavg()[0]:.1f}): absolute times move between runs; compare the ratios "
                                "of one run")
-    if os.environ.get("TRITON_INTERPRET") == "1" and args.device == "cpu":
+    if _interpreting() and args.device == "cpu":
         report["notes"].append("TRITON_INTERPRET=1: Triton kernels ran through the interpreter; their timings "
                                "measure nothing")
     if args.quick:

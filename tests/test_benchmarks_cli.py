@@ -20,6 +20,7 @@ def test_quick_run_writes_results_and_valid_plots(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
                                                        os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)  # as a user runs it: --quick sets it itself, before anything reads it
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,6 +35,14 @@ def test_quick_run_writes_results_and_valid_plots(tmp_path):
     assert any("interpreter" in n for n in report["notes"])  # the smoke run says it measures nothing
     for name in ("iterate", "ops", "iterate_rows", "attention_seq", "early_exit", "model"):
         assert report["sections"][name]["rows"], name
+    # ours ran in every row that says so: the Triton ops through the interpreter (they had all failed,
+    # the interpreter switch set after inl_kernels read it, and the notes still said they ran)
+    ops = [r for r in report["sections"]["ops"]["rows"] if str(r.get("impl", "")).startswith("ours")]
+    assert {r["op"] for r in ops} == {"rms_norm", "rope", "attention"} and all(r["ms"] for r in ops)
+    attention = {r["impl"] for r in report["sections"]["attention_seq"]["rows"] if r.get("ms")}
+    assert "ours (triton, interpreter)" in attention
+    if "cpu" in env_record["backends"]:
+        assert "ours (cpu)" in attention
 
     assert {os.path.basename(p) for p in report["plots"]} == PLOTS
     markdown = (tmp_path / "results.md").read_text()
