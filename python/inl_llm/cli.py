@@ -127,6 +127,32 @@ def checkpoint_path(text: str) -> str:
     return text
 
 
+def our_checkpoint(text: str) -> str:
+    """checkpoint_path, holding a checkpoint of ours (its config.json read and checked): a Hugging
+    Face directory, an empty one or a file is refused here, naming what it is, rather than by a
+    traceback from the loader."""
+    checkpoint_path(text)
+    path = Path(text)
+    if path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; a checkpoint is a directory (config.json, "
+                                         f"model.safetensors, ...)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read_config(text)
+    except (FileNotFoundError, CheckpointError) as e:
+        hint = ""
+        try:
+            saved = json.loads((path / "config.json").read_text())
+            if isinstance(saved, dict) and "model_type" in saved:
+                hint = (f"; it is a Hugging Face model directory: `python -m inl_llm convert {text} DIR` turns it "
+                        f"into a checkpoint")
+        except (OSError, ValueError):
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not a checkpoint: {e}{hint}") from None
+    return text
+
+
 def data_source(text: str) -> str:
     """--data: "stdlib" or a file or directory that exists."""
     return text if text == "stdlib" else existing_path(text)
@@ -598,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr.add_argument("--size", default=None, choices=list(SIZES), help="named size (default tiny)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    tr.add_argument("--resume", metavar="CHECKPOINT", type=checkpoint_path,
+    tr.add_argument("--resume", metavar="CHECKPOINT", type=our_checkpoint,
                     help="continue a training checkpoint exactly, with its settings (any setting flag given "
                          "overrides it), or start from a plain checkpoint's weights")
     tr.add_argument("--allow-data-change", action="store_true",
@@ -640,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="a checkpoint's weights (e.g. a sharded training checkpoint) as a plain "
                                        "checkpoint directory with model.safetensors")
     ex.set_defaults(_parser=ex)
-    ex.add_argument("--checkpoint", required=True, type=checkpoint_path)
+    ex.add_argument("--checkpoint", required=True, type=our_checkpoint)
     ex.add_argument("--out", required=True)
 
     cv = sub.add_parser("convert", help="checkpoint <-> Hugging Face model directory (needs the [hf] extra); the "
@@ -651,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="sample from a checkpoint")
     gen.set_defaults(_parser=gen)
-    gen.add_argument("--checkpoint", required=True, type=checkpoint_path)
+    gen.add_argument("--checkpoint", required=True, type=our_checkpoint)
     gen.add_argument("--prompt", default="def ")
     gen.add_argument("--max-new-tokens", type=nonneg_int, default=200)
     gen.add_argument("--temperature", type=nonneg_float, default=0.8, help="0: greedy")
@@ -666,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import distill  # trajectory distillation (python/inl_llm/distill.py)
     dist = distill.add_subcommand(sub)
     dist.set_defaults(_parser=dist)
-    _check_types(dist, teacher=checkpoint_path, size=list(SIZES), iterations=positive_int, data=data_source,
+    _check_types(dist, teacher=our_checkpoint, size=list(SIZES), iterations=positive_int, data=data_source,
                  max_bytes=positive_int, eval_fraction=fraction, steps=positive_int, time_budget=positive_float,
                  batch_size=positive_int, seq_len=positive_int, lr=positive_float, temperature=positive_float,
                  alpha_kd=nonneg_float, alpha_ce=nonneg_float, lambda_traj=nonneg_float, eval_batches=positive_int)

@@ -114,6 +114,10 @@ def why_not(model, cache) -> Optional[str]:
             return "an attention projection has a bias"
         if cache.max_len > at.cos.shape[0]:
             return f"the cache holds {cache.max_len} positions, the RoPE tables {at.cos.shape[0]}"
+    for name, module in model.named_modules():  # what build() checks op by op
+        backend = getattr(module, "backend", None)
+        if isinstance(backend, str) and backend not in ("auto", "cpu"):
+            return f"{name} runs backend {backend!r}; the lean step runs the C++ CPU kernels"
     return None
 
 

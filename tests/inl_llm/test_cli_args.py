@@ -92,6 +92,35 @@ def test_a_bad_argument_is_a_usage_error_naming_the_flag(case, checkpoint, tmp_p
     assert not os.path.exists(missing + "-out") and not os.path.exists(missing + "-demo")
 
 
+@pytest.mark.parametrize("what", ["empty directory", "a file", "hugging face directory"])
+@pytest.mark.parametrize("command", ["generate", "resume", "export", "distill"])
+def test_a_path_that_is_no_checkpoint_is_a_usage_error(what, command, tmp_path, capsys):
+    """A directory that exists but holds no checkpoint of ours (empty, a Hugging Face export) or a
+    file: argparse's error naming the flag and what the path is, not a loader's traceback."""
+    path = tmp_path / "thing"
+    if what == "a file":
+        path.write_text("x")
+    else:
+        path.mkdir()
+        if what == "hugging face directory":
+            (path / "config.json").write_text('{"model_type": "inl_llm", "vocab_size": 259}')
+    argv, flag = {"generate": (["generate", "--checkpoint", str(path), "--device", "cpu"], "--checkpoint"),
+                  "resume": (TRAIN + ["--resume", str(path)], "--resume"),
+                  "export": (["export", "--checkpoint", str(path), "--out", str(tmp_path / "out")], "--checkpoint"),
+                  "distill": (["distill", "--teacher", str(path), "--steps", "1", "--device", "cpu"], "--teacher"),
+                  }[command]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    printed = capsys.readouterr()
+    assert err.value.code == 2 and "Traceback" not in printed.err
+    line = printed.err.strip().splitlines()[-1]
+    assert flag in line and ("not a checkpoint" in line or "is a file" in line), line
+    if what == "hugging face directory":
+        assert "convert" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_valid_edge_values_still_run(checkpoint, capsys):
     """--temperature 0 is greedy (as --greedy), --top-k 0 no cut, --top-p 1 no nucleus."""
     gen = ["generate", "--checkpoint", str(checkpoint), "--prompt", "de", "--max-new-tokens", "5", "--device", "cpu"]

@@ -157,6 +157,7 @@ def test_where_it_does_not_apply():
         cache = reference.new_cache(1, 8)
         prefill(reference, ids, cache, mask)
         assert lean_decode.LeanDecodeStep.build(reference, cache) is None
+        assert "backend 'reference'" in lean_decode.why_not(reference, cache)  # it said None: "can run"
     with torch.enable_grad():
         assert "gradients" in lean_decode.why_not(model, cache)
 
