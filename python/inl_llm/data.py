@@ -65,7 +65,7 @@ def load_stdlib(max_bytes: Optional[int] = None, tokenizer: Optional[ByteTokeniz
     docs, total = [], 0
     for path in stdlib_files():
         try:
-            text = path.read_text(encoding="utf-8")
+            text = _read_utf8(path)
         except (UnicodeDecodeError, OSError):
             continue
         if not text.strip():
@@ -77,19 +77,34 @@ def load_stdlib(max_bytes: Optional[int] = None, tokenizer: Optional[ByteTokeniz
     return _join(docs, tokenizer or ByteTokenizer())
 
 
+def _read_utf8(path: Path) -> str:
+    """A file's text, byte for byte: no newline translation (Path.read_text turns \r\n and \r into
+    \n, which dropped every CR of a corpus)."""
+    return path.read_bytes().decode("utf-8")
+
+
 def load_text(path: Union[str, Path], tokenizer: Optional[ByteTokenizer] = None) -> torch.Tensor:
-    """A UTF-8 text file, or every *.txt file of a directory (sorted), each one document."""
+    """A UTF-8 text file, or every *.txt file of a directory (sorted), each one document, its bytes
+    as they are (CRs included)."""
     path = Path(path)
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     if not files or not files[0].exists():
         raise FileNotFoundError(f"no text file at {path}")
-    return _join((f.read_text(encoding="utf-8") for f in files), tokenizer or ByteTokenizer())
+
+    def texts():
+        for f in files:
+            try:
+                yield _read_utf8(f)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{f} is not UTF-8 text: {e}") from None
+    return _join(texts(), tokenizer or ByteTokenizer())
 
 
 def load_parquet(path: Union[str, Path], prompt_column: str = "prompt", completion_column: str = "completion",
                  tokenizer: Optional[ByteTokenizer] = None) -> torch.Tensor:
     """One document per row: BOS, the prompt, then the completion, EOS."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError("reading parquet needs pyarrow: pip install pyarrow (or the [data] extra)") from e
@@ -99,6 +114,12 @@ def load_parquet(path: Union[str, Path], prompt_column: str = "prompt", completi
         raise ValueError(f"{path} has no column(s) {missing}; its columns are {schema.names}")
     table = pq.read_table(path, columns=[prompt_column, completion_column])
     tok = tokenizer or ByteTokenizer()
+    for column in (prompt_column, completion_column):
+        kind = table.schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+                or (pa.types.is_dictionary(kind) and (pa.types.is_string(kind.value_type)
+                                                      or pa.types.is_large_string(kind.value_type)))):
+            raise ValueError(f"{path}: column {column!r} must hold text (strings), got {kind}")
     rows = zip(table.column(prompt_column).to_pylist(), table.column(completion_column).to_pylist())
     parts = [tok.encode((p or "") + (c or ""), bos=True, eos=True) for p, c in rows]
     if not parts:
@@ -107,10 +128,15 @@ def load_parquet(path: Union[str, Path], prompt_column: str = "prompt", completi
 
 
 def load_corpus(source: str = "stdlib", max_bytes: Optional[int] = None) -> torch.Tensor:
-    """"stdlib" (the default corpus), a .parquet file, or a text file / directory of .txt files."""
+    """"stdlib" (the default corpus), a .parquet file, or a text file / directory of .txt files.
+    max_bytes (>= 1): for a file or directory, the first max_bytes tokens of the stream (BOS and
+    EOS included; the cut may fall inside a document); for "stdlib", whole files until their text
+    reaches max_bytes characters."""
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
+        raise ValueError(f"max_bytes must be None or an int >= 1, got {max_bytes!r}")
     if source == "stdlib":
         return load_stdlib(max_bytes)
-    tokens = load_parquet(source) if str(source).endswith(".parquet") else load_text(source)
+    tokens = load_parquet(source) if str(source).lower().endswith(".parquet") else load_text(source)
     return tokens[:max_bytes] if max_bytes is not None else tokens
 
 

@@ -182,7 +182,24 @@ def _sync_budgets(module, incompatible_keys):
     module._sync()
 
 
-class IterationBudget(nn.Module):
+class Float32Buffers(nn.Module):
+    """Keeps the buffers named in `float32_buffers` (running averages) in fp32 whatever the module
+    is cast to (`module.to(bf16)`, `.half()`): in bf16 an average of 3.495 is 3.5, and an update of
+    0.01·Δ rounds away, so an average of steps gets stuck (and is saved so)."""
+
+    float32_buffers: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self.float32_buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            now = getattr(self, name)
+            if now.dtype != torch.float32:
+                setattr(self, name, before.to(device=now.device, dtype=torch.float32))
+        return self
+
+
+class IterationBudget(Float32Buffers):
     """The seeds' adaptive budget allocator: layers that converge fast get fewer steps.
 
     Layer l keeps a running average a_l of the steps its rows used at inference (early exit),
@@ -205,14 +222,9 @@ class IterationBudget(nn.Module):
         self._budgets = [num_iterations] * num_layers  # host copy: a forward reads it without a sync
         self.register_load_state_dict_post_hook(_sync_budgets)  # a module-level function: pickles
 
-    def _apply(self, fn, recurse=True):
-        average = self.average
-        super()._apply(fn, recurse)
-        # the running average stays fp32 whatever the model is cast to: in bf16 an average of 3.495
-        # is 3.5, which rounds to a budget of 4 + slack instead of 3 + slack (and is saved so)
-        if self.average.dtype != torch.float32:
-            self.average = average.to(device=self.average.device, dtype=torch.float32)
-        return self
+    # the running average stays fp32 whatever the model is cast to: in bf16 an average of 3.495 is
+    # 3.5, which rounds to a budget of 4 + slack instead of 3 + slack (and is saved so)
+    float32_buffers = ("average",)
 
     def _sync(self):
         self._budgets = [int(b) for b in self.budgets.tolist()]

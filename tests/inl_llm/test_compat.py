@@ -412,6 +412,34 @@ def test_shared_controller_sparse_hierarchical_mixture():
     torch.testing.assert_close(x_next[:1], expected)
 
 
+def test_running_averages_stay_fp32_and_inputs_are_checked():
+    """Casting to bf16 left the average-steps buffers in bf16, where a 0.01·Δ update rounds away
+    (300 calls at 3 steps after one at 12: 4.66 instead of 3.44); the compat layers of another
+    width failed under autocast (bf16 context, fp32 state); the mixture took an h of fewer rows
+    than x and returned zeros for the rest."""
+    torch.manual_seed(0)
+    base = core.IntegratorNeuronLayer(hidden_dim=8, output_dim=8)
+    adaptive = optimizations.AdaptiveIntegratorNeuronLayer(inl_layer=base).eval().to(torch.bfloat16)
+    assert adaptive.avg_iterations.dtype == torch.float32
+    adaptive.record(torch.full((4,), 12.0))
+    for _ in range(300):
+        adaptive.record(torch.full((4,), 3.0))
+    assert adaptive.avg_iterations.item() == pytest.approx(3 + 9 * 0.99**300, rel=1e-5)
+    model = models.UltraOptimizedIntegratorLanguageModel(vocab_size=50, d_model=32, num_layers=2, num_heads=4,
+                                                         num_iterations_per_layer=3, max_seq_len=32, seed=1)
+    assert model.to(torch.bfloat16)._avg_iterations.dtype == torch.float32
+    wide = core.IntegratorNeuronLayer(hidden_dim=24, output_dim=8)
+    h = torch.randn(4, 24)
+    x, v = wide.init_state(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wide(h, x, v)[0]
+    assert torch.isfinite(out).all()
+    moi = optimizations.MixtureOfIntegrators(hidden_dim=12, output_dim=12, num_experts=2, top_k=1)
+    x, v = moi.init_state(7)
+    with pytest.raises(ValueError, match="h's rows"):
+        moi(torch.randn(3, 12), x, v)
+
+
 def test_parameter_reports_count_the_modules():
     r = optimizations.compute_parameter_reduction(vocab_size=1000, d_model=256)
     emb = optimizations.LowRankEmbedding(vocab_size=1000, d_model=256)

@@ -36,6 +36,25 @@ def test_text_loader(tmp_path):
         load_text(tmp_path / "missing.txt")
 
 
+def test_text_keeps_every_byte_and_names_a_bad_file(tmp_path):
+    """CR bytes stay (read_text's newline translation dropped them: the byte tokenizer is lossless);
+    a file that is not UTF-8 is a ValueError naming it; max_bytes must be >= 1."""
+    raw = b"line one\r\nline two\rend"
+    (tmp_path / "crlf.txt").write_bytes(raw)
+    tok = ByteTokenizer()
+    assert load_text(tmp_path / "crlf.txt").tolist() == [tok.bos_id] + list(raw) + [tok.eos_id]
+    bad = tmp_path / "dir"
+    bad.mkdir()
+    (bad / "a.txt").write_text("fine")
+    (bad / "b.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match="b.txt is not UTF-8"):
+        load_text(bad)
+    for limit in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_bytes"):
+            load_corpus(str(tmp_path / "crlf.txt"), max_bytes=limit)
+    assert load_corpus(str(tmp_path / "crlf.txt"), max_bytes=4).tolist() == [tok.bos_id] + list(b"lin")
+
+
 def test_parquet_loader(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
@@ -49,6 +68,14 @@ def test_parquet_loader(tmp_path):
     pq.write_table(pa.table({"question": ["a"], "completion": ["b"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="prompt"):
         load_parquet(tmp_path / "bad.parquet")
+    # a column of numbers: a ValueError naming it (it was a TypeError from string concatenation)
+    pq.write_table(pa.table({"prompt": [1, 2], "completion": ["a", "b"]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match="column 'prompt' must hold text"):
+        load_parquet(tmp_path / "ints.parquet")
+    # an upper-case suffix is still parquet (it was read as text)
+    upper = tmp_path / "D.PARQUET"
+    upper.write_bytes(path.read_bytes())
+    assert load_corpus(str(upper)).tolist() == expected
 
 
 def test_stdlib_corpus_is_read_from_this_machine():

@@ -183,7 +183,7 @@ class IntegratorCore(nn.Module):
         # context of another width: the iterate gets u = h·w_hᵀ as its context and an identity w_h
         H = w["w_h"].shape[0]
         D = max(d, H)
-        u = F.linear(h, w["w_h"])
+        u = F.linear(h, w["w_h"]).to(x.dtype)  # autocast makes it bf16; the iterate takes x's dtype
         pad = D - d
         if pad:  # padded dims: zero state, zero mu, zero weights, so they stay zero at every step
             grow = lambda t: F.pad(t, (0, pad))  # noqa: E731

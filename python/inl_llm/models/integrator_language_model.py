@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 
 from ..config import INLConfig
+from ..model import Float32Buffers, MixtureOfIntegrators
 from ..model import IntegratorLanguageModel as _Model
-from ..model import MixtureOfIntegrators
 
 _MODEL_TAKES_MASK = "attention_mask" in inspect.signature(_Model.forward).parameters
 
@@ -98,9 +98,11 @@ def _is_causal_mask(mask: torch.Tensor, seq_len: int) -> bool:
     return bool(torch.equal(blocked, above))
 
 
-class CompatLanguageModel(_Model):
+class CompatLanguageModel(Float32Buffers, _Model):
     """What the original's language models share: the call signature, the aux list, the layer
     views and the running average of the steps run."""
+
+    float32_buffers = ("_avg_iterations",)  # a running average: fp32 under any cast
 
     def __init__(self, config: INLConfig, seeded: bool = False):
         """seeded (the caller passed `seed=`): the parameters are a function of config.seed alone,
@@ -114,7 +116,7 @@ class CompatLanguageModel(_Model):
         else:
             super().__init__(config)
         L = config.num_layers
-        self.register_buffer("_avg_iterations", torch.zeros(L), persistent=False)
+        self.register_buffer("_avg_iterations", torch.zeros(L, dtype=torch.float32), persistent=False)
         self.register_buffer("_num_forwards", torch.zeros((), dtype=torch.int64), persistent=False)
 
     # the original's attribute names

@@ -106,6 +106,12 @@ class MixtureOfIntegrators(nn.Module):
                 torch.zeros(batch_size, self.output_dim, device=device, dtype=self.mu.dtype))
 
     def forward(self, h, x, v, step: int = 0):
+        if h.dim() != 2 or h.shape[-1] != self.hidden_dim:
+            raise ValueError(f"h must be [batch, hidden_dim={self.hidden_dim}], got {list(h.shape)}")
+        for name, t in (("x", x), ("v", v)):
+            if t.dim() != 2 or t.shape != (h.shape[0], self.output_dim):
+                raise ValueError(f"{name} must be [batch, output_dim] = [{h.shape[0]}, {self.output_dim}] with h's "
+                                 f"rows, got {list(t.shape)}")
         n, E, k = x.shape[0], self.num_experts, self.top_k
         probs = torch.softmax(self.router(h).float(), dim=-1)
         weights, chosen = probs.topk(k, dim=-1)

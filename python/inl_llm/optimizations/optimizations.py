@@ -15,6 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from inl_kernels import LowRankEmbedding as _LowRankEmbedding
 
+from ..model import Float32Buffers
+
 
 def low_rank(d_model: int, rank_ratio: float) -> int:
     """The original's rank rule: max(64, int(d_model · rank_ratio))."""
@@ -41,11 +43,13 @@ class LowRankEmbedding(_LowRankEmbedding):
                 f"reduction={100 * (1 - self.num_parameters() / full):.1f}%)")
 
 
-class _Adaptive(nn.Module):
+class _Adaptive(Float32Buffers):
     """Early-stopping wrapper of an integrator layer (anything with `iterate`, `init_state`):
     runs up to max_iterations steps in one call of the iterate and keeps `avg_iterations`, the
     running average (rate 0.01, started at the first observation) of the mean steps per row
     over eval-mode calls."""
+
+    float32_buffers = ("avg_iterations",)  # a running average: fp32 under any cast
 
     def __init__(self, inl_layer: nn.Module, convergence_threshold: float, min_iterations: int, max_iterations: int,
                  check_interval: int):
@@ -61,7 +65,7 @@ class _Adaptive(nn.Module):
         self.inl = inl_layer
         self.convergence_threshold = convergence_threshold
         self.min_iterations, self.max_iterations, self.check_interval = min_iterations, max_iterations, check_interval
-        self.register_buffer("avg_iterations", torch.tensor(0.0))
+        self.register_buffer("avg_iterations", torch.tensor(0.0, dtype=torch.float32))
         self.register_buffer("num_forwards", torch.tensor(0))
 
     def record(self, iterations: torch.Tensor):
