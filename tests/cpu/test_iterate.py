@@ -403,6 +403,36 @@ def test_cached_packs_follow_new_storage_and_stay_off_the_tensors():
     assert layer.controller.out.weight.dtype == torch.float64
 
 
+@pytest.mark.parametrize("update", ["adamw", "in place"])
+def test_training_keeps_one_cached_pack_per_layer(update):
+    """Every training step changes mod_scale, part of a pack's key: the packs of past steps can
+    never be hit again and must go when the next is made (the LRU bound kept 256 of them, ~470
+    MiB for `small`), whether the step is a torch.optim one or an in-place update (a version)."""
+    from inl_kernels.cpu import iterate as cpu_iterate
+    from inl_kernels.modules import Controller, IntegratorLayer
+
+    torch.manual_seed(0)
+    controller = Controller(16, 8)
+    layers = [IntegratorLayer(16, controller, num_iterations=2, backend="cpu") for _ in range(3)]
+    params = list(dict.fromkeys(p for layer in layers for p in layer.parameters()))
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    cpu_iterate._cache.clear()
+    h, x = torch.randn(4, 16), torch.randn(4, 16)
+    for _ in range(6):
+        out = x
+        for layer in layers:
+            out = layer(h, out)
+        out.square().mean().backward()
+        if update == "adamw":
+            opt.step()
+        else:
+            with torch.no_grad():
+                for p in params:
+                    p.sub_(0.01 * p.grad)
+        opt.zero_grad(set_to_none=True)
+    assert len(cpu_iterate._cache) <= len(layers)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_decode_rows_split_over_threads_give_the_bits_of_a_block(threads):
     """Up to four rows run row by row with each step's products split by panels over up to four
