@@ -26,6 +26,7 @@ top-p (nucleus: the smallest set of tokens whose probability reaches top_p) → 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -110,6 +111,25 @@ def _compiled_step(device_type: str):
             pin_inductor_vec_isa()  # a cache shared with another ISA's processes would run wrong code
         _compiled[device_type] = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **how)
     return _compiled[device_type]
+
+
+class _CompiledStep:
+    """The compiled decode step of one generate call. Past torch's recompile limit (a graph per
+    batch size and cache length; 8 by default) the compiled function refuses a new shape: this
+    call then decodes eagerly, with a warning, instead of failing after its prefill."""
+
+    def __init__(self, model, cache, compiled):
+        self.model, self.cache, self.compiled = model, cache, compiled
+
+    def __call__(self, token):
+        if self.compiled is not None:
+            try:
+                return self.compiled(self.model, token, self.cache)
+            except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+                warnings.warn(f"generate(compile=True): torch.compile's recompile limit is reached for this batch "
+                              f"size and cache length ({e}); decoding this call eagerly", stacklevel=3)
+                self.compiled = None
+        return decode_one_token(self.model, token, self.cache)
 
 
 class CudaGraphStep:
@@ -203,7 +223,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             return input_ids
         out = torch.empty(batch, length + max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
         out[:, :length] = input_ids
-        cache = model.new_cache(batch, seen) if use_cache else None
+        # a compiled step is one graph per cache shape: its length is rounded up to a power of two
+        # (at most max_seq_len), so prompts of every length share a few graphs
+        cache_len = min(limit, 1 << max(seen - 1, 63).bit_length()) if compile else seen
+        cache = model.new_cache(batch, cache_len) if use_cache else None
         if use_cache:
             logits = prefill(model, input_ids, cache, attention_mask)
         else:
@@ -211,8 +234,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         if cuda_graph:
             step = CudaGraphStep(model, cache)
         elif compile:
-            compiled = _compiled_step(input_ids.device.type)
-            step = lambda token: compiled(model, token, cache)  # noqa: E731
+            step = _CompiledStep(model, cache, _compiled_step(input_ids.device.type))
         else:
             # eager: on a CPU the lean step (the same kernels without the Python around each one)
             step = (LeanDecodeStep.build(model, cache) if use_cache else None) or (

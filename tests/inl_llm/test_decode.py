@@ -119,6 +119,38 @@ def test_compiled_decode_of_a_left_padded_batch_gives_the_eager_tokens():
     assert compiled.tolist() == eager.tolist()
 
 
+def test_compiled_decode_shares_graphs_and_survives_the_recompile_limit(monkeypatch):
+    """generate(compile=True) made a graph per prompt length (the cache's length is in its shape),
+    kept them all, and the 9th length failed with FailOnRecompileLimitHit after its prefill. The
+    cache length is now rounded up to a power of two (at most max_seq_len), and past the limit the
+    call decodes eagerly with a warning, giving the eager tokens."""
+    import warnings
+
+    import importlib
+
+    import torch._dynamo.exc
+
+    G = importlib.import_module("inl_llm.generate")  # the attribute inl_llm.generate is the function
+
+    model = tiny("auto")
+    lengths = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda batch, n=None: lengths.append(n) or new_cache(batch, n))
+
+    def refusing(*args, **kwargs):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
+    monkeypatch.setitem(G._compiled, "cpu", refusing)
+    for n in (3, 9, 20):
+        prompt = prompts([n], seed=n)[0][None]
+        eager = model.generate(prompt, 5, do_sample=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = model.generate(prompt, 5, do_sample=False, compile=True)
+        assert compiled.tolist() == eager.tolist()
+        assert any("recompile limit" in str(w.message) for w in caught)
+    assert lengths[1::2] == [64, 64, 64]  # the compiled calls' caches: one shape for all three prompts
+
+
 def test_eos_stops_where_a_check_every_step_would():
     model = tiny("reference")
     prompt = prompts([4], seed=3)[0][None]
