@@ -64,48 +64,24 @@ def _number(text: str, kind):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _ranged(kind, ok, requirement: str, name: str, doc: str = ""):
+    """An argparse type: `kind` parsed by _number, refused unless ok(value) ("must <requirement>")."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must {requirement}, got {text!r}")
+        return value
+    parse.__name__, parse.__doc__ = name, doc or None
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number strictly between 0 and 1 (--eval-fraction: both splits must hold tokens)."""
-    value = _number(text, float)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A number in (0, 1] (--top-p)."""
-    value = _number(text, float)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
-    return value
+positive_int = _ranged(int, lambda v: v >= 1, "be an integer >= 1", "positive_int")
+nonneg_int = _ranged(int, lambda v: v >= 0, "be an integer >= 0", "nonneg_int")
+positive_float = _ranged(float, lambda v: v > 0, "be a finite number > 0", "positive_float")
+nonneg_float = _ranged(float, lambda v: v >= 0, "be a finite number >= 0", "nonneg_float")
+fraction = _ranged(float, lambda v: 0 < v < 1, "lie strictly between 0 and 1", "fraction",
+                   "A number strictly between 0 and 1 (--eval-fraction: both splits must hold tokens).")
+probability = _ranged(float, lambda v: 0 < v <= 1, "lie in (0, 1]", "probability", "A number in (0, 1] (--top-p).")
 
 
 def existing_path(text: str) -> str:

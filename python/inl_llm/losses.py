@@ -114,7 +114,7 @@ class IntegratorLoss(nn.Module):
         """Per-dim mean (differentiable) and population variance (no gradient) of x [n, d] over
         the batch: this process's rows, or every rank's rows of process_group."""
         group = self.process_group
-        if group is None or torch.distributed.get_world_size(group) == 1:
+        if not self._distributed():
             return x.mean(dim=0), x.detach().var(dim=0, unbiased=False)
         rows = torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device)
         torch.distributed.all_reduce(rows, group=group)
@@ -126,6 +126,10 @@ class IntegratorLoss(nn.Module):
     def _distributed(self) -> bool:
         group = self.process_group
         return group is not None and torch.distributed.get_world_size(group) > 1
+
+    def _mixture_over_ranks(self, stats: Sequence) -> bool:
+        """A mixture's statistics under data parallelism: `_mixture_terms_over_ranks` computes them."""
+        return self._distributed() and any(getattr(s, "routing", None) is not None for s in stats)
 
     def _mixture_terms_over_ranks(self, stats: Sequence, epoch: float) -> dict:
         """integrator_terms and the router balance over every rank's rows when a mixture's experts
@@ -200,7 +204,7 @@ class IntegratorLoss(nn.Module):
         energy, distance)."""
         if not stats:
             raise ValueError("IntegratorLoss needs the integrators' statistics: call the model with return_aux=True")
-        if self._distributed() and any(getattr(s, "routing", None) is not None for s in stats):
+        if self._mixture_over_ranks(stats):
             terms = self._mixture_terms_over_ranks(stats, epoch)
             terms.pop("_balance", None)
             return terms
@@ -227,7 +231,7 @@ class IntegratorLoss(nn.Module):
                                ignore_index=self.ignore_index)
         stats = aux["integrators"]
         balance = aux.get("router_balance")
-        if self._distributed() and any(getattr(s, "routing", None) is not None for s in stats):
+        if self._mixture_over_ranks(stats):
             # a mixture under data parallelism: its experts' rows differ by rank (see the method)
             integrator = self._mixture_terms_over_ranks(stats, epoch)
             balance = integrator.pop("_balance", balance)

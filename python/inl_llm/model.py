@@ -50,7 +50,7 @@ class Routing(NamedTuple):
     prob_sums: torch.Tensor  # [E] the router's probabilities summed over the rows
     rows: int
     top_k: int
-    mus: torch.Tensor  # [E, d] every expert's equilibrium (also of experts that got no rows here)
+    mus: Optional[torch.Tensor]  # [E, d] every expert's equilibrium (made under torch.distributed only)
 
 
 def _integrator(cfg: INLConfig, controller: Controller) -> IntegratorLayer:
@@ -171,8 +171,9 @@ class MixtureOfIntegrators(nn.Module):
                                          expert=index))
         # what the balance over several processes' rows needs (IntegratorLoss under data parallelism):
         # the rows routed to each expert (no gradient) and the router's probabilities summed over rows
+        distributed = dist.is_available() and dist.is_initialized()
         routing = Routing(share.detach() * max(n * k, 1), probs.sum(0), n, k,
-                          torch.stack([expert.equilibrium() for expert in self.experts]))
+                          torch.stack([expert.equilibrium() for expert in self.experts]) if distributed else None)
         stats = [s._replace(routing=routing) for s in stats]
         return (out, stats, balance, (path_x, path_v)) if trajectory else (out, stats, balance)
 
