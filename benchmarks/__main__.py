@@ -16,8 +16,9 @@ Sections (each fails alone: its error is recorded and the others run; the comman
   iterate_rows   time against work: the iterate forward from 256 to 16384 rows (d 2048 on a GPU,
                  512 on a CPU, T 5), eager vs ours
   attention_seq  time against sequence length: causal GQA attention forward, eager, SDPA and ours
-                 (on a CPU ours is the cpu backend: SDPA's fused kernel with our RoPE, and the C++
-                 kernel for decode-sized queries)
+                 (on a CPU ours is the cpu backend: the C++ prefill kernel where it runs, see
+                 inl_kernels/cpu/attention.py, else SDPA's fused kernel; the C++ kernel for
+                 decode-sized queries)
   early_exit     time against the steps actually run: the iterate forward at a range of
                  tolerances (T 8), rows spread from near the equilibrium to far from it, in random
                  order and sorted by distance

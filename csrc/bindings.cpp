@@ -42,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_decode", &inl::attention_decode,
         "Attention of a few queries per row (decode) with RoPE on the fly, inference only", "q"_a, "k"_a, "v"_a,
         "causal"_a, "scale"_a, "cos"_a, "sin"_a, "kv_lens"_a, "kv_starts"_a);
+  m.def("attention_prefill", &inl::attention_prefill,
+        "Attention of every query over its own sequence's keys (Sq = Skv), q and k rotated, inference only", "q"_a,
+        "k"_a, "v"_a, "causal"_a, "scale"_a);
   m.def("cpu_capabilities", &inl::cpu_capabilities, "The CPU paths built in and runnable here, best first");
   m.def("cpu_built_capabilities", &inl::cpu_built_capabilities, "The CPU paths this build holds, best first");
   m.def("cpu_capability", &inl::cpu_capability, "The CPU path the ops run (avx512, avx2 or base)");

@@ -88,6 +88,10 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
                             const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
                             const c10::optional<at::Tensor>& kv_lens, const c10::optional<at::Tensor>& kv_starts);
 
+// softmax(scale·q·kᵀ + mask)·v of every query over its own sequence's keys (Sq = Skv: a prefill),
+// q and k rotated already, inference only; causal: query i sees keys j <= i
+at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale);
+
 // The instruction-set paths: built into this extension and runnable on this CPU (best first),
 // the one in use (chosen at first use: INL_KERNELS_CPU_CAPABILITY, else the best), and a switch.
 std::vector<std::string> cpu_capabilities();

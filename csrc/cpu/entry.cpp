@@ -675,4 +675,29 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                             double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, H, S, D]");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be CPU tensors");
+  const DType dtype = dtype_of(q, "attention");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(2) == S && v.size(2) == S &&
+                  k.size(3) == D && v.size(3) == D,
+              "k and v must be [B, Hkv, S, D] with q's B, S and D");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "the query heads must be a multiple of the K/V heads");
+  for (int64_t size : {B, Hq, Hkv, S, D})
+    TORCH_CHECK(size <= INT32_MAX, "attention_prefill: every size of q, k, v must stay below 2^31, got q ",
+                q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(B * Hkv * (S + 64) * (D + 64) < (int64_t(1) << 40), "attention_prefill: q, k, v too large");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "q, k, v must have a contiguous last dimension");
+  at::Tensor out = at::empty({B, Hq, S, D}, q.options());
+  AttentionPrefillArgs a{dtype, int(B), int(Hq), int(Hkv), int(S), int(D), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                         {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+                         {v.stride(0), v.stride(1), v.stride(2)}, causal, float(scale), out.data_ptr(), threads()};
+  if (out.numel() > 0) cpu_kernels().attention_prefill(a);
+  return out;
+}
+
 }  // namespace inl

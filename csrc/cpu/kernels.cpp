@@ -19,6 +19,7 @@ void swiglu_backward(const SwigluArgs&);
 void attention_decode(const AttentionDecodeArgs&);
 void swiglu_rows(const SwigluRowsArgs&);
 void rope(const RopeArgs&);
+void attention_prefill(const AttentionPrefillArgs&);
 
 #define INL_STRINGIFY2(x) #x
 #define INL_STRINGIFY(x) INL_STRINGIFY2(x)
@@ -27,6 +28,7 @@ const CpuKernels kernels = {
     INL_STRINGIFY(INL_ISA), kVec,          kColBlock,        &iterate_pack,      &iterate_pack_free,
     &iterate_hidden_floats, &iterate_forward, &iterate_backward, &rms_norm_forward, &rms_norm_backward,
     &swiglu_forward,        &swiglu_backward,     &attention_decode, &swiglu_rows,     &rope,
+    &attention_prefill,
 };
 
 }  // namespace INL_ISA

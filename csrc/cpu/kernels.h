@@ -127,6 +127,19 @@ struct AttentionDecodeArgs {
   int threads;
 };
 
+// Attention of every query of a sequence over the same keys (Sq = Skv = S: a prefill), inference
+// only, q and k already rotated; csrc/cpu/attention.cpp.
+struct AttentionPrefillArgs {
+  DType dtype;
+  int B, Hq, Hkv, S, D;
+  const void *q, *k, *v;         // [B][H][S][D] with these element strides (the last is 1)
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  bool causal;                   // query i sees keys j <= i; else every key
+  float scale;
+  void* out;                     // [B][Hq][S][D], contiguous
+  int threads;
+};
+
 // RoPE (rotate-half) of q and k in one call, or its inverse (the gradient); csrc/cpu/rope.cpp.
 struct RopeArgs {
   DType dtype;
@@ -156,6 +169,7 @@ struct CpuKernels {
   void (*attention_decode)(const AttentionDecodeArgs&);
   void (*swiglu_rows)(const SwigluRowsArgs&);
   void (*rope)(const RopeArgs&);
+  void (*attention_prefill)(const AttentionPrefillArgs&);
 };
 
 // One table per compiled path. Weak: a build pinned to one target (INL_KERNELS_MARCH) holds
