@@ -45,6 +45,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_prefill", &inl::attention_prefill,
         "Attention of every query over its own sequence's keys (Sq = Skv), q and k rotated, inference only", "q"_a,
         "k"_a, "v"_a, "causal"_a, "scale"_a);
+  m.def("attention_prefill_lse", &inl::attention_prefill_lse,
+        "attention_prefill and each query's log-sum-exp of its scaled scores (float32 [B, Hq, S]): [out, lse]", "q"_a,
+        "k"_a, "v"_a, "causal"_a, "scale"_a);
+  m.def("attention_prefill_backward", &inl::attention_prefill_backward,
+        "The gradients [dq, dk, dv] of attention_prefill from the gradient of out, its inputs, out and lse", "grad"_a,
+        "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "causal"_a, "scale"_a);
   m.def("cpu_capabilities", &inl::cpu_capabilities, "The CPU paths built in and runnable here, best first");
   m.def("cpu_built_capabilities", &inl::cpu_built_capabilities, "The CPU paths this build holds, best first");
   m.def("cpu_capability", &inl::cpu_capability, "The CPU path the ops run (avx512, avx2 or base)");

@@ -91,6 +91,13 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
 // softmax(scale·q·kᵀ + mask)·v of every query over its own sequence's keys (Sq = Skv: a prefill),
 // q and k rotated already, inference only; causal: query i sees keys j <= i
 at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale);
+// the same, with each query's log-sum-exp of its scaled scores, float32 [B, Hq, S]: {out, lse}
+std::vector<at::Tensor> attention_prefill_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              bool causal, double scale);
+// its gradients {dq, dk, dv} from the gradient of out, the inputs, out and lse
+std::vector<at::Tensor> attention_prefill_backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                                   bool causal, double scale);
 
 // The instruction-set paths: built into this extension and runnable on this CPU (best first),
 // the one in use (chosen at first use: INL_KERNELS_CPU_CAPABILITY, else the best), and a switch.

@@ -264,7 +264,8 @@ def test_every_compiled_kernel_is_a_registered_op():
                       "triton_rms_norm_backward", "triton_rope"}
         if backend == "cpu":
             names |= {"cpu_iterate", "cpu_iterate_backward", "cpu_rms_norm", "cpu_rms_norm_backward", "cpu_rope",
-                      "cpu_silu_mul", "cpu_silu_mul_backward", "cpu_swiglu_rows", "cpu_attention_prefill"}
+                      "cpu_silu_mul", "cpu_silu_mul_backward", "cpu_swiglu_rows", "cpu_attention_prefill",
+                      "cpu_attention_prefill_train", "cpu_attention_prefill_backward"}
     for name in names:
         assert hasattr(torch.ops.inl, name), name
 

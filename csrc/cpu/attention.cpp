@@ -110,14 +110,63 @@ void run(const AttentionDecodeArgs& a) {
 // Prefill: every query of a sequence over its own keys (Sq = Skv = S), q and k rotated already.
 // Phase 1 lays out each (row, K/V head)'s keys transposed in runs of kColBlock keys,
 // [Sp / kColBlock][D][kColBlock], and its values, [Sp][Dp], in fp32 (Sp, Dp: S and D rounded up
-// to the micro-kernel's kColBlock, the padding zero). Phase 2 takes one
-// task per (row, query head, block of kPrefillQueries queries): the scores of its queries against
-// the keys up to its last query (causal: the blocks past it are never computed, which SDPA's CPU
-// kernel does not skip below 512 keys), a softmax per query over the keys it sees, then the
-// weighted sum of the values, both products by the register-blocked micro-kernel (simd.h), and
-// the division by the softmax's sum last. A query's result is one fixed sequence of operations on
-// its own row's data: independent of the batch, the block it falls in and the thread count.
+// to the micro-kernel's kColBlock, the padding zero). Phase 2 takes one task per (row, query
+// head, block of kPrefillQueries queries): the scores of its queries against the keys up to its
+// last query (causal: the blocks past it are never computed, which SDPA's CPU kernel does not
+// skip below 512 keys), a softmax per query over the keys it sees, then the weighted sum of the
+// values, both products by the register-blocked micro-kernel (simd.h), and the division by the
+// softmax's sum last. A query's result is one fixed sequence of operations on its own row's data:
+// independent of the batch, the block it falls in and the thread count. The (row, K/V head)
+// groups go in chunks whose scratch takes at most ~64 MiB.
 constexpr int kPrefillQueries = 64;
+constexpr int64_t kPrefillScratchFloats = int64_t(16) << 20;
+
+// x's S rows (stride `stride`, D values each) as [Sp / kColBlock][D][kColBlock]: column j of the
+// run j / kColBlock holds row j (rows S..Sp zero): the B operand of a product with xᵀ
+template <typename scalar_t>
+void lay_out_runs(const scalar_t* x, int64_t stride, int S, int Sp, int D, float* dst) {
+  for (int j = 0; j < Sp; ++j) {
+    float* col = dst + (size_t(j / kColBlock) * D) * kColBlock + j % kColBlock;
+    for (int e = 0; e < D; ++e) col[e * kColBlock] = j < S ? to_float(x[j * stride + e]) : 0.f;
+  }
+}
+
+// x's S rows as [Sp][Dp] (padding zero): the B operand of a product with x
+template <typename scalar_t>
+void lay_out_rows(const scalar_t* x, int64_t stride, int S, int Sp, int D, int Dp, float* dst) {
+  for (int j = 0; j < Sp; ++j) {
+    float* row = dst + size_t(j) * Dp;
+    for (int e = 0; e < Dp; ++e) row[e] = j < S && e < D ? to_float(x[j * stride + e]) : 0.f;
+  }
+}
+
+// dst [segment][rows][kColBlock] = A · runsᵀ for the queries q0.. of panels `a` (K = D), segment s
+// holding keys [s·kColBlock, (s + 1)·kColBlock); under a causal mask each panel of rows stops at the
+// segment of its last query's key
+inline void scores(const Panels& a, int rows, int q0, int S, int D, bool causal, const float* runs, float* dst) {
+  const int panels = (rows + kRowBlock - 1) / kRowBlock;
+  for (int pi = 0; pi < panels; ++pi) {
+    const int last_key = causal ? q0 + std::min(rows, (pi + 1) * kRowBlock) - 1 : S - 1;
+    for (int s = 0; s * kColBlock <= last_key; ++s)
+      micro_for_rows<kZero, 1>(a.rows(pi))(1, D, a.panel(pi), kRowBlock, 0, runs + size_t(s) * D * kColBlock,
+                                           kColBlock, 0, nullptr, 0,
+                                           dst + (size_t(s) * rows + pi * kRowBlock) * kColBlock, kColBlock);
+  }
+}
+
+// C[j] += Σ_i A[i][j] · X[i] for keys j < nseg·kColBlock: A in the [segment][rows][kColBlock]
+// layout of scores(), X [rows][Dp], C [·][Dp] (the transposed product of the backward)
+inline void add_transposed(const float* A, int rows, int nseg, const float* X, int Dp, float* C) {
+  constexpr int R = kRowsFor<2>;
+  for (int s = 0; s < nseg; ++s)
+    for (int c0 = 0; c0 < kColBlock; c0 += R) {
+      const int r = std::min(R, kColBlock - c0);
+      float* c = C + size_t(s * kColBlock + c0) * Dp;
+      for (int n0 = 0; n0 < Dp; n0 += kColBlock)
+        micro_for_rows<kLoad, 1>(r)(1, rows, A + size_t(s) * rows * kColBlock + c0, kColBlock, 0, X + n0, Dp, 0,
+                                    c + n0, Dp, c + n0, Dp);
+    }
+}
 
 template <typename scalar_t>
 void run_prefill(const AttentionPrefillArgs& a) {
@@ -130,8 +179,7 @@ void run_prefill(const AttentionPrefillArgs& a) {
   scalar_t* out = static_cast<scalar_t*>(a.out);
   const int64_t groups = int64_t(B) * Hkv;
   const size_t kt_floats = size_t(D) * Sp, group_floats = kt_floats + size_t(Sp) * Dp;
-  // the (row, K/V head) groups go in chunks whose laid-out keys and values take at most ~64 MiB
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(groups, (int64_t(16) << 20) / int64_t(group_floats)));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(groups, kPrefillScratchFloats / int64_t(group_floats)));
   Buffer kv(size_t(chunk) * group_floats);
   const int blocks = (S + kPrefillQueries - 1) / kPrefillQueries;
   const VecI lanes = lane_index();
@@ -143,23 +191,8 @@ void run_prefill(const AttentionPrefillArgs& a) {
       errors.guard([&] {
         const int b = int((first + gi) / Hkv), g = int((first + gi) % Hkv);
         float* kt = kv.data() + size_t(gi) * group_floats;
-        float* vp = kt + kt_floats;
-        const scalar_t* kb = k + b * a.k_stride[0] + g * a.k_stride[1];
-        const scalar_t* vb = v + b * a.v_stride[0] + g * a.v_stride[1];
-        for (int j = 0; j < Sp; ++j) {
-          float* kr = kt + (size_t(j / kColBlock) * D) * kColBlock + j % kColBlock;  // column j of its run
-          float* vr = vp + size_t(j) * Dp;
-          if (j < S) {
-            const scalar_t* kj = kb + j * a.k_stride[2];
-            const scalar_t* vj = vb + j * a.v_stride[2];
-            for (int e = 0; e < D; ++e) kr[e * kColBlock] = to_float(kj[e]);
-            for (int e = 0; e < D; ++e) vr[e] = to_float(vj[e]);
-          } else {
-            for (int e = 0; e < D; ++e) kr[e * kColBlock] = 0.f;
-            for (int e = 0; e < D; ++e) vr[e] = 0.f;
-          }
-          for (int e = D; e < Dp; ++e) vr[e] = 0.f;
-        }
+        lay_out_runs(k + b * a.k_stride[0] + g * a.k_stride[1], a.k_stride[2], S, Sp, D, kt);
+        lay_out_rows(v + b * a.v_stride[0] + g * a.v_stride[1], a.v_stride[2], S, Sp, D, Dp, kt + kt_floats);
       });
     errors.rethrow();
     const int64_t tasks = n_groups * G * blocks;
@@ -181,17 +214,8 @@ void run_prefill(const AttentionPrefillArgs& a) {
           const float* vp = kt + kt_floats;
           const scalar_t* qb = q + b * a.q_stride[0] + h * a.q_stride[1];
           qp.pack(rows, D, [&](int i, int e) { return to_float(qb[(q0 + i) * a.q_stride[2] + e]); });
-          // scores, [segment][row][kColBlock]: segment s holds keys [s·kColBlock, (s + 1)·kColBlock)
           p.resize(size_t(nseg) * rows * kColBlock);
-          const int panels = (rows + kRowBlock - 1) / kRowBlock;
-          for (int pi = 0; pi < panels; ++pi) {
-            const int last_key = a.causal ? q0 + std::min(rows, (pi + 1) * kRowBlock) - 1 : S - 1;
-            for (int s = 0; s * kColBlock <= last_key; ++s)
-              micro_for_rows<kZero, 1>(qp.rows(pi))(1, D, qp.panel(pi), kRowBlock, 0, kt + size_t(s) * D * kColBlock,
-                                                    kColBlock, 0, nullptr, 0,
-                                                    p.data() + (size_t(s) * rows + pi * kRowBlock) * kColBlock,
-                                                    kColBlock);
-          }
+          scores(qp, rows, q0, S, D, a.causal, kt, p.data());
           // softmax over the keys each query sees; the others get weight 0
           for (int i = 0; i < rows; ++i) {
             const int seen = a.causal ? q0 + i + 1 : S;
@@ -216,7 +240,9 @@ void run_prefill(const AttentionPrefillArgs& a) {
                 sum += e;
               }
             }
-            inv[i] = float(1.0 / hsum(sum));
+            const double total = hsum(sum);
+            inv[i] = float(1.0 / total);
+            if (a.lse) a.lse[(int64_t(b) * Hq + h) * S + q0 + i] = m + float(std::log(total));
           }
           o.resize(size_t(rows) * Dp);
           gemm_rows_nv<false, 2>(rows, Dp, nseg, p.data(), long(rows) * kColBlock, vp, Dp, long(kColBlock) * Dp,
@@ -233,6 +259,144 @@ void run_prefill(const AttentionPrefillArgs& a) {
   }
 }
 
+// The backward, from the forward's lse (softmax weights p = e^(scale·s − lse)):
+//   δ_i = Σ_e dO_ie·O_ie,  ds_ij = p_ij·(dO_i·v_j − δ_i),
+//   dq_i = scale·Σ_j ds_ij·k_j,  dk_j = scale·Σ_i ds_ij·q_i,  dv_j = Σ_i p_ij·dO_i
+// Phase 1 lays out each (row, K/V head)'s keys and values as product operands (as the forward).
+// Phase 2 takes one task per (row, query head): its query blocks in order, each recomputing its
+// scores and dO·vᵀ up to its last key (causal), writing dq and adding into the head's own dk and dv
+// (so no two tasks write one value). Phase 3 sums the G heads' dk and dv of each K/V head in head
+// order. Every sum has one fixed order: the bits do not depend on the thread count or the batch.
+template <typename scalar_t>
+void run_prefill_backward(const AttentionPrefillBackwardArgs& a) {
+  const int B = a.B, Hq = a.Hq, Hkv = a.Hkv, S = a.S, D = a.D;
+  const int G = Hq / Hkv;
+  const int Sp = round_up(S, kColBlock), Dp = round_up(D, kColBlock);
+  const scalar_t* q = static_cast<const scalar_t*>(a.q);
+  const scalar_t* k = static_cast<const scalar_t*>(a.k);
+  const scalar_t* v = static_cast<const scalar_t*>(a.v);
+  const scalar_t* out = static_cast<const scalar_t*>(a.out);
+  const scalar_t* grad = static_cast<const scalar_t*>(a.grad);
+  scalar_t* gq = static_cast<scalar_t*>(a.gq);
+  scalar_t* gk = static_cast<scalar_t*>(a.gk);
+  scalar_t* gv = static_cast<scalar_t*>(a.gv);
+  const int64_t groups = int64_t(B) * Hkv;
+  // per group: k and v as runs, k as rows; per query head of it: its dk and dv, [Sp][Dp] each
+  const size_t runs_floats = size_t(D) * Sp, rows_floats = size_t(Sp) * Dp;
+  const size_t group_floats = 2 * runs_floats + rows_floats + size_t(G) * 2 * rows_floats;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(groups, kPrefillScratchFloats / int64_t(group_floats)));
+  Buffer scratch(size_t(chunk) * group_floats);
+  const int blocks = (S + kPrefillQueries - 1) / kPrefillQueries;
+  const VecI lanes = lane_index();
+  Errors errors;
+  for (int64_t first = 0; first < groups; first += chunk) {
+    const int64_t n_groups = std::min(chunk, groups - first);
+#pragma omp parallel for num_threads(threads_for(a.threads, n_groups)) schedule(static)
+    for (int64_t gi = 0; gi < n_groups; ++gi)
+      errors.guard([&] {
+        const int b = int((first + gi) / Hkv), g = int((first + gi) % Hkv);
+        float* base = scratch.data() + size_t(gi) * group_floats;
+        const scalar_t* kb = k + b * a.k_stride[0] + g * a.k_stride[1];
+        lay_out_runs(kb, a.k_stride[2], S, Sp, D, base);
+        lay_out_runs(v + b * a.v_stride[0] + g * a.v_stride[1], a.v_stride[2], S, Sp, D, base + runs_floats);
+        lay_out_rows(kb, a.k_stride[2], S, Sp, D, Dp, base + 2 * runs_floats);
+        std::memset(base + 2 * runs_floats + rows_floats, 0, size_t(G) * 2 * rows_floats * sizeof(float));
+      });
+    errors.rethrow();
+    const int64_t tasks = n_groups * G;
+#pragma omp parallel num_threads(threads_for(a.threads, tasks))
+    {
+      Panels qp, gp;
+      Buffer p, dp, qrows, grows, dq;
+      float delta[kPrefillQueries], lse[kPrefillQueries];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task)
+        errors.guard([&] {
+          const int64_t gi = task / G;
+          const int b = int((first + gi) / Hkv), hg = int(task % G);
+          const int h = int((first + gi) % Hkv) * G + hg;
+          const float* base = scratch.data() + size_t(gi) * group_floats;
+          const float *kruns = base, *vruns = base + runs_floats, *krows = base + 2 * runs_floats;
+          float* dk = scratch.data() + size_t(gi) * group_floats + 2 * runs_floats + rows_floats +
+                      size_t(hg) * 2 * rows_floats;
+          float* dv = dk + rows_floats;
+          const scalar_t* qb = q + b * a.q_stride[0] + h * a.q_stride[1];
+          const scalar_t* ob = out + b * a.out_stride[0] + h * a.out_stride[1];
+          const scalar_t* gb = grad + b * a.grad_stride[0] + h * a.grad_stride[1];
+          const float* lb = a.lse + (int64_t(b) * Hq + h) * S;
+          scalar_t* gqb = gq + (int64_t(b) * Hq + h) * int64_t(S) * D;
+          for (int blk = 0; blk < blocks; ++blk) {
+            const int q0 = blk * kPrefillQueries, rows = std::min(kPrefillQueries, S - q0);
+            const int keys = a.causal ? q0 + rows : S, nseg = (keys + kColBlock - 1) / kColBlock;
+            qp.pack(rows, D, [&](int i, int e) { return to_float(qb[(q0 + i) * a.q_stride[2] + e]); });
+            gp.pack(rows, D, [&](int i, int e) { return to_float(gb[(q0 + i) * a.grad_stride[2] + e]); });
+            qrows.resize(size_t(rows) * Dp);
+            grows.resize(size_t(rows) * Dp);
+            lay_out_rows(qb + q0 * a.q_stride[2], a.q_stride[2], rows, rows, D, Dp, qrows.data());
+            lay_out_rows(gb + q0 * a.grad_stride[2], a.grad_stride[2], rows, rows, D, Dp, grows.data());
+            for (int i = 0; i < rows; ++i) {
+              const scalar_t* orow = ob + (q0 + i) * a.out_stride[2];
+              double d = 0.0;
+              for (int e = 0; e < D; ++e) d += double(grows[size_t(i) * Dp + e]) * double(to_float(orow[e]));
+              delta[i] = float(d);
+              lse[i] = lb[q0 + i];
+            }
+            p.resize(size_t(nseg) * rows * kColBlock);
+            dp.resize(size_t(nseg) * rows * kColBlock);
+            scores(qp, rows, q0, S, D, a.causal, kruns, p.data());
+            scores(gp, rows, q0, S, D, a.causal, vruns, dp.data());
+            // p (kept in p, for dv) and scale·ds (over dp, for dq and dk); 0 where a query sees no key
+            for (int i = 0; i < rows; ++i) {
+              const int seen = a.causal ? q0 + i + 1 : S;
+              for (int s = 0; s < nseg; ++s) {
+                float* pr = p.data() + (size_t(s) * rows + i) * kColBlock;
+                float* dr = dp.data() + (size_t(s) * rows + i) * kColBlock;
+                for (int c = 0; c < kColBlock; c += kVec) {
+                  if (s * kColBlock >= seen) {
+                    store(pr + c, Vec{});
+                    store(dr + c, Vec{});
+                    continue;
+                  }
+                  const VecI visible = lanes + (s * kColBlock + c) < seen;
+                  const Vec w = select(visible, vexp(load(pr + c) * a.scale - lse[i]), Vec{});
+                  store(pr + c, w);
+                  store(dr + c, w * (load(dr + c) - delta[i]) * a.scale);
+                }
+              }
+            }
+            dq.resize(size_t(rows) * Dp);
+            gemm_rows_nv<false, 2>(rows, Dp, nseg, dp.data(), long(rows) * kColBlock, krows, Dp,
+                                   long(kColBlock) * Dp, nullptr, 0, dq.data(), Dp);
+            for (int i = 0; i < rows; ++i) {
+              scalar_t* dst = gqb + int64_t(q0 + i) * D;
+              for (int e = 0; e < D; ++e) dst[e] = from_float<scalar_t>(dq[size_t(i) * Dp + e]);
+            }
+            add_transposed(dp.data(), rows, nseg, qrows.data(), Dp, dk);
+            add_transposed(p.data(), rows, nseg, grows.data(), Dp, dv);
+          }
+        });
+    }
+    errors.rethrow();
+#pragma omp parallel for num_threads(threads_for(a.threads, n_groups)) schedule(static)
+    for (int64_t gi = 0; gi < n_groups; ++gi)
+      errors.guard([&] {
+        const float* heads = scratch.data() + size_t(gi) * group_floats + 2 * runs_floats + rows_floats;
+        const int64_t at = (first + gi) * int64_t(S) * D;
+        for (int j = 0; j < S; ++j)
+          for (int e = 0; e < D; ++e) {
+            float sk = 0.f, sv = 0.f;
+            for (int hg = 0; hg < G; ++hg) {
+              sk += heads[size_t(hg) * 2 * rows_floats + size_t(j) * Dp + e];
+              sv += heads[size_t(hg) * 2 * rows_floats + rows_floats + size_t(j) * Dp + e];
+            }
+            gk[at + int64_t(j) * D + e] = from_float<scalar_t>(sk);
+            gv[at + int64_t(j) * D + e] = from_float<scalar_t>(sv);
+          }
+      });
+    errors.rethrow();
+  }
+}
+
 }  // namespace
 
 void attention_decode(const AttentionDecodeArgs& a) {
@@ -241,6 +405,10 @@ void attention_decode(const AttentionDecodeArgs& a) {
 
 void attention_prefill(const AttentionPrefillArgs& a) {
   dispatch(a.dtype, [&](auto tag) { run_prefill<decltype(tag)>(a); });
+}
+
+void attention_prefill_backward(const AttentionPrefillBackwardArgs& a) {
+  dispatch(a.dtype, [&](auto tag) { run_prefill_backward<decltype(tag)>(a); });
 }
 
 }  // namespace INL_ISA

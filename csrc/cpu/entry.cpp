@@ -675,8 +675,9 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                             double scale) {
+namespace {
+// q [B, Hq, S, D], k and v [B, Hkv, S, D] of one dtype, CPU, unit last stride: the prefill's inputs
+DType check_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, H, S, D]");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be CPU tensors");
   const DType dtype = dtype_of(q, "attention");
@@ -689,15 +690,64 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
   for (int64_t size : {B, Hq, Hkv, S, D})
     TORCH_CHECK(size <= INT32_MAX, "attention_prefill: every size of q, k, v must stay below 2^31, got q ",
                 q.sizes(), ", k ", k.sizes());
-  TORCH_CHECK(B * Hkv * (S + 64) * (D + 64) < (int64_t(1) << 40), "attention_prefill: q, k, v too large");
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "q, k, v must have a contiguous last dimension");
+  return dtype;
+}
+
+std::vector<at::Tensor> prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                double scale, bool with_lse) {
+  const DType dtype = check_prefill(q, k, v);
+  const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1);
   at::Tensor out = at::empty({B, Hq, S, D}, q.options());
+  at::Tensor lse = with_lse ? at::empty({B, Hq, S}, q.options().dtype(at::kFloat)) : at::Tensor();
   AttentionPrefillArgs a{dtype, int(B), int(Hq), int(Hkv), int(S), int(D), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                          {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
-                         {v.stride(0), v.stride(1), v.stride(2)}, causal, float(scale), out.data_ptr(), threads()};
+                         {v.stride(0), v.stride(1), v.stride(2)}, causal, float(scale), out.data_ptr(),
+                         with_lse ? lse.data_ptr<float>() : nullptr, threads()};
   if (out.numel() > 0) cpu_kernels().attention_prefill(a);
-  return out;
+  if (with_lse) return {out, lse};
+  return {out};
+}
+}  // namespace
+
+at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                             double scale) {
+  return prefill(q, k, v, causal, scale, false)[0];
+}
+
+std::vector<at::Tensor> attention_prefill_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              bool causal, double scale) {
+  return prefill(q, k, v, causal, scale, true);
+}
+
+std::vector<at::Tensor> attention_prefill_backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                                   bool causal, double scale) {
+  const DType dtype = check_prefill(q, k, v);
+  for (const at::Tensor* t : {&grad, &out}) {
+    TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
+                "grad and out must be CPU tensors of q's shape and dtype");
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "grad and out must have a contiguous last dimension");
+  }
+  const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1);
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 &&
+                  lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == S,
+              "lse must be a contiguous float32 CPU tensor [B, Hq, S]");
+  at::Tensor gq = at::empty({B, Hq, S, D}, q.options()), gk = at::empty({B, Hkv, S, D}, k.options()),
+             gv = at::empty({B, Hkv, S, D}, v.options());
+  AttentionPrefillBackwardArgs a{dtype, int(B), int(Hq), int(Hkv), int(S), int(D), q.data_ptr(), k.data_ptr(),
+                                 v.data_ptr(), out.data_ptr(), grad.data_ptr(),
+                                 {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+                                 {v.stride(0), v.stride(1), v.stride(2)}, {out.stride(0), out.stride(1), out.stride(2)},
+                                 {grad.stride(0), grad.stride(1), grad.stride(2)}, lse.data_ptr<float>(), causal,
+                                 float(scale), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), threads()};
+  if (gq.numel() > 0 && gk.numel() > 0) {
+    cpu_kernels().attention_prefill_backward(a);
+  } else {
+    gq.zero_(), gk.zero_(), gv.zero_();
+  }
+  return {gq, gk, gv};
 }
 
 }  // namespace inl

@@ -20,6 +20,7 @@ void attention_decode(const AttentionDecodeArgs&);
 void swiglu_rows(const SwigluRowsArgs&);
 void rope(const RopeArgs&);
 void attention_prefill(const AttentionPrefillArgs&);
+void attention_prefill_backward(const AttentionPrefillBackwardArgs&);
 
 #define INL_STRINGIFY2(x) #x
 #define INL_STRINGIFY(x) INL_STRINGIFY2(x)
@@ -28,7 +29,7 @@ const CpuKernels kernels = {
     INL_STRINGIFY(INL_ISA), kVec,          kColBlock,        &iterate_pack,      &iterate_pack_free,
     &iterate_hidden_floats, &iterate_forward, &iterate_backward, &rms_norm_forward, &rms_norm_backward,
     &swiglu_forward,        &swiglu_backward,     &attention_decode, &swiglu_rows,     &rope,
-    &attention_prefill,
+    &attention_prefill,     &attention_prefill_backward,
 };
 
 }  // namespace INL_ISA

@@ -137,6 +137,20 @@ struct AttentionPrefillArgs {
   bool causal;                   // query i sees keys j <= i; else every key
   float scale;
   void* out;                     // [B][Hq][S][D], contiguous
+  float* lse;                    // [B][Hq][S]: each query's log-sum-exp of its scaled scores, or null
+  int threads;
+};
+
+// Its backward from the forward's out and lse: the gradients of q, k and v (q and k rotated).
+struct AttentionPrefillBackwardArgs {
+  DType dtype;
+  int B, Hq, Hkv, S, D;
+  const void *q, *k, *v, *out, *grad;  // [B][H][S][D] with these element strides (the last is 1)
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], grad_stride[3];
+  const float* lse;                    // [B][Hq][S], contiguous
+  bool causal;
+  float scale;
+  void *gq, *gk, *gv;                  // [B][Hq][S][D], [B][Hkv][S][D] twice, contiguous
   int threads;
 };
 
@@ -170,6 +184,7 @@ struct CpuKernels {
   void (*swiglu_rows)(const SwigluRowsArgs&);
   void (*rope)(const RopeArgs&);
   void (*attention_prefill)(const AttentionPrefillArgs&);
+  void (*attention_prefill_backward)(const AttentionPrefillBackwardArgs&);
 };
 
 // One table per compiled path. Weak: a build pinned to one target (INL_KERNELS_MARCH) holds

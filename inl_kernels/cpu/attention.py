@@ -22,17 +22,19 @@ Decode (at most DECODE_QUERIES queries per row) in eager inference runs csrc/cpu
 instead: the same formula in one call, with the rotated q and k rounded to the input dtype as the
 reference rounds them; in fp32, scores, softmax and the weighted sum of values.
 
-A prefill (Sq = Skv, no cache lengths) without gradients or autocast runs csrc/cpu/attention.cpp's
-prefill kernel up to PREFILL_KEYS[path] keys, after the same rotation (through the torch.library
-op `inl::cpu_attention_prefill` outside plain eager inference, so a compiled model gives the
-eager bits). SDPA's CPU kernel computes every score of a block of up to 512 keys and masks the
-causal half afterwards (so at 256 keys its causal attention costs its non-causal one), where the
-prefill kernel computes only the scores of keys up to each block of 64 queries. Measured side by
-side here (2 threads, Intel Xeon with AVX-512, 8 query / 2 K/V heads of 64, fp32): 1.7x SDPA at
-4 x 256 tokens, 1.6x at 1 x 1024, 1.3x at 1 x 2048 on the AVX-512 path; on the AVX2 path 1.1x
-at 4 x 256 and slower from 1024 keys on (0.8x), so it stops at 512 there. Softmax and sums in
-fp32, as SDPA's; each query's result depends only on its own row, not on the batch, the thread
-count or later keys.
+A causal prefill (Sq = Skv, no cache lengths) without autocast runs csrc/cpu/attention.cpp's prefill
+kernels up to PREFILL_KEYS[path] keys, after the same rotation: forward and backward (the
+torch.library ops `inl::cpu_attention_prefill`, `inl::cpu_attention_prefill_train` and its
+backward outside plain eager inference, so a compiled model gives the eager bits). SDPA's CPU
+kernels compute every score of a block of up to 512 keys and mask the causal half afterwards (so
+at 256 keys causal attention costs what non-causal does), where these compute only the scores of
+keys up to each block of 64 queries. Measured side by side here (2 threads, Intel Xeon with
+AVX-512, 8 query / 2 K/V heads of 64, fp32), forward: 1.7x SDPA at 4 x 256 tokens, 1.6x at
+1 x 1024, 1.3x at 1 x 2048; forward + backward: 1.5x at 4 x 256 and at 1 x 1024, on the AVX-512
+path. On the AVX2 path 1.1x (forward) and 1.05x (forward + backward) at 4 x 256 and slower than
+SDPA from 1024 keys on, so it stops at 512 there. Softmax and sums in fp32, as SDPA's; each
+query's result depends only on its own row, not on the batch, the thread count or later keys;
+the backward's sums run in one fixed order (dk and dv per query head, then over the group).
 """
 from __future__ import annotations
 
@@ -79,8 +81,8 @@ def _decode_kernel_runs(q, k, v, rope, kv_lens, kv_starts):
             and cos.dim() == 2 and cos.shape[0] >= k.shape[2])
 
 
-# Sq = Skv up to this many keys, per CPU path, runs the prefill kernel without gradients (measured,
-# see the docstring; the baseline path's 4-wide micro-kernel is not faster than SDPA's GEMMs)
+# Sq = Skv up to this many keys, per CPU path, runs the prefill kernels under a causal mask
+# (measured, see the docstring; the baseline path's 4-wide micro-kernel is slower than SDPA's GEMMs)
 PREFILL_KEYS = {"avx512": 4096, "avx2": 512, "base": 0}
 
 
@@ -96,6 +98,51 @@ def _(q, k, v, causal, scale):
     return q.new_empty(q.shape)
 
 
+@torch.library.custom_op("inl::cpu_attention_prefill_train", mutates_args=(), device_types="cpu")
+def cpu_attention_prefill_train_op(q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                                   scale: float) -> tuple[Tensor, Tensor]:
+    """cpu_attention_prefill's output and each query's log-sum-exp of its scaled scores (float32
+    [B, Hq, S]), which its backward reads."""
+    out, lse = _C.attention_prefill_lse(q, k, v, causal, scale)
+    return out, lse
+
+
+@cpu_attention_prefill_train_op.register_fake
+def _(q, k, v, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("inl::cpu_attention_prefill_backward", mutates_args=(), device_types="cpu")
+def cpu_attention_prefill_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                      causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of cpu_attention_prefill_train from the gradient of its output."""
+    dq, dk, dv = _C.attention_prefill_backward(grad, q, k, v, out, lse, causal, scale)
+    return dq, dk, dv
+
+
+@cpu_attention_prefill_backward_op.register_fake
+def _(grad, q, k, v, out, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    # contiguous: a gradient may come expanded (out.sum().backward() hands zero strides)
+    dq, dk, dv = cpu_attention_prefill_backward_op(grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+cpu_attention_prefill_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 @torch._dynamo.assume_constant_result
 def _prefill_keys() -> int:
     """PREFILL_KEYS of the path in use; while torch.compile traces, read once as a constant (the
@@ -104,9 +151,16 @@ def _prefill_keys() -> int:
     return PREFILL_KEYS.get(capability(), 0)
 
 
-def _prefill_kernel_runs(q, k, v) -> bool:
-    return (not needs_grad(q, k, v) and not torch.is_autocast_enabled(q.device.type)
-            and q.shape[2] <= _prefill_keys())
+def _prefill(q, k, v, scale):
+    """Causal attention with Sq = Skv on the prefill kernels where they run (without autocast, up to
+    PREFILL_KEYS), else None. In eager inference the extension's function directly; without a
+    gradient the inference op; with one the op that saves what its backward reads."""
+    if torch.is_autocast_enabled(q.device.type) or q.shape[2] > _prefill_keys():
+        return None
+    if needs_grad(q, k, v):
+        return cpu_attention_prefill_train_op(q, k, v, True, scale)[0]
+    run = _C.attention_prefill if eager_direct(q, k, v) else cpu_attention_prefill_op
+    return run(q, k, v, True, scale)
 
 
 def _rotated(q, k, rope, q_pos, k_pos):
@@ -138,11 +192,9 @@ def attention(q, k, v, causal=True, scale=None, rope=None, kv_lens=None, kv_star
         if rope is not None:
             q, k = _rotated(q, k, rope, torch.arange(Skv - Sq, Skv, device=q.device),
                             torch.arange(Skv, device=q.device))
-        if Sq == Skv and _prefill_kernel_runs(q, k, v):
-            run = _C.attention_prefill if eager_direct(q, k, v) else cpu_attention_prefill_op
-            return run(q, k, v, causal, scale)
         if causal and Sq == Skv:
-            return _sdpa(q, k, v, None, True, scale)
+            out = _prefill(q, k, v, scale)
+            return _sdpa(q, k, v, None, True, scale) if out is None else out
         mask = None
         if causal and Sq > 1:
             mask = torch.ones(Sq, Skv, dtype=torch.bool, device=q.device).tril(diagonal=Skv - Sq)

@@ -1,9 +1,9 @@
-"""The CPU prefill attention (csrc/cpu/attention.cpp's prefill kernel: Sq = Skv, no gradient)
-against the fp64 reference on every CPU path: GQA, MHA and MQA, causal or not, with and without
+"""The CPU prefill attention (csrc/cpu/attention.cpp's prefill kernels, forward and backward:
+causal, Sq = Skv) against the fp64 reference on every CPU path: GQA, MHA and MQA, causal or not, with and without
 RoPE, odd lengths and head dims past any vector width, strided q and v as the model passes them;
 low precision within the reference's own error; each query's bits independent of its batch, of
-the thread count and of later keys; the op under torch.compile; SDPA wherever the kernel does
-not apply; bad arguments."""
+the thread count and of later keys (and the gradients' of the batch and the thread count); the
+ops under torch.compile; SDPA wherever the kernels do not apply; bad arguments."""
 import pytest
 import torch
 
@@ -21,19 +21,20 @@ CASES = [  # B, Hq, Hkv, S, D
     (2, 4, 2, 33, 2),      # the smallest even head dim
     (1, 3, 1, 12, 7),      # an odd head dim (no RoPE)
 ]
+KERNELS = ("attention_prefill", "attention_prefill_lse", "attention_prefill_backward")
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The prefill kernel on every path and length, and a count of its calls."""
+    """The prefill kernels on every path and length, and a count of each one's calls."""
     from inl_kernels.cpu import attention as cpu_attention
     monkeypatch.setattr(cpu_attention, "PREFILL_KEYS", {"avx512": 1 << 20, "avx2": 1 << 20, "base": 1 << 20})
-    real, count = cpu_attention._C.attention_prefill, [0]
-
-    def spy(*args):
-        count[0] += 1
-        return real(*args)
-    monkeypatch.setattr(cpu_attention._C, "attention_prefill", spy)
+    count = dict.fromkeys(KERNELS, 0)
+    for name in KERNELS:
+        def spy(*args, _real=getattr(cpu_attention._C, name), _name=name):
+            count[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(cpu_attention._C, name, spy)
     return count
 
 
@@ -45,48 +46,72 @@ def make(B, Hq, Hkv, S, D, dtype=torch.float32, seed=0, strided=False):
     return r(B, Hq, S, D), r(B, Hkv, S, D), r(B, Hkv, S, D)
 
 
+def with_grads(q, k, v, grad_out, **kw):
+    """[out, dq, dk, dv] of gqa_attention."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = gqa_attention(q, k, v, **kw)
+    out.backward(grad_out)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("use_rope", [False, True])
 def test_matches_fp64_reference(case, causal, use_rope, calls):
+    """Forward without a gradient and forward + backward against the fp64 reference; the kernels
+    run under a causal mask only (non-causal: SDPA, which skips nothing there either)."""
     D = case[-1]
     if use_rope and D % 2:
         pytest.skip("RoPE needs an even head dim")
     q, k, v = make(*case, strided=case[0] == 2)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
     rope = rope_tables(256, D) if use_rope else None
     with torch.no_grad():
         got = gqa_attention(q, k, v, causal=causal, rope=rope, scale=0.3, backend="cpu")
-    want = gqa_attention(q.double(), k.double(), v.double(), causal=causal, scale=0.3, backend="reference",
-                         rope=None if rope is None else tuple(t.double() for t in rope))
-    assert calls[0] == 1
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    got_grads = with_grads(q, k, v, do, causal=causal, rope=rope, scale=0.3, backend="cpu")
+    want = with_grads(q.double(), k.double(), v.double(), do.double(), causal=causal, scale=0.3, backend="reference",
+                      rope=None if rope is None else tuple(t.double() for t in rope))
+    assert calls == dict.fromkeys(KERNELS, 1 if causal else 0)
+    assert got.dtype == torch.float32 and got.shape == want[0].shape
+    for a, b in zip([got] + got_grads, want[:1] + want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_the_references_own_error(dtype, calls):
-    """bf16/fp16: no worse than twice the eager reference's own error in that dtype on the same
-    inputs (plus one ulp of slack)."""
+    """bf16/fp16, output and gradients: no worse than twice the eager reference's own error in
+    that dtype on the same inputs (plus one ulp of the largest value)."""
     q, k, v = make(2, 8, 2, 67, 32, dtype=dtype, seed=3)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
     rope = rope_tables(128, 32)
-    exact = gqa_attention(q.double(), k.double(), v.double(), rope=tuple(t.double() for t in rope),
-                          backend="reference")
-    with torch.no_grad():
-        ours = gqa_attention(q, k, v, rope=rope, backend="cpu")
-    eager = gqa_attention(q, k, v, rope=rope, backend="reference")
-    assert calls[0] == 1 and ours.dtype == dtype
-    ulp = torch.finfo(dtype).eps
-    assert (ours.double() - exact).abs().max() <= 2 * (eager.double() - exact).abs().max() + ulp
+    exact = with_grads(q.double(), k.double(), v.double(), do.double(), rope=tuple(t.double() for t in rope),
+                       backend="reference")
+    ours = with_grads(q, k, v, do, rope=rope, backend="cpu")
+    eager = with_grads(q, k, v, do, rope=rope, backend="reference")
+    assert calls["attention_prefill_backward"] == 1
+    for o, e, x in zip(ours, eager, exact):
+        assert o.dtype == dtype
+        slack = torch.finfo(dtype).eps * x.abs().max()
+        assert (o.double() - x).abs().max() <= 2 * (e.double() - x).abs().max() + slack
 
 
 def test_each_query_alone_in_its_batch_threads_and_prefix(calls):
     """A query's bits do not depend on the other rows of the batch, on the thread count, or (causal)
-    on the keys after it: the first S' queries of a prefill of S are the prefill of S'."""
+    on the keys after it: the first S' queries of a prefill of S are the prefill of S'. The
+    gradients' bits do not depend on the batch or the thread count either."""
     from inl_kernels.cpu import _C
     q, k, v = make(3, 8, 2, 150, 64, seed=5)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
     full = _C.attention_prefill(q, k, v, True, 0.125)
+    out, lse = _C.attention_prefill_lse(q, k, v, True, 0.125)
+    assert torch.equal(out, full)
+    grads = _C.attention_prefill_backward(do, q, k, v, out, lse, True, 0.125)
     for b in range(3):
-        assert torch.equal(_C.attention_prefill(q[b:b + 1], k[b:b + 1], v[b:b + 1], True, 0.125), full[b:b + 1])
+        one = slice(b, b + 1)
+        assert torch.equal(_C.attention_prefill(q[one], k[one], v[one], True, 0.125), full[one])
+        alone = _C.attention_prefill_backward(do[one], q[one], k[one], v[one], out[one], lse[one], True, 0.125)
+        for a, g in zip(alone, grads):
+            assert torch.equal(a, g[one])
     for n in (1, 63, 64, 65, 100):
         short = _C.attention_prefill(q[:, :, :n].contiguous(), k[:, :, :n].contiguous(), v[:, :, :n].contiguous(),
                                      True, 0.125)
@@ -94,50 +119,73 @@ def test_each_query_alone_in_its_batch_threads_and_prefix(calls):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _C.attention_prefill(q, k, v, True, 0.125)
+        assert torch.equal(_C.attention_prefill(q, k, v, True, 0.125), full)
+        for a, g in zip(_C.attention_prefill_backward(do, q, k, v, out, lse, True, 0.125), grads):
+            assert torch.equal(a, g)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, full)
 
 
-def test_sdpa_where_the_kernel_does_not_apply(calls, monkeypatch):
-    """Gradients, autocast and lengths past PREFILL_KEYS take SDPA, which gives the same values
-    within fp32 rounding."""
+def test_an_expanded_gradient(calls):
+    """out.sum().backward() hands the backward a gradient with zero strides: the same gradients as
+    a dense tensor of ones."""
+    q, k, v = make(1, 4, 2, 20, 16, seed=13)
+    dense = with_grads(q, k, v, torch.ones(q.shape), backend="cpu")
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    gqa_attention(q, k, v, backend="cpu").sum().backward()
+    assert calls["attention_prefill_backward"] == 2
+    for a, b in zip((q.grad, k.grad, v.grad), dense[1:]):
+        assert torch.equal(a, b)
+
+
+def test_sdpa_where_the_kernels_do_not_apply(calls, monkeypatch):
+    """Autocast, lengths past PREFILL_KEYS and non-causal attention take SDPA, which gives the
+    same values within fp32 rounding."""
     from inl_kernels.cpu import attention as cpu_attention
     q, k, v = make(1, 4, 2, 40, 16, seed=7)
     with torch.no_grad():
         fast = gqa_attention(q, k, v, backend="cpu")
-    assert calls[0] == 1
-    qg = q.clone().requires_grad_()
-    slow = gqa_attention(qg, k, v, backend="cpu")
-    slow.sum().backward()
-    assert calls[0] == 1 and qg.grad is not None
-    torch.testing.assert_close(slow.detach(), fast, rtol=1e-5, atol=1e-6)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        gqa_attention(q, k, v, backend="cpu")
-    assert calls[0] == 1
-    monkeypatch.setattr(cpu_attention, "PREFILL_KEYS", {"avx512": 39, "avx2": 39, "base": 39})
-    with torch.no_grad():
+        assert calls["attention_prefill"] == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gqa_attention(q, k, v, backend="cpu")
+        monkeypatch.setattr(cpu_attention, "PREFILL_KEYS", {"avx512": 39, "avx2": 39, "base": 39})
         longer = gqa_attention(q, k, v, backend="cpu")
-    assert calls[0] == 1
+        gqa_attention(q, k, v, causal=False, backend="cpu")
+    assert calls == {"attention_prefill": 1, "attention_prefill_lse": 0, "attention_prefill_backward": 0}
     torch.testing.assert_close(longer, fast, rtol=1e-5, atol=1e-6)
 
 
-def test_the_op_under_compile_gives_the_eager_bits(calls):
-    """Outside plain eager inference the kernel runs as the op inl::cpu_attention_prefill: a
-    compiled inference (fullgraph, no graph break) gives the eager call's bits; the op's schema
-    and fake function hold."""
-    from inl_kernels.cpu.attention import cpu_attention_prefill_op
+def test_the_ops_under_compile_give_the_eager_bits(calls):
+    """Outside plain eager inference the kernels run as the ops inl::cpu_attention_prefill and
+    inl::cpu_attention_prefill_train (with its backward): compiled inference and a compiled
+    forward + backward (fullgraph, no graph break) give the eager bits; the ops' schemas, fake
+    functions and autograd registration hold."""
+    from inl_kernels.cpu.attention import (cpu_attention_prefill_backward_op, cpu_attention_prefill_op,
+                                           cpu_attention_prefill_train_op)
     q, k, v = make(2, 8, 2, 40, 16, seed=11)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
     rope = rope_tables(64, 16)
 
     def f(q, k, v):
         return gqa_attention(q, k, v, rope=rope, backend="cpu")
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         eager = f(q, k, v)
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
-    assert calls[0] == 2 and torch.equal(compiled, eager)
+        assert torch.equal(compiled(q, k, v), eager)
+    assert calls["attention_prefill"] == 2
+    grads = []
+    for fn in (f, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        fn(*leaves).backward(do)
+        grads.append([t.grad for t in leaves])
+    assert calls["attention_prefill_backward"] == 2
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
     torch.library.opcheck(cpu_attention_prefill_op, (q, k, v, True, 0.25), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(cpu_attention_prefill_train_op, (q.requires_grad_(), k, v, True, 0.25))
+    out, lse = cpu_attention_prefill_train_op(q.detach(), k, v, True, 0.25)
+    torch.library.opcheck(cpu_attention_prefill_backward_op, (do, q.detach(), k, v, out, lse, True, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_arguments_raise():
@@ -151,3 +199,8 @@ def test_bad_arguments_raise():
         _C.attention_prefill(q, k.double(), v, True, 0.25)
     with pytest.raises(RuntimeError, match="contiguous last dimension"):
         _C.attention_prefill(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), True, 0.25)
+    out, lse = _C.attention_prefill_lse(q, k, v, True, 0.25)
+    with pytest.raises(RuntimeError, match="grad and out must be"):
+        _C.attention_prefill_backward(out[:, :, :7], q, k, v, out, lse, True, 0.25)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        _C.attention_prefill_backward(out, q, k, v, out, lse.double(), True, 0.25)
