@@ -320,7 +320,7 @@ void run_prefill_backward(const AttentionPrefillBackwardArgs& a) {
 #pragma omp parallel num_threads(threads_for(a.threads, tasks))
     {
       Panels qp, gp;
-      Buffer p, dp, qrows, grows, dq;
+      Buffer p, dp, qrows, grows, orows, dq;
       float delta[kPrefillQueries], lse[kPrefillQueries];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < tasks; ++task)
@@ -347,11 +347,13 @@ void run_prefill_backward(const AttentionPrefillBackwardArgs& a) {
             grows.resize(size_t(rows) * Dp);
             lay_out_rows(qb + q0 * a.q_stride[2], a.q_stride[2], rows, rows, D, Dp, qrows.data());
             lay_out_rows(gb + q0 * a.grad_stride[2], a.grad_stride[2], rows, rows, D, Dp, grows.data());
+            orows.resize(size_t(rows) * Dp);
+            lay_out_rows(ob + q0 * a.out_stride[2], a.out_stride[2], rows, rows, D, Dp, orows.data());
             for (int i = 0; i < rows; ++i) {
-              const scalar_t* orow = ob + (q0 + i) * a.out_stride[2];
-              double d = 0.0;
-              for (int e = 0; e < D; ++e) d += double(grows[size_t(i) * Dp + e]) * double(to_float(orow[e]));
-              delta[i] = float(d);
+              Vec d{};
+              for (int e = 0; e < Dp; e += kVec)
+                d += load(grows.data() + size_t(i) * Dp + e) * load(orows.data() + size_t(i) * Dp + e);
+              delta[i] = float(hsum(d));
               lse[i] = lb[q0 + i];
             }
             p.resize(size_t(nseg) * rows * kColBlock);
@@ -395,15 +397,20 @@ void run_prefill_backward(const AttentionPrefillBackwardArgs& a) {
       errors.guard([&] {
         const float* heads = scratch.data() + size_t(gi) * group_floats + 2 * runs_floats + rows_floats;
         const int64_t at = (first + gi) * int64_t(S) * D;
+        float sums[2][kColBlock];
         for (int j = 0; j < S; ++j)
-          for (int e = 0; e < D; ++e) {
-            float sk = 0.f, sv = 0.f;
-            for (int hg = 0; hg < G; ++hg) {
-              sk += heads[size_t(hg) * 2 * rows_floats + size_t(j) * Dp + e];
-              sv += heads[size_t(hg) * 2 * rows_floats + rows_floats + size_t(j) * Dp + e];
+          for (int e0 = 0; e0 < Dp; e0 += kColBlock) {
+            for (int kv = 0; kv < 2; ++kv)
+              for (int c = 0; c < kColBlock; c += kVec) {
+                Vec sum{};
+                for (int hg = 0; hg < G; ++hg)
+                  sum += load(heads + size_t(2 * hg + kv) * rows_floats + size_t(j) * Dp + e0 + c);
+                store(sums[kv] + c, sum);
+              }
+            for (int e = e0; e < std::min(D, e0 + kColBlock); ++e) {
+              gk[at + int64_t(j) * D + e] = from_float<scalar_t>(sums[0][e - e0]);
+              gv[at + int64_t(j) * D + e] = from_float<scalar_t>(sums[1][e - e0]);
             }
-            gk[at + int64_t(j) * D + e] = from_float<scalar_t>(sk);
-            gv[at + int64_t(j) * D + e] = from_float<scalar_t>(sv);
           }
       });
     errors.rethrow();
