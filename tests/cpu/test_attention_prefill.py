@@ -151,6 +151,23 @@ def test_an_expanded_gradient(calls):
         assert torch.equal(a, b)
 
 
+def test_chunks_of_heads():
+    """Past 16 Mi floats of laid-out keys and values the (row, K/V head) groups run in chunks
+    (4100 heads of 64 × 32 here: two chunks forward and backward): each head's bits are those it
+    gets in a call of its own."""
+    from inl_kernels.cpu import _C
+    q, k, v = make(1, 4100, 4100, 64, 32, seed=16)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(17))
+    out, lse = _C.attention_prefill_lse(q, k, v, True, 0.2)
+    grads = _C.attention_prefill_backward(do, q, k, v, out, lse, True, 0.2)
+    for heads in (slice(0, 3), slice(4094, 4100)):
+        part = [t[:, heads].contiguous() for t in (do, q, k, v)]
+        o, l = _C.attention_prefill_lse(*part[1:], True, 0.2)
+        assert torch.equal(o, out[:, heads]) and torch.equal(l, lse[:, heads])
+        for a, g in zip(_C.attention_prefill_backward(*part, o, l, True, 0.2), grads):
+            assert torch.equal(a, g[:, heads])
+
+
 def test_sdpa_where_the_kernels_do_not_apply(calls, monkeypatch):
     """Autocast, lengths past PREFILL_KEYS and non-causal attention take SDPA, which gives the
     same values within fp32 rounding."""
