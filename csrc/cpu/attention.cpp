@@ -121,6 +121,11 @@ void run(const AttentionDecodeArgs& a) {
 constexpr int kPrefillQueries = 64;
 constexpr int64_t kPrefillScratchFloats = int64_t(16) << 20;
 
+// how many (row, K/V head) groups of group_floats scratch floats each go in one chunk
+inline int64_t groups_per_chunk(int64_t groups, size_t group_floats) {
+  return std::max<int64_t>(1, std::min<int64_t>(groups, kPrefillScratchFloats / std::max<int64_t>(1, group_floats)));
+}
+
 // e^x for x <= 0 (a softmax weight relative to the row's largest, 1), 0 below 2^-64: a weight that
 // small, or its product with a value in the sum of values, can be subnormal, and every FMA that
 // reads or makes a subnormal takes a microcode assist (measured: a prefill with peaked scores ran
@@ -192,7 +197,7 @@ void run_prefill(const AttentionPrefillArgs& a) {
   scalar_t* out = static_cast<scalar_t*>(a.out);
   const int64_t groups = int64_t(B) * Hkv;
   const size_t kt_floats = size_t(D) * Sp, group_floats = kt_floats + size_t(Sp) * Dp;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(groups, kPrefillScratchFloats / int64_t(group_floats)));
+  const int64_t chunk = groups_per_chunk(groups, group_floats);
   Buffer kv(size_t(chunk) * group_floats);
   const int blocks = (S + kPrefillQueries - 1) / kPrefillQueries;
   const VecI lanes = lane_index();
@@ -297,7 +302,7 @@ void run_prefill_backward(const AttentionPrefillBackwardArgs& a) {
   // per group: k and v as runs, k as rows; per query head of it: its dk and dv, [Sp][Dp] each
   const size_t runs_floats = size_t(D) * Sp, rows_floats = size_t(Sp) * Dp;
   const size_t group_floats = 2 * runs_floats + rows_floats + size_t(G) * 2 * rows_floats;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(groups, kPrefillScratchFloats / int64_t(group_floats)));
+  const int64_t chunk = groups_per_chunk(groups, group_floats);
   Buffer scratch(size_t(chunk) * group_floats);
   const int blocks = (S + kPrefillQueries - 1) / kPrefillQueries;
   const VecI lanes = lane_index();

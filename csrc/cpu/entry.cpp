@@ -705,7 +705,8 @@ std::vector<at::Tensor> prefill(const at::Tensor& q, const at::Tensor& k, const 
                          {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
                          {v.stride(0), v.stride(1), v.stride(2)}, causal, float(scale), out.data_ptr(),
                          with_lse ? lse.data_ptr<float>() : nullptr, threads()};
-  if (out.numel() > 0) cpu_kernels().attention_prefill(a);
+  // with D = 0 the kernel still gives lse (the log of the keys each query sees)
+  if (B * Hq * S > 0) cpu_kernels().attention_prefill(a);
   if (with_lse) return {out, lse};
   return {out};
 }

@@ -36,7 +36,8 @@ SDPA from 1024 keys on, so it stops at 512 there. Softmax and sums in fp32, as S
 weights below 2^-64 of a row's largest dropped (far below fp32 rounding; subnormal weights cost
 a microcode assist per FMA: on queries scaled by 30 SDPA's forward + backward took 48.6 ms
 instead of 8.3, ours 5.8-6.0 either way). Each query's result depends only on its own row, not
-on the batch, the thread count or later keys; the backward's sums run in one fixed order (dk
+on the batch, the thread count or (with finite values: a zero weight times a later key's inf is
+NaN, as in the reference's matmul) later keys; the backward's sums run in one fixed order (dk
 and dv per query head, then over the group).
 """
 from __future__ import annotations

@@ -218,6 +218,24 @@ def test_the_ops_under_compile_give_the_eager_bits(calls):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_empty_sizes():
+    """No queries, no batch rows, no head dim: empty results (with D = 0 every score is 0, so lse
+    is the log of the number of keys a query sees) and zero-sized gradients."""
+    from inl_kernels.cpu import _C
+    q, k, v = make(2, 4, 2, 5, 8)
+    for qq, kk, vv in ((q[:, :, :0], k[:, :, :0], v[:, :, :0]), (q[:0], k[:0], v[:0])):
+        out, lse = _C.attention_prefill_lse(qq, kk, vv, True, 0.5)
+        assert out.shape == qq.shape and lse.shape == qq.shape[:3]
+        grads = _C.attention_prefill_backward(out, qq, kk, vv, out, lse, True, 0.5)
+        assert [g.shape for g in grads] == [qq.shape, kk.shape, vv.shape]
+    q0, k0, v0 = (t[..., :0].contiguous() for t in (q, k, v))
+    out, lse = _C.attention_prefill_lse(q0, k0, v0, True, 0.5)
+    assert out.shape == q0.shape
+    assert torch.allclose(lse, torch.log(torch.arange(1.0, 6.0)).expand(2, 4, 5), rtol=1e-6, atol=1e-6)
+    _, lse = _C.attention_prefill_lse(q0, k0, v0, False, 0.5)
+    assert torch.allclose(lse, torch.full((2, 4, 5), float(torch.log(torch.tensor(5.0)))), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_arguments_raise():
     from inl_kernels.cpu import _C
     q, k, v = make(1, 4, 2, 8, 16)
