@@ -22,19 +22,23 @@ Decode (at most DECODE_QUERIES queries per row) in eager inference runs csrc/cpu
 instead: the same formula in one call, with the rotated q and k rounded to the input dtype as the
 reference rounds them; in fp32, scores, softmax and the weighted sum of values.
 
-A causal prefill (Sq = Skv, no cache lengths) without autocast runs csrc/cpu/attention.cpp's prefill
-kernels up to PREFILL_KEYS[path] keys, after the same rotation: forward and backward (the
+A causal prefill (Sq = Skv, no cache lengths) without autocast runs csrc/cpu/attention.cpp's
+prefill kernels up to PREFILL_KEYS[path] keys (PREFILL_TRAIN_KEYS with a gradient), after the
+same rotation: forward and backward (the
 torch.library ops `inl::cpu_attention_prefill`, `inl::cpu_attention_prefill_train` and its
 backward outside plain eager inference, so a compiled model gives the eager bits). SDPA's CPU
 kernels compute every score of a block of up to 512 keys and mask the causal half afterwards (so
 at 256 keys causal attention costs what non-causal does), where these compute only the scores of
 keys up to each block of 64 queries. Measured side by side here (2 threads, Intel Xeon with
-AVX-512, 8 query / 2 K/V heads of 64, fp32), forward: 1.7x SDPA at 4 x 256 tokens, 1.6x at
-1 x 1024, 1.3x at 1 x 2048; forward + backward: 1.5x at 4 x 256 and at 1 x 1024, on the AVX-512
-path. On the AVX2 path 1.1x (forward) and 1.05x (forward + backward) at 4 x 256 and slower than
-SDPA from 1024 keys on, so it stops at 512 there. Softmax and sums in fp32, as SDPA's, with the
-weights below 2^-64 of a row's largest dropped (far below fp32 rounding; subnormal weights cost
-a microcode assist per FMA: on queries scaled by 30 SDPA's forward + backward took 48.6 ms
+AVX-512, 8 query / 2 K/V heads of 64, fp32; on the AVX2 and baseline paths with ATen and MKL
+pinned to the same instruction set, as on such a machine). AVX-512: forward 1.7x SDPA at
+4 x 256 tokens, 1.6x at 1 x 1024, 1.3x at 2048, 1.16x at 4096, 0.85x at 8192; forward + backward
+1.5x at 4 x 256 and 1 x 1024, 1.24x at 2048, 1.13x at 4096. AVX2: forward 1.5x at 4 x 256, 1.3x at
+1024, 1.0-1.1x at 2048, 0.86x at 4096; forward + backward 1.5x at 4 x 256, 1.3x at 1024, 1.1x at
+2048. Baseline: forward 1.9x at 4 x 256, 1.3x at 2048, 0.58x at 4096; its backward is slower at
+every length (0.8x at 256). Hence PREFILL_KEYS and PREFILL_TRAIN_KEYS. Softmax and sums in
+fp32, as SDPA's, with the weights below 2^-64 of a row's largest dropped (far below fp32
+rounding; subnormal weights cost a microcode assist per FMA: on queries scaled by 30 SDPA's forward + backward took 48.6 ms
 instead of 8.3, ours 5.8-6.0 either way). Each query's result depends only on its own row, not
 on the batch, the thread count or (with finite values: a zero weight times a later key's inf is
 NaN, as in the reference's matmul) later keys; the backward's sums run in one fixed order (dk
@@ -85,9 +89,12 @@ def _decode_kernel_runs(q, k, v, rope, kv_lens, kv_starts):
             and cos.dim() == 2 and cos.shape[0] >= k.shape[2])
 
 
-# Sq = Skv up to this many keys, per CPU path, runs the prefill kernels under a causal mask
-# (measured, see the docstring; the baseline path's 4-wide micro-kernel is slower than SDPA's GEMMs)
-PREFILL_KEYS = {"avx512": 4096, "avx2": 512, "base": 0}
+# Sq = Skv up to this many keys, per CPU path, runs the prefill kernels under a causal mask: the
+# forward without a gradient (PREFILL_KEYS) and forward + backward (PREFILL_TRAIN_KEYS). Measured
+# against SDPA with ATen and MKL on the same instruction set (see the docstring): faster up to
+# these lengths; on the baseline path the backward is slower at every length.
+PREFILL_KEYS = {"avx512": 4096, "avx2": 2048, "base": 2048}
+PREFILL_TRAIN_KEYS = {"avx512": 4096, "avx2": 2048, "base": 0}
 
 
 @torch.library.custom_op("inl::cpu_attention_prefill", mutates_args=(), device_types="cpu")
@@ -148,20 +155,22 @@ cpu_attention_prefill_train_op.register_autograd(_backward, setup_context=_setup
 
 
 @torch._dynamo.assume_constant_result
-def _prefill_keys() -> int:
-    """PREFILL_KEYS of the path in use; while torch.compile traces, read once as a constant (the
-    extension's capability() would break the graph; a path switched after compiling keeps the
-    compiled choice, which is as exact, only as fast as that path makes it)."""
-    return PREFILL_KEYS.get(capability(), 0)
+def _prefill_keys(train: bool) -> int:
+    """PREFILL_(TRAIN_)KEYS of the path in use; while torch.compile traces, read once as a
+    constant (the extension's capability() would break the graph; a path switched after compiling
+    keeps the compiled choice, which is as exact, only as fast as that path makes it)."""
+    return (PREFILL_TRAIN_KEYS if train else PREFILL_KEYS).get(capability(), 0)
 
 
 def _prefill(q, k, v, scale):
     """Causal attention with Sq = Skv on the prefill kernels where they run (without autocast, up to
-    PREFILL_KEYS), else None. In eager inference the extension's function directly; without a
-    gradient the inference op; with one the op that saves what its backward reads."""
-    if torch.is_autocast_enabled(q.device.type) or q.shape[2] > _prefill_keys():
+    PREFILL_KEYS or, with a gradient, PREFILL_TRAIN_KEYS), else None. In eager inference the
+    extension's function directly; without a gradient the inference op; with one the op that saves
+    what its backward reads."""
+    train = needs_grad(q, k, v)
+    if torch.is_autocast_enabled(q.device.type) or q.shape[2] > _prefill_keys(train):
         return None
-    if needs_grad(q, k, v):
+    if train:
         return cpu_attention_prefill_train_op(q, k, v, True, scale)[0]
     run = _C.attention_prefill if eager_direct(q, k, v) else cpu_attention_prefill_op
     return run(q, k, v, True, scale)

@@ -24,11 +24,9 @@ CASES = [  # B, Hq, Hkv, S, D
 KERNELS = ("attention_prefill", "attention_prefill_lse", "attention_prefill_backward")
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """The prefill kernels on every path and length, and a count of each one's calls."""
+def spy_kernels(monkeypatch):
+    """A count of each prefill kernel's calls."""
     from inl_kernels.cpu import attention as cpu_attention
-    monkeypatch.setattr(cpu_attention, "PREFILL_KEYS", {"avx512": 1 << 20, "avx2": 1 << 20, "base": 1 << 20})
     count = dict.fromkeys(KERNELS, 0)
     for name in KERNELS:
         def spy(*args, _real=getattr(cpu_attention._C, name), _name=name):
@@ -36,6 +34,16 @@ def calls(monkeypatch):
             return _real(*args)
         monkeypatch.setattr(cpu_attention._C, name, spy)
     return count
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The prefill kernels on every path and length, and a count of each one's calls."""
+    from inl_kernels.cpu import attention as cpu_attention
+    every = {"avx512": 1 << 20, "avx2": 1 << 20, "base": 1 << 20}
+    monkeypatch.setattr(cpu_attention, "PREFILL_KEYS", every)
+    monkeypatch.setattr(cpu_attention, "PREFILL_TRAIN_KEYS", every)
+    return spy_kernels(monkeypatch)
 
 
 def make(B, Hq, Hkv, S, D, dtype=torch.float32, seed=0, strided=False):
@@ -169,8 +177,8 @@ def test_chunks_of_heads():
 
 
 def test_sdpa_where_the_kernels_do_not_apply(calls, monkeypatch):
-    """Autocast, lengths past PREFILL_KEYS and non-causal attention take SDPA, which gives the
-    same values within fp32 rounding."""
+    """Autocast, lengths past PREFILL_KEYS (PREFILL_TRAIN_KEYS with a gradient) and non-causal
+    attention take SDPA, which gives the same values within fp32 rounding."""
     from inl_kernels.cpu import attention as cpu_attention
     q, k, v = make(1, 4, 2, 40, 16, seed=7)
     with torch.no_grad():
@@ -181,8 +189,24 @@ def test_sdpa_where_the_kernels_do_not_apply(calls, monkeypatch):
         monkeypatch.setattr(cpu_attention, "PREFILL_KEYS", {"avx512": 39, "avx2": 39, "base": 39})
         longer = gqa_attention(q, k, v, backend="cpu")
         gqa_attention(q, k, v, causal=False, backend="cpu")
+    monkeypatch.setattr(cpu_attention, "PREFILL_TRAIN_KEYS", {"avx512": 39, "avx2": 39, "base": 39})
+    qg = q.clone().requires_grad_()
+    gqa_attention(qg, k, v, backend="cpu").sum().backward()
     assert calls == {"attention_prefill": 1, "attention_prefill_lse": 0, "attention_prefill_backward": 0}
     torch.testing.assert_close(longer, fast, rtol=1e-5, atol=1e-6)
+
+
+def test_default_limits(each_cpu_path, monkeypatch):
+    """As shipped: a prefill of 40 keys runs the forward kernel on every path, and with a gradient
+    the training kernels everywhere but on the baseline path (whose backward is slower than SDPA's)."""
+    count = spy_kernels(monkeypatch)
+    q, k, v = make(1, 4, 2, 40, 16, seed=18)
+    with torch.no_grad():
+        gqa_attention(q, k, v, backend="cpu")
+    qg = q.clone().requires_grad_()
+    gqa_attention(qg, k, v, backend="cpu").sum().backward()
+    trains = int(each_cpu_path != "base")
+    assert count == {"attention_prefill": 1, "attention_prefill_lse": trains, "attention_prefill_backward": trains}
 
 
 def test_the_ops_under_compile_give_the_eager_bits(calls):
