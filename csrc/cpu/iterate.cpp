@@ -968,7 +968,8 @@ struct Partial {
     mu.resize(P.dp);
     table.resize(size_t(P.T) * P.dp);
     bias.resize(P.Hp);
-    for (Buffer* b : {&gz_c, &gz, &w_in, &w_ctx, &mu, &table, &bias}) b->zero();
+    // gz_c, w_in and w_ctx are written by the tile's first block (no zeroing pass over them)
+    for (Buffer* b : {&gz, &mu, &table, &bias}) b->zero();
   }
 };
 
@@ -1024,8 +1025,8 @@ struct BackwardIO {
 inline void accumulate(float* p, Vec v) { store(p, load(p) + v); }
 
 template <typename scalar_t>
-void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, Partial& part, int64_t n0, int R,
-                    const BackwardIO<scalar_t>& io) {
+void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, Partial& part, bool first, int64_t n0,
+                    int R, const BackwardIO<scalar_t>& io) {
   const int d = P.d, H = P.H, T = P.T, dp = P.dp, Hp = P.Hp;
   const Packed& pk = *P.pk;
   float* gs = B.gstate.data();
@@ -1130,19 +1131,22 @@ void backward_block(const Params& P, Scratch& S, Stash& st, BackwardScratch& B, 
   store_block(gs, rows, R, d, io.gx);
   store_block(gs + dp * NB, rows, R, d, io.gv);
   // this block's share of the parameter gradients, each summed over rows and steps in one product
-  // (lanes ≥ R carry zero gradients, so the padding rows add nothing)
-  for (int sec = 0; sec < 4; ++sec) {
-    float* dst = part.gz_c.data() + size_t(sec) * dp * Hp;
-    gemm_rows<true>(d, Hp, T, B.gz.data() + size_t(sec) * dp * NB, long(4) * dp * NB, B.c_rows.data(), Hp,
-                    long(NB) * Hp, dst, Hp, dst, Hp);
-  }
-  for (int half = 0; half < 2; ++half) {
-    float* dst = part.w_in.data() + size_t(half) * dp * Hp;
-    gemm_rows<true>(d, Hp, T, st.state.data() + size_t(half) * dp * NB, long(2) * dp * NB, B.gpre.data(), Hp,
-                    long(NB) * Hp, dst, Hp, dst, Hp);
-  }
+  // (lanes ≥ R carry zero gradients, so the padding rows add nothing); the tile's first block
+  // writes the tile's sums, the others add to them
+  auto product = [&](int M, int nseg, const float* A, long aseg, const float* Bm, long bseg, float* dst) {
+    if (first)
+      gemm_rows<false>(M, Hp, nseg, A, aseg, Bm, Hp, bseg, nullptr, 0, dst, Hp);
+    else
+      gemm_rows<true>(M, Hp, nseg, A, aseg, Bm, Hp, bseg, dst, Hp, dst, Hp);
+  };
+  for (int sec = 0; sec < 4; ++sec)
+    product(d, T, B.gz.data() + size_t(sec) * dp * NB, long(4) * dp * NB, B.c_rows.data(), long(NB) * Hp,
+            part.gz_c.data() + size_t(sec) * dp * Hp);
+  for (int half = 0; half < 2; ++half)
+    product(d, T, st.state.data() + size_t(half) * dp * NB, long(2) * dp * NB, B.gpre.data(), long(NB) * Hp,
+            part.w_in.data() + size_t(half) * dp * Hp);
   transpose_block(B.gctx.data(), Hp, Hp, B.gctx_rows.data());
-  gemm_rows<true>(d, Hp, 1, S.h.data(), 0, B.gctx_rows.data(), Hp, 0, part.w_ctx.data(), Hp, part.w_ctx.data(), Hp);
+  product(d, 1, S.h.data(), 0, B.gctx_rows.data(), 0, part.w_ctx.data());
   for (int k = 0; k < H; ++k)
     part.bias[k] += float(hsum(load(B.gctx.data() + k * NB)) + hsum(load(B.gctx.data() + k * NB + kVec)));
 }
@@ -1219,7 +1223,7 @@ void iterate_backward(const IterateBackwardArgs& a) {
             S.writes.add(io.gv + n0 * d, size_t(R) * d * sizeof(float));
             float* hid = a.hidden ? const_cast<float*>(a.hidden) + size_t(b) * T * Hp * NB : nullptr;
             forward_group<scalar_t, true>(P, S, n0, R, fio, &st, hid, hid != nullptr);
-            backward_block<scalar_t>(P, S, st, B, parts[tile], n0, R, io);
+            backward_block<scalar_t>(P, S, st, B, parts[tile], b == tile * tile_blocks, n0, R, io);
           }
           B.end_tile(parts[tile], dp);
         });

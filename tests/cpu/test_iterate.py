@@ -79,6 +79,41 @@ def test_gradients_match_reference(n, d, H, E, T, kappa, with_v):
         torch.testing.assert_close(got[k].double(), want[k], rtol=1e-4, atol=1e-4 * scale, msg=k)
 
 
+
+def test_gradients_over_tiles_of_several_blocks():
+    """The backward sums the parameter gradients per fixed tile of row blocks, the tile's first
+    block writing its sums and the others adding to them (csrc/cpu/iterate.cpp, backward_block).
+    Past 16 blocks a tile holds several: 1100 rows (35 blocks of 32 rows, 69 of 16 on AVX2) against
+    the fp64 reference, and the same bits on one thread as on two."""
+    (h, x, kw), (h64, x64, kw64) = case(n=1100, d=19, H=6, E=2, T=3, kappa=0.6, with_v=True)
+    names = ("h", "x", "v") + GRAD_NAMES
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(1100, 19, generator=g, dtype=torch.float64) for _ in range(2)]
+    weights += [torch.randn(1100, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+
+    def grads(backend, h, x, kw):
+        args = dict(kw, h=h, x=x)
+        leaves = {k: args[k].detach().clone().requires_grad_(True) for k in names}
+        args.update(leaves)
+        out, info = inl_iterate(args.pop("h"), args.pop("x"), **args, return_info=True, backend=backend)
+        loss = sum((t.double() * w).sum() for t, w in zip((out, info.v, info.energy, info.distance), weights))
+        loss.backward()
+        return {k: t.grad for k, t in leaves.items()}
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = grads("cpu", h, x, kw)
+        torch.set_num_threads(1)
+        single = grads("cpu", h, x, kw)
+    finally:
+        torch.set_num_threads(threads)
+    want = grads("reference", h64, x64, kw64)
+    for k in names:
+        assert torch.equal(got[k], single[k]), k
+        scale = max(1.0, want[k].abs().max().item())
+        torch.testing.assert_close(got[k].double(), want[k], rtol=1e-4, atol=1e-4 * scale, msg=k)
+
 @pytest.mark.parametrize("name,index,T,kappa", NAN_CASES)
 def test_nan_propagates_like_reference(name, index, T, kappa):
     """A NaN input gives NaN outputs and statistics exactly where the reference gives them: no
