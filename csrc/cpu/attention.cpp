@@ -173,17 +173,35 @@ inline void scores(const Panels& a, int rows, int q0, int S, int D, bool causal,
 }
 
 // C[j] += Σ_i A[i][j] · X[i] for keys j < nseg·kColBlock: A in the [segment][rows][kColBlock]
-// layout of scores(), X [rows][Dp], C [·][Dp] (the transposed product of the backward)
-inline void add_transposed(const float* A, int rows, int nseg, const float* X, int Dp, float* C) {
+// layout of scores(), X [rows][Dp], C [·][Dp] (the transposed product of the backward). Under a
+// causal mask (rows = queries q0..) the sum for keys j.. starts at the first query that sees key
+// j: the earlier ones' weights are 0 (the same sums for finite X).
+inline void add_transposed(const float* A, int rows, int q0, int nseg, bool causal, const float* X, int Dp, float* C) {
   constexpr int R = kRowsFor<2>;
   for (int s = 0; s < nseg; ++s)
     for (int c0 = 0; c0 < kColBlock; c0 += R) {
       const int r = std::min(R, kColBlock - c0);
+      const int i0 = causal ? std::clamp(s * kColBlock + c0 - q0, 0, rows) : 0;
+      if (i0 == rows) continue;
       float* c = C + size_t(s * kColBlock + c0) * Dp;
+      const float* a = A + (size_t(s) * rows + i0) * kColBlock + c0;
       for (int n0 = 0; n0 < Dp; n0 += kColBlock)
-        micro_for_rows<kLoad, 1>(r)(1, rows, A + size_t(s) * rows * kColBlock + c0, kColBlock, 0, X + n0, Dp, 0,
-                                    c + n0, Dp, c + n0, Dp);
+        micro_for_rows<kLoad, 1>(r)(1, rows - i0, a, kColBlock, 0, X + size_t(i0) * Dp + n0, Dp, 0, c + n0, Dp,
+                                    c + n0, Dp);
     }
+}
+
+// C [rows][Dp] = A·X with A in the [segment][rows][kColBlock] layout of scores() and X [keys][Dp],
+// in panels of kValueRows rows; under a causal mask each panel stops at the segment of its last
+// query's key (the weights past it are 0: the sums are those of the full product for finite X)
+constexpr int kValueRows = kRowsFor<2>;
+inline void weighted_rows(const float* A, int rows, int q0, int nseg, bool causal, const float* X, int Dp, float* C) {
+  for (int m0 = 0; m0 < rows; m0 += kValueRows) {
+    const int r = std::min(kValueRows, rows - m0);
+    const int segs = causal ? std::min(nseg, (q0 + m0 + r - 1) / kColBlock + 1) : nseg;
+    gemm_rows_nv<false, 2>(r, Dp, segs, A + size_t(m0) * kColBlock, long(rows) * kColBlock, X, Dp,
+                           long(kColBlock) * Dp, nullptr, 0, C + size_t(m0) * Dp, Dp);
+  }
 }
 
 template <typename scalar_t>
@@ -230,30 +248,35 @@ void run_prefill(const AttentionPrefillArgs& a) {
           const int keys = a.causal ? q0 + rows : S, nseg = (keys + kColBlock - 1) / kColBlock;
           const float* kt = kv.data() + size_t(gi) * group_floats;
           const float* vp = kt + kt_floats;
+          // segments of keys up to the last query of row i's panel of the values' product
+          auto panel_segments = [&](int i) {
+            if (!a.causal) return nseg;
+            const int last = std::min(rows, (i / kValueRows + 1) * kValueRows) - 1;
+            return (q0 + last) / kColBlock + 1;
+          };
           const scalar_t* qb = q + b * a.q_stride[0] + h * a.q_stride[1];
           qp.pack(rows, D, [&](int i, int e) { return to_float(qb[(q0 + i) * a.q_stride[2] + e]); });
           p.resize(size_t(nseg) * rows * kColBlock);
           scores(qp, rows, q0, S, D, a.causal, kt, p.data());
-          // softmax over the keys each query sees; the others get weight 0
+          // softmax over the keys each query sees; the others, up to the last key of the query's
+          // panel (what the product with the values reads), get weight 0
           for (int i = 0; i < rows; ++i) {
             const int seen = a.causal ? q0 + i + 1 : S;
             Vec top = splat(-INFINITY);
             for (int s = 0; s * kColBlock < seen; ++s) {
-              float* r = p.data() + (size_t(s) * rows + i) * kColBlock;
-              for (int c = 0; c < kColBlock; c += kVec) {
-                const Vec x = load(r + c) * a.scale;
-                store(r + c, x);
-                top = vmax(top, select(lanes + (s * kColBlock + c) < seen, x, splat(-INFINITY)));
-              }
+              const float* r = p.data() + (size_t(s) * rows + i) * kColBlock;
+              for (int c = 0; c < kColBlock; c += kVec)
+                top = vmax(top, select(lanes + (s * kColBlock + c) < seen, load(r + c) * a.scale, splat(-INFINITY)));
             }
             float m = -INFINITY;
             for (int l = 0; l < kVec; ++l) m = std::max(m, top[l]);
             Vec sum{};
-            for (int s = 0; s < nseg; ++s) {
+            for (int s = 0, end = panel_segments(i); s < end; ++s) {
               float* r = p.data() + (size_t(s) * rows + i) * kColBlock;
               for (int c = 0; c < kColBlock; c += kVec) {
                 const VecI visible = lanes + (s * kColBlock + c) < seen;
-                const Vec e = s * kColBlock < seen ? select(visible, weight_exp(load(r + c) - m), Vec{}) : Vec{};
+                const Vec e =
+                    s * kColBlock < seen ? select(visible, weight_exp(load(r + c) * a.scale - m), Vec{}) : Vec{};
                 store(r + c, e);
                 sum += e;
               }
@@ -263,8 +286,7 @@ void run_prefill(const AttentionPrefillArgs& a) {
             if (a.lse) a.lse[(int64_t(b) * Hq + h) * S + q0 + i] = m + float(std::log(total));
           }
           o.resize(size_t(rows) * Dp);
-          gemm_rows_nv<false, 2>(rows, Dp, nseg, p.data(), long(rows) * kColBlock, vp, Dp, long(kColBlock) * Dp,
-                                 nullptr, 0, o.data(), Dp);
+          weighted_rows(p.data(), rows, q0, nseg, a.causal, vp, Dp, o.data());
           scalar_t* ob = out + (int64_t(b) * Hq + h) * int64_t(S) * D;
           for (int i = 0; i < rows; ++i) {
             const float* orow = o.data() + size_t(i) * Dp;
@@ -385,14 +407,13 @@ void run_prefill_backward(const AttentionPrefillBackwardArgs& a) {
               }
             }
             dq.resize(size_t(rows) * Dp);
-            gemm_rows_nv<false, 2>(rows, Dp, nseg, dp.data(), long(rows) * kColBlock, krows, Dp,
-                                   long(kColBlock) * Dp, nullptr, 0, dq.data(), Dp);
+            weighted_rows(dp.data(), rows, q0, nseg, a.causal, krows, Dp, dq.data());
             for (int i = 0; i < rows; ++i) {
               scalar_t* dst = gqb + int64_t(q0 + i) * D;
               for (int e = 0; e < D; ++e) dst[e] = from_float<scalar_t>(dq[size_t(i) * Dp + e]);
             }
-            add_transposed(dp.data(), rows, nseg, qrows.data(), Dp, dk);
-            add_transposed(p.data(), rows, nseg, grows.data(), Dp, dv);
+            add_transposed(dp.data(), rows, q0, nseg, a.causal, qrows.data(), Dp, dk);
+            add_transposed(p.data(), rows, q0, nseg, a.causal, grows.data(), Dp, dv);
           }
         });
     }
