@@ -255,7 +255,7 @@ void run_prefill(const AttentionPrefillArgs& a) {
             return (q0 + last) / kColBlock + 1;
           };
           const scalar_t* qb = q + b * a.q_stride[0] + h * a.q_stride[1];
-          qp.pack(rows, D, [&](int i, int e) { return to_float(qb[(q0 + i) * a.q_stride[2] + e]); });
+          qp.pack_rows(rows, D, qb + q0 * a.q_stride[2], a.q_stride[2], [](scalar_t x) { return to_float(x); });
           p.resize(size_t(nseg) * rows * kColBlock);
           scores(qp, rows, q0, S, D, a.causal, kt, p.data());
           // softmax over the keys each query sees; the others, up to the last key of the query's
@@ -368,8 +368,8 @@ void run_prefill_backward(const AttentionPrefillBackwardArgs& a) {
           for (int blk = 0; blk < blocks; ++blk) {
             const int q0 = blk * kPrefillQueries, rows = std::min(kPrefillQueries, S - q0);
             const int keys = a.causal ? q0 + rows : S, nseg = (keys + kColBlock - 1) / kColBlock;
-            qp.pack(rows, D, [&](int i, int e) { return to_float(qb[(q0 + i) * a.q_stride[2] + e]); });
-            gp.pack(rows, D, [&](int i, int e) { return to_float(gb[(q0 + i) * a.grad_stride[2] + e]); });
+            qp.pack_rows(rows, D, qb + q0 * a.q_stride[2], a.q_stride[2], [](scalar_t x) { return to_float(x); });
+            gp.pack_rows(rows, D, gb + q0 * a.grad_stride[2], a.grad_stride[2], [](scalar_t x) { return to_float(x); });
             qrows.resize(size_t(rows) * Dp);
             grows.resize(size_t(rows) * Dp);
             lay_out_rows(qb + q0 * a.q_stride[2], a.q_stride[2], rows, rows, D, Dp, qrows.data());

@@ -466,6 +466,22 @@ struct Panels {
         for (int i = 0; i < kRowBlock && p * kRowBlock + i < M; ++i)
           data[(size_t(p) * K + k) * kRowBlock + i] = a(p * kRowBlock + i, k);
   }
+  // the same for A(i, k) = conv(src[i·stride + k]): row by row, so that each row is read in order
+  template <typename T, typename Conv>
+  void pack_rows(int M_, int K_, const T* src, long stride, Conv&& conv) {
+    M = M_, K = K_;
+    const int panels = (M + kRowBlock - 1) / kRowBlock;
+    data.resize(size_t(panels) * K * kRowBlock);
+    for (int i = 0; i < M; ++i) {
+      float* dst = data.data() + size_t(i / kRowBlock) * K * kRowBlock + i % kRowBlock;
+      const T* row = src + i * stride;
+      for (int k = 0; k < K; ++k) dst[size_t(k) * kRowBlock] = conv(row[k]);
+    }
+    for (int i = M; i < panels * kRowBlock; ++i) {  // the last panel's padding rows
+      float* dst = data.data() + size_t(i / kRowBlock) * K * kRowBlock + i % kRowBlock;
+      for (int k = 0; k < K; ++k) dst[size_t(k) * kRowBlock] = 0.f;
+    }
+  }
   int rows(int p) const { return M - p * kRowBlock < kRowBlock ? M - p * kRowBlock : kRowBlock; }
   const float* panel(int p) const { return data.data() + size_t(p) * K * kRowBlock; }
 };
