@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import IterateInfo, IterateParams, IterateSettings, compute_dtype, needs_grad
+from ..common import IterateInfo, IterateParams, IterateSettings, compute_dtype, excitation_table, needs_grad
 
 
 def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
@@ -31,8 +31,11 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
     f = lambda t: t.to(cd)  # noqa: E731
     w_x_, w_v_, w_o_, b_o_, mu_ = f(w_x), f(w_v), f(w_o), f(b_o), f(mu)
     ms, mb = f(mod_scale), f(mod_bias)
-    exc_index = exc_index.long()
-    exc_values = [amplitude * torch.sin(f(gamma) * t + f(phi)) for t in range(T)]
+    # [T, d]: row t is amplitude·sin(gamma·t + phi) in the excited columns, 0 elsewhere. Added as a
+    # dense row: inductor (torch 2.13, CPU) compiled the backward of the per-step
+    # `v.index_add(1, exc_index, values.expand(n, -1))` wrong from T = 3 on (every gradient 1-5 %
+    # off, the forward right); the same bits in the excited columns, v + 0 in the others
+    exc_table = excitation_table(exc_index, gamma, phi, amplitude, T, d, dtype=cd) if exc_index.numel() > 0 else None
 
     xs = f(x)
     vs = f(v) if v is not None else torch.zeros_like(xs)
@@ -66,8 +69,8 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
                               torch.zeros_like(mean_sq))
             alpha = alpha * (1 - torch.exp(-kappa * rms))
         v_new = alpha * vs + (1 - alpha) * v_cand - beta * err
-        if exc_index.numel() > 0:
-            v_new = v_new.index_add(1, exc_index, exc_values[t].expand(n, -1))
+        if exc_table is not None:
+            v_new = v_new + exc_table[t]
         x_new = xs + dt * gate * v_new
 
         if early_exit:
