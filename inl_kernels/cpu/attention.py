@@ -33,12 +33,13 @@ keys up to each block of 64 queries. Measured side by side here (2 threads, Inte
 AVX-512, 8 query / 2 K/V heads of 64, fp32; on the AVX2 and baseline paths with ATen and MKL
 pinned to the same instruction set, as on such a machine). AVX-512: forward 1.7x SDPA at
 4 x 256 tokens, 1.6x at 1 x 1024, 1.3x at 2048, 1.16x at 4096, 0.85x at 8192; forward + backward
-1.5x at 4 x 256 and 1 x 1024, 1.24x at 2048, 1.13x at 4096. AVX2 (pinned on that Intel machine): forward 1.5x at
-4 x 256, 1.3x at 1024, 1.0-1.1x at 2048, 0.86x at 4096; forward + backward 1.5x at 4 x 256, 1.3x at
-1024, 1.1x at 2048. AVX2 on a real AVX2 machine (2 cores of an AMD EPYC, Zen 3; torch's kernels on
-AVX2 there too): forward 1.8x at 4 x 256, 1.6x at 1024, 1.1x at 2048, 1.26x at 4096; forward +
-backward 1.56x, 1.45x, 1.27x, 0.98x at 4096. The AVX2 forward limit follows the real machine. Baseline: forward 1.9x at 4 x 256, 1.3x at 2048, 0.58x at 4096; its backward is slower at
-every length (0.8x at 256). Hence PREFILL_KEYS and PREFILL_TRAIN_KEYS. Softmax and sums in
+1.5x at 4 x 256 and 1 x 1024, 1.24x at 2048, 1.13x at 4096. AVX2 pinned on that Intel machine:
+forward 1.5x at 4 x 256, 1.3x at 1024, 1.0-1.1x at 2048, 0.86x at 4096; forward + backward 1.5x at
+4 x 256, 1.3x at 1024, 1.1x at 2048. AVX2 on a real AVX2 machine (2 cores of an AMD EPYC, Zen 3,
+torch's own kernels on AVX2 too): forward 1.8x at 4 x 256, 1.6x at 1024, 1.1x at 2048, 1.26x at
+4096; forward + backward 1.56x, 1.45x, 1.27x, 0.98x at 4096; the AVX2 forward limit follows the
+real machine. Baseline: forward 1.9x at 4 x 256, 1.3x at 2048, 0.58x at 4096; its backward is
+slower at every length (0.8x at 256). Hence PREFILL_KEYS and PREFILL_TRAIN_KEYS. Softmax and sums in
 fp32, as SDPA's, with the weights below 2^-64 of a row's largest dropped (far below fp32
 rounding; subnormal weights cost a microcode assist per FMA: on queries scaled by 30 SDPA's forward + backward took 48.6 ms
 instead of 8.3, ours 5.8-6.0 either way). Each query's result depends only on its own row, not
