@@ -74,6 +74,18 @@ def test_model_traces_without_graph_breaks(backend):
         assert e.graph_break_count == 0 and e.graph_count == 1, (what, [str(b.reason) for b in e.break_reasons])
 
 
+def _trained_side_by_side(model, compiled, ids):
+    """(loss, {parameter name: gradient}) of one training step of `model`, then of `compiled`."""
+    model.train()
+    grads = []
+    for m in (model, compiled):
+        loss = _loss(m, ids)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    return grads
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fullgraph_compile_gives_the_eager_result(backend):
     """aot_eager runs the traced forward and backward graphs without inductor's fusions, so the
@@ -82,14 +94,7 @@ def test_fullgraph_compile_gives_the_eager_result(backend):
     model = _model(backend)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids = torch.randint(0, 259, (2, 9))
-    model.train()
-    grads = []
-    for m in (model, compiled):
-        loss = _loss(m, ids)
-        loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        model.zero_grad(set_to_none=True)
-    (l0, g0), (l1, g1) = grads
+    (l0, g0), (l1, g1) = _trained_side_by_side(model, compiled, ids)
     assert torch.equal(l0, l1)
     assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
     for name in g0:
@@ -110,14 +115,7 @@ def test_inductor_compiled_training_follows_eager(backend):
     inl_kernels.pin_inductor_vec_isa()
     compiled = torch.compile(model, fullgraph=True)
     ids = torch.randint(0, 259, (2, 9))
-    model.train()
-    grads = []
-    for m in (model, compiled):
-        loss = _loss(m, ids)
-        loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        model.zero_grad(set_to_none=True)
-    (l0, g0), (l1, g1) = grads
+    (l0, g0), (l1, g1) = _trained_side_by_side(model, compiled, ids)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
     for name in g0:
