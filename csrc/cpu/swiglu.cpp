@@ -10,6 +10,7 @@
 
 #include "kernels.h"
 #include "parallel.h"
+#include "rows.h"
 #include "simd.h"
 
 namespace inl {
@@ -65,61 +66,21 @@ void run(const SwigluArgs& a) {
 // ---- a few rows (decode): the whole SwiGLU as matrix-vector products -----------------------
 //
 // At one token the three products stream 3·F·d weights for 6·F·d FLOPs: memory-bound. Each
-// output element is a dot product along a contiguous weight row, kOutputs rows at a time (their
-// loads interleaved, prefetched a fixed distance ahead), kVec lanes of partial sums added in a
-// fixed tree at the end and the tail of K after them: an element's value depends on nothing but
-// its inputs (not on M, the thread count or which thread computes it). The threads split the
-// F outputs of gate and up (each thread applies silu·u to its own), meet at a barrier, then
-// split the d outputs of down.
-constexpr int kOutputs = 4;
-constexpr int kPrefetch = 512;  // floats ahead in each weight row
-
-inline float lane_sum(Vec v) {  // a fixed tree
-  float a[kVec];
-  store(a, v);
-  for (int w = kVec / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
-}
-
-// y[m][o] = Σ_k x[m][k]·W[o][k] for outputs o in [o0, o1) (W row-major [O][K], y rows ldy apart)
-template <int M>
-void dot_rows(const float* x, int K, const float* W, int o0, int o1, float* y, long ldy) {
-  const int kv = K / kVec * kVec;
-  for (int o = o0; o < o1; o += kOutputs) {
-    const int n = std::min(kOutputs, o1 - o);
-    const float* w[kOutputs];
-    for (int q = 0; q < kOutputs; ++q) w[q] = W + size_t(o + std::min(q, n - 1)) * K;
-    Vec acc[kOutputs][M] = {};
-    for (int k = 0; k < kv; k += kVec) {
-      Vec xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = load(x + size_t(m) * K + k);
-      for (int q = 0; q < kOutputs; ++q) {
-        __builtin_prefetch(w[q] + k + kPrefetch, 0, 3);
-        const Vec wv = load(w[q] + k);
-        for (int m = 0; m < M; ++m) acc[q][m] += wv * xv[m];
-      }
-    }
-    for (int q = 0; q < n; ++q)
-      for (int m = 0; m < M; ++m) {
-        float sum = lane_sum(acc[q][m]);
-        for (int k = kv; k < K; ++k) sum += x[size_t(m) * K + k] * w[q][k];
-        y[m * ldy + o + q] = sum;
-      }
-  }
-}
+// output element is a dot product along a contiguous weight row (rows.h), so each thread
+// streams its share of every weight matrix front to back. The threads split the F outputs of
+// gate and up (each thread applies silu·u to its own), meet at a barrier, then split the d
+// outputs of down.
 
 template <int M>
 void swiglu_rows_m(const SwigluRowsArgs& a, float* gate, float* up) {
   const int d = a.d, F = a.F;
-  // outputs are shared out in runs of kOutputs
-#pragma omp parallel num_threads(threads_for(a.threads, (F + kOutputs - 1) / kOutputs))
+#pragma omp parallel num_threads(threads_for(a.threads, (F + kRowsTask - 1) / kRowsTask))
   {
     const int tid = omp_thread_id(), nth = omp_threads();
-    auto range = [&](int O, int& o0, int& o1) {  // this thread's runs of kOutputs outputs
-      share((O + kOutputs - 1) / kOutputs, tid, nth, o0, o1);
-      o0 = std::min(O, o0 * kOutputs);
-      o1 = std::min(O, o1 * kOutputs);
+    auto range = [&](int O, int& o0, int& o1) {  // this thread's runs of kRowsTask outputs
+      share((O + kRowsTask - 1) / kRowsTask, tid, nth, o0, o1);
+      o0 = std::min(O, o0 * kRowsTask);
+      o1 = std::min(O, o1 * kRowsTask);
     };
     int f0, f1;
     range(F, f0, f1);
