@@ -6,7 +6,7 @@ C++ CPU kernels (csrc/cpu/) whenever a C++ compiler is present, and the CUDA ker
 build fails, it warns and installs the pure-Python package (the reference and Triton backends);
 `inl_kernels.backends()` then lists what this machine can run.
 
-The CPU kernels (csrc/cpu/kernels.cpp, iterate.cpp, rms_norm.cpp, swiglu.cpp) are compiled once
+The CPU kernels (csrc/cpu/kernels.cpp and KERNEL_SOURCES: iterate.cpp, swiglu.cpp, ...) are compiled once
 per instruction set on x86-64: AVX-512 (-march=x86-64-v4), AVX2 + FMA (x86-64-v3) and the
 baseline (x86-64), each into its own namespace, and the extension picks one at run time from
 the CPU's features (csrc/cpu/entry.cpp). So one build runs on every x86-64 CPU, whatever machine
@@ -78,7 +78,7 @@ def compiled_backends():
 # the instruction-set paths of the CPU kernels: name -> -march
 CPU_PATHS = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "base": "x86-64"}
 KERNEL_SOURCES = ["csrc/cpu/kernels.cpp", "csrc/cpu/iterate.cpp", "csrc/cpu/rms_norm.cpp", "csrc/cpu/swiglu.cpp",
-                  "csrc/cpu/attention.cpp", "csrc/cpu/rope.cpp"]
+                  "csrc/cpu/linear.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/rope.cpp"]
 
 
 def kernel_targets():

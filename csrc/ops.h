@@ -75,6 +75,8 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor
 // the whole SwiGLU of 1 to 4 rows (decode, fp32, inference)
 at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                        const at::Tensor& w_down);
+// x·weightᵀ (+ bias) of 1 to 4 rows (decode, fp32, inference)
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
 // q and k rotated (RoPE, rotate-half; by −θ with inverse) at positions q_pos [Sq] and k_pos [Sk],
 // or [B, Sq] and [B, Sk] (per row); new contiguous tensors in q's dtype

@@ -36,6 +36,7 @@ OPS = {
     "rope": ("reference", "triton", "cpu"),
     "attention": ("reference", "triton", "cpu"),
     "swiglu": ("reference", "triton", "cpu"),
+    "linear": ("reference", "cpu"),
     "embedding": ("reference",),
 }
 
@@ -50,6 +51,7 @@ AUTO_ORDER = {
 # work. Measured (2 cores, fp32, generate(compile=True), greedy, side by side): `small` 118 -> 151
 # tokens/s, `tiny` 520 -> 804, the same tokens. Eager calls and larger inputs keep the C++ kernels.
 COMPILE_FUSE_ROWS = 8
+_FUSED_UNDER_COMPILE = ("iterate", "rms_norm", "swiglu", "linear", "attention")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -155,8 +157,7 @@ def _fuses_under_compile(op: str, device_type: str, args) -> bool:
     """Whether `auto` should hand this call to inductor (the reference) rather than the C++
     kernel: on a CPU, while torch.compile traces, for decode-sized inputs (COMPILE_FUSE_ROWS).
     A symbolic size (dynamic shapes) keeps the kernel: no guard is added for it."""
-    if device_type != "cpu" or not torch.compiler.is_compiling() or op not in ("iterate", "rms_norm", "swiglu",
-                                                                                  "attention"):
+    if device_type != "cpu" or not torch.compiler.is_compiling() or op not in _FUSED_UNDER_COMPILE:
         return False
     x = args[0]
     rows = x.shape[-2] if op == "attention" else (x.shape[0] if op == "iterate" else math.prod(x.shape[:-1]))

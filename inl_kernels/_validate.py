@@ -198,6 +198,23 @@ def swiglu_args(x, w_gate, w_up, w_down):
         param_dtype(name, w, x.dtype)
 
 
+def linear_args(x, weight, bias):
+    """What F.linear / nn.Linear accept: weight [O, K] with K x's last dimension, bias [O] or
+    None, on x's device, in x's dtype (any dtype under autocast, which casts them)."""
+    tensor("x", x, contiguous=False)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the input features last), got a 0-dim tensor")
+    try:
+        same_dtype = not torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        same_dtype = True
+    tensor("weight", weight, shape=(None, x.shape[-1]), device=x.device, contiguous=False,
+           dtypes=(x.dtype,) if same_dtype else FLOAT_DTYPES)
+    if bias is not None:
+        tensor("bias", bias, shape=(weight.shape[0],), device=x.device, contiguous=False,
+               dtypes=(x.dtype,) if same_dtype else FLOAT_DTYPES)
+
+
 def embedding_args(ids, embed_low, project_up):
     tensor("ids", ids, dtypes=INDEX_DTYPES, contiguous=False)
     tensor("embed_low", embed_low, shape=(None, None), device=ids.device, contiguous=False)

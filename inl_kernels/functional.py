@@ -102,6 +102,15 @@ def swiglu(x, w_gate, w_up, w_down, backend="auto"):
         return resolve("swiglu", backend, x.device.type, x, w_gate, w_up, w_down)(x, w_gate, w_up, w_down)
 
 
+def linear(x, weight, bias=None, backend="auto"):
+    """x·weightᵀ + bias with weight [O, K] and bias [O] or None: F.linear, with few-row inference
+    on a CPU (decode) through a matrix-vector kernel that streams the weight at the machine's
+    read rate (inl_kernels/cpu/linear.py). Autocast and autograd as for F.linear."""
+    check.linear_args(x, weight, bias)
+    with _op_range("inl::linear"):
+        return resolve("linear", backend, x.device.type, x, weight, bias)(x, weight, bias)
+
+
 def low_rank_embedding(ids, embed_low, project_up, backend="auto"):
     """embed_low[ids] · project_upᵀ with embed_low [V, r] and project_up [d, r]; the result is
     in project_up's dtype (or the autocast dtype)."""
@@ -111,5 +120,5 @@ def low_rank_embedding(ids, embed_low, project_up, backend="auto"):
         return fn(ids, embed_low, project_up)
 
 
-__all__ = ["inl_iterate", "IterateInfo", "rms_norm", "rope", "gqa_attention", "swiglu",
+__all__ = ["inl_iterate", "IterateInfo", "rms_norm", "rope", "gqa_attention", "swiglu", "linear",
            "low_rank_embedding"]

@@ -198,6 +198,25 @@ class RMSNorm(nn.Module):
         return F_inl.rms_norm(x, self.weight, self.eps, residual, backend=preferred(self.backend, "rms_norm"))
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose forward runs `inl_kernels.linear` on the module's `backend`: the same
+    parameters, initialisation, state_dict keys and autograd, and an instance of nn.Linear for
+    whatever looks for one (adapters, torchao's quantize_, FSDP wrap policies). Only few-row
+    inference on a CPU runs differently: the decode kernel of inl_kernels/cpu/linear.py, in the
+    last bits of F.linear's result."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 backend: str = "auto"):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, x):
+        return F_inl.linear(x, self.weight, self.bias, backend=preferred(self.backend, "linear"))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
 class GQAttention(nn.Module):
     """Causal grouped-query self-attention with RoPE applied inside the attention op.
 
@@ -223,10 +242,10 @@ class GQAttention(nn.Module):
         self.head_dim = head_dim or d // num_heads
         self.backend = backend
         D = self.head_dim
-        self.q_proj = nn.Linear(d, num_heads * D, bias=False)
-        self.k_proj = nn.Linear(d, num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(d, num_kv_heads * D, bias=False)
-        self.o_proj = nn.Linear(num_heads * D, d, bias=False)
+        self.q_proj = Linear(d, num_heads * D, bias=False, backend=backend)
+        self.k_proj = Linear(d, num_kv_heads * D, bias=False, backend=backend)
+        self.v_proj = Linear(d, num_kv_heads * D, bias=False, backend=backend)
+        self.o_proj = Linear(num_heads * D, d, bias=False, backend=backend)
         self.rope_base, self.max_seq_len = rope_base, max_seq_len
         cos, sin = rope_tables(max_seq_len, D, rope_base)
         self.register_buffer("cos", cos, persistent=False)

@@ -74,7 +74,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 OPS = ("iterate", "rms_norm", "rope", "attention", "swiglu")
 # public functional op -> its op name (the `inl::<name>` range and the dispatch table's key)
 FUNCTIONAL_OPS = {"inl_iterate": "iterate", "rms_norm": "rms_norm", "rope": "rope", "gqa_attention": "attention",
-                  "swiglu": "swiglu", "low_rank_embedding": "embedding"}
+                  "swiglu": "swiglu", "linear": "linear", "low_rank_embedding": "embedding"}
 BETWEEN_OPS = "(between ops)"
 OUTSIDE_OPS = "(kernels outside ops)"
 DEVICE_IDLE = "(device idle)"
@@ -244,6 +244,17 @@ def _swiglu_cost(a: dict, out) -> Cost:
     return Cost(3 * mm + 3.0 * tokens * F, 2 * _nbytes(x) + weights, 6 * mm, 3 * _nbytes(x) + 2 * weights)
 
 
+def _linear_cost(a: dict, out) -> Cost:
+    """x·weightᵀ + bias: 2·tokens·K·O FLOPs; bytes: x and the weight read, the output written.
+    Backward: dx and dweight, twice the FLOPs, reading x, the weight and the output's gradient."""
+    x, w, b = a["x"], a["weight"], a.get("bias")
+    O, K = w.shape
+    tokens = x.numel() // K if K else 0
+    flops = 2.0 * tokens * K * O
+    moved = _nbytes(x) + _nbytes(w) + (0 if b is None else _nbytes(b)) + tokens * O * x.element_size()
+    return Cost(flops, moved, 2 * flops, 2 * moved)
+
+
 def _embedding_cost(a: dict, out) -> Cost:
     """embed_low[ids]·project_upᵀ: 2·tokens·r·d FLOPs; bytes: the ids, the gathered rows, the
     projection and the output. Backward: 2× the FLOPs, the same traffic."""
@@ -255,7 +266,8 @@ def _embedding_cost(a: dict, out) -> Cost:
 
 
 OP_COSTS = {"iterate": _iterate_cost, "rms_norm": _rms_norm_cost, "rope": _rope_cost,
-            "attention": _attention_cost, "swiglu": _swiglu_cost, "embedding": _embedding_cost}
+            "attention": _attention_cost, "swiglu": _swiglu_cost, "linear": _linear_cost,
+            "embedding": _embedding_cost}
 
 
 def op_cost(op: str, arguments: dict, out=None) -> Cost:

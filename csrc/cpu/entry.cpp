@@ -581,6 +581,26 @@ at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::
   return out;
 }
 
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kLinearRows,
+              "x must be [rows, K] with 1 to ", kLinearRows, " rows, got ", x.sizes());
+  const int64_t K = x.size(1), O = weight.dim() == 2 ? weight.size(0) : -1;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "weight must be [O, ", K, "], got ", weight.sizes());
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == O), "bias must be [", O, "], got ",
+              bias.has_value() ? bias->sizes() : at::IntArrayRef{});
+  for (const at::Tensor* t : {&x, &weight, bias.has_value() ? &*bias : &x}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "linear_rows takes contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(O * K < (int64_t(1) << 31) && O < (int64_t(1) << 31), "linear_rows: O·K must stay below 2^31");
+  at::Tensor out = at::empty({x.size(0), O}, x.options());
+  if (O == 0) return out;
+  LinearRowsArgs a{int(x.size(0)), int(K), int(O), x.data_ptr<float>(), weight.data_ptr<float>(),
+                   bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), threads()};
+  cpu_kernels().linear_rows(a);
+  return out;
+}
+
 // ---- attention (decode) -----------------------------------------------------------------------
 
 std::vector<at::Tensor> rope_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,

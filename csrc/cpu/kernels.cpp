@@ -1,5 +1,5 @@
 // The table of one compiled path: setup.py compiles this file with iterate.cpp, rms_norm.cpp,
-// swiglu.cpp, attention.cpp and rope.cpp once per instruction set, and csrc/cpu/entry.cpp picks a table at run time.
+// swiglu.cpp, linear.cpp, attention.cpp and rope.cpp once per instruction set, and csrc/cpu/entry.cpp picks a table at run time.
 #include "kernels.h"
 
 #include "simd.h"
@@ -21,6 +21,7 @@ void swiglu_rows(const SwigluRowsArgs&);
 void rope(const RopeArgs&);
 void attention_prefill(const AttentionPrefillArgs&);
 void attention_prefill_backward(const AttentionPrefillBackwardArgs&);
+void linear_rows(const LinearRowsArgs&);
 
 #define INL_STRINGIFY2(x) #x
 #define INL_STRINGIFY(x) INL_STRINGIFY2(x)
@@ -29,7 +30,7 @@ const CpuKernels kernels = {
     INL_STRINGIFY(INL_ISA), kVec,          kColBlock,        &iterate_pack,      &iterate_pack_free,
     &iterate_hidden_floats, &iterate_forward, &iterate_backward, &rms_norm_forward, &rms_norm_backward,
     &swiglu_forward,        &swiglu_backward,     &attention_decode, &swiglu_rows,     &rope,
-    &attention_prefill,     &attention_prefill_backward,
+    &attention_prefill,     &attention_prefill_backward, &linear_rows,
 };
 
 }  // namespace INL_ISA

@@ -1,5 +1,6 @@
 // The interface between the ATen-facing entry points (csrc/cpu/entry.cpp, compiled for any
-// x86-64 CPU) and the CPU kernels (iterate.cpp, rms_norm.cpp, swiglu.cpp, attention.cpp, rope.cpp), which setup.py
+// x86-64 CPU) and the CPU kernels (iterate.cpp, rms_norm.cpp, swiglu.cpp, linear.cpp, attention.cpp,
+// rope.cpp), which setup.py
 // compiles once per instruction set into namespaces inl::avx512, inl::avx2 and inl::base. Plain
 // structs of sizes and raw pointers only: no ATen type crosses it, so the kernel translation units
 // include no ATen header. The entry checks every argument and allocates every output; a kernel
@@ -113,6 +114,17 @@ struct SwigluRowsArgs {
   int threads;
 };
 
+// A projection of a few rows (decode), fp32, inference only: out = x·Wᵀ (+ b) as matrix-vector
+// products streaming W once; csrc/cpu/linear.cpp.
+constexpr int kLinearRows = 4;  // the most rows it takes
+struct LinearRowsArgs {
+  int M, K, O;              // M <= kLinearRows rows of x [M][K]
+  const float *x, *w;       // [M][K], [O][K], contiguous
+  const float* bias;        // [O], or null
+  float* out;               // [M][O]
+  int threads;
+};
+
 // Attention of a few queries per sequence (decode), inference only; csrc/cpu/attention.cpp.
 struct AttentionDecodeArgs {
   DType dtype;
@@ -185,6 +197,7 @@ struct CpuKernels {
   void (*rope)(const RopeArgs&);
   void (*attention_prefill)(const AttentionPrefillArgs&);
   void (*attention_prefill_backward)(const AttentionPrefillBackwardArgs&);
+  void (*linear_rows)(const LinearRowsArgs&);
 };
 
 // One table per compiled path. Weak: a build pinned to one target (INL_KERNELS_MARCH) holds

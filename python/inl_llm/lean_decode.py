@@ -12,7 +12,7 @@ and the model's inference statistics with the forward's, step by step).
 
 It applies to the model as `IntegratorLanguageModel` defines it, on CPU tensors, with every op
 on the C++ backend ("auto" or "cpu"), a single integrator per block (no mixture), plain
-nn.Linear projections, every module in eval mode and called as its class defines it (no hooks,
+nn.Linear or inl_kernels.Linear projections, every module in eval mode and called as its class defines it (no hooks,
 no `module.compile()`, no forward replaced on an instance), no autocast, and RoPE tables as long
 as the cache; `generate` then uses it for every eager decode step with the cache (`why_not`
 says what stops it). A step that finds gradients or autocast on, the profiler recording, a
@@ -32,7 +32,7 @@ import inl_kernels
 from inl_kernels import _validate as check
 from inl_kernels._dispatch import implements, preferred, resolve
 from inl_kernels.common import IterateParams, direct_calls, eager_direct
-from inl_kernels.modules import GQAttention, IntegratorLayer, RMSNorm, SwiGLU
+from inl_kernels.modules import GQAttention, IntegratorLayer, Linear, RMSNorm, SwiGLU
 
 from .cache import KVCache
 from .model import Block, IntegratorLanguageModel
@@ -43,10 +43,10 @@ class _Layer(NamedTuple):
     attn_norm: tuple  # (weight, eps) of each norm
     integrator_norm: tuple
     ffn_norm: tuple
-    w_q: torch.Tensor
-    w_k: torch.Tensor
-    w_v: torch.Tensor
-    w_o: torch.Tensor
+    q_proj: object  # x -> the projection, as the module computes it
+    k_proj: object
+    v_proj: object
+    o_proj: object
     heads: tuple  # (num_heads, num_kv_heads, head_dim)
     rope: tuple  # (cos, sin)
     cache: object  # the layer's LayerKVCache
@@ -107,9 +107,9 @@ def why_not(model, cache) -> Optional[str]:
         if kinds != (Block, GQAttention, IntegratorLayer, SwiGLU, RMSNorm, RMSNorm, RMSNorm):
             return "a block is not made of the library's modules (a mixture of integrators, a subclass, ...)"
         at, ffn = block.attn, block.ffn
-        if any(type(m) is not nn.Linear for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, ffn.gate, ffn.up,
-                                                   ffn.down)):
-            return "a projection is not a plain nn.Linear (an adapter, a quantized layer, ...)"
+        if (any(type(m) not in (nn.Linear, Linear) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj))
+                or any(type(m) is not nn.Linear for m in (ffn.gate, ffn.up, ffn.down))):
+            return "a projection is not a plain nn.Linear or inl_kernels.Linear (an adapter, a quantized layer, ...)"
         if any(m.bias is not None for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)):
             return "an attention projection has a bias"
         if cache.max_len > at.cos.shape[0]:
@@ -172,9 +172,13 @@ class LeanDecodeStep:
             layer_cache = cache.layers[i]
             if layer_cache.k is None or layer_cache.k.dtype != act:
                 return None
+            projections = [_projection(m, x.view(B, d) if m is not at.o_proj else q.view(B, -1))
+                           for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)]
+            if None in projections:
+                return None
             layers.append(_Layer(
                 *((norm.weight, float(norm.eps)) for norm in (block.attn_norm, block.integrator_norm, block.ffn_norm)),
-                at.q_proj.weight, at.k_proj.weight, at.v_proj.weight, at.o_proj.weight,
+                *projections,
                 (at.num_heads, at.num_kv_heads, at.head_dim), (at.cos, at.sin), layer_cache,
                 cpu_iterate.prepared_inference(params, settings, d),
                 cpu_swiglu.prepared_inference(*w_ffn, act)))
@@ -204,18 +208,18 @@ class LeanDecodeStep:
         kv_starts = cache.starts
         x = model._embed(token)
         iterations = []
-        for (attn_norm, integrator_norm, ffn_norm, w_q, w_k, w_v, w_o, (Hq, Hkv, D), rope, layer_cache, iterate,
-             ffn) in self.layers:
+        for (attn_norm, integrator_norm, ffn_norm, q_proj, k_proj, v_proj, o_proj, (Hq, Hkv, D), rope, layer_cache,
+             iterate, ffn) in self.layers:
             # GQAttention.forward with a static cache (LayerKVCache.update: its checks hold for
             # every step once they held when this step was built)
             n = rms_norm(x, *attn_norm, None)
-            q = F.linear(n, w_q).view(B, S, Hq, D).transpose(1, 2)
-            k = F.linear(n, w_k).view(B, S, Hkv, D).transpose(1, 2)
-            v = F.linear(n, w_v).view(B, S, Hkv, D).transpose(1, 2)
+            q = q_proj(n).view(B, S, Hq, D).transpose(1, 2)
+            k = k_proj(n).view(B, S, Hkv, D).transpose(1, 2)
+            v = v_proj(n).view(B, S, Hkv, D).transpose(1, 2)
             layer_cache.k.index_copy_(2, index, k)
             layer_cache.v.index_copy_(2, index, v)
             out = attention(q, layer_cache.k, layer_cache.v, True, None, rope, kv_lens, kv_starts)
-            a = F.linear(out.transpose(1, 2).reshape(B, S, Hq * D), w_o)
+            a = o_proj(out.transpose(1, 2).reshape(B, S, Hq * D))
             # Block.forward (dropout is the identity in eval mode) and IntegratorLayer.forward
             state, x = rms_norm(a, *integrator_norm, x)
             d = x.shape[-1]
@@ -228,6 +232,19 @@ class LeanDecodeStep:
         model._rows_seen += B * S
         cache.commit()
         return model._logits(rms_norm(x, *self.final_norm, None))[:, -1]
+
+
+def _projection(module: nn.Linear, x: torch.Tensor):
+    """x -> module(x) for the lean step: F.linear for a plain nn.Linear, the C++ backend's
+    prepared linear for an inl_kernels.Linear whose backend runs it on such inputs (x: a sample
+    of the step's input), else None."""
+    weight = module.weight
+    if type(module) is nn.Linear:
+        return lambda x: F.linear(x, weight)
+    if _cpu_function("linear", module.backend, x, weight, None) is None:
+        return None
+    from inl_kernels.cpu import linear as cpu_linear  # built: why_not checked it
+    return cpu_linear.prepared_inference(weight)
 
 
 def _cpu_function(op: str, backend: str, *args):

@@ -22,7 +22,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from inl_kernels import Controller, GQAttention, IntegratorLayer, LowRankEmbedding, RMSNorm, SwiGLU
+from inl_kernels import Controller, GQAttention, IntegratorLayer, Linear, LowRankEmbedding, RMSNorm, SwiGLU
+from inl_kernels import functional as F_inl
+from inl_kernels._dispatch import preferred
 from inl_kernels._validate import token_ids as check_token_ids
 
 from .cache import KVCache
@@ -297,7 +299,7 @@ class IntegratorLanguageModel(nn.Module):
         self.controller = new_controller() if cfg.shared_controller else None
         self.blocks = nn.ModuleList(Block(cfg, self.controller or new_controller()) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.norm_eps, cfg.backend)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(d, cfg.vocab_size, bias=False, backend=cfg.backend)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # on the embedding
         self.budget = IterationBudget(cfg.num_layers, cfg.num_iterations, cfg.min_iterations, cfg.budget_slack,
                                       cfg.budget_momentum)
@@ -513,9 +515,10 @@ class IntegratorLanguageModel(nn.Module):
         the Hugging Face wrapper) goes through here."""
         if self.lm_head is not None:
             return self.lm_head(x)
+        backend = preferred(self.config.backend, "linear")
         if isinstance(self.embed, LowRankEmbedding):  # tied low-rank: (x · project_up) · embed_lowᵀ
-            return (x @ self.embed.project_up) @ self.embed.embed_low.t()
-        return x @ self.embed.weight.t()
+            return F_inl.linear(x @ self.embed.project_up, self.embed.embed_low, backend=backend)
+        return F_inl.linear(x, self.embed.weight, backend=backend)
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, repetition_penalty: float = 1.0, do_sample: bool = True,
