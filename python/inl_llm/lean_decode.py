@@ -11,10 +11,11 @@ forward, in the same order (the same bits: tests/inl_llm/test_lean_decode.py com
 and the model's inference statistics with the forward's, step by step).
 
 It applies to the model as `IntegratorLanguageModel` defines it, on CPU tensors, with every op
-on the C++ backend ("auto" or "cpu"), a single integrator per block (no mixture), plain
-nn.Linear or inl_kernels.Linear projections, every module in eval mode and called as its class defines it (no hooks,
-no `module.compile()`, no forward replaced on an instance), no autocast, and RoPE tables as long
-as the cache; `generate` then uses it for every eager decode step with the cache (`why_not`
+on the C++ backend ("auto" or "cpu"), a single integrator per block (no mixture), attention
+projections that are inl_kernels.Linear (the model's own: the C++ few-row kernel) or plain
+nn.Linear (F.linear), every module in eval mode and called as its class defines it (no hooks, no
+`module.compile()`, no forward replaced on an instance), no autocast, and RoPE tables as long as
+the cache; `generate` then uses it for every eager decode step with the cache (`why_not`
 says what stops it). A step that finds gradients or autocast on, the profiler recording, a
 tracer or a dispatch mode active runs the model's forward instead, so that a trace shows every
 op. Keep `_step` in line with
