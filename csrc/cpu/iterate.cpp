@@ -34,6 +34,7 @@
 // (a tile is a fixed run of blocks, whatever the thread count) added in tile order, so every
 // result is the same bits for any number of threads.
 #include <algorithm>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -53,6 +54,24 @@ constexpr int MR = kRowBlock;
 // and gate, z for beta and v_cand
 constexpr float kSectionSign[4] = {-1.f, 1.f, -1.f, 1.f};
 
+// A(i, k) for the few-row path's matrix-vector products: [K][Mv] with Mv = M rounded up to whole
+// vectors (padding zero), so each k reads the outputs' weights as aligned whole vectors. Made
+// from the micro-kernel's panels (the same values) the first time a few-row call needs them.
+struct Wide {
+  Buffer data;
+  int M = 0, K = 0, Mv = 0;
+  void from(const Panels& A) {
+    M = A.M, K = A.K, Mv = round_up(A.M, kVec);
+    data.resize(size_t(K) * Mv);
+    data.zero();
+    for (int i = 0; i < M; ++i) {
+      const float* src = A.panel(i / MR) + i % MR;
+      for (int k = 0; k < K; ++k) data[size_t(k) * Mv + i] = src[size_t(k) * MR];
+    }
+  }
+  int vectors() const { return Mv / kVec; }
+};
+
 // The controller's weights packed for the micro-kernel: what iterate_pack makes and callers cache.
 struct Packed {
   int d, H;
@@ -63,6 +82,16 @@ struct Packed {
   Panels w_out[4];    // A(j, k) = sg_s·ms_s·w_o[s·d + j][k] for section s   (M = d, K = H)
   Panels w_out_t;     // A(k, s·d + j) = ms_s·w_o[s·d + j][k]             (M = H, K = 4d, backward)
   Panels w_x_t, w_v_t, w_h_t;  // A(j, k) = w[k][j]                       (M = d, K = H, backward)
+  // w_ctx, w_in and w_out in the few-row layout, made once on first use (forward_small)
+  mutable std::once_flag wide_once;
+  mutable Wide wide_ctx, wide_in, wide_out[4];
+  void make_wide() const {
+    std::call_once(wide_once, [&] {
+      wide_ctx.from(w_ctx);
+      wide_in.from(w_in);
+      for (int s = 0; s < 4; ++s) wide_out[s].from(w_out[s]);
+    });
+  }
 };
 
 Packed* make_pack(const IterateWeights& W) {
@@ -669,54 +698,56 @@ int group_blocks(const Params& P, int64_t blocks, int threads) {
 //
 // A block computes NB rows whatever it holds, so one row (a decode step at batch 1) would pay for
 // NB. Up to kSmallRows rows instead run row by row: each product is a matrix-vector product over
-// the same packed panels, one vector of a panel's MR outputs per k, and the update runs along
-// the columns. Every output element is still its init plus the same products added in the same
+// the same weights laid out wide (Wide: whole vectors of outputs per k, where a panel's 14
+// outputs straddle cache lines: 3-4x faster at small's shape on a Zen 4), and the update runs
+// along the columns. Every output element is still its init plus the same products added in the same
 // k order, the element-wise math is the same functions, and each row's sums over the columns are
 // added column after column as in a block: a row's bits are those the block path gives it.
 constexpr int kSmallRows = 4;
-constexpr int kPanelVecs = (MR + kVec - 1) / kVec;  // vectors covering one panel's MR outputs
 
-// out[r][m] (m < M, rows r < R) = init[r][m] + Σ_seg Σ_k A(m, k)·b[r][seg·bseg + k], A in panels;
-// init, out rows `ld` apart (each with kVec floats of slack), b rows `ldb` apart
-// (panels [first, last) of A only: the outputs of those panels; last < 0: to the end)
-inline void gemv_panels(const Panels& A, int R, int nseg, int kseg, const float* b, long ldb, long bseg,
-                        const float* init, long ldi, float* out, long ld, int first = 0, int last = -1) {
-  // kPanelsAtOnce panels side by side: one accumulator's additions must stay in k order, so the
-  // independent panels are what keeps several multiply-adds in flight
-  constexpr int kPanelsAtOnce = 4;
-  const int panels = last < 0 ? (A.M + MR - 1) / MR : last;
-  for (int p0 = first; p0 < panels; p0 += kPanelsAtOnce) {
-    const int np = std::min(kPanelsAtOnce, panels - p0);
-    Vec acc[kSmallRows][kPanelsAtOnce][kPanelVecs];
-    for (int r = 0; r < R; ++r)
-      for (int q = 0; q < kPanelsAtOnce; ++q)
-        for (int u = 0; u < kPanelVecs; ++u)
-          acc[r][q][u] = q < np ? load(init + r * ldi + (p0 + q) * MR + u * kVec) : Vec{};
-    const float* a[kPanelsAtOnce];
-    for (int q = 0; q < kPanelsAtOnce; ++q) a[q] = A.panel(p0 + std::min(q, np - 1));
-    for (int s = 0; s < nseg; ++s)
-      for (int k = 0; k < kseg; ++k) {
-        const size_t at = (size_t(s) * kseg + k) * MR;
-        Vec ak[kPanelsAtOnce][kPanelVecs];
-        for (int q = 0; q < kPanelsAtOnce; ++q)
-          for (int u = 0; u < kPanelVecs; ++u) ak[q][u] = load(a[q] + at + u * kVec);
-        for (int r = 0; r < R; ++r) {
-          const float bk = b[r * ldb + s * bseg + k];
-          for (int q = 0; q < kPanelsAtOnce; ++q)
-            for (int u = 0; u < kPanelVecs; ++u) acc[r][q][u] += ak[q][u] * bk;
-        }
-      }
-    for (int r = 0; r < R; ++r)
-      for (int q = 0; q < np; ++q) {
-        float lanes[kPanelVecs * kVec];
-        for (int u = 0; u < kPanelVecs; ++u) store(lanes + u * kVec, acc[r][q][u]);
-        std::copy_n(lanes, A.rows(p0 + q), out + r * ld + (p0 + q) * MR);
-      }
+// out[m] = init[m] + Σ_seg Σ_k A(m, k)·b[seg·bseg + k] for the outputs in vectors [v0, v1) of A
+// (one row; init and out cover whole vectors). Each output lane adds its products in k order, one
+// multiply-add each, from its init: what the micro-kernel does for that element, so a row gets
+// the bits the block path gives it. NV independent vectors keep several multiply-adds in flight,
+// and each k reads them as whole aligned vectors of A's wide layout.
+template <int NV>
+inline void gemv_vectors(const float* A, long Mv, int nseg, int kseg, const float* b, long bseg, const float* init,
+                         float* out) {
+  Vec acc[NV];
+  for (int u = 0; u < NV; ++u) acc[u] = load(init + u * kVec);
+  for (int s = 0; s < nseg; ++s) {
+    const float* a = A + size_t(s) * kseg * Mv;
+    const float* bs = b + s * bseg;
+    for (int k = 0; k < kseg; ++k) {
+      const float bk = bs[k];
+      for (int u = 0; u < NV; ++u) acc[u] += load(a + size_t(k) * Mv + u * kVec) * bk;
+    }
+  }
+  for (int u = 0; u < NV; ++u) store(out + u * kVec, acc[u]);
+}
+
+inline void gemv_wide(const Wide& A, int nseg, int kseg, const float* b, long bseg, const float* init, float* out,
+                      int v0, int v1) {
+  constexpr int kVecsAtOnce = 8;
+  for (int u = v0; u < v1; u += kVecsAtOnce) {
+    const float* a = A.data.data() + size_t(u) * kVec;
+    const float* in = init + size_t(u) * kVec;
+    float* o = out + size_t(u) * kVec;
+    switch (std::min(kVecsAtOnce, v1 - u)) {
+      case 1: gemv_vectors<1>(a, A.Mv, nseg, kseg, b, bseg, in, o); break;
+      case 2: gemv_vectors<2>(a, A.Mv, nseg, kseg, b, bseg, in, o); break;
+      case 3: gemv_vectors<3>(a, A.Mv, nseg, kseg, b, bseg, in, o); break;
+      case 4: gemv_vectors<4>(a, A.Mv, nseg, kseg, b, bseg, in, o); break;
+      case 5: gemv_vectors<5>(a, A.Mv, nseg, kseg, b, bseg, in, o); break;
+      case 6: gemv_vectors<6>(a, A.Mv, nseg, kseg, b, bseg, in, o); break;
+      case 7: gemv_vectors<7>(a, A.Mv, nseg, kseg, b, bseg, in, o); break;
+      default: gemv_vectors<8>(a, A.Mv, nseg, kseg, b, bseg, in, o); break;
+    }
   }
 }
 
 // The products of a step (the controller's input layer, then its four output sections) are
-// split by panels over up to kSmallThreads threads, each computing whole output elements as one
+// split by vectors of outputs over up to kSmallThreads threads, each computing whole output elements as one
 // thread would (the same bits for any split); the update along the columns and every sum over
 // them stay on one thread, between barriers.
 constexpr int kSmallThreads = 4;
@@ -748,7 +779,10 @@ void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>
   // the context term, once: h·w_hᵀ + bias
   Buffer bias_rows(size_t(R) * ld_h);
   for (int r = 0; r < R; ++r) std::copy_n(P.bias_row.data(), Hp, bias_rows.data() + r * ld_h);
-  gemv_panels(pk.w_ctx, R, 1, d, h, dp + kVec, 0, bias_rows.data(), ld_h, ctx, ld_h);
+  pk.make_wide();
+  for (int r = 0; r < R; ++r)
+    gemv_wide(pk.wide_ctx, 1, d, h + r * (dp + kVec), 0, bias_rows.data() + r * ld_h, ctx + r * ld_h, 0,
+              pk.wide_ctx.vectors());
   float err2[kSmallRows], energy[kSmallRows], distance[kSmallRows];
   bool running[kSmallRows];
   for (int r = 0; r < R; ++r) {
@@ -770,7 +804,7 @@ void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>
     }
   };
   for (int r = 0; r < R; ++r) traj(r, 0);
-  const int in_panels = (pk.w_in.M + MR - 1) / MR, out_panels = (pk.w_out[0].M + MR - 1) / MR;
+  const int in_vecs = pk.wide_in.vectors(), out_vecs = pk.wide_out[0].vectors();
   // the update of one row after its products: along the columns, its sums column after column
   auto update = [&](int r, int t) {
     float* x = state + r * ld_state;
@@ -825,8 +859,8 @@ void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>
   {
     const int tid = omp_thread_id(), nth = omp_threads();
     int in0, in1, out0, out1;
-    share(in_panels, tid, nth, in0, in1);
-    share(4 * out_panels, tid, nth, out0, out1);
+    share(in_vecs, tid, nth, in0, in1);
+    share(4 * out_vecs, tid, nth, out0, out1);
     for (int t = 0; t < T; ++t) {
       // rows still running (every thread reads the same flags, written before the last barrier)
       int live[kSmallRows], L = 0;
@@ -834,20 +868,19 @@ void forward_small(const Params& P, int64_t n0, int R, const ForwardIO<scalar_t>
         if (running[r]) live[L++] = r;
       if (L == 0) break;
       const int segments = (t == 0 && !P.has_v) ? 1 : 2;
-      for (int i = 0; i < L; ++i) {  // c = relu(ctx + [x | v]·w_inᵀ): this thread's panels
+      for (int i = 0; i < L; ++i) {  // c = relu(ctx + [x | v]·w_inᵀ): this thread's vectors
         const int r = live[i];
         float* cr = c + r * ld_h;
-        gemv_panels(pk.w_in, 1, segments, d, state + r * ld_state, ld_state, dp, ctx + r * ld_h, ld_h, cr, ld_h,
-                    in0, in1);
-        for (int k = in0 * MR; k < std::min(in1 * MR, H); ++k) cr[k] = 0.f > cr[k] ? 0.f : cr[k];  // vmax(0, c): keeps NaN
+        gemv_wide(pk.wide_in, segments, d, state + r * ld_state, dp, ctx + r * ld_h, cr, in0, in1);
+        for (int k = in0 * kVec; k < std::min(in1 * kVec, H); ++k) cr[k] = 0.f > cr[k] ? 0.f : cr[k];  // vmax(0, c): keeps NaN
       }
 #pragma omp barrier
-      for (int i = 0; i < L; ++i) {  // z = c·w_oᵀ per section: this thread's share of the 4 sections' panels
+      for (int i = 0; i < L; ++i) {  // z = c·w_oᵀ per section: this thread's share of the 4 sections' vectors
         const int r = live[i];
-        for (int sec = out0 / out_panels; sec < 4 && sec * out_panels < out1; ++sec) {
-          const int first = std::max(out0 - sec * out_panels, 0), last = std::min(out1 - sec * out_panels, out_panels);
-          gemv_panels(pk.w_out[sec], 1, 1, H, c + r * ld_h, ld_h, 0, P.z_off.data() + size_t(sec) * dp, 0,
-                      z + r * ld_z + size_t(sec) * dp, ld_z, first, last);
+        for (int sec = out0 / out_vecs; sec < 4 && sec * out_vecs < out1; ++sec) {
+          const int first = std::max(out0 - sec * out_vecs, 0), last = std::min(out1 - sec * out_vecs, out_vecs);
+          gemv_wide(pk.wide_out[sec], 1, H, c + r * ld_h, 0, P.z_off.data() + size_t(sec) * dp,
+                    z + r * ld_z + size_t(sec) * dp, first, last);
         }
       }
 #pragma omp barrier

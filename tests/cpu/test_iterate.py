@@ -470,11 +470,11 @@ def test_training_keeps_one_cached_pack_per_layer(update):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_decode_rows_split_over_threads_give_the_bits_of_a_block(threads):
-    """Up to four rows run row by row with each step's products split by panels over up to four
-    threads (csrc/cpu/iterate.cpp, forward_small) and the update on one: whatever the thread
-    count, every row gives the bits the block path gives it in a large batch (early exit,
-    dynamic alpha, an initial velocity, trajectories; H = 37 and d = 45 leave partial panels, and
-    four threads some without one)."""
+    """Up to four rows run row by row with each step's products split by vectors of outputs over
+    up to four threads (csrc/cpu/iterate.cpp, forward_small, on the weights' wide layout) and the
+    update on one: whatever the thread count, every row gives the bits the block path gives it in
+    a large batch (early exit, dynamic alpha, an initial velocity, trajectories; H = 37 and d = 45
+    leave partial vectors and panels, and four threads some without one)."""
     n, T = 40, 7
     h, x, kw = converging_args(n=n, d=45, H=37, T=T, dtype=torch.float32)
     kw["kappa"] = 0.7
