@@ -582,9 +582,13 @@ at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::
 }
 
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kLinearRows,
-              "x must be [rows, K] with 1 to ", kLinearRows, " rows, got ", x.sizes());
-  const int64_t K = x.size(1), O = weight.dim() == 2 ? weight.size(0) : -1;
+  // x [..., K]: its rows are every index of the leading dimensions (the caller's shape, kept)
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  int64_t rows = x.dim() >= 1 ? 1 : 0;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  TORCH_CHECK(x.dim() >= 1 && rows >= 1 && rows <= kLinearRows,
+              "x must be [..., K] with 1 to ", kLinearRows, " rows, got ", x.sizes());
+  const int64_t O = weight.dim() == 2 ? weight.size(0) : -1;
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "weight must be [O, ", K, "], got ", weight.sizes());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == O), "bias must be [", O, "], got ",
               bias.has_value() ? bias->sizes() : at::IntArrayRef{});
@@ -593,9 +597,11 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10:
                 "linear_rows takes contiguous float32 CPU tensors");
   }
   TORCH_CHECK(O * K < (int64_t(1) << 31) && O < (int64_t(1) << 31), "linear_rows: O·K must stay below 2^31");
-  at::Tensor out = at::empty({x.size(0), O}, x.options());
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = O;
+  at::Tensor out = at::empty(sizes, x.options());
   if (O == 0) return out;
-  LinearRowsArgs a{int(x.size(0)), int(K), int(O), x.data_ptr<float>(), weight.data_ptr<float>(),
+  LinearRowsArgs a{int(rows), int(K), int(O), x.data_ptr<float>(), weight.data_ptr<float>(),
                    bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), threads()};
   cpu_kernels().linear_rows(a);
   return out;
