@@ -7,8 +7,9 @@
 //   out = Σ_j softmax_j(scale · q'·k'_j) · v_j          (a query that sees no key: zeros)
 //
 // One task per (row, K/V head): its visible keys are rotated once into a scratch buffer, in fp32,
-// then every query of the head group (G = Hq / Hkv heads × Sq queries) takes its scores, softmax
-// and weighted sum of values from there. The rotated q and k are rounded to the input dtype, as
+// then every query of the head group (G = Hq / Hkv heads × Sq queries) takes its scores (dot
+// products over vector lanes, rows.h), softmax (weights below 2^-64 of the largest dropped, as in
+// the prefill below) and weighted sum of values from there. The rotated q and k are rounded to the input dtype, as
 // the reference's rotation returns them (the products may be fused here: within about an fp32 ulp
 // of |x| of the reference's rotation before that rounding; rope.h). This replaces, for a decode step, the ~20 small
 // ATen ops of the SDPA path (two rotations, index tensors, the mask) by one call.
@@ -19,6 +20,7 @@
 #include "kernels.h"
 #include "parallel.h"
 #include "rope.h"
+#include "rows.h"
 #include "simd.h"
 
 namespace inl {
@@ -42,6 +44,19 @@ inline void rotate_row(const scalar_t* p, int D, const float* cos, const float* 
                   [&](int j, float y) { dst[j] = round_to<scalar_t>(y); });
 }
 
+// e^x for x <= 0 (a softmax weight relative to the row's largest, 1), 0 below 2^-64: a weight that
+// small, or its product with a value in the sum of values, can be subnormal, and every FMA that
+// reads or makes a subnormal takes a microcode assist (measured: a prefill with peaked scores ran
+// 2.7x slower). Dropping the weights below 2^-64 changes a sum of weights of at least 1 by less
+// than S·2^-64, far below fp32 rounding. Clamped before the exponential too (vexp's own scaling
+// would make the subnormal). NaN stays NaN.
+inline Vec weight_exp(Vec x) {
+  constexpr float kLowest = -44.36141956f;  // ln 2^-64
+  return select(x < kLowest, Vec{}, vexp(vmax(splat(kLowest), x)));
+}
+// d with its subnormal values flushed to 0 (NaN stays NaN)
+inline Vec flush_subnormal(Vec d) { return select(vabs(d) < 1.17549435e-38f, Vec{}, d); }
+
 template <typename scalar_t>
 void run(const AttentionDecodeArgs& a) {
   const int B = a.B, Hkv = a.Hkv, Sq = a.Sq, Skv = a.Skv, D = a.D;
@@ -62,7 +77,7 @@ void run(const AttentionDecodeArgs& a) {
       const int64_t len = a.lens ? a.lens[b] : Skv, start = a.starts ? a.starts[b] : 0;
       const int64_t first = std::max<int64_t>(start, 0), end = std::min<int64_t>(len, Skv);
       const int64_t keys = std::max<int64_t>(0, end - first);
-      std::vector<float> kr(size_t(keys) * D), qr(D), p(std::max<int64_t>(keys, 1)), acc(D);
+      std::vector<float> kr(size_t(keys) * D), qr(D), p(size_t(round_up(int(std::max<int64_t>(keys, 1)), kVec))), acc(D);
       const scalar_t* kb = k + b * a.k_stride[0] + g * a.k_stride[1];
       const scalar_t* vb = v + b * a.v_stride[0] + g * a.v_stride[1];
       for (int64_t j = first; j < end; ++j)
@@ -80,19 +95,23 @@ void run(const AttentionDecodeArgs& a) {
           }
           rotate_row(q + b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2], D, a.cos, a.sin,
                      std::max<int64_t>(qidx - start, 0), qr.data());
+          // scores: each a dot product of vectors (rows.h), then scaled
+          dot_rows<1>(qr.data(), D, kr.data(), 0, int(n), p.data(), 0);
           float top = -INFINITY;
           for (int64_t j = 0; j < n; ++j) {
-            const float* kj = kr.data() + j * D;
-            float dot = 0.f;
-            for (int e = 0; e < D; ++e) dot += qr[e] * kj[e];
-            p[j] = dot * a.scale;
+            p[j] *= a.scale;
             top = std::max(top, p[j]);
           }
-          float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) {
-            p[j] = std::exp(p[j] - top);
-            sum += p[j];
+          // weights e^(s - top) a vector at a time (the padding past n gives 0), their sum
+          const int64_t nv = round_up(int(n), kVec);
+          std::fill(p.begin() + n, p.begin() + nv, -INFINITY);
+          Vec sums{};
+          for (int64_t j = 0; j < nv; j += kVec) {
+            const Vec w = weight_exp(load(p.data() + j) - top);
+            store(p.data() + j, w);
+            sums += w;
           }
+          const float sum = lane_sum(sums);
           std::fill(acc.begin(), acc.end(), 0.f);
           for (int64_t j = 0; j < n; ++j) {
             const scalar_t* vj = vb + (first + j) * a.v_stride[2];
@@ -126,18 +145,6 @@ inline int64_t groups_per_chunk(int64_t groups, size_t group_floats) {
   return std::max<int64_t>(1, std::min<int64_t>(groups, kPrefillScratchFloats / std::max<int64_t>(1, group_floats)));
 }
 
-// e^x for x <= 0 (a softmax weight relative to the row's largest, 1), 0 below 2^-64: a weight that
-// small, or its product with a value in the sum of values, can be subnormal, and every FMA that
-// reads or makes a subnormal takes a microcode assist (measured: a prefill with peaked scores ran
-// 2.7x slower). Dropping the weights below 2^-64 changes a sum of weights of at least 1 by less
-// than S·2^-64, far below fp32 rounding. Clamped before the exponential too (vexp's own scaling
-// would make the subnormal). NaN stays NaN.
-inline Vec weight_exp(Vec x) {
-  constexpr float kLowest = -44.36141956f;  // ln 2^-64
-  return select(x < kLowest, Vec{}, vexp(vmax(splat(kLowest), x)));
-}
-// d with its subnormal values flushed to 0 (NaN stays NaN)
-inline Vec flush_subnormal(Vec d) { return select(vabs(d) < 1.17549435e-38f, Vec{}, d); }
 
 // x's S rows (stride `stride`, D values each) as [Sp / kColBlock][D][kColBlock]: column j of the
 // run j / kColBlock holds row j (rows S..Sp zero): the B operand of a product with xᵀ
