@@ -42,7 +42,7 @@ def compiled_backends():
         return [], {}
 
     cxx = ["-O3", "-fopenmp"]
-    sources = ["csrc/bindings.cpp", "csrc/cpu/entry.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/entry.cpp", "csrc/cpu/decode.cpp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         ext = cpp_extension.CUDAExtension(

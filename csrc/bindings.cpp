@@ -36,6 +36,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_rows", &inl::swiglu_rows,
         "(silu(x·w_gateᵀ)·(x·w_upᵀ))·w_downᵀ of 1 to 4 fp32 rows as matrix-vector products (decode, inference)",
         "x"_a, "w_gate"_a, "w_up"_a, "w_down"_a);
+  pybind11::class_<inl::DecodeLayer, std::shared_ptr<inl::DecodeLayer>>(
+      m, "DecodeLayer", "One layer's tensors and constants for decode_layers (bound once, by inl_llm's lean step)")
+      .def(pybind11::init([](at::Tensor attn_norm, double attn_eps, at::Tensor integrator_norm, double integrator_eps,
+                             at::Tensor ffn_norm, double ffn_eps, at::Tensor w_q, at::Tensor w_k, at::Tensor w_v,
+                             at::Tensor w_o, int64_t Hq, int64_t Hkv, int64_t D, at::Tensor cache_k,
+                             at::Tensor cache_v, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> iterate,
+                             c10::optional<at::Tensor> table, double dt, c10::optional<double> kappa,
+                             int64_t num_iterations, c10::optional<double> tol, int64_t min_iterations,
+                             inl::IteratePackPtr pack, at::Tensor w_gate, at::Tensor w_up, at::Tensor w_down) {
+             TORCH_CHECK(iterate.size() == 8, "iterate: the 8 weights of iterate_forward");
+             auto layer = std::make_shared<inl::DecodeLayer>();
+             *layer = inl::DecodeLayer{attn_norm, integrator_norm, ffn_norm, attn_eps, integrator_eps, ffn_eps,
+                                       w_q, w_k, w_v, w_o, Hq, Hkv, D, cache_k, cache_v, cos, sin,
+                                       std::move(iterate), table, dt, kappa, num_iterations, tol, min_iterations,
+                                       std::move(pack), w_gate, w_up, w_down, attn_norm.size(0)};
+             return layer;
+           }),
+           "attn_norm"_a, "attn_eps"_a, "integrator_norm"_a, "integrator_eps"_a, "ffn_norm"_a, "ffn_eps"_a, "w_q"_a,
+           "w_k"_a, "w_v"_a, "w_o"_a, "Hq"_a, "Hkv"_a, "D"_a, "cache_k"_a, "cache_v"_a, "cos"_a, "sin"_a,
+           "iterate"_a, "table"_a, "dt"_a, "kappa"_a, "num_iterations"_a, "tol"_a, "min_iterations"_a, "pack"_a,
+           "w_gate"_a, "w_up"_a, "w_down"_a);
+  m.def("decode_layers", &inl::decode_layers,
+        "x [B, S, d] through every DecodeLayer (fp32, 1 to 4 rows): {x, iterations}; writes the KV caches", "x"_a,
+        "layers"_a, "index"_a, "kv_lens"_a, "kv_starts"_a);
   m.def("linear_rows", &inl::linear_rows,
         "x·weightᵀ (+ bias) of 1 to 4 fp32 rows as matrix-vector products (decode, inference)", "x"_a, "weight"_a,
         "bias"_a = pybind11::none());

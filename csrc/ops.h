@@ -78,6 +78,31 @@ at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::
 // x·weightᵀ (+ bias) of 1 to 4 rows (decode, fp32, inference)
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
+// One layer of the model for the fused decode step (csrc/cpu/decode.cpp): its tensors and
+// constants, bound once when inl_llm's lean decode step is built (fp32, contiguous weights).
+struct DecodeLayer {
+  at::Tensor attn_norm, integrator_norm, ffn_norm;  // RMSNorm weights [d]
+  double attn_eps, integrator_eps, ffn_eps;
+  at::Tensor w_q, w_k, w_v, w_o;                    // the attention projections (no bias)
+  int64_t Hq, Hkv, D;
+  at::Tensor cache_k, cache_v;                      // the layer's static KV cache [B, Hkv, L, D], written in place
+  at::Tensor cos, sin;                              // RoPE tables
+  std::vector<at::Tensor> iterate;                  // w_h, w_x, w_v, w_o, bias, b_o, mod, mu (iterate_forward's)
+  c10::optional<at::Tensor> table;
+  double dt;
+  c10::optional<double> kappa;
+  int64_t num_iterations;
+  c10::optional<double> tol;
+  int64_t min_iterations;
+  IteratePackPtr pack;
+  at::Tensor w_gate, w_up, w_down;
+  int64_t d;
+};
+// x [B, S, d] through every layer (B·S <= 4 rows, fp32): {x, iterations [layers, B·S]}
+std::vector<at::Tensor> decode_layers(at::Tensor x, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
+                                      const at::Tensor& index, const c10::optional<at::Tensor>& kv_lens,
+                                      const c10::optional<at::Tensor>& kv_starts);
+
 // q and k rotated (RoPE, rotate-half; by −θ with inverse) at positions q_pos [Sq] and k_pos [Sk],
 // or [B, Sq] and [B, Sk] (per row); new contiguous tensors in q's dtype
 std::vector<at::Tensor> rope_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,

@@ -264,16 +264,22 @@ def iterate(h, x, v, params: IterateParams, settings: IterateSettings):
     return x_T, IterateInfo(v_T, iterations, energy, distance)
 
 
+def inference_arguments(params: IterateParams, settings: IterateSettings, d: int):
+    """(weights, rest): what `_C.iterate_forward(h, x, None, *weights, *rest)` takes for eager
+    inference with these parameters and settings, the weights folded and packed once."""
+    s = settings
+    weights, exc_index = _kernel_weights(params, s, d, grad=False)
+    pack = packed_controller(*weights[:4], weights[6], backward=False)
+    return weights, (s.dt, s.kappa, s.num_iterations, s.tol, s.min_iterations, False, False, pack)
+
+
 def prepared_inference(params: IterateParams, settings: IterateSettings, d: int):
     """iterate(h, x, None, params, settings) for eager inference as a function of (h, x) alone,
     returning (x_T, IterateInfo): the weights are folded and packed here, once, for callers that
     run many small calls on unchanged parameters inside `common.direct_calls()` (a decode loop;
     the parameters must not change while it is used). The kernel call is iterate's, argument for
     argument, so the bits are too."""
-    s = settings
-    weights, exc_index = _kernel_weights(params, s, d, grad=False)
-    pack = packed_controller(*weights[:4], weights[6], backward=False)
-    rest = (s.dt, s.kappa, s.num_iterations, s.tol, s.min_iterations, False, False, pack)
+    weights, rest = inference_arguments(params, settings, d)
 
     def run(h, x):
         x_T, v_T, iterations, energy, distance, _, _, _ = _C.iterate_forward(h, x, None, *weights, *rest)

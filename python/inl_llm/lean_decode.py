@@ -128,9 +128,13 @@ class LeanDecodeStep:
     `LeanDecodeStep.build(model, cache)`, after the prefill and inside the `no_grad` of the
     generation: None where `why_not` gives a reason."""
 
-    def __init__(self, model: IntegratorLanguageModel, cache: KVCache, layers: list, ops: _Ops):
+    def __init__(self, model: IntegratorLanguageModel, cache: KVCache, layers: list, ops: _Ops, fused=None):
         self.model, self.cache, self.layers, self.ops = model, cache, layers, ops
         self.final_norm = (model.norm.weight, float(model.norm.eps))
+        self.fused = fused  # the layers bound for _C.decode_layers, or None
+        if fused is not None:
+            from inl_kernels.cpu import _C  # built: why_not checked it
+            self._decode_layers = _C.decode_layers
 
     @classmethod
     def build(cls, model, cache) -> Optional["LeanDecodeStep"]:
@@ -141,7 +145,7 @@ class LeanDecodeStep:
         d = cfg.d_model
         budgets = model.iteration_budgets()
         x = torch.zeros(B, 1, d, dtype=act)
-        layers, tensors = [], []
+        layers, tensors, fused = [], [], []
         ops = None
         for i, block in enumerate(model.blocks):
             it = block.integrator
@@ -183,12 +187,15 @@ class LeanDecodeStep:
                 (at.num_heads, at.num_kv_heads, at.head_dim), (at.cos, at.sin), layer_cache,
                 cpu_iterate.prepared_inference(params, settings, d),
                 cpu_swiglu.prepared_inference(*w_ffn, act)))
+            if fused is not None:
+                one = _fused_layer(block, layer_cache, params, settings, d, act, B)
+                fused = None if one is None else fused + [one]
             tensors += [*params, *(p for p in block.parameters()), at.cos, at.sin]
         # eager_direct: no tensor subclass (DTensor, ...), no profiler recording, no mode
         if (_cpu_function("rms_norm", model.norm.backend, x, model.norm.weight, float(model.norm.eps), None) is None
                 or not eager_direct(*tensors, model.norm.weight)):
             return None
-        return cls(model, cache, layers, ops)
+        return cls(model, cache, layers, ops, fused or None)
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         # the model's structure, hooks and tensors were checked when the step was built (generate
@@ -208,6 +215,12 @@ class LeanDecodeStep:
         index, kv_lens = cache.pending(S)
         kv_starts = cache.starts
         x = model._embed(token)
+        if self.fused is not None and B * S <= _FUSED_ROWS:  # every layer in one C++ call, the same bits
+            x, iterations = self._decode_layers(x, self.fused, index, kv_lens, kv_starts)
+            model._steps_run += iterations.sum(1, dtype=torch.int64)
+            model._rows_seen += B * S
+            cache.commit()
+            return model._logits(rms_norm(x, *self.final_norm, None))[:, -1]
         iterations = []
         for (attn_norm, integrator_norm, ffn_norm, q_proj, k_proj, v_proj, o_proj, (Hq, Hkv, D), rope, layer_cache,
              iterate, ffn) in self.layers:
@@ -233,6 +246,32 @@ class LeanDecodeStep:
         model._rows_seen += B * S
         cache.commit()
         return model._logits(rms_norm(x, *self.final_norm, None))[:, -1]
+
+
+_FUSED_ROWS = 4  # the rows _C.decode_layers takes (its projections' and SwiGLU's few-row kernels)
+
+
+def _fused_layer(block, layer_cache, params, settings, d: int, act, B: int):
+    """The block bound for `_C.decode_layers` (csrc/cpu/decode.cpp), which runs `_step`'s loop body
+    in C++ with the same kernels on the same arguments: fp32 activations, at most _FUSED_ROWS rows,
+    every attention projection an inl_kernels.Linear on the C++ backend (their few-row kernel), the
+    decode attention kernel's RoPE tables (fp32, an even head size). None otherwise: `_step` then
+    runs the layer in Python."""
+    at, ffn = block.attn, block.ffn
+    projections = (at.q_proj, at.k_proj, at.v_proj, at.o_proj)
+    if (act != torch.float32 or B > _FUSED_ROWS or any(type(m) is not Linear for m in projections)
+            or at.head_dim % 2 or at.cos.dtype != torch.float32 or at.sin.dtype != torch.float32
+            or at.cos.dim() != 2):
+        return None
+    from inl_kernels.cpu import _C, iterate as cpu_iterate  # built: why_not checked it
+    weights, rest = cpu_iterate.inference_arguments(params, settings, d)
+    dt, kappa, T, tol, min_iterations, _, _, pack = rest
+    return _C.DecodeLayer(
+        block.attn_norm.weight, float(block.attn_norm.eps), block.integrator_norm.weight,
+        float(block.integrator_norm.eps), block.ffn_norm.weight, float(block.ffn_norm.eps),
+        *(m.weight.contiguous() for m in projections), at.num_heads, at.num_kv_heads, at.head_dim,
+        layer_cache.k, layer_cache.v, at.cos, at.sin, list(weights[:8]), weights[8], dt, kappa, T, tol,
+        min_iterations, pack, *(w.contiguous() for w in (ffn.gate.weight, ffn.up.weight, ffn.down.weight)))
 
 
 def _projection(module: nn.Linear, x: torch.Tensor):

@@ -6,7 +6,8 @@ cache's buffers and length, and the model's inference statistics, bit for bit, o
 switches (embeddings tied, untied and low-rank, fixed and dynamic alpha, per-dim mu, budgets, a
 second and third dtype, dropout configured, the mu EMA, no excitation, no early exit), for
 left-padded batches of up to four rows and of five (other kernel paths); `generate` uses it and
-gives the tokens of the forward; it steps aside where it does not apply (hooks, a compiled or
+gives the tokens of the forward; fp32 steps of up to four rows run every layer in one C++ call;
+it steps aside where it does not apply (hooks, a compiled or
 rewired module, an adapter layer, a module in training mode, a mixture of integrators, the
 reference backend, autocast, a cache longer than the RoPE tables, a profiler recording)."""
 import copy
@@ -97,6 +98,39 @@ def test_the_lean_step_in_bf16_and_with_budgets_moved():
     model.budget.update(torch.tensor([1.0, 2.0]))
     assert model.iteration_budgets() != [model.config.num_iterations] * 2
     run_both(model, *left_padded([4]), steps=3)
+
+
+def test_fp32_steps_of_up_to_four_rows_run_every_layer_in_one_call(monkeypatch):
+    """fp32, at most four rows, the model's own projections: the layers are bound once for
+    `_C.decode_layers` (csrc/cpu/decode.cpp), which every step then calls, with the forward's bits
+    (run_both); with that path switched off the Python loop gives them too. Five rows, fp16, or a
+    plain nn.Linear projection bind nothing and run the Python loop."""
+    model = tiny()
+    ids, mask = left_padded([7, 3, 5])
+    calls = []
+    build = lean_decode.LeanDecodeStep.build
+
+    def counted(cls, model, cache):
+        step = build.__func__(cls, model, cache)
+        if step is not None and step.fused is not None:
+            run = step._decode_layers
+            step._decode_layers = lambda *args: calls.append(1) or run(*args)
+        return step
+    monkeypatch.setattr(lean_decode.LeanDecodeStep, "build", classmethod(counted))
+    step = run_both(model, ids, mask, steps=5)
+    assert step.fused is not None and len(step.fused) == len(model.blocks) and len(calls) == 5
+    monkeypatch.setattr(lean_decode, "_FUSED_ROWS", 0)
+    run_both(model, ids, mask, steps=5)
+    assert len(calls) == 5  # bound, not called
+    monkeypatch.setattr(lean_decode, "_FUSED_ROWS", 4)
+    assert run_both(tiny(), *left_padded([6, 2, 9, 4, 5]), steps=2).fused is None
+    assert run_both(tiny().to(torch.float16), *left_padded([5, 3]), steps=2).fused is None
+    plain = tiny()
+    old = plain.blocks[1].attn.o_proj
+    plain.blocks[1].attn.o_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    plain.blocks[1].attn.o_proj.load_state_dict(old.state_dict())
+    assert run_both(plain.eval(), ids, mask, steps=2).fused is None
+    assert len(calls) == 5
 
 
 def test_generate_runs_the_lean_step_and_gives_the_forwards_tokens(monkeypatch):
