@@ -24,12 +24,28 @@ namespace INL_ISA {
 
 constexpr int kRowsTask = 4;  // outputs per unit of work the threads share out
 
-inline float lane_sum(Vec v) {  // a fixed tree
+// The lanes of v added in a fixed tree: a[i] += a[i + w] for w = kVec/2, ..., 1, then a[0]. On
+// AVX-512 and AVX2 the same additions in registers (halves, then quarters, ...), which give the
+// same bits as the scalar tree without its trip through memory.
+inline float lane_sum(Vec v) {
+#if defined(__AVX512F__) || defined(INL_AVX2)
+#if defined(__AVX512F__)
+  const __m512 z = (__m512)v;
+  const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(z),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+#else
+  const __m256 y = (__m256)v;
+#endif
+  const __m128 x = _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));  // a[i] + a[i + 4]
+  const __m128 h = _mm_add_ps(x, _mm_movehl_ps(x, x));                                  // a[i] + a[i + 2]
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));                          // a[0] + a[1]
+#else
   float a[kVec];
   store(a, v);
   for (int w = kVec / 2; w > 0; w /= 2)
     for (int i = 0; i < w; ++i) a[i] += a[i + w];
   return a[0];
+#endif
 }
 
 // outputs o in [o0, o1) of M rows of x ([M][K], contiguous); y rows ldy apart

@@ -119,3 +119,45 @@ def test_transcendentals_accuracy(tmp_path, march):
     exp_rel, exp_rel_small, sig_abs, sp_rel = (float(v) for v in run.stdout.split())
     assert exp_rel < 6e-6 and exp_rel_small < 1.5e-6, (exp_rel, exp_rel_small)
     assert sig_abs < 3e-7 and sp_rel < 4e-7, (sig_abs, sp_rel)
+
+
+# rows.h's lane_sum against the fixed scalar tree it stands for (a[i] += a[i + w], w = kVec/2..1),
+# bit for bit: values of mixed magnitudes and signs, whose sum depends on the order of additions
+LANE_SUM_DRIVER = r"""
+#include <cstdio>
+#include <cstring>
+#include "rows.h"
+using namespace inl::INL_ISA;
+
+int main() {
+#if defined(__AVX512F__)
+  if (!__builtin_cpu_supports("avx512f")) return 77;
+#elif defined(__AVX2__)
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 77;
+#endif
+  unsigned state = 12345u;
+  int failures = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    Vec v;
+    float a[kVec];
+    for (int i = 0; i < kVec; ++i) {
+      state = state * 1664525u + 1013904223u;
+      const float mag = float(1u << ((state >> 8) % 24));
+      v[i] = a[i] = (float((state >> 12) % 2001) - 1000.f) * mag / 997.f;
+    }
+    for (int w = kVec / 2; w > 0; w /= 2)
+      for (int i = 0; i < w; ++i) a[i] += a[i + w];
+    const float got = lane_sum(v);
+    if (std::memcmp(&got, &a[0], sizeof(float)) != 0 && ++failures < 5) std::printf("%.9g != %.9g\n", got, a[0]);
+  }
+  return failures ? 1 : 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64", reason="needs g++ on x86-64")
+@pytest.mark.parametrize("march", ["x86-64-v4", "x86-64-v3", "x86-64"])
+def test_lane_sum_is_the_fixed_scalar_tree(tmp_path, march):
+    """The matrix-vector kernels' sums (rows.h) end in lane_sum, which on AVX-512 and AVX2 adds the
+    lanes in registers: the same additions as the scalar tree, so the same bits."""
+    build_and_run(tmp_path, LANE_SUM_DRIVER, march)
