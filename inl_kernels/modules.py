@@ -201,7 +201,9 @@ class RMSNorm(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear whose forward runs `inl_kernels.linear` on the module's `backend`: the same
     parameters, initialisation, state_dict keys and autograd, and an instance of nn.Linear for
-    whatever looks for one (adapters, torchao's quantize_, FSDP wrap policies). Only few-row
+    what tests with isinstance (PEFT's LoRA, torchao's quantize_ filter, FSDP wrap policies).
+    What matches the exact type does not see it: `torch.ao.quantization.quantize_dynamic(model,
+    {nn.Linear})` leaves it alone (name `{nn.Linear, inl_kernels.Linear}` there). Only few-row
     inference on a CPU runs differently: the decode kernel of inl_kernels/cpu/linear.py, in the
     last bits of F.linear's result."""
 
@@ -210,8 +212,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend = backend
 
-    def forward(self, x):
-        return F_inl.linear(x, self.weight, self.bias, backend=preferred(self.backend, "linear"))
+    def forward(self, input):  # noqa: A002 - nn.Linear's name, for callers that pass it by keyword
+        return F_inl.linear(input, self.weight, self.bias, backend=preferred(self.backend, "linear"))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"

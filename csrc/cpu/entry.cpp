@@ -586,8 +586,8 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10:
   const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
   int64_t rows = x.dim() >= 1 ? 1 : 0;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
-  TORCH_CHECK(x.dim() >= 1 && rows >= 1 && rows <= kLinearRows,
-              "x must be [..., K] with 1 to ", kLinearRows, " rows, got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && rows <= kLinearRows, "x must be [..., K] with at most ", kLinearRows,
+              " rows, got ", x.sizes());
   const int64_t O = weight.dim() == 2 ? weight.size(0) : -1;
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "weight must be [O, ", K, "], got ", weight.sizes());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == O), "bias must be [", O, "], got ",
@@ -600,7 +600,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10:
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = O;
   at::Tensor out = at::empty(sizes, x.options());
-  if (O == 0) return out;
+  if (O == 0 || rows == 0) return out;
   LinearRowsArgs a{int(rows), int(K), int(O), x.data_ptr<float>(), weight.data_ptr<float>(),
                    bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), threads()};
   cpu_kernels().linear_rows(a);

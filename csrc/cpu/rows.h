@@ -1,5 +1,6 @@
 // Matrix-vector products of a few rows (decode), shared by the kernels that stream weights once
-// per token: swiglu.cpp (the whole SwiGLU) and linear.cpp (a projection).
+// per token: swiglu.cpp (the whole SwiGLU) and linear.cpp (a projection); attention.cpp's decode
+// softmax uses lane_sum.
 //
 // y[m][o] = Σ_k x[m][k]·W[o][k] with W row-major [O][K]: each output is a dot product along one
 // contiguous weight row, and the rows are taken one after the other, so a thread reads its share

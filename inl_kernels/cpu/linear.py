@@ -36,13 +36,23 @@ def _(x, weight, bias):
 
 def _rows_kernel_runs(x, weight, bias) -> bool:
     """Whether these arguments take the matrix-vector kernel: 1 to ROWS rows, fp32 throughout,
-    no autocast, no gradient wanted, plain tensors or the ones torch.compile traces (FakeTensor):
-    a DTensor or another subclass keeps F.linear, whose dispatch it knows."""
+    no autocast, no gradient wanted, plain tensors (or, while torch.compile traces, anything but
+    a DTensor): a DTensor or another subclass keeps F.linear, whose dispatch it knows."""
     return (x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32)
             and 0 < x.numel() <= ROWS * x.shape[-1] and not torch.is_autocast_enabled("cpu")
             and not needs_grad(x, weight, bias)
-            and (torch.compiler.is_compiling() or all(type(t) in _PLAIN for t in (x, weight, bias) if t is not None)))
+            and (all(type(t) in _PLAIN for t in (x, weight, bias) if t is not None)
+                 or torch.compiler.is_compiling() and not any(_is_dtensor(t) for t in (x, weight, bias))))
+
+
+def _is_dtensor(t) -> bool:
+    """Whether t is a DTensor (the registered op has no sharding rule: F.linear has)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def linear(x, weight, bias=None):

@@ -18,7 +18,7 @@ nn.Linear (F.linear), every module in eval mode and called as its class defines 
 the cache; `generate` then uses it for every eager decode step with the cache (`why_not`
 says what stops it). A step that finds gradients or autocast on, the profiler recording, a
 tracer or a dispatch mode active runs the model's forward instead, so that a trace shows every
-op. Keep `_step` in line with
+op. Keep `_step`, and csrc/cpu/decode.cpp (its loop body in C++), in line with
 `Block.forward`, `GQAttention.forward`, `IntegratorLayer.forward` and the model's forward.
 """
 from __future__ import annotations
@@ -133,8 +133,8 @@ class LeanDecodeStep:
         self.final_norm = (model.norm.weight, float(model.norm.eps))
         self.fused = fused  # the layers bound for _C.decode_layers, or None
         if fused is not None:
-            from inl_kernels.cpu import _C  # built: why_not checked it
-            self._decode_layers = _C.decode_layers
+            from inl_kernels.cpu import _C, attention  # built: why_not checked it
+            self._decode_layers, self._cpu_attention = _C.decode_layers, attention
 
     @classmethod
     def build(cls, model, cache) -> Optional["LeanDecodeStep"]:
@@ -215,7 +215,9 @@ class LeanDecodeStep:
         index, kv_lens = cache.pending(S)
         kv_starts = cache.starts
         x = model._embed(token)
-        if self.fused is not None and B * S <= _FUSED_ROWS:  # every layer in one C++ call, the same bits
+        # every layer in one C++ call, the same bits; it calls the decode attention kernel, so only
+        # where the Python path would (cpu attention's DECODE_QUERIES, read now: tests lower it)
+        if self.fused is not None and B * S <= _FUSED_ROWS and S <= self._cpu_attention.DECODE_QUERIES:
             x, iterations = self._decode_layers(x, self.fused, index, kv_lens, kv_starts)
             model._steps_run += iterations.sum(1, dtype=torch.int64)
             model._rows_seen += B * S

@@ -83,8 +83,9 @@ def test_few_rows_keep_nan_in_their_row_and_the_arguments_are_checked():
     x[1, 4] = float("nan")
     out = _C.linear_rows(x, w, b)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
-    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+    with pytest.raises(RuntimeError, match="at most 4 rows"):
         _C.linear_rows(torch.zeros(5, 20), w, b)
+    assert _C.linear_rows(torch.zeros(0, 3, 20), w, b).shape == (0, 3, 7)  # no rows: as F.linear
     with pytest.raises(RuntimeError, match="bias must be"):
         _C.linear_rows(x, w, b[:3])
     with pytest.raises(RuntimeError, match="contiguous"):
@@ -110,6 +111,7 @@ def test_the_module_is_a_drop_in_nn_linear():
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ours.state_dict().values()))
     assert list(plain.state_dict()) == list(ours.state_dict())
     x = torch.randn(2, 5, 40)
+    assert torch.equal(ours(input=x), plain(input=x))  # nn.Linear's argument name
     assert torch.equal(ours(x), plain(x))  # 10 rows, with a gradient
     with torch.no_grad():
         assert torch.equal(ours(x), plain(x))  # 10 rows

@@ -123,6 +123,13 @@ def test_fp32_steps_of_up_to_four_rows_run_every_layer_in_one_call(monkeypatch):
     run_both(model, ids, mask, steps=5)
     assert len(calls) == 5  # bound, not called
     monkeypatch.setattr(lean_decode, "_FUSED_ROWS", 4)
+    # where the Python step would not run the decode attention kernel, neither does the fused one
+    from inl_kernels.cpu import attention as cpu_attention
+    monkeypatch.setattr(cpu_attention, "DECODE_QUERIES", 0)
+    run_both(model, ids, mask, steps=3)
+    assert len(calls) == 5
+    monkeypatch.undo()
+    monkeypatch.setattr(lean_decode.LeanDecodeStep, "build", classmethod(counted))
     assert run_both(tiny(), *left_padded([6, 2, 9, 4, 5]), steps=2).fused is None
     assert run_both(tiny().to(torch.float16), *left_padded([5, 3]), steps=2).fused is None
     plain = tiny()
