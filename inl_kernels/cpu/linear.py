@@ -4,8 +4,8 @@ Most calls are torch's own `F.linear` (MKL's GEMM: nothing to gain over it at ma
 ROWS rows of fp32 without a gradient (a decode step) run `inl::cpu_linear_rows` instead
 (csrc/cpu/linear.cpp): each output a dot product along its contiguous weight row, each thread
 reading its share of the weight front to back. torch's matrix-vector product reads the weights
-at ~7–9 GB/s on the 2-core AMD EPYC machines we run on, this kernel at ~30 (the machine's read
-rate); on the Intel Xeon both stream near the read rate. Its sums run in another order than
+at ~6–9 GB/s on the 2-core AMD EPYC machines we run on (Zen 3 and Zen 4), this kernel at ~30
+(the machine's read rate); the gap was smaller on the Intel Xeon (not measured with this kernel). Its sums run in another order than
 MKL's, so these rows differ from F.linear in the last bits (within fp32 rounding:
 tests/cpu/test_linear.py); a row's result depends on nothing but its own row, the weight and
 the bias — not on the other rows or the thread count.

@@ -13,7 +13,8 @@ op's autograd formula), so torch.compile sees one op.
 Up to ROWS rows of fp32 without a gradient (a decode step) run whole in one call instead,
 `inl::cpu_swiglu_rows`: the three products as matrix-vector products that stream each weight
 once (csrc/cpu/rows.h: each thread reads its share of a weight front to back; ~30 GB/s at `small`'s
-shape on a 2-core AMD EPYC, where torch's three matrix-vector products read ~9) with silu·u between them.
+shape on a 2-core AMD EPYC Zen 4, against ~18 for this kernel's first design, which interleaved four
+weight rows) with silu·u between them.
 Its sums run in another order than torch's matmul, so those rows differ from the matmul path in
 the last bits (within fp32 rounding of the reference: tests/cpu/test_swiglu.py); a row's result
 does not depend on the other rows or the thread count.
