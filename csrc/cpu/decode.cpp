@@ -33,8 +33,8 @@ std::vector<at::Tensor> decode_layers(at::Tensor x, const std::vector<std::share
     L.cache_v.index_copy_(2, index, v);
     const at::Tensor out = attention_decode(q, L.cache_k, L.cache_v, true, 1.0 / std::sqrt(double(L.D)), L.cos, L.sin,
                                             kv_lens, kv_starts);
-    at::Tensor o_in = out.transpose(1, 2).reshape({B, S, L.Hq * L.D});
-    const at::Tensor a = linear_rows(o_in.is_contiguous() ? o_in : o_in.contiguous(), L.w_o, c10::nullopt);
+    const at::Tensor a =
+        linear_rows(out.transpose(1, 2).reshape({B, S, L.Hq * L.D}).contiguous(), L.w_o, c10::nullopt);
     // Block.forward and IntegratorLayer.forward
     std::vector<at::Tensor> normed = rms_norm_forward(a, L.integrator_norm, L.integrator_eps, x);
     x = normed[1];

@@ -22,9 +22,8 @@ void linear_rows_m(const LinearRowsArgs& a) {
   const int O = a.O, tasks = (O + kRowsTask - 1) / kRowsTask;
 #pragma omp parallel num_threads(threads_for(a.threads, tasks))
   {
-    int t0, t1;
-    share(tasks, omp_thread_id(), omp_threads(), t0, t1);
-    const int o0 = std::min(O, t0 * kRowsTask), o1 = std::min(O, t1 * kRowsTask);
+    int o0, o1;
+    share_outputs(O, omp_thread_id(), omp_threads(), o0, o1);
     dot_rows<M>(a.x, a.K, a.w, o0, o1, a.out, O);
     if (a.bias != nullptr)
       for (int m = 0; m < M; ++m)

@@ -18,12 +18,20 @@
 #include <algorithm>
 #include <cstddef>
 
+#include "parallel.h"
 #include "simd.h"
 
 namespace inl {
 namespace INL_ISA {
 
 constexpr int kRowsTask = 4;  // outputs per unit of work the threads share out
+
+// thread tid of nth's outputs [o0, o1) of O: contiguous runs of kRowsTask, in order
+inline void share_outputs(int O, int tid, int nth, int& o0, int& o1) {
+  share((O + kRowsTask - 1) / kRowsTask, tid, nth, o0, o1);
+  o0 = std::min(O, o0 * kRowsTask);
+  o1 = std::min(O, o1 * kRowsTask);
+}
 
 // The lanes of v added in a fixed tree: a[i] += a[i + w] for w = kVec/2, ..., 1, then a[0]. On
 // AVX-512 and AVX2 the same additions in registers (halves, then quarters, ...), which give the

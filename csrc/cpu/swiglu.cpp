@@ -77,13 +77,8 @@ void swiglu_rows_m(const SwigluRowsArgs& a, float* gate, float* up) {
 #pragma omp parallel num_threads(threads_for(a.threads, (F + kRowsTask - 1) / kRowsTask))
   {
     const int tid = omp_thread_id(), nth = omp_threads();
-    auto range = [&](int O, int& o0, int& o1) {  // this thread's runs of kRowsTask outputs
-      share((O + kRowsTask - 1) / kRowsTask, tid, nth, o0, o1);
-      o0 = std::min(O, o0 * kRowsTask);
-      o1 = std::min(O, o1 * kRowsTask);
-    };
     int f0, f1;
-    range(F, f0, f1);
+    share_outputs(F, tid, nth, f0, f1);
     dot_rows<M>(a.x, d, a.w_gate, f0, f1, gate, F);
     dot_rows<M>(a.x, d, a.w_up, f0, f1, up, F);
     for (int m = 0; m < M; ++m)  // gate becomes silu(gate)·up, as swiglu_forward computes it
@@ -96,7 +91,7 @@ void swiglu_rows_m(const SwigluRowsArgs& a, float* gate, float* up) {
       }
 #pragma omp barrier
     int j0, j1;
-    range(d, j0, j1);
+    share_outputs(d, tid, nth, j0, j1);
     dot_rows<M>(gate, F, a.w_down, j0, j1, a.out, d);
   }
 }

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import inl_kernels
 from inl_kernels import linear
 from inl_kernels.cpu import unavailable_reason
+from tests.cpu.row_kernels import assert_each_row_alone_and_any_thread_count_give
 
 pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
               pytest.mark.usefixtures("each_cpu_path")]
@@ -44,17 +45,7 @@ def test_few_rows_follow_fp64_and_do_not_depend_on_their_batch_mates(rows, K, O,
     exact = hand_sum(x, w, b)
     if exact.numel():
         assert (out.double() - exact).abs().max() <= 2e-6 * max(1.0, exact.abs().max().item())
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3):
-            for r in [None, *range(rows)]:
-                torch.set_num_threads(count)  # each call: the ops' thread governor takes a count set just before
-                if r is None:
-                    assert torch.equal(_C.linear_rows(x, w, b), out)
-                else:
-                    assert torch.equal(_C.linear_rows(x[r:r + 1], w, b)[0], out[r])
-    finally:
-        torch.set_num_threads(threads)
+    assert_each_row_alone_and_any_thread_count_give(lambda rows: _C.linear_rows(rows, w, b), x, out)
     assert torch.equal(cpu_linear_rows_op(x, w, b), out)
     torch.library.opcheck(cpu_linear_rows_op, (x, w, b), test_utils=("test_schema", "test_faketensor"))
 

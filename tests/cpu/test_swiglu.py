@@ -7,6 +7,7 @@ import torch
 from inl_kernels import swiglu
 from inl_kernels._dispatch import resolve
 from inl_kernels.cpu import unavailable_reason
+from tests.cpu.row_kernels import assert_each_row_alone_and_any_thread_count_give
 
 pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
               pytest.mark.usefixtures("each_cpu_path")]
@@ -146,17 +147,7 @@ def test_few_rows_run_whole_in_one_call(rows):
     assert torch.equal(out, _C.swiglu_rows(x, wg, wu, wd))
     exact = formula(x, wg, wu, wd)
     assert (out.double() - exact).abs().max() <= 2e-6 * max(1.0, exact.abs().max().item())
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3):
-            for r in [None, *range(rows)]:
-                torch.set_num_threads(count)  # each call: the ops' thread governor takes a count set just before
-                if r is None:
-                    assert torch.equal(_C.swiglu_rows(x, wg, wu, wd), out)
-                else:
-                    assert torch.equal(_C.swiglu_rows(x[r:r + 1], wg, wu, wd)[0], out[r])
-    finally:
-        torch.set_num_threads(threads)
+    assert_each_row_alone_and_any_thread_count_give(lambda rows: _C.swiglu_rows(rows, wg, wu, wd), x, out)
     assert torch.equal(cpu_swiglu_rows_op(x, wg, wu, wd), out)
     torch.library.opcheck(cpu_swiglu_rows_op, (x, wg, wu, wd), test_utils=("test_schema", "test_faketensor"))
 
