@@ -33,6 +33,20 @@ def seeded():
     random.seed(SEED)
 
 
+@pytest.fixture
+def one_thread():
+    """torch and the C++ ops on one thread for the test: a model run then gives the same bits
+    twice even when another process takes a core (on a contended machine the ops' thread
+    governor lowers torch's thread count, and torch's matmuls round differently on fewer
+    threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -24,18 +24,3 @@ def each_cpu_path(request):
         yield request.param
     finally:
         set_capability(before)
-
-
-@pytest.fixture
-def one_thread():
-    """torch and the C++ ops on one thread for the test: a model run then gives the same bits
-    twice even when another process takes a core (on a contended machine the ops' thread
-    governor lowers torch's thread count, and torch's matmuls round differently on fewer
-    threads)."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -20,7 +20,11 @@ import inl_llm
 from inl_llm import lean_decode
 from inl_llm.generate import decode_one_token, prefill
 
-pytestmark = pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built")
+# one thread (tests/conftest.py): the lean step and the forward run torch's matmuls at more than
+# four rows, whose bits follow the thread count, which the ops' governor lowers when another
+# process takes a core
+pytestmark = [pytest.mark.skipif("cpu" not in inl_kernels.backends(), reason="the C++ extension is not built"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def tiny(**overrides):
