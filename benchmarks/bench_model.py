@@ -154,9 +154,10 @@ def bench_block(model, batch, seq, device, warmup, repeat, autocast_dtype=None):
     return ms, peak_memory_mib(call, device)
 
 
-def _variants(size, impls, device, dtype, compile_too):
+def _variants(size, impls, device, dtype, compile_too, huge_pages=False):
     """([(name, model, runner)], [failed rows' (name, exception)]) for every implementation and,
-    with compile_too, torch.compile of each: a model that fails to build fails its rows only."""
+    with compile_too, torch.compile of each: a model that fails to build fails its rows only.
+    With huge_pages, every CPU model's weights go on transparent huge pages alike."""
     out, failed = [], []
     if compile_too:
         from inl_kernels import pin_inductor_vec_isa
@@ -165,6 +166,9 @@ def _variants(size, impls, device, dtype, compile_too):
         for name, compiled in [(impl, False)] + ([(f"compile({impl})", True)] if compile_too else []):
             try:
                 model = build(size, backend, device, dtype)
+                if huge_pages and torch.device(device).type == "cpu":
+                    from inl_kernels.cpu.pages import huge_pages as to_huge_pages
+                    to_huge_pages(model)
                 out.append((name, model, torch.compile(model) if compiled else model))
             except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
                 failed.append((name, e))
@@ -214,7 +218,7 @@ def _inference_rows(size, args, impls, device, dtype, rate, bandwidth, gemm, war
     benchmark dtype) live only inside this call."""
     rows = []
     tokens = args.batch * args.seq
-    variants, failed = _variants(size, impls, device, dtype, args.compile)
+    variants, failed = _variants(size, impls, device, dtype, args.compile, args.huge_pages == "on")
     for mode in ("forward", "decode"):
         if mode in args.modes:
             rows += [dict(size=size, impl=name, dtype=args.dtype, mode=mode, note=_failed(e)) for name, e in failed]
@@ -248,7 +252,7 @@ def _inference_rows(size, args, impls, device, dtype, rate, bandwidth, gemm, war
         # GEMM does for the forward): a slow stretch of a shared machine moves both
         from benchmarks.common import copy_call
 
-        copy, copy_bytes = copy_call(device, mib=64 if args.quick else 512)
+        copy, copy_bytes = copy_call(device, mib=64 if args.quick else 512, huge_pages=args.huge_pages == "on")
         timed = _time_side_by_side(calls + [("copy", copy)], device, warmup, repeat)
         copy_ms = timed.pop("copy")
         bandwidth_now = copy_bytes / (copy_ms / 1e3) / 1e9 if isinstance(copy_ms, float) else bandwidth
@@ -275,7 +279,7 @@ def _training_rows(size, args, impls, device, dtype, rate, gemm, warmup, repeat)
     tokens = args.batch * args.seq
     amp = None if dtype == torch.float32 else dtype
     note = f", autocast {args.dtype}" if amp else ""
-    variants, failed = _variants(size, impls, device, torch.float32, args.compile)
+    variants, failed = _variants(size, impls, device, torch.float32, args.compile, args.huge_pages == "on")
     if "train" in args.modes:
         rows += [dict(size=size, impl=name, dtype=args.dtype, mode="train", note=_failed(e)) for name, e in failed]
     if not variants:
@@ -323,7 +327,7 @@ def run(args):
     gemm_dtype = dtype if device == "cuda" else torch.float32
     gemm = gemm_call(device, gemm_dtype)
     rate = gemm_rate(gemm, device)
-    bandwidth = copy_bandwidth(device, mib=64 if args.quick else 512)
+    bandwidth = copy_bandwidth(device, mib=64 if args.quick else 512, huge_pages=args.huge_pages == "on")
     print(f"GEMM {rate / 1e9:.0f} GFLOP/s, copy {bandwidth:.0f} GB/s")
     warmup, repeat = (1, 2) if args.quick else (args.warmup, args.repeat)
     impls = [("reference", "reference"), ("ours", "auto")]
@@ -341,7 +345,11 @@ def run(args):
                     and r["impl"] == "reference" and r.get("ms")), None)
         if ref is not None and row.get("ms"):
             row["vs_reference"] = ref["ms"] / row["ms"]
-    return rows, dict(gemm_gflops=rate / 1e9, copy_gbs=bandwidth)
+    machine = dict(gemm_gflops=rate / 1e9, copy_gbs=bandwidth)
+    if device == "cpu":
+        from inl_kernels.cpu.pages import thp_mode
+        machine.update(huge_pages=args.huge_pages, thp=thp_mode())
+    return rows, machine
 
 
 def main(argv=None):
@@ -363,6 +371,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", help="write the results here (benchmarks/common.py format)")
+    p.add_argument("--huge-pages", choices=["on", "off"], default="on",
+                   help="on (CPU): every model's weights and the copy that gives the decode floor on "
+                        "transparent huge pages alike (inl_kernels.cpu.huge_pages); off: 4 KiB pages")
     add_malloc_argument(p)
     args = p.parse_args(argv)
     apply_malloc(args)

@@ -117,21 +117,25 @@ def interleaved_ms(calls, warmup, repeat, rounds=5, device="cpu") -> list[float]
     return [statistics.median(s) for s in samples]
 
 
-def copy_call(device, mib: int = 512):
-    """(call, bytes moved) of one device copy of `mib` MiB (read + write)."""
+def copy_call(device, mib: int = 512, huge_pages: bool = False):
+    """(call, bytes moved) of one device copy of `mib` MiB (read + write); with `huge_pages`, a
+    CPU copy between buffers on transparent huge pages (as the weights it judges: bench_model)."""
     n = mib * 2**20 // 4
     # both written first: an untouched CPU buffer reads as the kernel's shared zero page (cache
     # resident), and a copy out of it ran ~15 % faster than a real one on a 2-core AMD EPYC (a
     # torch.sum over it at 184 GB/s against 52 over written memory)
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)
+    if huge_pages and src.device.type == "cpu":
+        from inl_kernels.cpu.pages import huge_pages as to_huge_pages
+        to_huge_pages([src, dst])
     return (lambda: dst.copy_(src)), 2 * n * 4
 
 
-def copy_bandwidth(device, mib: int = 512, repeat: int = 10) -> float:
+def copy_bandwidth(device, mib: int = 512, repeat: int = 10, huge_pages: bool = False) -> float:
     """Device-to-device copy bandwidth in GB/s (read + write), measured now: the bandwidth
     floor the memory-bound ops are judged against."""
-    call, moved = copy_call(device, mib)
+    call, moved = copy_call(device, mib, huge_pages)
     ms = time_fn(call, device=device, warmup=2, repeat=repeat)
     return moved / ms / 1e6
 

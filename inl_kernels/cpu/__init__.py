@@ -8,10 +8,12 @@ those this machine can run, `set_capability(name)` switches (tests run every pat
 
 `keep_freed_memory()` (memory.py) has glibc's malloc keep freed memory for the next step instead
 of returning it to the OS and faulting it back in: opt-in, process-wide (the CLI and the
-benchmarks call it; INL_KERNELS_KEEP_FREED_MEMORY=1 at import).
+benchmarks call it; INL_KERNELS_KEEP_FREED_MEMORY=1 at import). `huge_pages(model)` (pages.py)
+backs a model's weights with transparent huge pages in place: decode's weight stream reads faster.
 """
 from __future__ import annotations
 
+from .pages import huge_pages
 from .memory import keep_freed_memory, memory_info
 from .memory import _from_environment as _malloc_from_environment
 

@@ -482,6 +482,9 @@ def cmd_generate(args, model=None):
     device = _device(args.device)
     if model is None:
         model = load_checkpoint(args.checkpoint, device=device)
+    if device.type == "cpu":  # decode streams every weight once a token: huge pages read faster
+        from inl_kernels.cpu.pages import huge_pages
+        huge_pages(model)
     tok = ByteTokenizer()
     ids = tok.encode(args.prompt, bos=True)[None].to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
