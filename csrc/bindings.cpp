@@ -63,6 +63,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_rows", &inl::linear_rows,
         "x·weightᵀ (+ bias) of 1 to 4 fp32 rows as matrix-vector products (decode, inference)", "x"_a, "weight"_a,
         "bias"_a = pybind11::none());
+  m.def("linear_rows_parts", &inl::linear_rows_parts,
+        "[x·wᵀ for w in weights] (1 to 3 weights; bias only with one) in one parallel region: linear_rows' bits",
+        "x"_a, "weights"_a, "bias"_a = pybind11::none());
   m.def("rope_forward", &inl::rope_forward,
         "q and k rotated (RoPE, rotate-half) at positions [S] or [B, S]; inverse rotates back (the gradient)",
         "q"_a, "k"_a, "cos"_a, "sin"_a, "q_pos"_a, "k_pos"_a, "inverse"_a);

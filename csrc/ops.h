@@ -77,6 +77,9 @@ at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::
                        const at::Tensor& w_down);
 // x·weightᵀ (+ bias) of 1 to 4 rows (decode, fp32, inference)
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// the same for 1 to 3 weights of the same x in one parallel region (decode's q, k, v; a bias only with one)
+std::vector<at::Tensor> linear_rows_parts(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                          const c10::optional<at::Tensor>& bias);
 
 // One layer of the model for the fused decode step (csrc/cpu/decode.cpp): its tensors and
 // constants, bound once when inl_llm's lean decode step is built (fp32, contiguous weights).

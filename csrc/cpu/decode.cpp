@@ -6,11 +6,38 @@
 // built (DecodeLayer); the KV cache is written in place, as the step writes it.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "../ops.h"
 
 namespace inl {
+namespace {
+
+// cache[b, h, positions[s], :] = kv[b, s, h·D : (h + 1)·D] (index_copy_ along the cache's
+// sequence dimension, without its dispatch: this runs twice a layer and token)
+void write_cache(const at::Tensor& cache, const at::Tensor& kv, const at::Tensor& positions, int64_t B, int64_t S,
+                 int64_t H, int64_t D) {
+  TORCH_CHECK(cache.dim() == 4 && cache.size(0) == B && cache.size(1) == H && cache.size(3) == D &&
+                  cache.scalar_type() == at::kFloat,
+              "the KV cache must be a float32 [", B, ", ", H, ", L, ", D, "], got ", cache.sizes());
+  if (!cache.is_contiguous()) {  // a strided view: the op itself
+    cache.index_copy_(2, positions, kv.view({B, S, H, D}).transpose(1, 2));
+    return;
+  }
+  const int64_t L = cache.size(2);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK(pos[s] >= 0 && pos[s] < L, "cache position ", pos[s], " outside the cache's ", L);
+  const float* src = kv.data_ptr<float>();
+  float* dst = cache.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t h = 0; h < H; ++h)
+        std::copy_n(src + ((b * S + s) * H + h) * D, D, dst + ((b * H + h) * L + pos[s]) * D);
+}
+
+}  // namespace
 
 std::vector<at::Tensor> decode_layers(at::Tensor x, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
                                       const at::Tensor& index, const c10::optional<at::Tensor>& kv_lens,
@@ -19,6 +46,9 @@ std::vector<at::Tensor> decode_layers(at::Tensor x, const std::vector<std::share
               "x must be a float32 CPU tensor [B, S, d], got ", x.sizes());
   const int64_t B = x.size(0), S = x.size(1), d = x.size(2);
   TORCH_CHECK(B * S >= 1 && B * S <= kLinearRows, "decode_layers runs 1 to ", kLinearRows, " rows, got ", B * S);
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == S && index.scalar_type() == at::kLong && index.device().is_cpu(),
+              "index must be the int64 cache positions [S] of the step's tokens, got ", index.sizes());
+  const at::Tensor positions = index.contiguous();
   std::vector<at::Tensor> iterations;
   iterations.reserve(layers.size());
   for (const auto& layer : layers) {
@@ -26,11 +56,11 @@ std::vector<at::Tensor> decode_layers(at::Tensor x, const std::vector<std::share
     TORCH_CHECK(L.d == d, "a layer of width ", L.d, " on states of width ", d);
     // GQAttention.forward with the static cache
     const at::Tensor n = rms_norm_forward(x, L.attn_norm, L.attn_eps, c10::nullopt)[0];
-    const at::Tensor q = linear_rows(n, L.w_q, c10::nullopt).view({B, S, L.Hq, L.D}).transpose(1, 2);
-    const at::Tensor k = linear_rows(n, L.w_k, c10::nullopt).view({B, S, L.Hkv, L.D}).transpose(1, 2);
-    const at::Tensor v = linear_rows(n, L.w_v, c10::nullopt).view({B, S, L.Hkv, L.D}).transpose(1, 2);
-    L.cache_k.index_copy_(2, index, k);
-    L.cache_v.index_copy_(2, index, v);
+    // q, k and v in one parallel region; k and v straight into the cache at `index`
+    const std::vector<at::Tensor> qkv = linear_rows_parts(n, {L.w_q, L.w_k, L.w_v}, c10::nullopt);
+    const at::Tensor q = qkv[0].view({B, S, L.Hq, L.D}).transpose(1, 2);
+    write_cache(L.cache_k, qkv[1], positions, B, S, L.Hkv, L.D);
+    write_cache(L.cache_v, qkv[2], positions, B, S, L.Hkv, L.D);
     const at::Tensor out = attention_decode(q, L.cache_k, L.cache_v, true, 1.0 / std::sqrt(double(L.D)), L.cos, L.sin,
                                             kv_lens, kv_starts);
     const at::Tensor a =

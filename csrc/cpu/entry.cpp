@@ -581,30 +581,48 @@ at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& w_gate, const at::
   return out;
 }
 
-at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+std::vector<at::Tensor> linear_rows_parts(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                          const c10::optional<at::Tensor>& bias) {
   // x [..., K]: its rows are every index of the leading dimensions (the caller's shape, kept)
   const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
   int64_t rows = x.dim() >= 1 ? 1 : 0;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
   TORCH_CHECK(x.dim() >= 1 && rows <= kLinearRows, "x must be [..., K] with at most ", kLinearRows,
               " rows, got ", x.sizes());
-  const int64_t O = weight.dim() == 2 ? weight.size(0) : -1;
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "weight must be [O, ", K, "], got ", weight.sizes());
-  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == O), "bias must be [", O, "], got ",
+  TORCH_CHECK(weights.size() >= 1 && weights.size() <= size_t(kLinearParts), "linear_rows takes 1 to ",
+              kLinearParts, " weights of one x, got ", weights.size());
+  TORCH_CHECK(!bias.has_value() || weights.size() == 1, "a bias goes with a single weight");
+  for (const at::Tensor& weight : weights)
+    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "weight must be [O, ", K, "], got ", weight.sizes());
+  const int64_t O0 = weights[0].size(0);
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == O0), "bias must be [", O0, "], got ",
               bias.has_value() ? bias->sizes() : at::IntArrayRef{});
-  for (const at::Tensor* t : {&x, &weight, bias.has_value() ? &*bias : &x}) {
+  std::vector<const at::Tensor*> inputs{&x};
+  for (const at::Tensor& weight : weights) inputs.push_back(&weight);
+  if (bias.has_value()) inputs.push_back(&*bias);
+  for (const at::Tensor* t : inputs) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "linear_rows takes contiguous float32 CPU tensors");
   }
-  TORCH_CHECK(O * K < (int64_t(1) << 31) && O < (int64_t(1) << 31), "linear_rows: O·K must stay below 2^31");
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = O;
-  at::Tensor out = at::empty(sizes, x.options());
-  if (O == 0 || rows == 0) return out;
-  LinearRowsArgs a{int(rows), int(K), int(O), x.data_ptr<float>(), weight.data_ptr<float>(),
-                   bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), threads()};
-  cpu_kernels().linear_rows(a);
-  return out;
+  LinearRowsArgs a{int(rows), int(K), x.data_ptr<float>(), 0, {}, threads()};
+  std::vector<at::Tensor> outs;
+  for (const at::Tensor& weight : weights) {
+    const int64_t O = weight.size(0);
+    TORCH_CHECK(O * K < (int64_t(1) << 31) && O < (int64_t(1) << 31), "linear_rows: O·K must stay below 2^31");
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = O;
+    outs.push_back(at::empty(sizes, x.options()));
+    if (O > 0 && rows > 0)
+      a.part[a.parts++] = LinearPart{int(O), weight.data_ptr<float>(),
+                                     bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                                     outs.back().data_ptr<float>()};
+  }
+  if (a.parts > 0) cpu_kernels().linear_rows(a);
+  return outs;
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return linear_rows_parts(x, {weight}, bias)[0];
 }
 
 // ---- attention (decode) -----------------------------------------------------------------------

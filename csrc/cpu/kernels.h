@@ -117,11 +117,18 @@ struct SwigluRowsArgs {
 // A projection of a few rows (decode), fp32, inference only: out = x·Wᵀ (+ b) as matrix-vector
 // products streaming W once; csrc/cpu/linear.cpp.
 constexpr int kLinearRows = 4;  // the most rows it takes
-struct LinearRowsArgs {
-  int M, K, O;              // M <= kLinearRows rows of x [M][K]
-  const float *x, *w;       // [M][K], [O][K], contiguous
+constexpr int kLinearParts = 3;  // projections of one x run in one parallel region (decode's q, k, v)
+struct LinearPart {
+  int O;                    // outputs
+  const float* w;           // [O][K], contiguous
   const float* bias;        // [O], or null
   float* out;               // [M][O]
+};
+struct LinearRowsArgs {
+  int M, K;                 // M <= kLinearRows rows of x [M][K]
+  const float* x;
+  int parts;                // 1 to kLinearParts
+  LinearPart part[kLinearParts];
   int threads;
 };
 

@@ -50,6 +50,34 @@ def test_few_rows_follow_fp64_and_do_not_depend_on_their_batch_mates(rows, K, O,
     torch.library.opcheck(cpu_linear_rows_op, (x, w, b), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_projections_of_one_x_in_one_region_give_each_ones_bits(rows):
+    """linear_rows_parts (decode's q, k and v in one parallel region): each output is the one
+    linear_rows gives for its weight alone, at uneven sizes, any thread count and row by row; an
+    empty part stays empty; a bias only goes with a single weight."""
+    from inl_kernels.cpu import _C
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 45, generator=g)
+    ws = [torch.randn(o, 45, generator=g) / 45 ** 0.5 for o in (37, 9, 0)]
+    outs = _C.linear_rows_parts(x, ws)
+    assert [o.shape for o in outs] == [(rows, 37), (rows, 9), (rows, 0)]
+    for out, w in zip(outs, ws):
+        assert torch.equal(out, _C.linear_rows(x, w))
+        exact = hand_sum(x, w, None)
+        if exact.numel():
+            assert (out.double() - exact).abs().max() <= 2e-6 * max(1.0, exact.abs().max().item())
+    for i in range(2):
+        assert_each_row_alone_and_any_thread_count_give(lambda r, i=i: _C.linear_rows_parts(r, ws)[i], x, outs[i])
+    b = torch.randn(37, generator=g)
+    assert torch.equal(_C.linear_rows_parts(x, ws[:1], b)[0], _C.linear_rows(x, ws[0], b))
+    with pytest.raises(RuntimeError, match="a bias goes with a single weight"):
+        _C.linear_rows_parts(x, ws, b)
+    with pytest.raises(RuntimeError, match="1 to 3 weights"):
+        _C.linear_rows_parts(x, ws + ws[:1])
+    with pytest.raises(RuntimeError, match=r"weight must be \[O, 45\]"):
+        _C.linear_rows_parts(x, [ws[0], torch.zeros(3, 44)])
+
+
 def test_every_other_call_is_f_linear_bit_for_bit():
     """More rows, a gradient, bf16, autocast: torch's F.linear itself (the same bits and the same
     autograd as nn.Linear)."""
