@@ -57,6 +57,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "w_k"_a, "w_v"_a, "w_o"_a, "Hq"_a, "Hkv"_a, "D"_a, "cache_k"_a, "cache_v"_a, "cos"_a, "sin"_a,
            "iterate"_a, "table"_a, "dt"_a, "kappa"_a, "num_iterations"_a, "tol"_a, "min_iterations"_a, "pack"_a,
            "w_gate"_a, "w_up"_a, "w_down"_a);
+  pybind11::class_<inl::DecodeHead, std::shared_ptr<inl::DecodeHead>>(
+      m, "DecodeHead", "The model's embedding, final norm and LM head for decode_step (bound once)")
+      .def(pybind11::init([](at::Tensor embed, c10::optional<at::Tensor> project_up, at::Tensor norm, double eps,
+                             c10::optional<at::Tensor> lm_head) {
+             return std::make_shared<inl::DecodeHead>(inl::DecodeHead{embed, project_up, norm, eps, lm_head});
+           }),
+           "embed"_a, "project_up"_a, "norm"_a, "eps"_a, "lm_head"_a);
+  m.def("decode_step", &inl::decode_step,
+        "one decode step of the whole model: ids [B, S] (fp32, 1 to 4 rows) -> {logits of the last position, "
+        "iterations}; writes the KV caches", "ids"_a, "layers"_a, "head"_a, "index"_a, "kv_lens"_a, "kv_starts"_a);
   m.def("decode_layers", &inl::decode_layers,
         "x [B, S, d] through every DecodeLayer (fp32, 1 to 4 rows): {x, iterations}; writes the KV caches", "x"_a,
         "layers"_a, "index"_a, "kv_lens"_a, "kv_starts"_a);

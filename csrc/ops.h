@@ -105,6 +105,21 @@ struct DecodeLayer {
 std::vector<at::Tensor> decode_layers(at::Tensor x, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
                                       const at::Tensor& index, const c10::optional<at::Tensor>& kv_lens,
                                       const c10::optional<at::Tensor>& kv_starts);
+// The model's ends for decode_step: the token embedding (nn.Embedding's weight [V, d], or the
+// low-rank embed_low [V, r] with project_up [d, r]), the final RMSNorm, and the LM head (an untied
+// head's weight [V, d], no bias; else tied to the embedding)
+struct DecodeHead {
+  at::Tensor embed;
+  c10::optional<at::Tensor> project_up;
+  at::Tensor norm;
+  double eps;
+  c10::optional<at::Tensor> lm_head;
+};
+// one decode step of the whole model for ids [B, S] (B·S <= 4, fp32): {logits of the last
+// position [B, V], iterations [layers, B·S]}; writes the KV caches
+std::vector<at::Tensor> decode_step(const at::Tensor& ids, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
+                                    const DecodeHead& head, const at::Tensor& index,
+                                    const c10::optional<at::Tensor>& kv_lens, const c10::optional<at::Tensor>& kv_starts);
 
 // q and k rotated (RoPE, rotate-half; by −θ with inverse) at positions q_pos [Sq] and k_pos [Sk],
 // or [B, Sq] and [B, Sk] (per row); new contiguous tensors in q's dtype

@@ -132,9 +132,12 @@ class LeanDecodeStep:
         self.model, self.cache, self.layers, self.ops = model, cache, layers, ops
         self.final_norm = (model.norm.weight, float(model.norm.eps))
         self.fused = fused  # the layers bound for _C.decode_layers, or None
+        self.head = None  # the embedding, final norm and LM head bound for _C.decode_step, or None
         if fused is not None:
             from inl_kernels.cpu import _C, attention  # built: why_not checked it
             self._decode_layers, self._cpu_attention = _C.decode_layers, attention
+            self._decode_step = _C.decode_step
+            self.head = _fused_head(model, cache.batch_size)
 
     @classmethod
     def build(cls, model, cache) -> Optional["LeanDecodeStep"]:
@@ -214,10 +217,17 @@ class LeanDecodeStep:
         cache.begin(S)
         index, kv_lens = cache.pending(S)
         kv_starts = cache.starts
-        x = model._embed(token)
         # every layer in one C++ call, the same bits; it calls the decode attention kernel, so only
         # where the Python path would (cpu attention's DECODE_QUERIES, read now: tests lower it)
-        if self.fused is not None and B * S <= _FUSED_ROWS and S <= self._cpu_attention.DECODE_QUERIES:
+        fused = self.fused is not None and B * S <= _FUSED_ROWS and S <= self._cpu_attention.DECODE_QUERIES
+        if fused and self.head is not None and token.dtype == torch.int64:  # the whole model in one call
+            logits, iterations = self._decode_step(token, self.fused, self.head, index, kv_lens, kv_starts)
+            model._steps_run += iterations.sum(1, dtype=torch.int64)
+            model._rows_seen += B * S
+            cache.commit()
+            return logits
+        x = model._embed(token)
+        if fused:
             x, iterations = self._decode_layers(x, self.fused, index, kv_lens, kv_starts)
             model._steps_run += iterations.sum(1, dtype=torch.int64)
             model._rows_seen += B * S
@@ -274,6 +284,47 @@ def _fused_layer(block, layer_cache, params, settings, d: int, act, B: int):
         *(m.weight.contiguous() for m in projections), at.num_heads, at.num_kv_heads, at.head_dim,
         layer_cache.k, layer_cache.v, at.cos, at.sin, list(weights[:8]), weights[8], dt, kappa, T, tol,
         min_iterations, pack, *(w.contiguous() for w in (ffn.gate.weight, ffn.up.weight, ffn.down.weight)))
+
+
+def _fused_head(model, B: int):
+    """The model's embedding, final norm and LM head bound for `_C.decode_step`
+    (csrc/cpu/decode.cpp), which runs what `_step` runs around the layers — `model._embed`, the
+    final norm, `model._logits` — as the same ATen calls and kernels: the reference embedding (an
+    nn.Embedding without max_norm, or the library's low-rank one), an LM head whose projection
+    takes the C++ backend's few-row kernel (an inl_kernels.Linear without bias, or tied), fp32
+    plain tensors. None otherwise: `_step` then runs them in Python around _C.decode_layers."""
+    from inl_kernels.cpu import _C  # built: why_not checked it
+    from inl_kernels.modules import LowRankEmbedding
+    embed, d = model.embed, model.config.d_model
+    if any(getattr(type(model), name) is not getattr(IntegratorLanguageModel, name) for name in ("_embed", "_logits")):
+        return None  # a subclass computes them its own way
+    if type(embed) is nn.Embedding:
+        if embed.max_norm is not None:  # the lookup renormalises rows in place
+            return None
+        table, project_up = embed.weight, None
+    elif isinstance(embed, LowRankEmbedding) and type(embed).forward is LowRankEmbedding.forward:
+        if preferred(embed.backend, "embedding") not in ("auto", "reference"):
+            return None
+        table, project_up = embed.embed_low, embed.project_up
+    else:
+        return None
+    x = torch.zeros(B, 1, d)
+    if model.lm_head is not None:
+        head = model.lm_head
+        if type(head) is not Linear or head.bias is not None or _projection(head, x) is None:
+            return None
+        lm_head = head.weight
+    else:  # tied: x·Eᵀ, or (x·project_up)·embed_lowᵀ, through inl_kernels.linear with the model's backend
+        lm_head = None
+        sample = x if project_up is None else x.new_zeros(B, 1, project_up.shape[1])
+        if _cpu_function("linear", model.config.backend, sample, table, None) is None:
+            return None
+    tensors = [t for t in (table, project_up, lm_head, model.norm.weight) if t is not None]
+    if any(t.dtype != torch.float32 or type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
+        return None
+    return _C.DecodeHead(table.detach().contiguous(), None if project_up is None else project_up.detach(),
+                         model.norm.weight.detach(), float(model.norm.eps),
+                         None if lm_head is None else lm_head.detach().contiguous())
 
 
 def _projection(module: nn.Linear, x: torch.Tensor):

@@ -82,7 +82,10 @@ def run_both(model, ids, mask, steps):
 def test_the_lean_step_gives_the_forwards_bits(overrides):
     model = tiny(**overrides)
     ids, mask = left_padded([7, 3, 5])
-    run_both(model, ids, mask, steps=6)
+    step = run_both(model, ids, mask, steps=6)
+    # fp32, three rows: every step was the whole model in one C++ call (_C.decode_step), with each
+    # embedding (low-rank, full) and LM head (untied, tied) the feature switches give
+    assert step.fused is not None and step.head is not None
 
 
 def test_the_lean_step_at_a_batch_of_blocks_and_in_fp16():
@@ -106,9 +109,12 @@ def test_the_lean_step_in_bf16_and_with_budgets_moved():
 
 def test_fp32_steps_of_up_to_four_rows_run_every_layer_in_one_call(monkeypatch):
     """fp32, at most four rows, the model's own projections: the layers are bound once for
-    `_C.decode_layers` (csrc/cpu/decode.cpp), which every step then calls, with the forward's bits
-    (run_both); with that path switched off the Python loop gives them too. Five rows, fp16, or a
-    plain nn.Linear projection bind nothing and run the Python loop."""
+    `_C.decode_layers` and the embedding, final norm and LM head for `_C.decode_step`
+    (csrc/cpu/decode.cpp), which every step then calls, with the forward's bits (run_both); without
+    the head the Python runs those around `_C.decode_layers`, and with that path switched off the
+    Python loop, both with the same bits. Five rows, fp16, or a plain nn.Linear projection bind
+    nothing and run the Python loop; a plain nn.Linear LM head or a subclass's own _logits bind
+    the layers but not the head."""
     model = tiny()
     ids, mask = left_padded([7, 3, 5])
     calls = []
@@ -117,21 +123,29 @@ def test_fp32_steps_of_up_to_four_rows_run_every_layer_in_one_call(monkeypatch):
     def counted(cls, model, cache):
         step = build.__func__(cls, model, cache)
         if step is not None and step.fused is not None:
-            run = step._decode_layers
-            step._decode_layers = lambda *args: calls.append(1) or run(*args)
+            for name in ("_decode_layers", "_decode_step"):
+                run = getattr(step, name)
+                setattr(step, name, lambda *args, run=run, name=name: calls.append(name) or run(*args))
         return step
     monkeypatch.setattr(lean_decode.LeanDecodeStep, "build", classmethod(counted))
     step = run_both(model, ids, mask, steps=5)
-    assert step.fused is not None and len(step.fused) == len(model.blocks) and len(calls) == 5
+    assert step.fused is not None and len(step.fused) == len(model.blocks) and step.head is not None
+    assert calls == ["_decode_step"] * 5
+    with monkeypatch.context() as m:  # no head: the Python embeds and projects around the layers
+        m.setattr(lean_decode, "_fused_head", lambda model, B: None)
+        calls.clear()
+        assert run_both(model, ids, mask, steps=4).head is None
+        assert calls == ["_decode_layers"] * 4
+    calls.clear()
     monkeypatch.setattr(lean_decode, "_FUSED_ROWS", 0)
     run_both(model, ids, mask, steps=5)
-    assert len(calls) == 5  # bound, not called
+    assert calls == []  # bound, not called
     monkeypatch.setattr(lean_decode, "_FUSED_ROWS", 4)
     # where the Python step would not run the decode attention kernel, neither does the fused one
     from inl_kernels.cpu import attention as cpu_attention
     monkeypatch.setattr(cpu_attention, "DECODE_QUERIES", 0)
     run_both(model, ids, mask, steps=3)
-    assert len(calls) == 5
+    assert calls == []
     monkeypatch.undo()
     monkeypatch.setattr(lean_decode.LeanDecodeStep, "build", classmethod(counted))
     assert run_both(tiny(), *left_padded([6, 2, 9, 4, 5]), steps=2).fused is None
@@ -141,7 +155,22 @@ def test_fp32_steps_of_up_to_four_rows_run_every_layer_in_one_call(monkeypatch):
     plain.blocks[1].attn.o_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)
     plain.blocks[1].attn.o_proj.load_state_dict(old.state_dict())
     assert run_both(plain.eval(), ids, mask, steps=2).fused is None
-    assert len(calls) == 5
+    assert calls == []
+    plain_head = tiny()
+    old = plain_head.lm_head
+    plain_head.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    plain_head.lm_head.load_state_dict(old.state_dict())
+    step = run_both(plain_head.eval(), ids, mask, steps=2)
+    assert step.fused is not None and step.head is None and calls == ["_decode_layers"] * 2
+
+    class OwnLogits(type(model)):
+        def _logits(self, x):
+            return super()._logits(x) * 1.0
+    own = tiny()
+    own.__class__ = OwnLogits
+    calls.clear()
+    step = run_both(own, ids, mask, steps=2)
+    assert step.fused is not None and step.head is None and calls == ["_decode_layers"] * 2
 
 
 def test_generate_runs_the_lean_step_and_gives_the_forwards_tokens(monkeypatch):
