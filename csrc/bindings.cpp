@@ -60,10 +60,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<inl::DecodeHead, std::shared_ptr<inl::DecodeHead>>(
       m, "DecodeHead", "The model's embedding, final norm and LM head for decode_step (bound once)")
       .def(pybind11::init([](at::Tensor embed, c10::optional<at::Tensor> project_up, at::Tensor norm, double eps,
-                             c10::optional<at::Tensor> lm_head) {
-             return std::make_shared<inl::DecodeHead>(inl::DecodeHead{embed, project_up, norm, eps, lm_head});
+                             c10::optional<at::Tensor> lm_head, int64_t vocab_size) {
+             return std::make_shared<inl::DecodeHead>(
+                 inl::DecodeHead{embed, project_up, norm, eps, lm_head, vocab_size});
            }),
-           "embed"_a, "project_up"_a, "norm"_a, "eps"_a, "lm_head"_a);
+           "embed"_a, "project_up"_a, "norm"_a, "eps"_a, "lm_head"_a, "vocab_size"_a);
   m.def("decode_step", &inl::decode_step,
         "one decode step of the whole model: ids [B, S] (fp32, 1 to 4 rows) -> {logits of the last position, "
         "iterations}; writes the KV caches", "ids"_a, "layers"_a, "head"_a, "index"_a, "kv_lens"_a, "kv_starts"_a);

@@ -114,6 +114,7 @@ struct DecodeHead {
   at::Tensor norm;
   double eps;
   c10::optional<at::Tensor> lm_head;
+  int64_t vocab_size;  // the model's: the token ids it accepts
 };
 // one decode step of the whole model for ids [B, S] (B·S <= 4, fp32): {logits of the last
 // position [B, V], iterations [layers, B·S]}; writes the KV caches

@@ -19,8 +19,10 @@ namespace {
 void write_cache(const at::Tensor& cache, const at::Tensor& kv, const at::Tensor& positions, int64_t B, int64_t S,
                  int64_t H, int64_t D) {
   TORCH_CHECK(cache.dim() == 4 && cache.size(0) == B && cache.size(1) == H && cache.size(3) == D &&
-                  cache.scalar_type() == at::kFloat,
-              "the KV cache must be a float32 [", B, ", ", H, ", L, ", D, "], got ", cache.sizes());
+                  cache.scalar_type() == at::kFloat && cache.device().is_cpu(),
+              "the KV cache must be a float32 CPU tensor [", B, ", ", H, ", L, ", D, "], got ", cache.sizes());
+  TORCH_CHECK(kv.numel() == B * S * H * D && kv.is_contiguous(), "a k/v projection gave ", kv.numel(),
+              " values for ", B * S, " rows of ", H, " heads of ", D);
   if (!cache.is_contiguous()) {  // a strided view: the op itself
     cache.index_copy_(2, positions, kv.view({B, S, H, D}).transpose(1, 2));
     return;
@@ -90,6 +92,14 @@ std::vector<at::Tensor> decode_step(const at::Tensor& ids, const std::vector<std
                                     const DecodeHead& head, const at::Tensor& index,
                                     const c10::optional<at::Tensor>& kv_lens, const c10::optional<at::Tensor>& kv_starts) {
   TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong, "ids must be int64 [B, S], got ", ids.sizes());
+  // the forward's check of its input ids (a ValueError naming them), before any cache is written
+  if (ids.numel() > 0) {
+    const at::Tensor dense = ids.contiguous();
+    const int64_t* id = dense.data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(id, id + dense.numel());
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi < head.vocab_size, "input_ids values must lie in [0, ", head.vocab_size,
+                      ") (the vocabulary), got values in [", *lo, ", ", *hi, "]");
+  }
   // the reference embedding: F.embedding(ids, embed_low) @ project_upᵀ (or nn.Embedding's lookup)
   at::Tensor x = at::embedding(head.embed, ids);
   if (head.project_up.has_value()) x = at::matmul(x, head.project_up->t());

@@ -22,9 +22,11 @@ It only touches the process's own private anonymous memory (the heap, anonymous 
 holds what torch allocates: a tensor mapped from a file (a safetensors checkpoint opened with
 mmap) or shared with other processes is left alone and counted as skipped. Elsewhere than Linux,
 with THP disabled (`/sys/kernel/mm/transparent_hugepage/enabled` set to never) or without the
-madvise call, it does nothing and says why. Process-wide side effects: none beyond the hint on
+madvise call (or without /proc/self/maps to tell which memory is the process's own), it does
+nothing and says why. Process-wide side effects: none beyond the hint on
 the regions advised (neighbouring allocations in the same 2 MiB regions get huge pages too).
-The `inl_llm` CLI applies it to the model it generates from on a CPU; the model benchmark
+The `inl_llm` CLI applies it to the model it generates from on a CPU (`--huge-pages off` does
+not); the model benchmark
 (`benchmarks/bench_model.py --huge-pages on`, its default, recorded in its JSON) applies it to
 every model it times and to the copy that gives the decode floor alike, so the floor fractions
 compare reads with reads on the same pages.
@@ -137,13 +139,21 @@ def _storage_ranges(tensors) -> list[tuple[int, int]]:
 
 def huge_pages(obj: Union[nn.Module, torch.Tensor, Iterable[torch.Tensor]]) -> dict:
     """Backs the CPU memory of `obj` (a module's parameters and buffers, a tensor, or tensors)
-    with transparent huge pages, in place (see the module's docstring). Returns what it did:
-    `bytes` (of the CPU storages found), `collapsed` (bytes in regions the kernel collapsed into
-    huge pages now), `advised` (bytes only advised: khugepaged collapses them later), `skipped`
-    (bytes not in private anonymous memory: file-mapped or shared) and `reason` (why nothing was
-    done, else None). Raises TypeError for anything but those arguments, before touching memory."""
+    with transparent huge pages, in place (see the module's docstring). Returns what it did, in
+    bytes of the CPU storages found (`bytes`), which split into:
+
+    * `collapsed`: in huge pages now (the kernel collapsed their 2 MiB regions);
+    * `advised`: in 2 MiB regions the kernel could not collapse now (no free huge page, a kernel
+      before 6.1): advised, so khugepaged collapses them when it can;
+    * `small_pages`: in a mapping's partial 2 MiB region at its edge, which no huge page can back;
+    * `skipped`: not in the process's private anonymous memory (file-mapped, shared) or in a
+      mapping that refuses huge pages;
+
+    plus `reason` (why nothing was done at all, else None) and `errors` (unexpected madvise
+    failures, normally empty). Raises TypeError for anything but those arguments, before touching
+    memory."""
     tensors = _tensors(obj)
-    report = dict(bytes=0, collapsed=0, advised=0, skipped=0, reason=None)
+    report = dict(bytes=0, collapsed=0, advised=0, small_pages=0, skipped=0, reason=None, errors=[])
     ranges = _storage_ranges(tensors)
     report["bytes"] = sum(e - s for s, e in ranges)
     if not sys.platform.startswith("linux"):
@@ -157,35 +167,41 @@ def huge_pages(obj: Union[nn.Module, torch.Tensor, Iterable[torch.Tensor]]) -> d
         return report
     try:
         madvise = _madvise()
+        mappings = _private_anonymous_mappings()
     except (OSError, AttributeError) as e:
-        report["reason"] = f"no madvise in the C library: {e}"
+        report["reason"] = f"no madvise in the C library or no /proc/self/maps: {e}"
         return report
     page = huge_page_size()
-    mappings = _private_anonymous_mappings()
+
+    def overlap(a, b):
+        return max(0, min(end, b) - max(start, a))
     for start, end in ranges:
         covered = 0
-        # the huge-page-aligned span around the tensors, clipped to each private anonymous
-        # mapping it meets: the kernel collapses the aligned regions inside what it is given
+        # the huge pages around the tensors that lie wholly inside one private anonymous mapping:
+        # only those can hold them (a mapping's partial 2 MiB regions at its edges cannot)
         lo, hi = start // page * page, -(-end // page) * page
         for m_start, m_end in mappings:
             a, b = max(lo, m_start), min(hi, m_end)
-            if a >= b:
-                continue
-            mine = min(end, b) - max(start, a)  # bytes of the tensors in this piece
-            if mine <= 0:
+            mine = overlap(a, b)
+            if mine == 0:
                 continue
             covered += mine
-            if madvise(ctypes.c_void_p(a), b - a, _MADV_HUGEPAGE) != 0:
-                report["skipped"] += mine  # a mapping that refuses huge pages (VM_NOHUGEPAGE, ...)
+            ha, hb = -(-a // page) * page, b // page * page
+            inside = overlap(ha, hb) if ha < hb else 0
+            report["small_pages"] += mine - inside
+            if inside == 0:
                 continue
-            if madvise(ctypes.c_void_p(a), b - a, _MADV_COLLAPSE) == 0:
-                report["collapsed"] += mine
+            if madvise(ctypes.c_void_p(ha), hb - ha, _MADV_HUGEPAGE) != 0:
+                report["skipped"] += inside  # a mapping that refuses huge pages (VM_NOHUGEPAGE, ...)
+                continue
+            if madvise(ctypes.c_void_p(ha), hb - ha, _MADV_COLLAPSE) == 0:
+                report["collapsed"] += inside
             else:
-                # EINVAL: a kernel before 6.1; EAGAIN / ENOMEM: no free huge page now. The advice
-                # stands: khugepaged collapses the region when it can
+                # EINVAL: a kernel before 6.1; EAGAIN / ENOMEM / EBUSY: no huge page to be had now.
+                # The advice stands: khugepaged collapses the regions when it can
                 err = ctypes.get_errno()
-                report["advised"] += mine
+                report["advised"] += inside
                 if err not in (errno.EINVAL, errno.EAGAIN, errno.ENOMEM, errno.EBUSY):
-                    report["reason"] = f"madvise(MADV_COLLAPSE): {os.strerror(err)}"
+                    report["errors"].append(f"madvise(MADV_COLLAPSE): {os.strerror(err)}")
         report["skipped"] += (end - start) - covered
     return report

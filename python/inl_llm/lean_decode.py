@@ -296,8 +296,9 @@ def _fused_head(model, B: int):
     from inl_kernels.cpu import _C  # built: why_not checked it
     from inl_kernels.modules import LowRankEmbedding
     embed, d = model.embed, model.config.d_model
-    if any(getattr(type(model), name) is not getattr(IntegratorLanguageModel, name) for name in ("_embed", "_logits")):
-        return None  # a subclass computes them its own way
+    if any(getattr(type(model), name) is not getattr(IntegratorLanguageModel, name) or name in model.__dict__
+           for name in ("_embed", "_logits")):
+        return None  # a subclass, or the instance, computes them its own way
     if type(embed) is nn.Embedding:
         if embed.max_norm is not None:  # the lookup renormalises rows in place
             return None
@@ -324,7 +325,7 @@ def _fused_head(model, B: int):
         return None
     return _C.DecodeHead(table.detach().contiguous(), None if project_up is None else project_up.detach(),
                          model.norm.weight.detach(), float(model.norm.eps),
-                         None if lm_head is None else lm_head.detach().contiguous())
+                         None if lm_head is None else lm_head.detach().contiguous(), model.config.vocab_size)
 
 
 def _projection(module: nn.Linear, x: torch.Tensor):

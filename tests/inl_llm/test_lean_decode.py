@@ -254,3 +254,36 @@ def test_a_profiled_step_runs_the_forward_and_shows_its_ops(monkeypatch):
         assert "inl::rms_norm" in names and "inl::iterate" in names
         step(token)
         assert calls == [1]
+
+
+def test_the_one_call_step_rejects_what_the_forward_rejects():
+    """Token ids outside the vocabulary: the forward's ValueError, before any cache write; a k
+    projection of the wrong size (a hand-edited model): an error, as the forward's, not a read
+    past its output."""
+    model = tiny()
+    ids, mask = left_padded([4])
+    with torch.no_grad():
+        cache = model.new_cache(1, 12)
+        prefill(model, ids, cache, mask)
+        step = lean_decode.LeanDecodeStep.build(model, cache)
+        assert step is not None and step.head is not None
+        keys = [layer.k.clone() for layer in cache.layers]
+        for bad in (model.config.vocab_size, -1):
+            with pytest.raises(ValueError, match=r"input_ids values must lie in \[0, 259\)"):
+                step(torch.tensor([[bad]]))
+            assert all(torch.equal(layer.k, k) for layer, k in zip(cache.layers, keys))
+            with pytest.raises(ValueError, match=r"values must lie in \[0, 259\)"):
+                decode_one_token(copy.deepcopy(model), torch.tensor([[bad]]), copy.deepcopy(cache))
+        short = tiny()
+        k_proj = short.blocks[0].attn.k_proj
+        k_proj.weight = torch.nn.Parameter(k_proj.weight[:-8].clone())
+        cache = short.new_cache(1, 12)
+        with pytest.raises(RuntimeError):
+            prefill(short, ids, cache, mask)
+        cache = short.new_cache(1, 12)
+        cache.begin(4)
+        cache.commit()
+        step = lean_decode.LeanDecodeStep.build(short, cache)
+        assert step is not None and step.fused is not None
+        with pytest.raises(RuntimeError, match="a k/v projection gave"):
+            step(torch.tensor([[3]]))
