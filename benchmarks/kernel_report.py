@@ -255,9 +255,10 @@ def iterate_cases(ds=(768, 2048, 4096), hiddens=(32, 64, 128), dtypes=("bf16", "
         grads = dict(HAS_GX=True, HAS_GV=True, HAS_GE=True, HAS_GD=True)
         for d in ds:
             for H in hiddens:
-                tile = it._tile_config(d, H, gpu=True)
-                tl_opts = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
-                dec = it._decode_config(d, H, gpu=True)
+                tile = it._tile_config(d, H, gpu=True, dtype=torch_dtype(name))
+                tl_opts = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"),
+                               **({"maxnreg": tile.pop("maxnreg")} if "maxnreg" in tile else {}))
+                dec = it._decode_config(d, H, gpu=True, dtype=torch_dtype(name))
                 dec_opts = dict(num_warps=dec.pop("num_warps"), num_stages=dec.pop("num_stages"))
                 bwd = it._backward_config(4 * 4096, d, H, _cpu(), None, gpu=True, dtype=torch_dtype(name))
                 b1, b2 = it._launch_options(bwd)  # the launcher's own options

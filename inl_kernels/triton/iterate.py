@@ -22,7 +22,8 @@ Forward: a prologue launch (`_fwd_prologue`: h·w_hᵀ, step 0's x·w_xᵀ + v·
 one launch per step. Rows never meet, so results are batch invariant:
 
 * tile path (`_tile_step`, N > DECODE_MAX_ROWS or any training call): one program per BM = 64
-  rows walks all of d in BD = 16 column blocks: it forms c = relu(ctx + pre_t) from the
+  rows walks all of d in BD = 16 column blocks (fp32 at H <= 32: 128 rows, 8 columns, 8 warps;
+  `_block_shape`): it forms c = relu(ctx + pre_t) from the
   [N, H] row vectors of the previous launch, and ONE pass over the blocks computes the four
   controller outputs with tl.dot (M = 64: one wgmma warp group), updates x, v, stores them and,
   from x', v' in the same pass, accumulates the next step's pre-activation and the row sums
@@ -484,34 +485,44 @@ def _copy_stopped(xs_ptr, vs_ptr, xo_ptr, vo_ptr, iters_ptr, N, D, T, BM: tl.con
         tl.store(vo_ptr + offs, tl.load(vs_ptr + offs, mask=m).to(vo_ptr.dtype.element_ty), mask=m)
 
 
-def _block_shape(d, H, gpu=None):
-    """(BM, BD, num_warps) of both forward paths, a fixed function of the shape: no autotuning,
-    because BD sets the order of the row reductions over d, and a configuration picked by
-    timing could differ between processes and break 'same input, same bits'. Both paths use
-    the same shape, so a row meets the same tl.dot instructions (wgmma, M = 64 for one warp
+def _block_shape(d, H, gpu=None, dtype=torch.bfloat16):
+    """(BM, BD, num_warps) of both forward paths, a fixed function of the shape and dtype: no
+    autotuning, because BD sets the order of the row reductions over d, and a configuration
+    picked by timing could differ between processes and break 'same input, same bits'. Both
+    paths use the same shape, so a row meets the same tl.dot instructions (wgmma, M = 64 per warp
     group) and the same block order whichever path its batch size picks.
 
-    Chosen from the static sm_90 compile (benchmarks/kernel_report.py, at H = 64): BD = 16
-    leaves ptxas headroom under 255 registers without spills for every dtype and variant at
-    4 warps, i.e. 2 programs (8 warps) per multiprocessor; BD = 32 needs ~225 registers in
-    bf16 and spills for fp32 and in the early-exit variant. BM = 64 is the smallest wgmma
-    tile and keeps the weight bytes re-read per row (6·d·H / BM per step) where they were."""
+    Chosen from the static sm_90 compile (benchmarks/kernel_report.py): BD = 16 leaves ptxas
+    headroom under 255 registers without spills at 4 warps, i.e. 2 programs (8 warps) per
+    multiprocessor, for bf16/fp16 at every H and fp32 at H = 64 (BD = 32 needs ~225 registers in
+    bf16 and spills for fp32 and in the early-exit variant); BM = 64 is the smallest wgmma tile.
+    fp32 at H <= 32: 128 rows over 8 warps (two warp groups of 64) and 8 columns (a tf32 dot's
+    K), capped at 128 registers (`_tile_config`: 2 programs a multiprocessor, no spills at
+    H = 32, 20 B at H = 16): the weights re-read per row (6·d·H / BM a step) halve, 22 % fewer
+    bytes a row and step than the previous design at d = 2048, H = 32, where BM = 64 moved 0.6 %
+    more. Not at fp32 H = 64 (128 registers spill 308-404 B; uncapped, 209-223 registers allow
+    one program) nor H = 128."""
     if not (gpu if gpu is not None else not interpreting()):  # the interpreter: few, small tiles
         return 16, 32, 4
+    if dtype == torch.float32 and H <= 32:
+        return 128, 8, 8
     return 64, 16, 4
 
 
-def _tile_config(d, H, gpu=None):
-    """Block sizes of the tile path (see `_block_shape`; `gpu`: the GPU's choice even under the
-    interpreter, for the kernel report)."""
-    BM, BD, warps = _block_shape(d, H, gpu)
-    return dict(BM=BM, BD=BD, num_warps=warps, num_stages=1)
+def _tile_config(d, H, gpu=None, dtype=torch.bfloat16):
+    """Launch configuration of the tile path (see `_block_shape`; `gpu`: the GPU's choice even
+    under the interpreter, for the kernel report; dtype: the activations')."""
+    BM, BD, warps = _block_shape(d, H, gpu, dtype)
+    cfg = dict(BM=BM, BD=BD, num_warps=warps, num_stages=1)
+    if warps == 8:
+        cfg["maxnreg"] = 128  # 2 programs of 8 warps a multiprocessor (ptxas fits them unspilled)
+    return cfg
 
 
-def _decode_config(d, H, gpu=None):
+def _decode_config(d, H, gpu=None, dtype=torch.bfloat16):
     """Block sizes of the decode path: the tile path's block shape (the same reduction order and
     dot instructions), NB column blocks per program, so 64 rows × d = 2048 keep 64 programs busy."""
-    BM, BD, warps = _block_shape(d, H, gpu)
+    BM, BD, warps = _block_shape(d, H, gpu, dtype)
     return dict(BM=BM, BD=BD, NB=2, num_warps=warps, num_stages=1)
 
 
@@ -1241,6 +1252,16 @@ def _bwd_cols(
 # launcher
 
 
+def _traced() -> bool:
+    """Whether the kernels launched now are being traced (torch.compile, a fake or functional
+    mode) rather than run. A register cap (`maxnreg`, `_tile_config`) then stays out of the
+    traced launch: Triton takes it as a launch option, torch's graph of user kernels carries
+    only num_warps and num_stages. It changes no result, only how ptxas allocates registers."""
+    modes = torch._C._TorchDispatchModeKey
+    return (torch.compiler.is_compiling() or torch._C._get_dispatch_mode(modes.FAKE) is not None
+            or torch._C._get_dispatch_mode(modes.FUNCTIONAL) is not None)
+
+
 def _dot_types(dtype):
     """(DOT, PREC, ACC) for an activation dtype; see the module docstring."""
     if dtype == torch.float64:
@@ -1296,9 +1317,13 @@ def _forward(h, x, v, w_h, w_x, w_v, w_o, b_o, bias, mod, mu, table, dt, kappa, 
     flags = dict(HAS_V=v is not None, HAS_EXC=table is not None, USE_KAPPA=kappa is not None,
                  EARLY_EXIT=early_exit, TRAJ=trajectory, FINAL_OUT=final_out, **types)
 
-    config = {k: val for k, val in (config or {}).items() if k in ("BM", "BD", "NB", "num_warps", "num_stages")}
-    cfg = dict(_tile_config(d, H) if path == "tile" else _decode_config(d, H), **config)
-    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    config = {k: val for k, val in (config or {}).items()
+              if k in ("BM", "BD", "NB", "num_warps", "num_stages", "maxnreg")}
+    cfg = dict(_tile_config(d, H, dtype=out_dtype) if path == "tile" else _decode_config(d, H, dtype=out_dtype),
+               **config)
+    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
+    if "maxnreg" in launch and _traced():
+        launch.pop("maxnreg")  # see `_traced`
     BM, BD = cfg["BM"], cfg["BD"]
     tiles = triton.cdiv(n, BM)
     if path == "tile":

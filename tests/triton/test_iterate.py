@@ -228,6 +228,43 @@ def test_both_paths_give_the_same_bits():
     assert_same_bits(small, big[:5])
 
 
+def test_fp32_gpu_blocks_at_small_hidden():
+    """fp32 at H <= 32 runs 128-row, 8-column blocks over 8 warps on a GPU, the tile path with a
+    register cap (`_tile_config`): the dispatch picks them there, the cap changes no result, and
+    both paths at those blocks give the same bits and the fp64 reference's values (d = 70: a
+    masked last block)."""
+    for H in (16, 32):
+        cfg = triton_iterate._tile_config(2048, H, gpu=True, dtype=torch.float32)
+        assert (cfg["BM"], cfg["BD"], cfg["num_warps"], cfg["maxnreg"]) == (128, 8, 8, 128)
+        assert triton_iterate._decode_config(2048, H, gpu=True, dtype=torch.float32)["BM"] == 128
+    assert "maxnreg" not in triton_iterate._tile_config(2048, 64, gpu=True, dtype=torch.float32)
+    assert triton_iterate._tile_config(2048, 32, gpu=True)["BM"] == 64  # bf16 keeps its blocks
+    h, x, kw = converging_args(n=40, d=70)
+    stop = dict(tol=CONVERGE_TOL, min_iterations=0)
+    blocks = dict(BM=128, BD=8, num_warps=8)
+    ref_x, ref = reference_iterate(h, x, **kw, **stop)
+    tile_x, tile = run_triton(h, x, kw, torch.float32, "tile", dict(blocks, maxnreg=128), **stop)
+    for got, want in ((tile_x, ref_x), (tile.v, ref.v), (tile.energy, ref.energy), (tile.distance, ref.distance)):
+        assert rel_err(got, want) <= 1e-5
+    assert tile.iterations.tolist() == ref.iterations.tolist()
+    assert 1 < len(set(tile.iterations.tolist()))  # rows stopped at different steps
+    assert_same_rows(*run_triton(h, x, kw, torch.float32, "decode", blocks, **stop), tile_x, tile)
+    assert_same_rows(*run_triton(h, x, kw, torch.float32, "tile", blocks, **stop), tile_x, tile)
+
+
+def test_traced_launches_leave_the_register_cap_out():
+    """`_traced`: true under the fake and functional modes torch.compile traces with, false for
+    a real launch, where the cap goes to Triton."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    assert not triton_iterate._traced()
+    with FakeTensorMode():
+        assert triton_iterate._traced()
+    with FunctionalTensorMode():
+        assert triton_iterate._traced()
+
+
 def test_compaction_lists_running_rows_in_order():
     """`_compact_rows` lists the rows whose flag is set, in row order, and counts them (across
     several chunks of its prefix sum): what the next step's tiles are formed from."""
