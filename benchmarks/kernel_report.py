@@ -356,10 +356,12 @@ def goal(row: dict) -> tuple[str, str]:
         if row["dtype"] == "fp32" and row["H"] == 128:
             missed.append("fp32 at H = 128: tf32x3 holds the [64, 128] fp32 controller hidden as hi and lo "
                           "register operands of wgmma (M = 64 is its smallest tile), which alone fill the "
-                          "register file; no block shape fits. Tried: the kernel's own 3xTF32 split with c's "
-                          "halves loaded back so wgmma reads them from shared memory: 732-1048 B (the two "
-                          "[64, 128] operands' 16 k-step descriptors each are loop-invariant and held; one "
-                          "plain tf32 dot a quarter alone spills 140 B)")
+                          "register file; no block shape fits: the forward's best, 64 x 8 over 8 warps, "
+                          "spills 84-172 B (64 x 16 over 4 warps: 320-940, at the same 8 warps a "
+                          "multiprocessor). Tried: the kernel's own 3xTF32 split with c's halves loaded "
+                          "back so wgmma reads them from shared memory: 732-1048 B (the two [64, 128] "
+                          "operands' 16 k-step descriptors each are loop-invariant and held; one plain "
+                          "tf32 dot a quarter alone spills 140 B)")
         elif row["kernel"] in ("_bwd_rows", "_bwd_cols") and row["dtype"] == "fp32":
             missed.append("fp32 backward: tf32x3 splits every dot operand into hi and lo halves (three wgmma "
                           "a dot), about doubling the operand registers of the recurrence; best reached with "

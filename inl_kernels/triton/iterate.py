@@ -22,8 +22,8 @@ Forward: a prologue launch (`_fwd_prologue`: h·w_hᵀ, step 0's x·w_xᵀ + v·
 one launch per step. Rows never meet, so results are batch invariant:
 
 * tile path (`_tile_step`, N > DECODE_MAX_ROWS or any training call): one program per BM = 64
-  rows walks all of d in BD = 16 column blocks (fp32 at H <= 32: 128 rows, 8 columns, 8 warps;
-  `_block_shape`): it forms c = relu(ctx + pre_t) from the
+  rows walks all of d in BD = 16 column blocks (fp32: 128 × 8 at H <= 32, 64 × 8 at H = 128,
+  over 8 warps; `_block_shape`): it forms c = relu(ctx + pre_t) from the
   [N, H] row vectors of the previous launch, and ONE pass over the blocks computes the four
   controller outputs with tl.dot (M = 64: one wgmma warp group), updates x, v, stores them and,
   from x', v' in the same pass, accumulates the next step's pre-activation and the row sums
@@ -486,43 +486,49 @@ def _copy_stopped(xs_ptr, vs_ptr, xo_ptr, vo_ptr, iters_ptr, N, D, T, BM: tl.con
 
 
 def _block_shape(d, H, gpu=None, dtype=torch.bfloat16):
-    """(BM, BD, num_warps) of both forward paths, a fixed function of the shape and dtype: no
-    autotuning, because BD sets the order of the row reductions over d, and a configuration
-    picked by timing could differ between processes and break 'same input, same bits'. Both
-    paths use the same shape, so a row meets the same tl.dot instructions (wgmma, M = 64 per warp
-    group) and the same block order whichever path its batch size picks.
+    """(BM, BD, num_warps, register cap or None) of both forward paths, a fixed function of the
+    shape and dtype: no autotuning, because BD sets the order of the row reductions over d, and a
+    configuration picked by timing could differ between processes and break 'same input, same
+    bits'. Both paths use the same blocks, so a row meets the same tl.dot instructions (wgmma,
+    M = 64 per warp group) and the same block order whichever path its batch size picks.
 
     Chosen from the static sm_90 compile (benchmarks/kernel_report.py): BD = 16 leaves ptxas
     headroom under 255 registers without spills at 4 warps, i.e. 2 programs (8 warps) per
     multiprocessor, for bf16/fp16 at every H and fp32 at H = 64 (BD = 32 needs ~225 registers in
     bf16 and spills for fp32 and in the early-exit variant); BM = 64 is the smallest wgmma tile.
-    fp32 at H <= 32: 128 rows over 8 warps (two warp groups of 64) and 8 columns (a tf32 dot's
-    K), capped at 128 registers (`_tile_config`: 2 programs a multiprocessor, no spills at
-    H = 32, 20 B at H = 16): the weights re-read per row (6·d·H / BM a step) halve, 22 % fewer
-    bytes a row and step than the previous design at d = 2048, H = 32, where BM = 64 moved 0.6 %
-    more. Not at fp32 H = 64 (128 registers spill 308-404 B; uncapped, 209-223 registers allow
-    one program) nor H = 128."""
+    fp32 (tf32x3 dots, whose K can be 8):
+    * H <= 32: 128 rows over 8 warps (two warp groups of 64) and 8 columns, the tile path capped
+      at 128 registers (`_tile_config`): 2 programs a multiprocessor, no spills at H = 32 (20 B
+      at H = 16), and the weights re-read per row (6·d·H / BM a step) halve: 22 % fewer bytes a
+      row and step than the previous design at d = 2048, H = 32, where 64-row blocks moved 0.6 %
+      more. Not at H = 64: capped, 128 rows spill 308-404 B; uncapped, 209-223 registers allow
+      one program.
+    * H = 128: 64 × 8 over 8 warps: 96-172 B of spills a thread instead of 620-940 at 64 × 16
+      over 4 warps, at the same 8 warps a multiprocessor (one program of 8 instead of two of 4;
+      nothing fits 2 programs unspilled: kernel_report's note)."""
     if not (gpu if gpu is not None else not interpreting()):  # the interpreter: few, small tiles
-        return 16, 32, 4
+        return 16, 32, 4, None
     if dtype == torch.float32 and H <= 32:
-        return 128, 8, 8
-    return 64, 16, 4
+        return 128, 8, 8, 128
+    if dtype == torch.float32 and H > 64:
+        return 64, 8, 8, None
+    return 64, 16, 4, None
 
 
 def _tile_config(d, H, gpu=None, dtype=torch.bfloat16):
     """Launch configuration of the tile path (see `_block_shape`; `gpu`: the GPU's choice even
     under the interpreter, for the kernel report; dtype: the activations')."""
-    BM, BD, warps = _block_shape(d, H, gpu, dtype)
+    BM, BD, warps, cap = _block_shape(d, H, gpu, dtype)
     cfg = dict(BM=BM, BD=BD, num_warps=warps, num_stages=1)
-    if warps == 8:
-        cfg["maxnreg"] = 128  # 2 programs of 8 warps a multiprocessor (ptxas fits them unspilled)
+    if cap is not None:
+        cfg["maxnreg"] = cap
     return cfg
 
 
 def _decode_config(d, H, gpu=None, dtype=torch.bfloat16):
     """Block sizes of the decode path: the tile path's block shape (the same reduction order and
     dot instructions), NB column blocks per program, so 64 rows × d = 2048 keep 64 programs busy."""
-    BM, BD, warps = _block_shape(d, H, gpu, dtype)
+    BM, BD, warps, _ = _block_shape(d, H, gpu, dtype)
     return dict(BM=BM, BD=BD, NB=2, num_warps=warps, num_stages=1)
 
 

@@ -230,7 +230,8 @@ def test_both_paths_give_the_same_bits():
 
 def test_fp32_gpu_blocks_at_small_hidden():
     """fp32 at H <= 32 runs 128-row, 8-column blocks over 8 warps on a GPU, the tile path with a
-    register cap (`_tile_config`): the dispatch picks them there, the cap changes no result, and
+    register cap (`_tile_config`; at H = 128 64 × 8 blocks over 8 warps): the dispatch picks
+    them there, the cap changes no result, and
     both paths at those blocks give the same bits and the fp64 reference's values (d = 70: a
     masked last block)."""
     for H in (16, 32):
@@ -238,6 +239,8 @@ def test_fp32_gpu_blocks_at_small_hidden():
         assert (cfg["BM"], cfg["BD"], cfg["num_warps"], cfg["maxnreg"]) == (128, 8, 8, 128)
         assert triton_iterate._decode_config(2048, H, gpu=True, dtype=torch.float32)["BM"] == 128
     assert "maxnreg" not in triton_iterate._tile_config(2048, 64, gpu=True, dtype=torch.float32)
+    wide = triton_iterate._tile_config(2048, 128, gpu=True, dtype=torch.float32)  # fp32 H = 128: 64 × 8, 8 warps
+    assert (wide["BM"], wide["BD"], wide["num_warps"], "maxnreg" in wide) == (64, 8, 8, False)
     assert triton_iterate._tile_config(2048, 32, gpu=True)["BM"] == 64  # bf16 keeps its blocks
     h, x, kw = converging_args(n=40, d=70)
     stop = dict(tol=CONVERGE_TOL, min_iterations=0)
