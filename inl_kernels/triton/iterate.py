@@ -1411,8 +1411,12 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
     columns over the two warp groups. bf16/fp16 at H = 128 (with DEFER and REREAD): phase 1 at
     64 rows and 32 columns (no spills, and 16 % fewer bytes a row and step than 16 columns,
     which spill 88 B; 744 B at 128 rows, 644 at 64 columns), phase 2 at 32 rows over 4 warps (no
-    spills; 64 B at 64 rows, 200 at 16 columns). SPLITS: phase 2 runs about 4 programs per
-    multiprocessor."""
+    spills; 64 B at 64 rows, 200 at 16 columns). fp32 at H = 64: phase 1 at 8 columns (a tf32
+    dot's K; 560 B of spills instead of 952 at 16, the pair of phases still under the previous
+    design's bytes: 662 against 682 KB a row and step at d = 2048; at H = 32 8 columns spill
+    80 B but move more bytes than the previous design, at H = 128 they need 288 KB of shared
+    memory, more than a multiprocessor has, or with REREAD spill 2104 B). SPLITS: phase 2 runs
+    about 4 programs per multiprocessor."""
     if config is not None:
         cfg = dict(config)
     elif not (gpu if gpu is not None else not interpreting()):
@@ -1422,8 +1426,9 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
         # one stage, as the static report compiles them: Triton's default (3) pipelines the
         # loads that feed the dots through shared memory, which spills at H = 64 (bf16 92 and
         # 28 B a thread) and raises the shared memory 1.5-2.7x
-        cfg = dict(BM=64 if narrow else 128, BD=32 if narrow else 16, num_warps=8, num_stages=1, BM2=32 if narrow else 64,
-                   BD2=16 if H <= 64 else 8, num_warps2=4 if narrow else 8, num_stages2=1)
+        cfg = dict(BM=64 if narrow else 128, BD=32 if narrow else 8 if (dtype == torch.float32 and H == 64) else 16,
+                   num_warps=8, num_stages=1, BM2=32 if narrow else 64, BD2=16 if H <= 64 else 8,
+                   num_warps2=4 if narrow else 8, num_stages2=1)
     for key in ("BM", "BD", "num_warps", "num_stages"):
         if key in cfg:
             cfg.setdefault(key + "2", cfg[key])

@@ -22,7 +22,6 @@ def cases():
 
     tile = iterate._tile_config(2048, 64, gpu=True)
     dec = iterate._decode_config(2048, 64, gpu=True)
-    bwd = iterate._backward_config(16384, 2048, 64, torch.device("cpu"), None, gpu=True)
     grads = dict(HAS_GX=True, HAS_GV=True, HAS_GE=True, HAS_GD=True)
     out = []
     for ptr, dot, prec, cast, dtype in (("*bf16", tl.bfloat16, "ieee", True, torch.bfloat16),
@@ -30,6 +29,7 @@ def cases():
                                         ("*fp32", tl.float32, "tf32x3", False, torch.float32)):
         types = dict(DOT=dot, PREC=prec, ACC=tl.float32)
         flags = dict(HAS_V=True, HAS_EXC=True, USE_KAPPA=True, EVEN=False, **types)
+        bwd = iterate._backward_config(16384, 2048, 64, torch.device("cpu"), None, gpu=True, dtype=dtype)
         out += [
             ("_fwd_prologue", dict(H=64, BM=tile["BM"], BD=tile["BD"], HAS_V=True, TRAJ=True, SINGLE=True,
                                    EVEN=False, **types), ptr, tile["num_warps"]),
@@ -52,6 +52,17 @@ def cases():
             ("_bwd_cols", dict(H=64, BM=bwd["BM2"], BD=bwd["BD2"], TP=8,
                                RELOAD_W=iterate._reload_bwd_weights(64, dtype), **flags, **grads),
              ptr, bwd.get("num_warps2", 4)),
+        ]
+    # fp32's own forward blocks: 128 × 8 over 8 warps at H <= 32, 64 × 8 over 8 warps at H = 128
+    types = dict(DOT=tl.float32, PREC="tf32x3", ACC=tl.float32)
+    flags = dict(HAS_V=True, HAS_EXC=True, EVEN=False, **types)
+    for H in (32, 128):
+        cfg = iterate._tile_config(2048, H, gpu=True, dtype=torch.float32)
+        out += [
+            ("_tile_step", dict(H=H, BM=cfg["BM"], BD=cfg["BD"], EARLY_EXIT=True, SAVE=True, SAVE_DOT=False, TRAJ=True,
+                                FINAL_OUT=False, I32=False, USE_KAPPA=True, **flags), "*fp32", cfg["num_warps"]),
+            ("_decode_step", dict(H=H, BM=cfg["BM"], BD=cfg["BD"], EARLY_EXIT=True, TRAJ=True, FINAL_OUT=False,
+                                  **flags), "*fp32", cfg["num_warps"]),
         ]
     return out
 
