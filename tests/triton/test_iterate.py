@@ -231,9 +231,8 @@ def test_both_paths_give_the_same_bits():
 def test_fp32_gpu_blocks_at_small_hidden():
     """fp32 at H <= 32 runs 128-row, 8-column blocks over 8 warps on a GPU, the tile path with a
     register cap (`_tile_config`; at H = 128 64 × 8 blocks over 8 warps): the dispatch picks
-    them there, the cap changes no result, and
-    both paths at those blocks give the same bits and the fp64 reference's values (d = 70: a
-    masked last block)."""
+    them there, the cap changes no result, and both paths at those blocks give the same bits
+    and the fp64 reference's values (d = 70: a masked last block)."""
     for H in (16, 32):
         cfg = triton_iterate._tile_config(2048, H, gpu=True, dtype=torch.float32)
         assert (cfg["BM"], cfg["BD"], cfg["num_warps"], cfg["maxnreg"]) == (128, 8, 8, 128)
