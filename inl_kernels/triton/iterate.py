@@ -1427,9 +1427,9 @@ def _backward_config(n, d, H, device, config, gpu=None, dtype=torch.bfloat16):
         # one stage, as the static report compiles them: Triton's default (3) pipelines the
         # loads that feed the dots through shared memory, which spills at H = 64 (bf16 92 and
         # 28 B a thread) and raises the shared memory 1.5-2.7x
-        cfg = dict(BM=64 if narrow else 128, BD=32 if narrow else 8 if (dtype == torch.float32 and H == 64) else 16,
-                   num_warps=8, num_stages=1, BM2=32 if narrow else 64, BD2=16 if H <= 64 else 8,
-                   num_warps2=4 if narrow else 8, num_stages2=1)
+        columns = 32 if narrow else 8 if dtype == torch.float32 and H == 64 else 16  # phase 1's BD
+        cfg = dict(BM=64 if narrow else 128, BD=columns, num_warps=8, num_stages=1, BM2=32 if narrow else 64,
+                   BD2=16 if H <= 64 else 8, num_warps2=4 if narrow else 8, num_stages2=1)
     for key in ("BM", "BD", "num_warps", "num_stages"):
         if key in cfg:
             cfg.setdefault(key + "2", cfg[key])
